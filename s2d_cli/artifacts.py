@@ -1,0 +1,377 @@
+"""Artifacts: the contract between stages. The one module that reads and writes shard files.
+
+An artifact is a directory:
+
+    out/
+      manifest.json                        written last: a directory with a manifest is complete
+      data-00000-of-00004.jsonl            one JSON record per line
+      data-00000-of-00004.safetensors      optional per-token tensors, aligned record by record
+      ...
+
+Writing is staged in a sibling directory `.out.partial/`; every shard is written as `*.tmp` and
+renamed, so a killed run leaves only whole shards behind. A rerun of the same command (same config
+fingerprint) resumes: finished shards are kept and never redone. The manifest is written last and
+the staging directory is renamed to `out`. `--out -` streams JSONL to stdout instead (no resume).
+
+Per-token tensors of a shard are stored flat: `offsets` (int64, records + 1) and for each name a
+`[sum of record lengths, ...]` tensor; record i owns rows offsets[i]:offsets[i+1].
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import UsageError, located
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+STAGING_INFO = "staging.json"
+
+
+def shard_name(index: int, total: int, ext: str = "jsonl") -> str:
+    return f"data-{index:05d}-of-{total:05d}.{ext}"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """Hash of the settings that determine the records (not of where they go)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def dumps_records(records: Iterable[dict]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+
+
+def input_entry(path: str | Path | None) -> dict[str, Any]:
+    """What a manifest says about one input: the path and, for a local file or artifact, its sha256."""
+    if path is None or str(path) == "-":
+        return {"path": "-" if path else None}
+    p = Path(path)
+    if p.is_file():
+        return {"path": str(p), "sha256": sha256_file(p)}
+    if (p / MANIFEST).is_file():
+        return {"path": str(p), "sha256": sha256_file(p / MANIFEST)}
+    return {"path": str(path)}
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+class ArtifactWriter:
+    """Shard-by-shard writer with resume.
+
+        w = ArtifactWriter(out, kind="rollout", config=cfg, num_shards=4, force=False)
+        for i in w.pending():           # unfinished shards only, in order
+            w.write_shard(i, records, tensors=None)
+        path = w.commit(extra={...})    # manifest last, then rename into place
+
+    `config` is the resolved config; its fingerprint (minus `volatile` keys such as the output path)
+    decides whether an existing output or staging directory belongs to this run.
+    """
+
+    def __init__(self, out: str | Path, *, kind: str, config: dict[str, Any], num_shards: int,
+                 inputs: Sequence[str | Path | None] = (), force: bool = False,
+                 volatile: Sequence[str] = ("out", "force", "resume", "config", "workers")):
+        self.kind = kind
+        self.config = config
+        self.num_shards = max(1, num_shards)
+        self.inputs = [input_entry(p) for p in inputs]
+        self.fingerprint = fingerprint({k: v for k, v in config.items() if k not in volatile} | {"_kind": kind})
+        self.stdout = str(out) == "-"
+        self.complete = False
+        self._streamed = 0
+        if self.stdout:
+            return
+        self.out = Path(out)
+        self.staging = self.out.parent / f".{self.out.name}.partial"
+        self._prepare(force)
+
+    # -- set-up and resume
+    def _prepare(self, force: bool) -> None:
+        out, staging = self.out, self.staging
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out}: exists and is not a directory")
+        if out.is_dir():
+            manifest = out / MANIFEST
+            if manifest.is_file():
+                old = json.loads(manifest.read_text())
+                if old.get("fingerprint") == self.fingerprint and old.get("kind") == self.kind and not force:
+                    self.complete = True
+                    return
+                if not force:
+                    diff = _config_diff(old.get("config", {}), self.config)
+                    raise UsageError(f"{out}: already holds a {old.get('kind')} artifact made with a different "
+                                     f"config ({diff}); use --force to start over or choose another --out")
+            elif any(out.iterdir()) and not force:
+                raise UsageError(f"{out}: exists, is not empty and is not an s2d artifact; "
+                                 "use --force to replace it or choose another --out")
+        if force and staging.exists():
+            shutil.rmtree(staging)
+        info = staging / STAGING_INFO
+        if staging.exists():
+            old = json.loads(info.read_text()) if info.is_file() else {}
+            if old.get("fingerprint") != self.fingerprint or old.get("num_shards") != self.num_shards:
+                raise UsageError(f"{staging}: a partial run with a different config is in the way; "
+                                 "use --force to discard it")
+        else:
+            try:
+                staging.mkdir(parents=True)
+            except OSError as e:
+                raise UsageError(f"{out}: cannot create output ({e.strerror})") from None
+            _write_atomic(info, json.dumps({"fingerprint": self.fingerprint, "num_shards": self.num_shards,
+                                            "kind": self.kind}).encode())
+
+    def done(self, index: int) -> bool:
+        if self.stdout:
+            return False
+        if self.complete:
+            return True
+        return (self.staging / shard_name(index, self.num_shards)).is_file()
+
+    def pending(self) -> list[int]:
+        return [i for i in range(self.num_shards) if not self.done(i)]
+
+    def num_done(self) -> int:
+        return self.num_shards - len(self.pending())
+
+    # -- shards
+    def write_shard(self, index: int, records: Sequence[dict], tensors: dict[str, torch.Tensor] | None = None) -> None:
+        if self.stdout:
+            if tensors:
+                raise UsageError("per-token tensors (e.g. --topk) need a directory --out, not '-'")
+            sys.stdout.write(dumps_records(records).decode("utf-8"))
+            sys.stdout.flush()
+            self._streamed += len(records)
+            return
+        if tensors:  # tensors first: a present .jsonl implies its tensors are complete too
+            from safetensors.torch import save
+            data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"records": str(len(records))})
+            _write_atomic(self.staging / shard_name(index, self.num_shards, "safetensors"), data)
+        _write_atomic(self.staging / shard_name(index, self.num_shards), dumps_records(records))
+
+    def read_finished_shard(self, index: int) -> list[dict]:
+        """Records of a shard finished by an earlier (killed) run, e.g. to recompute metrics."""
+        base = self.out if self.complete else self.staging
+        return list(_iter_jsonl(base / shard_name(index, self.num_shards)))
+
+    def write_file(self, name: str, obj: Any) -> None:
+        """A JSON side file (e.g. metrics.json) that becomes part of the artifact at commit."""
+        if not self.stdout and not self.complete:
+            _write_atomic(self.staging / name, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+    # -- commit
+    def commit(self, extra: dict[str, Any] | None = None) -> Path | None:
+        if self.stdout:
+            return None
+        if self.complete:
+            return self.out
+        missing = self.pending()
+        if missing:
+            raise RuntimeError(f"commit with unfinished shards {missing[:5]}")
+        shards, total = [], 0
+        for i in range(self.num_shards):
+            path = self.staging / shard_name(i, self.num_shards)
+            count = sum(1 for _ in open(path, "rb"))
+            entry = {"file": path.name, "records": count, "sha256": sha256_file(path)}
+            tpath = path.with_suffix(".safetensors")
+            if tpath.is_file():
+                entry["tensors"] = {"file": tpath.name, "sha256": sha256_file(tpath)}
+            shards.append(entry)
+            total += count
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": self.kind,
+            "s2d_version": __version__,
+            "command": " ".join(["s2d", *sys.argv[1:]]) if sys.argv and "s2d" in Path(sys.argv[0]).name else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": self.config,
+            "fingerprint": self.fingerprint,
+            "inputs": self.inputs,
+            "num_records": total,
+            "shards": shards,
+            **(extra or {}),
+        }
+        (self.staging / STAGING_INFO).unlink(missing_ok=True)
+        _write_atomic(self.staging / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+        from .models import replace_dir
+        replace_dir(self.staging, self.out)
+        self.complete = True
+        return self.out
+
+
+def _config_diff(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ("out", "force"))
+    if not keys:
+        return "different command"
+    k = keys[0]
+    more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+    return f"{k}: {old.get(k)!r} -> {new.get(k)!r}{more}"
+
+
+def pack_token_tensors(per_record: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """[{name: [T_i, ...]}] -> {"offsets": [R+1], name: [sum T_i, ...]} for one shard."""
+    lengths = [len(next(iter(r.values()))) if r else 0 for r in per_record]
+    out = {"offsets": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)}
+    names = sorted({k for r in per_record for k in r})
+    for name in names:
+        out[name] = torch.cat([r[name] for r in per_record], dim=0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+
+def _iter_jsonl(path: Path, stream: io.BufferedReader | None = None) -> Iterator[dict]:
+    f = stream if stream is not None else open(path, "rb")
+    try:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise located(path, lineno, "not valid UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise located(path, lineno, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise located(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            obj["__line__"] = lineno
+            yield obj
+    finally:
+        if stream is None:
+            f.close()
+
+
+def _iter_source(source: str | Path) -> Iterator[tuple[str, dict]]:
+    """(file name for messages, record) pairs from stdin, a JSONL/JSON/Parquet file or an artifact dir."""
+    if str(source) == "-":
+        for rec in _iter_jsonl(Path("<stdin>"), sys.stdin.buffer):
+            yield "<stdin>", rec
+        return
+    path = Path(source)
+    if path.is_dir():
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            staging = path.parent / f".{path.name}.partial"
+            hint = " (a partial run is staged beside it: rerun its command to finish)" if staging.exists() else ""
+            raise UsageError(f"{path}: not a complete s2d artifact (no {MANIFEST}){hint}")
+        for shard in json.loads(manifest.read_text())["shards"]:
+            for rec in _iter_jsonl(path / shard["file"]):
+                yield str(path / shard["file"]), rec
+        return
+    if not path.exists():
+        raise UsageError(f"{path}: no such file or directory")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+        for i, rec in enumerate(pq.read_table(path).to_pylist(), 1):
+            rec["__line__"] = i
+            yield str(path), rec
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise UsageError(f"{path}: not valid UTF-8") from None
+        except json.JSONDecodeError:  # JSON Lines under a .json name
+            yield from ((str(path), r) for r in _iter_jsonl(path))
+            return
+        items = data if isinstance(data, list) else data.get("data") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise UsageError(f"{path}: expected a JSON list of records (or JSON Lines)")
+        for i, rec in enumerate(items, 1):
+            if not isinstance(rec, dict):
+                raise located(path, i, f"expected a JSON object, got {type(rec).__name__}")
+            rec["__line__"] = i
+            yield str(path), rec
+    else:
+        yield from ((str(path), r) for r in _iter_jsonl(path))
+
+
+def read_records(source: str | Path, *, required: Sequence[str] = (), allow_empty: bool = False) -> list[dict]:
+    """All records of `source`, validated before anything is returned (so a bad line late in a file
+    fails the command before it writes anything). Each missing required field names file and line."""
+    records = []
+    for name, rec in _iter_source(source):
+        line = rec.pop("__line__", None)
+        for field in required:
+            if field not in rec:
+                raise located(name, line, f"missing field {field!r}")
+        records.append(rec)
+    if not records and not allow_empty:
+        raise UsageError(f"{'<stdin>' if str(source) == '-' else source}: empty (no records)")
+    return records
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    p = Path(path) / MANIFEST
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def iter_record_tensors(artifact: str | Path) -> Iterator[dict[str, torch.Tensor] | None]:
+    """Per-record tensor slices of an artifact, aligned with `read_records(artifact)`; None for
+    records whose shard has no tensors."""
+    from safetensors.torch import load_file
+
+    path = Path(artifact)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise UsageError(f"{path}: not a complete s2d artifact (no {MANIFEST})")
+    for shard in manifest["shards"]:
+        if "tensors" not in shard:
+            for _ in range(shard["records"]):
+                yield None
+            continue
+        tensors = load_file(path / shard["tensors"]["file"])
+        offsets = tensors.pop("offsets").tolist()
+        for i in range(len(offsets) - 1):
+            yield {k: v[offsets[i]:offsets[i + 1]] for k, v in tensors.items()}
+
+
+def has_tensors(artifact: str | Path, name: str) -> bool:
+    from safetensors import safe_open
+
+    manifest = read_manifest(artifact) if Path(artifact).is_dir() else None
+    if not manifest or not manifest["shards"]:
+        return False
+    for shard in manifest["shards"]:
+        if "tensors" not in shard:
+            return False
+        with safe_open(str(Path(artifact) / shard["tensors"]["file"]), "pt") as f:
+            if name not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
+                return False
+    return True
+
+
+def shard_slices(n_items: int, shard_size: int) -> list[range]:
+    """Work item ranges, one per shard: the fixed unit of resume."""
+    shard_size = max(1, shard_size)
+    return [range(s, min(s + shard_size, n_items)) for s in range(0, max(n_items, 1), shard_size)] or [range(0)]

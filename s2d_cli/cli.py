@@ -1,0 +1,55 @@
+"""The s2d command line: registers the commands, nothing else."""
+from __future__ import annotations
+
+import typer
+
+from . import __version__, evaluate, rollout, verify
+
+app = typer.Typer(
+    name="s2d",
+    help="Sparse-to-dense post-training: GRPO for the teacher, a dense KL bridge to the student.\n\n"
+         "Stages read and write artifact directories (manifest.json + JSONL/safetensors shards); "
+         "'-' reads stdin or writes stdout, so commands chain with pipes or Make.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+app.command("rollout", no_args_is_help=True)(rollout.command)
+app.command("verify", no_args_is_help=True)(verify.command)
+app.command("eval", no_args_is_help=True)(evaluate.command)
+
+
+def _register_optional() -> None:
+    """Commands added by later stages of the toolkit register here."""
+    import importlib
+
+    for module, name in (("grpo", "grpo"), ("kl_warmup", "kl-warmup"), ("opd", "opd"),
+                         ("report", "report"), ("tiny", "make-tiny"), ("toy", "toy")):
+        try:
+            mod = importlib.import_module(f"s2d_cli.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"s2d_cli.{module}":
+                raise
+            continue
+        app.command(name, no_args_is_help=True)(mod.command)
+
+
+_register_optional()
+
+
+def _version(value: bool):
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    pass
+
+
+def main() -> None:
+    app()

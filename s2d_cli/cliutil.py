@@ -1,0 +1,88 @@
+"""What every command shares at the shell boundary: option types, error handling, consoles.
+
+Data goes to stdout; progress, tables and messages go to stderr. A `UsageError` is one line on
+stderr and exit code 2; any other failure is one line and exit code 1 (S2D_DEBUG=1 shows the
+traceback).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from .errors import UsageError
+
+console = Console(stderr=True)
+
+
+def quiet_libraries() -> None:
+    """transformers/datasets progress bars and warnings would drown our own stderr."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def fail(message: str, code: int = 2) -> None:
+    sys.stderr.write(f"s2d: error: {message}\n")
+    sys.stderr.flush()
+    raise typer.Exit(code)
+
+
+def execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
+    """Build the config and run the command with s2d's error contract."""
+    try:
+        quiet_libraries()
+        cfg = build_config()
+        return run(cfg)
+    except UsageError as e:
+        fail(str(e).splitlines()[0] if str(e) else "bad input", 2)
+    except KeyboardInterrupt:
+        sys.stderr.write("s2d: interrupted; rerun the same command to resume\n")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as e:
+        if os.environ.get("S2D_DEBUG"):
+            raise
+        first = (str(e).splitlines() or [""])[0][:300]
+        fail(f"internal error: {type(e).__name__}: {first} (set S2D_DEBUG=1 for the traceback)", 1)
+
+
+def given(**flags) -> dict[str, Any]:
+    """Flags as typer passed them; None means 'not given on the command line'."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+# Shared option types: defined once, used by every command that takes them.
+ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML file of config keys.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set key=value (repeatable).")]
+ForceOpt = Annotated[bool | None, typer.Option("--force", help="Discard an existing or partial output and start over.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Local checkpoint directory or hub id.")]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help="math500, aime24, aime25, amc23, gsm8k, toy, a JSONL/JSON/Parquet file, '-' or a hub id.")]
+OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Output directory ('-' streams JSONL to stdout).")]
+NOpt = Annotated[int | None, typer.Option("--n", help="Samples per prompt.")]
+MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Completion token budget.")]
+TempOpt = Annotated[float | None, typer.Option("--temperature", help="Sampling temperature (0 = greedy).")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Sample among the k likeliest tokens (-1 = off).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use only the first N prompts.")]
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="auto (vllm when installed), hf or vllm.")]
+
+
+def progress():
+    """A rich progress bar on stderr (transient, so logs stay readable)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True)

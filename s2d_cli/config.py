@@ -1,0 +1,143 @@
+"""Config resolution shared by every command: dataclass defaults <- --config FILE.yaml <- --set k=v <- flags.
+
+Every command owns a flat `@dataclass` of scalars. Keys that the dataclass does not have are an
+error wherever they come from (a typo in a YAML file must not be silently ignored), and the resolved
+dataclass is what goes into the output manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import UsageError
+
+C = TypeVar("C")
+
+
+def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
+    """Check/convert `value` to the field's annotated type; one clear error if it cannot be."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where, key)
+            except UsageError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"{where}: {key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return [_coerce(v, item, where, key) for v in value]
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UsageError(f"{where}: {key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise UsageError(f"{where}: {key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise UsageError(f"{where}: {key}: expected an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise UsageError(f"{where}: {key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{where}: {key}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise UsageError(f"{where}: {key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(values: dict, overrides: dict, hints: dict, where: str) -> None:
+    for key, value in overrides.items():
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise UsageError(f"{where}: unknown key {key!r} (known keys: {known})")
+        values[key] = _coerce(value, hints[key], where, key)
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise UsageError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key.strip().replace("-", "_")] = raw
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not valid UTF-8") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping of config keys at the top level")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve(cls: type[C], *, config_file: str | None = None, sets: list[str] | None = None,
+            flags: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> C:
+    """Build `cls` from its defaults, then `base` (e.g. a named protocol), then the YAML file, then --set pairs, then flags that were given
+    (a flag whose value is None was not given)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    hints = {k: v for k, v in hints.items() if k in names}
+    values: dict[str, Any] = {}
+    _apply(values, base or {}, hints, "defaults")
+    if config_file:
+        _apply(values, load_yaml(config_file), hints, str(config_file))
+    _apply(values, parse_sets(sets), hints, "--set")
+    _apply(values, {k: v for k, v in (flags or {}).items() if v is not None}, hints, "flag")
+    try:
+        cfg = cls(**values)
+    except TypeError as e:  # a required field with no value anywhere
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in values]
+        if missing:
+            raise UsageError(f"missing required option --{missing[0].replace('_', '-')}") from None
+        raise UsageError(str(e)) from None
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        validate()
+    return cfg
+
+
+def as_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,186 @@
+"""s2d eval — rollout + verify + metrics in one command (or re-score existing rollouts).
+
+    s2d eval --model Qwen/Qwen3-1.7B --protocol math500 --out runs/eval-math500
+    s2d eval --model runs/student --dataset aime24 --n 16 --max-new-tokens 16384 --out runs/eval-aime24
+    s2d eval --rollouts runs/r1 --out runs/r1-eval          # no model: re-score
+    s2d eval --rollouts runs/r1                             # metrics JSON on stdout, nothing written
+
+Writes DIR/metrics.json (dataset, model, n, num_prompts, accuracy = avg@n with a 95% CI clustered by
+prompt, unbiased pass@k for k = 1, 2, 4 ... <= n, maj@n, breakdowns by subject and level) beside the
+per-sample artifact (rollout records + verify fields). The table goes to stderr, the path to stdout.
+
+Named protocols (--protocol) fix the paper's evaluation settings; flags still override them:
+  math500       MATH-500, avg@4,  temperature 0.6, top-p 0.95, top-k 20, 8,192 new tokens
+  aime24/aime25 AIME 2024/2025, avg@16, temperature 0.6, top-p 0.95, top-k 20, 16,384 new tokens
+  amc23         AMC 2023, avg@8, same sampling, 8,192 new tokens
+  gsm8k         GSM8K test, avg@1, greedy, 1,024 new tokens
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import typer
+
+from . import cliutil as cu
+from .artifacts import ArtifactWriter, read_records, shard_slices
+from .config import resolve
+from .errors import UsageError
+from .metrics import metrics_table, summarize
+from .rollout import (
+    PromptFields,
+    SamplingFields,
+    check_sampling,
+    completion_records,
+    encode_examples,
+    load_prompts,
+    open_engine,
+    sampling_config,
+)
+from .verify import check_golds, score
+
+_QWEN3_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+PROTOCOLS = {
+    "math500": {"dataset": "math500", "n": 4, "max_new_tokens": 8192, **_QWEN3_SAMPLING},
+    "aime24": {"dataset": "aime24", "n": 16, "max_new_tokens": 16384, **_QWEN3_SAMPLING},
+    "aime25": {"dataset": "aime25", "n": 16, "max_new_tokens": 16384, **_QWEN3_SAMPLING},
+    "amc23": {"dataset": "amc23", "n": 8, "max_new_tokens": 8192, **_QWEN3_SAMPLING},
+    "gsm8k": {"dataset": "gsm8k", "n": 1, "max_new_tokens": 1024, "temperature": 0.0},
+}
+
+
+@dataclass
+class EvalConfig(PromptFields, SamplingFields):
+    model: str = ""                  # checkpoint directory or hub id (not needed with --rollouts)
+    rollouts: str | None = None      # re-score an existing rollout artifact / JSONL instead of sampling
+    out: str | None = None           # output directory; none: metrics JSON on stdout, nothing written
+    protocol: str | None = None      # a named protocol (see above); recorded in metrics.json
+    workers: int | None = None       # verifier processes
+    timeout: float = 5.0             # verifier wall-clock seconds per item
+    shard_size: int = 64             # prompts per shard (records per shard with --rollouts)
+    force: bool = False
+
+    def validate(self) -> None:
+        if self.rollouts is None:
+            if not self.model:
+                raise UsageError("missing required option --model (or --rollouts DIR to re-score)")
+            if not self.dataset:
+                raise UsageError("missing required option --dataset (or --protocol)")
+            check_sampling(self)
+        if self.out == "-":
+            raise UsageError("--out: eval writes a directory; omit --out to get metrics JSON on stdout")
+
+
+def _sample_and_score(cfg: EvalConfig, writer: ArtifactWriter | None, verifier):
+    """Rollout + verify, shard by shard (resumable when writing); returns all scored records."""
+    from .models import load_tokenizer
+
+    examples = load_prompts(cfg, require_answer=True)
+    slices = shard_slices(len(examples), cfg.shard_size)
+    if writer is not None:
+        writer.num_shards = len(slices)
+    todo = writer.pending() if writer is not None else list(range(len(slices)))
+    done = {i: writer.read_finished_shard(i) for i in range(len(slices)) if i not in todo} if writer else {}
+    if todo:
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        engine = open_engine(cfg, cfg.model, tokenizer)
+        with cu.progress() as bar:
+            task = bar.add_task(f"eval {cfg.dataset}", total=len(examples),
+                                completed=sum(len(slices[i]) for i in done))
+            for i in todo:
+                shard = [examples[j] for j in slices[i]]
+                texts, ids = encode_examples(tokenizer, shard, cfg)
+                groups = engine.generate(ids, sampling_config(cfg, seed=cfg.seed + i))
+                done[i] = score(completion_records(shard, texts, groups, cfg.model, logprobs=False, prompt_ids=ids),
+                                verifier)
+                if writer is not None:
+                    writer.write_shard(i, done[i])
+                bar.advance(task, len(shard))
+        engine.close()
+    return [r for i in sorted(done) for r in done[i]], len(examples)
+
+
+def _rescore(cfg: EvalConfig, writer: ArtifactWriter | None, verifier):
+    records = read_records(cfg.rollouts, required=("id", "completion", "answer"))
+    check_golds(records, cfg.rollouts)
+    slices = shard_slices(len(records), cfg.shard_size * 16)
+    if writer is not None:
+        writer.num_shards = len(slices)
+    out = []
+    for i, sl in enumerate(slices):
+        if writer is not None and writer.done(i):
+            out.extend(writer.read_finished_shard(i))
+            continue
+        scored = score([records[j] for j in sl], verifier)
+        if writer is not None:
+            writer.write_shard(i, scored)
+        out.extend(scored)
+    return out, len({str(r["id"]) for r in records})
+
+
+def _num_shards(cfg: EvalConfig) -> int:
+    if cfg.rollouts is not None:
+        return len(shard_slices(len(read_records(cfg.rollouts)), cfg.shard_size * 16))
+    return len(shard_slices(len(load_prompts(cfg)), cfg.shard_size))
+
+
+def run(cfg: EvalConfig) -> dict:
+    from .verifier import Verifier
+
+    writer = None
+    if cfg.out is not None:
+        writer = ArtifactWriter(cfg.out, kind="eval", config=asdict(cfg), num_shards=_num_shards(cfg),
+                                inputs=[cfg.rollouts or cfg.dataset])
+        if writer.complete:
+            metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
+            cu.console.print(metrics_table(metrics))
+            print(cfg.out)
+            return metrics
+    with Verifier(workers=cfg.workers, timeout=cfg.timeout) as verifier:
+        if cfg.rollouts is not None:
+            records, _ = _rescore(cfg, writer, verifier)
+        else:
+            records, _ = _sample_and_score(cfg, writer, verifier)
+    dataset = cfg.dataset or (records[0].get("dataset") if records else "") or str(cfg.rollouts)
+    model = cfg.model or (records[0].get("model") if records else None)
+    metrics = summarize(records, dataset=dataset, model=model)
+    if cfg.protocol:
+        metrics["protocol"] = cfg.protocol
+    metrics["sampling"] = {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
+    cu.console.print(metrics_table(metrics))
+    if writer is None:
+        print(json.dumps(metrics, indent=2))
+        return metrics
+    writer.write_file("metrics.json", metrics)
+    writer.commit(extra={"accuracy": metrics["accuracy"], "num_prompts": metrics["num_prompts"]})
+    print(cfg.out)
+    return metrics
+
+
+def build_config(protocol: str | None, config: str | None, sets: list[str] | None, flags: dict) -> EvalConfig:
+    base = {}
+    if protocol is not None:
+        if protocol not in PROTOCOLS:
+            raise UsageError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        base = {**PROTOCOLS[protocol], "protocol": protocol}
+    return resolve(EvalConfig, config_file=config, sets=sets, flags=flags, base=base)
+
+
+def command(
+    model: cu.ModelOpt = None, dataset: cu.DatasetOpt = None, out: cu.OutOpt = None, n: cu.NOpt = None,
+    max_new_tokens: cu.MaxNewOpt = None, temperature: cu.TempOpt = None, top_p: cu.TopPOpt = None,
+    top_k: cu.TopKOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None, backend: cu.BackendOpt = None,
+    rollouts: str = typer.Option(None, "--rollouts", help="Re-score existing rollouts instead of sampling."),
+    protocol: str = typer.Option(None, "--protocol", help=f"Named protocol: {', '.join(PROTOCOLS)}."),
+    workers: int = typer.Option(None, "--workers", help="Verifier processes (default: CPU count)."),
+    force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
+):
+    """Evaluate a model on a math set: rollout + verify + metrics (avg@n, pass@k, maj@n).
+
+    Example: s2d eval --model runs/toy/student --dataset math500 --limit 20 --n 2 --max-new-tokens 64 --out runs/eval
+    """
+    flags = cu.given(model=model, dataset=dataset, out=out, n=n, max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, limit=limit, backend=backend,
+                     rollouts=rollouts, workers=workers, force=force)
+    cu.execute(run, lambda: build_config(protocol, config, set_, flags))

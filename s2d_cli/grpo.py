@@ -1,0 +1,357 @@
+"""s2d grpo — sparse sequence-level RL: sample a group per prompt, verify, clipped policy gradient.
+
+    s2d grpo --model Qwen/Qwen3-8B --dataset math_train.jsonl --max-labels 2000 --out runs/teacher-grpo \\
+             --config stages/1-teacher-grpo.yaml
+    s2d grpo --model runs/toy/student --dataset toy:split=train --steps 40 --group-size 8 \\
+             --prompts-per-step 8 --max-new-tokens 48 --lr 1e-5 --out runs/toy/student-grpo
+    s2d grpo --model M --rollouts runs/verified --steps 1 --out runs/update   # update from existing rollouts
+
+Each step takes P prompts (--prompts-per-step) x G completions (--group-size) from the current policy
+through the rollout engine (hf: the live model itself; vllm: a running engine that receives the new
+weights after every update), scores them with the verifier of `s2d verify` (or --reward mod:fn), and
+turns rewards into group advantages. Loss variants (--loss):
+  grpo     std-normalised advantages, token mean per sequence, mean over sequences
+  dr_grpo  no std division, sum over tokens / (B x max_new_tokens)
+  dapo     token mean over the batch, clip 0.2/0.28, groups with zero reward variance dropped
+  gspo     one importance ratio per sequence (geometric mean), clip 3e-4/4e-4
+PPO clipping over --update-epochs (mu) passes; KL to a frozen reference (k1/k3) only when --beta > 0
+(no reference model is loaded otherwise); truncated importance sampling when the engine's
+log-probs differ from the trainer's (vllm).
+
+The scarce-label setting: --max-labels N caps the distinct labelled prompts ever used; the manifest
+records `labels_used`. Every step's rollouts, with rewards, are kept in out/rollouts (an artifact).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+import typer
+
+from . import cliutil as cu
+from . import losses as L
+from .artifacts import ArtifactWriter, read_records
+from .config import resolve
+from .data import Example
+from .errors import UsageError
+from .rollout import (
+    PromptFields,
+    SamplingFields,
+    check_sampling,
+    completion_records,
+    encode_examples,
+    load_prompts,
+    sampling_config,
+)
+from .trainer import Batch, Sequence, Trainer, TrainFields
+
+CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+
+
+@dataclass
+class GRPOConfig(PromptFields, SamplingFields, TrainFields):
+    model: str = ""                  # policy to train (checkpoint directory or hub id)
+    out: str = ""                    # run directory
+    rollouts: str | None = None      # train on existing verified rollouts instead of sampling
+    group_size: int = 8              # G completions per prompt
+    prompts_per_step: int = 8        # P prompts per step (global, across processes)
+    loss: str = "grpo"               # grpo | dr_grpo | dapo | gspo
+    clip_low: float | None = None    # default per loss: grpo/dr_grpo 0.2, dapo 0.2, gspo 3e-4
+    clip_high: float | None = None   # default per loss: grpo/dr_grpo 0.2, dapo 0.28, gspo 4e-4
+    update_epochs: int = 1           # mu: PPO passes over each batch
+    beta: float = 0.0                # KL-to-reference coefficient (0: no reference model loaded)
+    kl_estimator: str = "k3"         # k1 | k3
+    is_cap: float = 2.0              # truncated importance-sampling cap for engine/trainer mismatch (0: off)
+    mask_truncated: bool = False     # drop completions that hit max_new_tokens from the loss
+    overlong_buffer: int = 0         # DAPO soft overlong penalty over the last N tokens of the budget (0: off)
+    max_labels: int | None = None    # cap on distinct labelled prompts used (the scarce-label budget)
+    reward: str = "math"             # math (the verifier) | module:function
+    workers: int | None = None       # verifier processes
+    timeout: float = 5.0             # verifier seconds per item
+    temperature: float = 1.0
+    max_new_tokens: int = 1024
+    lr: float = 1e-6
+
+    def validate(self) -> None:
+        if not self.model:
+            raise UsageError("missing required option --model")
+        if not self.out or self.out == "-":
+            raise UsageError("missing required option --out (a run directory)")
+        if not self.dataset and not self.rollouts:
+            raise UsageError("missing required option --dataset (or --rollouts DIR)")
+        if self.group_size < 2:
+            raise UsageError(f"--group-size: expected >= 2 (advantages compare samples within a group), "
+                             f"got {self.group_size}")
+        if self.prompts_per_step < 1:
+            raise UsageError(f"--prompts-per-step: expected >= 1, got {self.prompts_per_step}")
+        if self.loss not in CLIP_DEFAULTS:
+            raise UsageError(f"--loss: expected one of {', '.join(CLIP_DEFAULTS)}, got {self.loss!r}")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise UsageError(f"kl_estimator: expected k1 or k3, got {self.kl_estimator!r}")
+        if self.max_labels is not None and self.max_labels < 1:
+            raise UsageError(f"--max-labels: expected >= 1, got {self.max_labels}")
+        if self.update_epochs < 1:
+            raise UsageError(f"update_epochs: expected >= 1, got {self.update_epochs}")
+        check_sampling(self)
+        self.check_training()
+        lo, hi = CLIP_DEFAULTS[self.loss]
+        self.clip_low = lo if self.clip_low is None else self.clip_low
+        self.clip_high = hi if self.clip_high is None else self.clip_high
+
+
+# ----------------------------------------------------------------------------------------------
+# small pure helpers
+
+def prompt_schedule(num_prompts: int, per_step: int, step: int, seed: int) -> list[int]:
+    """Indices of the prompts of `step`: epochs of seeded permutations, read in order."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, num_prompts)
+        perm = list(range(num_prompts))
+        random.Random(seed * 7919 + epoch).shuffle(perm)
+        out.append(perm[pos])
+    return out
+
+
+def labels_used(num_prompts: int, per_step: int, steps: int) -> int:
+    return min(num_prompts, per_step * steps)
+
+
+def overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment: 0 until max - buffer, then linearly down to -1 at max."""
+    if buffer <= 0 or length <= max_new_tokens - buffer:
+        return 0.0
+    return max(-1.0, (max_new_tokens - buffer - length) / buffer)
+
+
+def policy_loss(cfg: GRPOConfig, logp_BT, old_BT, adv_B, mask_BT, is_BT, n_seq: float, n_tok: float):
+    """The variant's surrogate with global normalisers (so micro-batches and processes add up)."""
+    kw = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high}
+    if cfg.loss == "grpo":
+        return L.grpo_loss(logp_BT, old_BT, adv_B, mask_BT, is_weight_BT=is_BT, num_sequences=n_seq, **kw)
+    if cfg.loss == "dr_grpo":
+        return L.dr_grpo_loss(logp_BT, old_BT, adv_B, mask_BT, max_len=cfg.max_new_tokens, is_weight_BT=is_BT,
+                              num_sequences=n_seq, **kw)
+    if cfg.loss == "dapo":
+        return L.dapo_loss(logp_BT, old_BT, adv_B, mask_BT, is_weight_BT=is_BT, num_tokens=n_tok, **kw)
+    return L.gspo_loss(logp_BT, old_BT, adv_B, mask_BT, num_sequences=n_seq, **kw)
+
+
+def group_sequences(records: list[dict], rewards: list[float], group_size: int, cfg: GRPOConfig,
+                    rollout_logps: list[list[float] | None]) -> tuple[list[Sequence], dict[str, float]]:
+    """Records (P x G, grouped) -> training sequences with advantages; plus batch statistics."""
+    rewards_PG = torch.tensor(rewards, dtype=torch.float64).view(-1, group_size)
+    scale = "none" if cfg.loss == "dr_grpo" else "std"
+    adv_PG = L.group_advantages(rewards_PG, scale=scale)
+    zero_var_P = L.zero_variance_groups(rewards_PG)
+    seqs = []
+    for i, rec in enumerate(records):
+        p = i // group_size
+        weight = 1.0
+        if cfg.loss == "dapo" and bool(zero_var_P[p]):
+            weight = 0.0
+        if cfg.mask_truncated and rec.get("finish_reason") == "length":
+            weight = 0.0
+        s = Sequence(list(rec["prompt_ids"]), list(rec["completion_ids"]),
+                     scalars={"adv": float(adv_PG.view(-1)[i]), "weight": weight})
+        lp = rollout_logps[i]
+        if lp is not None and len(lp) == len(rec["completion_ids"]):
+            s.token_data["rollout_logp"] = torch.tensor(lp, dtype=torch.float32)
+        if s.completion_ids:
+            seqs.append(s)
+    stats = {"zero_var_frac": float(zero_var_P.double().mean())}
+    return seqs, stats
+
+
+# ----------------------------------------------------------------------------------------------
+
+def run(cfg: GRPOConfig):
+    from .models import load_model
+    from .rewards import load_reward_fn
+
+    reward_fn = load_reward_fn(cfg.reward)
+    examples: list[Example] = []
+    if cfg.rollouts is None:
+        examples = load_prompts(cfg, require_answer=reward_fn is None)
+        if cfg.max_labels is not None:
+            rng = random.Random(cfg.seed)
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            examples = [examples[i] for i in sorted(order[:cfg.max_labels])]
+        used = labels_used(len(examples), cfg.prompts_per_step, cfg.steps)
+    else:
+        stored = read_records(cfg.rollouts, required=("id", "prompt_ids", "completion_ids", "reward"))
+        groups: dict[str, list[dict]] = {}
+        for r in stored:
+            groups.setdefault(str(r["id"]), []).append(r)
+        bad = [k for k, g in groups.items() if len(g) != cfg.group_size]
+        if bad:
+            raise UsageError(f"{cfg.rollouts}: prompt {bad[0]!r} has {len(groups[bad[0]])} samples, "
+                             f"expected --group-size {cfg.group_size}")
+        stored_groups = list(groups.values())
+        used = 0
+    trainer = Trainer(cfg, model=cfg.model, out=cfg.out, kind="grpo", config=asdict(cfg),
+                      inputs=[cfg.rollouts or cfg.dataset])
+    if trainer.complete:
+        print(cfg.out)
+        return
+    if cfg.prompts_per_step % trainer.world:
+        raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} must divide evenly over {trainer.world} processes")
+    lm, tok = trainer.lm, trainer.tokenizer
+    ref = load_model(cfg.model, dtype=lm.dtype, device=trainer.device) if cfg.beta > 0 else None
+    engine = None
+    if cfg.rollouts is None:
+        if cfg.backend in ("vllm", "auto") and _vllm_ok(cfg, trainer):
+            from .engines import make_engine
+            engine = make_engine("vllm", cfg.model, tokenizer=tok, seed=cfg.seed, dtype=cfg.dtype,
+                                 trust_remote_code=cfg.trust_remote_code)
+            engine.update_weights(lm.state_dict().items())  # resumed runs: the engine starts from our weights
+        else:
+            from .engines.hf import HFEngine
+            engine = HFEngine(lm, tokenizer=tok, seed=cfg.seed, batch_size=cfg.batch_size)
+    verifier = None
+    if cfg.rollouts is None and reward_fn is None:
+        from .verifier import Verifier
+        verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout)
+    writer = ArtifactWriter(trainer.out / "rollouts", kind="grpo-rollouts", config=asdict(cfg),
+                            num_shards=cfg.steps) if (trainer.acc.is_main_process and cfg.rollouts is None) else None
+    local_p = cfg.prompts_per_step // trainer.world
+
+    def make_batch(step: int) -> Batch:
+        if cfg.rollouts is not None:
+            k = len(stored_groups)
+            picks = [stored_groups[(step * cfg.prompts_per_step + j) % k] for j in range(cfg.prompts_per_step)]
+            mine = picks[trainer.rank * local_p:(trainer.rank + 1) * local_p]
+            records = [r for g in mine for r in g]
+            rewards = [float(r["reward"]) for r in records]
+            lps = [r.get("logprobs") for r in records]
+        else:
+            idx = prompt_schedule(len(examples), cfg.prompts_per_step, step, cfg.seed)
+            mine = [examples[i] for i in idx[trainer.rank * local_p:(trainer.rank + 1) * local_p]]
+            texts, ids = encode_examples(tok, mine, cfg)
+            seed = (cfg.seed * 1_000_003 + step) * trainer.world + trainer.rank
+            groups = engine.generate(ids, sampling_config(cfg, seed=seed, logprobs=True, n=cfg.group_size))
+            records = completion_records(mine, texts, groups, cfg.model, logprobs=True, prompt_ids=ids)
+            if reward_fn is not None:
+                rewards = [float(reward_fn(r["completion"], r["answer"])) for r in records]
+                for r, x in zip(records, rewards):
+                    r["reward"], r["correct"] = x, x > 0
+            else:
+                verdicts = verifier.verify([(r["completion"], str(r["answer"])) for r in records])
+                for r, v in zip(records, verdicts):
+                    r.update(asdict(v))
+                rewards = [v.reward for v in verdicts]
+            for r in records:
+                r["step"] = step + 1
+                pen = overlong_penalty(len(r["completion_ids"]), cfg.max_new_tokens, cfg.overlong_buffer)
+                if pen:
+                    r["overlong_penalty"] = pen
+            rewards = [x + r.get("overlong_penalty", 0.0) for x, r in zip(rewards, records)]
+            lps = [r.get("logprobs") for r in records]
+        seqs, stats = group_sequences(records, rewards, cfg.group_size, cfg, lps)
+        n = len(records)
+        sums = trainer.all_sum([n, sum(rewards), sum(x * x for x in rewards),
+                                sum(bool(r.get("correct")) for r in records),
+                                sum(len(r["completion_ids"]) for r in records),
+                                sum(r.get("finish_reason") == "length" for r in records),
+                                stats["zero_var_frac"] * local_p])
+        total = max(sums[0], 1)
+        mean = sums[1] / total
+        metrics = {"reward_mean": mean, "reward_std": math.sqrt(max(sums[2] / total - mean * mean, 0.0)),
+                   "accuracy": sums[3] / total, "completion_len": sums[4] / total,
+                   "truncation_rate": sums[5] / total, "zero_var_frac": sums[6] / cfg.prompts_per_step}
+        for r in records:
+            r.pop("logprobs", None)
+        return Batch(seqs, metrics, records)
+
+    def on_batch(step: int, batch: Batch) -> None:
+        if writer is not None and not writer.done(step):
+            writer.write_shard(step, batch.records)
+
+    def loss_fn(policy, mb, info):
+        logp_M, ent_M = trainer.token_logprobs(policy, mb, with_entropy=True)
+        mask_BT = mb.mask_BT() & (mb.scalars["weight"][:, None] > 0)
+        logp_BT = mb.to_BT(logp_M)
+        old_BT = mb.to_BT(mb.token_data["old_logp"]) if "old_logp" in mb.token_data else logp_BT.detach()
+        is_BT, mism = None, {}
+        if "rollout_logp" in mb.token_data:
+            roll_BT = mb.to_BT(mb.token_data["rollout_logp"])
+            if cfg.is_cap > 0 and engine is not None and engine.name == "vllm":
+                is_BT = L.truncated_is_weights(old_BT, roll_BT, mask_BT, cap=cfg.is_cap)
+            mism = {"mismatch_kl": float(L.masked_mean(L.kl_penalty(old_BT, roll_BT, mask_BT, estimator="k3"),
+                                                       mask_BT))}
+        n_seq, n_tok = info.num_sequences / info.world_size, info.num_tokens / info.world_size
+        loss, m = policy_loss(cfg, logp_BT, old_BT, mb.scalars["adv"].to(logp_BT.dtype), mask_BT, is_BT,
+                              n_seq, n_tok)
+        if ref is not None:
+            with torch.no_grad():
+                ref_M = trainer_ref_logprobs(ref, mb)
+            kl_BT = L.kl_penalty(logp_BT, mb.to_BT(ref_M), mask_BT, estimator=cfg.kl_estimator)
+            loss = loss + cfg.beta * L.masked_sum(kl_BT, mask_BT) / n_tok
+            m["kl_ref"] = float(L.masked_mean(kl_BT.detach(), mask_BT))
+        m["entropy"] = float(ent_M.mean()) if ent_M is not None and ent_M.numel() else 0.0
+        return loss, {**m, **mism}
+
+    def trainer_ref_logprobs(ref_model, mb):
+        from .trainer import hidden_at
+        return L.chunked_token_logprobs(hidden_at(ref_model, mb), ref_model.get_output_embeddings().weight,
+                                        mb.targets, chunk_size=cfg.chunk_size)[0]
+
+    def after_update(step: int) -> None:
+        if engine is not None and engine.name == "vllm":
+            engine.update_weights(lm.state_dict().items())
+
+    try:
+        trainer.fit(make_batch, loss_fn, update_epochs=cfg.update_epochs, after_update=after_update,
+                    on_batch=on_batch, display=("reward_mean", "accuracy", "loss"))
+        if writer is not None:
+            writer.commit()
+        out = trainer.finish(extra={"labels_used": used, "max_labels": cfg.max_labels,
+                                    "rollouts": "rollouts" if writer is not None else None})
+    finally:
+        if verifier is not None:
+            verifier.close()
+        if engine is not None:
+            engine.close()
+    print(out)
+
+
+def _vllm_ok(cfg: GRPOConfig, trainer: Trainer) -> bool:
+    from .engines import vllm_available
+
+    if cfg.backend == "vllm":
+        if not vllm_available():
+            raise UsageError("--backend vllm: vllm is not installed (pip install 's2d[vllm]')")
+        if trainer.world > 1:
+            raise UsageError("--backend vllm runs with one training process; use --backend hf under accelerate launch")
+        return True
+    return False  # auto: the live hf model needs no weight sync and is exact; vllm is opt-in for training
+
+
+def command(
+    model: cu.ModelOpt = None, dataset: cu.DatasetOpt = None, out: cu.OutOpt = None,
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps."),
+    group_size: int = typer.Option(None, "--group-size", "-G", help="Completions per prompt (G)."),
+    prompts_per_step: int = typer.Option(None, "--prompts-per-step", "-P", help="Prompts per step (P)."),
+    loss: str = typer.Option(None, "--loss", help="grpo, dr_grpo, dapo or gspo."),
+    max_new_tokens: cu.MaxNewOpt = None, temperature: cu.TempOpt = None,
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
+    beta: float = typer.Option(None, "--beta", help="KL-to-reference coefficient (0: no reference model)."),
+    max_labels: int = typer.Option(None, "--max-labels", help="Cap on distinct labelled prompts used."),
+    rollouts: str = typer.Option(None, "--rollouts", help="Update from existing verified rollouts."),
+    reward: str = typer.Option(None, "--reward", help="math (verifier) or module:function."),
+    resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
+    backend: cu.BackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
+    force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
+):
+    """Sparse-reward RL (GRPO and variants) on verified math rewards.
+
+    Example: s2d grpo --model runs/toy/student --dataset toy:split=train --steps 20 --group-size 8 --prompts-per-step 8 --max-new-tokens 48 --lr 1e-5 --out runs/grpo
+    """
+    flags = cu.given(model=model, dataset=dataset, out=out, steps=steps, group_size=group_size,
+                     prompts_per_step=prompts_per_step, loss=loss, max_new_tokens=max_new_tokens,
+                     temperature=temperature, lr=lr, beta=beta, max_labels=max_labels, rollouts=rollouts,
+                     reward=reward, resume=resume, backend=backend, seed=seed, limit=limit, force=force)
+    cu.execute(run, lambda: resolve(GRPOConfig, config_file=config, sets=set_, flags=flags))

@@ -1,0 +1,198 @@
+"""Loading and saving Hugging Face checkpoints, and building tiny local models for tests and demos.
+
+Weights are loaded from safetensors only and `trust_remote_code` stays off unless asked for.
+Checkpoints are written to a temporary directory and renamed into place, so a crash never leaves a
+half-written model that a later stage would load.
+
+Tiny models (no hub needed):
+
+    s2d make-tiny runs/tiny --arch qwen3          # or: python -c "from s2d_cli.models import build_tiny_model; ..."
+
+builds a byte-level BPE tokenizer trained locally (ChatML chat template, eos `<|im_end|>`, pad
+`<|endoftext|>`, digits split one by one) and a random-init Qwen3 or Llama model on top of it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+# ----------------------------------------------------------------------------------------------
+# paths, devices, dtypes
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """"auto" is bf16 on a GPU and fp32 on a CPU (CPU bf16 matmuls are slower and less exact)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    device = device or default_device()
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in table:
+        raise UsageError(f"--dtype: expected auto, bf16, fp16 or fp32, got {dtype!r}")
+    return table[dtype]
+
+
+def check_model_ref(name: str) -> str:
+    """A local directory must exist and hold config.json; anything shaped like a hub id passes through."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise UsageError(f"{name}: not a model directory (expected config.json inside)")
+        return str(path)
+    looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") != 1
+    if looks_local:
+        raise UsageError(f"{name}: model directory not found")
+    return name  # hub id such as "Qwen/Qwen3-1.7B"
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    ref = check_model_ref(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UsageError(f"{name}: could not load tokenizer ({str(e).splitlines()[0]})") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
+               trust_remote_code: bool = False):
+    """A causal LM from a local directory or hub id, safetensors only, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    ref = check_model_ref(name)
+    device = torch.device(device) if device is not None else default_device()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, dtype=resolve_dtype(dtype, device), use_safetensors=True,
+            trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UsageError(f"{name}: could not load model ({str(e).splitlines()[0]})") from e
+    return model.to(device).eval()
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[str, dict] | None = None) -> Path:
+    """save_pretrained into a temp dir beside `out_dir`, then rename: readers never see half a model."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, obj in (extra_files or {}).items():
+        (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Atomically put directory `src` at `dst` (an old `dst` is moved aside first, then removed)."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny local models
+
+def default_tokenizer_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: arithmetic, the toy task's phrasing and some MATH prose."""
+    import random
+
+    rng = random.Random(0)
+    lines = []
+    words = ("Please reason step by step, and put your final answer within \\boxed{}. "
+             "Compute the value of the expression. First we add, then we multiply and subtract. "
+             "The answer is so the result equals. Let x be a number such that the sum of its digits "
+             "is what is the remainder when divided by find the probability that a triangle has area "
+             "user assistant system question solution step carry total therefore").split()
+    for _ in range(3000):
+        a, b = rng.randint(0, 9999), rng.randint(0, 999)
+        op = rng.choice("+-*")
+        lines.append(f"{a} {op} {b} = {eval(f'{a}{op}{b}')}")  # noqa: S307 - our own integers, not model output
+        lines.append(" ".join(rng.choice(words) for _ in range(12)))
+        lines.append(f"\\boxed{{{rng.randint(-99, 999)}}} \\frac{{{a}}}{{{b + 1}}} x^{{2}} + \\sqrt{{{b}}}")
+    return lines
+
+
+def build_tokenizer(corpus: list[str] | None = None, *, vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained here, with digits split and a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus or default_tokenizer_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_config(arch: str, *, vocab_size: int, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                num_kv_heads: int = 2, intermediate_size: int | None = None, tie_word_embeddings: bool = False,
+                eos_token_id: int | None = None, pad_token_id: int | None = None, max_position_embeddings: int = 2048):
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  intermediate_size=intermediate_size or 2 * hidden_size, head_dim=hidden_size // num_heads,
+                  max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None)
+    if arch == "qwen3":
+        return Qwen3Config(**common)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    raise UsageError(f"--arch: expected qwen3 or llama, got {arch!r}")
+
+
+def build_tiny_model(out_dir: str | Path, *, arch: str = "qwen3", tokenizer=None, seed: int = 0,
+                     **config_kwargs) -> Path:
+    """Random-init `arch` model on a local tokenizer, saved as a safetensors checkpoint in `out_dir`."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tok = tokenizer if tokenizer is not None else build_tokenizer()
+    config = tiny_config(arch, vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, **config_kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return save_checkpoint(model, tok, out_dir)
+
+
+def num_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

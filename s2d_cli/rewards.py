@@ -1,0 +1,29 @@
+"""Sequence rewards for grpo: the math verifier by default, or a user function.
+
+    --reward math                       verifier reward (1.0 correct, 0.0 otherwise)
+    --reward my_pkg.rewards:fn          fn(completion: str, answer: str | None) -> float, imported by
+                                        name (your code, your choice to run it; model output is
+                                        passed as a string and never executed by s2d)
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from .errors import UsageError
+
+
+def load_reward_fn(spec: str) -> Callable[[str, str | None], float] | None:
+    """None for the built-in verifier; else the imported function."""
+    if spec == "math":
+        return None
+    if ":" not in spec:
+        raise UsageError(f"--reward: expected 'math' or 'module:function', got {spec!r}")
+    module, name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UsageError(f"--reward {spec}: cannot import ({e})") from None
+    if not callable(fn):
+        raise UsageError(f"--reward {spec}: not a function")
+    return fn

@@ -1,0 +1,188 @@
+"""s2d rollout — sample completions for a prompt set and write them as an artifact.
+
+    s2d rollout --model runs/teacher --dataset math500 --n 4 --max-new-tokens 1024 --out runs/r1
+    s2d rollout --model runs/teacher --dataset toy --topk 20 --out runs/teacher-rollouts   # for kl-warmup
+    s2d rollout --model M --dataset gsm8k --limit 8 --out - | s2d verify - --out -
+
+One record per (prompt, sample): id, sample, prompt, completion, answer, finish_reason,
+completion_ids, logprobs (with --logprobs), model. With --topk K the top-K logprobs of every
+completion token are stored as safetensors beside each shard. Work is sharded by prompts
+(--set shard_size=N); a killed run resumes at the first unfinished shard, and shard i is always
+sampled with seed + i so a resumed run writes what an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import typer
+
+from . import cliutil as cu
+from .artifacts import ArtifactWriter, pack_token_tensors, shard_slices
+from .config import resolve
+from .data import DEFAULT_INSTRUCTION, Example, encode_prompt, load_examples, prompt_is_chat, render_prompt
+from .engines import Completion, SamplingConfig
+from .errors import UsageError
+
+
+@dataclass
+class PromptFields:
+    """Where prompts come from and how they are rendered (shared by rollout, eval, grpo and opd)."""
+    dataset: str = ""                       # bundled name, toy, local file, '-' or hub id
+    split: str = "test"                     # split, for hub datasets
+    limit: int | None = None                # first N prompts only
+    prompt_field: str | None = None         # default: problem / question / prompt / input
+    answer_field: str | None = None         # default: answer / gold / target / solution (last \boxed{})
+    id_field: str | None = None             # default: unique_id / id / idx / line number
+    chat: str = "auto"                      # auto | chat | plain (base models)
+    instruction: str = DEFAULT_INSTRUCTION  # appended to every problem
+    enable_thinking: bool | None = None     # Qwen3 thinking mode on/off (None: the template's default)
+
+
+@dataclass
+class SamplingFields:
+    n: int = 1                       # samples per prompt
+    max_new_tokens: int = 1024       # completion budget
+    temperature: float = 1.0         # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int = 0
+    backend: str = "auto"            # auto | hf | vllm
+    dtype: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    batch_size: int = 64             # hf backend: sequences per generate call
+    trust_remote_code: bool = False
+
+
+@dataclass
+class RolloutConfig(PromptFields, SamplingFields):
+    model: str = ""                  # checkpoint directory or hub id
+    out: str = "-"                   # artifact directory, or '-' for JSONL on stdout
+    logprobs: bool = False           # store the sampled token's logprob per completion token
+    topk: int = 0                    # store top-K logprobs per completion token (safetensors)
+    shard_size: int = 64             # prompts per shard: the unit of resume
+    force: bool = False
+
+    def validate(self) -> None:
+        if not self.model:
+            raise UsageError("missing required option --model")
+        if not self.dataset:
+            raise UsageError("missing required option --dataset")
+        check_sampling(self)
+        if self.topk < 0:
+            raise UsageError(f"--topk: expected >= 0, got {self.topk}")
+        if self.topk and self.out == "-":
+            raise UsageError("--topk stores tensors and needs a directory --out, not '-'")
+
+
+def check_sampling(cfg: SamplingFields) -> None:
+    if cfg.n < 1:
+        raise UsageError(f"--n: expected >= 1, got {cfg.n}")
+    if cfg.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens: expected >= 1, got {cfg.max_new_tokens}")
+    if cfg.temperature < 0:
+        raise UsageError(f"--temperature: expected >= 0, got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise UsageError(f"--top-p: expected a value in (0, 1], got {cfg.top_p}")
+    if cfg.backend not in ("auto", "hf", "vllm"):
+        raise UsageError(f"--backend: expected auto, hf or vllm, got {cfg.backend!r}")
+
+
+def sampling_config(cfg: SamplingFields, *, seed: int, logprobs: bool = False, topk: int = 0,
+                    n: int | None = None) -> SamplingConfig:
+    return SamplingConfig(n=n or cfg.n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, logprobs=logprobs, topk=topk)
+
+
+def load_prompts(cfg: PromptFields, *, require_answer: bool = False) -> list[Example]:
+    return load_examples(cfg.dataset, split=cfg.split, limit=cfg.limit, prompt_field=cfg.prompt_field,
+                         answer_field=cfg.answer_field, id_field=cfg.id_field, require_answer=require_answer)
+
+
+def encode_examples(tokenizer, examples: list[Example], cfg: PromptFields) -> tuple[list[str], list[list[int]]]:
+    chat = prompt_is_chat(tokenizer, cfg.chat)
+    texts = [render_prompt(tokenizer, ex.problem, instruction=cfg.instruction, chat=cfg.chat,
+                           enable_thinking=cfg.enable_thinking) for ex in examples]
+    return texts, [encode_prompt(tokenizer, t, chat_rendered=chat) for t in texts]
+
+
+def completion_records(examples: list[Example], texts: list[str], groups: list[list[Completion]],
+                       model_name: str, *, logprobs: bool, prompt_ids: list[list[int]] | None = None) -> list[dict]:
+    """Flatten engine output into rollout records: one per (prompt, sample)."""
+    records = []
+    for p, (ex, text, group) in enumerate(zip(examples, texts, groups)):
+        for j, c in enumerate(group):
+            rec = {"id": ex.id, "sample": j, "prompt": text, "completion": c.text, "answer": ex.answer,
+                   "finish_reason": c.finish_reason, "completion_ids": c.token_ids, "model": model_name}
+            if prompt_ids is not None:
+                rec["prompt_ids"] = prompt_ids[p]
+            if logprobs:
+                rec["logprobs"] = c.logprobs
+            rec.update({k: v for k, v in ex.meta.items() if v is not None})
+            records.append(rec)
+    return records
+
+
+def topk_tensors(groups: list[list[Completion]]) -> dict[str, torch.Tensor]:
+    per_record = []
+    for group in groups:
+        for c in group:
+            per_record.append({"topk_ids": torch.tensor(c.topk_ids, dtype=torch.int32).reshape(len(c.token_ids), -1),
+                               "topk_logprobs": torch.tensor(c.topk_logprobs, dtype=torch.float32)
+                               .reshape(len(c.token_ids), -1)})
+    return pack_token_tensors(per_record)
+
+
+def open_engine(cfg: SamplingFields, model: str, tokenizer):
+    from .engines import make_engine
+    return make_engine(cfg.backend, model, tokenizer=tokenizer, seed=cfg.seed, dtype=cfg.dtype,
+                       trust_remote_code=cfg.trust_remote_code,
+                       **({"batch_size": cfg.batch_size} if cfg.backend == "hf" else {}))
+
+
+def run(cfg: RolloutConfig) -> Path | None:
+    from .models import load_tokenizer
+
+    examples = load_prompts(cfg)
+    slices = shard_slices(len(examples), cfg.shard_size)
+    writer = ArtifactWriter(cfg.out, kind="rollout", config=asdict(cfg), num_shards=len(slices),
+                            inputs=[cfg.dataset if cfg.dataset != "-" else "-"])
+    todo = writer.pending()
+    if todo:
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        engine = open_engine(cfg, cfg.model, tokenizer)
+        if writer.num_done():
+            cu.console.print(f"[dim]resuming: {writer.num_done()}/{len(slices)} shards already written[/]")
+        with cu.progress() as bar:
+            task = bar.add_task("rollout", total=len(examples), completed=sum(len(slices[i]) for i in range(len(slices)) if i not in todo))
+            for i in todo:
+                shard = [examples[j] for j in slices[i]]
+                texts, ids = encode_examples(tokenizer, shard, cfg)
+                groups = engine.generate(ids, sampling_config(cfg, seed=cfg.seed + i, logprobs=cfg.logprobs,
+                                                              topk=cfg.topk))
+                records = completion_records(shard, texts, groups, cfg.model, logprobs=cfg.logprobs, prompt_ids=ids)
+                writer.write_shard(i, records, topk_tensors(groups) if cfg.topk else None)
+                bar.advance(task, len(shard))
+        engine.close()
+    out = writer.commit(extra={"num_prompts": len(examples)})
+    if out is not None:
+        print(out)
+    return out
+
+
+def command(
+    model: cu.ModelOpt = None, dataset: cu.DatasetOpt = None, out: cu.OutOpt = None, n: cu.NOpt = None,
+    max_new_tokens: cu.MaxNewOpt = None, temperature: cu.TempOpt = None, top_p: cu.TopPOpt = None,
+    top_k: cu.TopKOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None, backend: cu.BackendOpt = None,
+    topk: int = typer.Option(None, "--topk", help="Store the top-K logprobs of every completion token."),
+    logprobs: bool = typer.Option(None, "--logprobs", help="Store the sampled tokens' logprobs."),
+    force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
+):
+    """Sample completions for a prompt set.
+
+    Example: s2d rollout --model runs/toy/teacher --dataset toy --n 4 --max-new-tokens 64 --out runs/r1
+    """
+    flags = cu.given(model=model, dataset=dataset, out=out, n=n, max_new_tokens=max_new_tokens,
+                     temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, limit=limit, backend=backend,
+                     topk=topk, logprobs=logprobs, force=force)
+    cu.execute(run, lambda: resolve(RolloutConfig, config_file=config, sets=set_, flags=flags))

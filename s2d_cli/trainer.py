@@ -1,0 +1,561 @@
+"""The training core that grpo, kl-warmup and opd share.
+
+A command contributes two things: `make_batch(step) -> Batch` (sample + score, or read from an
+artifact) and `loss_fn(policy, mb, info) -> (loss, metrics)`. Everything else lives here, written out
+as one loop in `Trainer.fit`:
+
+    for step in range(start, steps):
+        seed(step)                                   # per-step seeding: resume is exact by construction
+        batch = make_batch(step)                     # this process's share of the global batch
+        micro = pack(batch.sequences, token_budget)  # padding-free packed micro-batches
+        for epoch in range(update_epochs):           # PPO mu epochs (1: purely on-policy)
+            for mb in micro: backward(loss_fn(policy, mb, info))   # losses use *global* normalisers
+            clip grads; optimizer.step()
+        scheduler.step(); after_update(step)         # e.g. push weights into a vLLM engine
+        log metrics.jsonl; checkpoint every N steps
+
+Losses are normalised by global totals (sequences or tokens across all processes and micro-batches)
+and scaled by the world size, so DDP's gradient averaging yields exactly the full-batch gradient: two
+processes produce the per-step losses of one process with the same global batch.
+
+Sequences are packed into one row per micro-batch with position ids restarting per sequence and a
+block-diagonal causal mask (flash-attention uses the position ids alone), so no compute is spent on
+padding. Log-probs and KLs come from the final hidden states through chunked, checkpointed lm-head
+products (`s2d_cli.losses`): no `[tokens, vocab]` float32 tensor is ever materialised.
+
+Run directory:
+    out/config.json, out/metrics.jsonl, out/checkpoints/step-000010/ (HF model + optimizer.pt +
+    trainer_state.json, written last), out/model/ (final HF checkpoint), out/manifest.json (last).
+
+Deliberately left out: a value model, sequence parallelism, CPU offload.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from . import cliutil as cu
+from .artifacts import MANIFEST, _config_diff, _write_atomic, fingerprint, input_entry
+from .errors import UsageError
+
+
+@dataclass
+class TrainFields:
+    """Options of the training core (every trainer's config inherits them)."""
+    steps: int = 100                 # optimizer steps
+    lr: float = 1e-6                 # peak learning rate (AdamW)
+    lr_schedule: str = "constant"    # constant | cosine (linear warmup, cosine decay to min_lr_ratio * lr)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float = 1.0       # 0 disables clipping
+    micro_batch_tokens: int = 8192   # token budget of one packed micro-batch (gradient accumulation)
+    grad_checkpointing: bool = False
+    chunk_size: int = 1024           # positions per chunk of lm-head / log-prob / KL computation
+    save_every: int = 0              # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2        # newest checkpoints kept
+    seed: int = 0
+    dtype: str = "auto"              # trained weights: fp32 on CPU; bf16 on GPU ("auto")
+    tensorboard: bool = False        # also log to out/tb (needs the tensorboard package)
+    wandb_project: str | None = None # also log to W&B (needs wandb)
+    resume: bool = False             # continue from the newest checkpoint (also automatic on a rerun)
+    force: bool = False              # discard an existing run directory
+    trust_remote_code: bool = False
+
+    def check_training(self) -> None:
+        if self.steps < 1:
+            raise UsageError(f"--steps: expected >= 1, got {self.steps}")
+        if self.lr <= 0:
+            raise UsageError(f"--lr: expected > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UsageError(f"lr_schedule: expected constant or cosine, got {self.lr_schedule!r}")
+        if self.micro_batch_tokens < 8:
+            raise UsageError(f"micro_batch_tokens: expected >= 8, got {self.micro_batch_tokens}")
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+@dataclass
+class Sequence:
+    """One training sequence: prompt + completion tokens, with per-sequence and per-token data.
+
+    `scalars` hold per-sequence values (advantage, reward, weight); `token_data` hold tensors whose
+    first dimension is the completion length (rollout logprobs, teacher top-K ...)."""
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    scalars: dict[str, float] = field(default_factory=dict)
+    token_data: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+@dataclass
+class Batch:
+    sequences: list[Sequence]
+    metrics: dict[str, float] = field(default_factory=dict)   # e.g. reward mean, already global
+    records: list[dict] = field(default_factory=list)          # rollout records to keep on disk
+
+
+@dataclass
+class MicroBatch:
+    """Sequences packed into one row. M = completion tokens in the micro-batch (the loss positions)."""
+    input_ids: torch.Tensor        # [1, L]
+    position_ids: torch.Tensor     # [1, L]
+    attention_mask: torch.Tensor | None   # [1, 1, L, L] block-diagonal causal, or None
+    pred_pos: torch.Tensor         # [M] row positions whose hidden state predicts a completion token
+    targets: torch.Tensor          # [M] the completion tokens
+    seq_idx: torch.Tensor          # [M] which sequence (0..b-1)
+    tok_idx: torch.Tensor          # [M] index within its completion
+    lengths: torch.Tensor          # [b] completion lengths
+    scalars: dict[str, torch.Tensor]      # name -> [b]
+    token_data: dict[str, torch.Tensor]   # name -> [M, ...]
+    sequences: list[Sequence]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.sequences)
+
+    def mask_BT(self) -> torch.Tensor:
+        t = int(self.lengths.max()) if len(self.lengths) else 0
+        return torch.arange(t, device=self.lengths.device)[None, :] < self.lengths[:, None]
+
+    def to_BT(self, x_M: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Scatter a per-token vector [M, ...] into padded [b, T, ...] (cheap: no vocabulary dim)."""
+        t = int(self.lengths.max())
+        out = x_M.new_full((self.num_seqs, t, *x_M.shape[1:]), fill)
+        out[self.seq_idx, self.tok_idx] = x_M
+        return out
+
+
+@dataclass
+class StepInfo:
+    step: int
+    epoch: int
+    world_size: int
+    num_sequences: float     # global (all processes) weighted sequence count
+    num_tokens: float        # global weighted completion-token count
+
+
+def pack(sequences: list[Sequence], token_budget: int, *, attn_impl: str = "sdpa",
+         device: torch.device | None = None) -> list[MicroBatch]:
+    """First-fit-decreasing bins of at most `token_budget` tokens (a longer sequence gets a bin of its own)."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    bins: list[list[int]] = []
+    sizes: list[int] = []
+    for i in order:
+        n = len(sequences[i])
+        for b, size in enumerate(sizes):
+            if size + n <= token_budget:
+                bins[b].append(i)
+                sizes[b] += n
+                break
+        else:
+            bins.append([i])
+            sizes.append(n)
+    return [_make_micro([sequences[i] for i in sorted(b)], attn_impl, device) for b in bins]
+
+
+def _make_micro(seqs: list[Sequence], attn_impl: str, device) -> MicroBatch:
+    ids, pos, seg, pred, tgt, sidx, tidx = [], [], [], [], [], [], []
+    offset = 0
+    for s_i, s in enumerate(seqs):
+        full = s.prompt_ids + s.completion_ids
+        ids += full
+        pos += range(len(full))
+        seg += [s_i] * len(full)
+        p = len(s.prompt_ids)
+        for t in range(len(s.completion_ids)):
+            pred.append(offset + p - 1 + t)
+            tgt.append(s.completion_ids[t])
+            sidx.append(s_i)
+            tidx.append(t)
+        offset += len(full)
+    L = len(ids)
+    mask = None
+    if len(seqs) > 1 and attn_impl != "flash_attention_2":
+        seg_L = torch.tensor(seg)
+        causal = torch.ones(L, L, dtype=torch.bool).tril_()
+        mask = (causal & (seg_L[:, None] == seg_L[None, :]))[None, None]
+        if attn_impl == "eager":  # eager wants an additive mask
+            mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    names = sorted({k for s in seqs for k in s.scalars})
+    tnames = sorted({k for s in seqs for k in s.token_data})
+    mb = MicroBatch(
+        input_ids=torch.tensor([ids]), position_ids=torch.tensor([list(pos)]), attention_mask=mask,
+        pred_pos=torch.tensor(pred, dtype=torch.long), targets=torch.tensor(tgt, dtype=torch.long),
+        seq_idx=torch.tensor(sidx, dtype=torch.long), tok_idx=torch.tensor(tidx, dtype=torch.long),
+        lengths=torch.tensor([len(s.completion_ids) for s in seqs]),
+        scalars={k: torch.tensor([float(s.scalars.get(k, 0.0)) for s in seqs]) for k in names},
+        token_data={k: torch.cat([s.token_data[k] for s in seqs]) for k in tnames},
+        sequences=seqs,
+    )
+    return _to(mb, device) if device is not None else mb
+
+
+def _to(mb: MicroBatch, device) -> MicroBatch:
+    for name in ("input_ids", "position_ids", "attention_mask", "pred_pos", "targets", "seq_idx", "tok_idx",
+                 "lengths"):
+        v = getattr(mb, name)
+        if v is not None:
+            setattr(mb, name, v.to(device))
+    mb.scalars = {k: v.to(device) for k, v in mb.scalars.items()}
+    mb.token_data = {k: v.to(device) for k, v in mb.token_data.items()}
+    return mb
+
+
+# ----------------------------------------------------------------------------------------------
+# the policy module: trunk + a chunked head function, inside one forward (so DDP/FSDP see it)
+
+def trunk_of(lm: nn.Module) -> nn.Module:
+    return getattr(lm, lm.base_model_prefix)
+
+
+class Policy(nn.Module):
+    """Wraps a causal LM so that the chunked head computation runs inside `forward` (DDP/FSDP hooks
+    see every parameter use). `head_fn(hidden_MH, weight_VH)` turns the hidden states at the loss
+    positions into whatever the loss needs (token log-probs, KLs ...)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, mb: MicroBatch, head_fn: Callable[[torch.Tensor, torch.Tensor], Any]):
+        return head_fn(hidden_at(self.lm, mb), self.lm.get_output_embeddings().weight)
+
+
+def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """Final hidden states [M, H] at the positions that predict completion tokens."""
+    out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask,
+                       use_cache=False)
+    return out.last_hidden_state[0, mb.pred_pos]
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+
+def lr_lambda(cfg: TrainFields) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def seed_step(seed: int, step: int, rank: int = 0) -> None:
+    s = (seed * 1_000_003 + step * 9_973 + rank * 101) % (2**31)
+    random.seed(s)
+    torch.manual_seed(s)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainFields, *, model: str, out: str, kind: str, config: dict[str, Any],
+                 inputs: list[str | None] = (), volatile: tuple[str, ...] = ("out", "force", "resume", "config",
+                                                                             "workers", "save_every",
+                                                                             "tensorboard", "wandb_project")):
+        from accelerate import Accelerator
+
+        from .models import load_model, load_tokenizer, resolve_dtype
+
+        self.cfg, self.kind, self.config = cfg, kind, config
+        self.out = Path(out)
+        self.fingerprint = fingerprint({k: v for k, v in config.items() if k not in volatile} | {"_kind": kind})
+        self.inputs = [input_entry(p) for p in inputs]
+        cuda = torch.cuda.is_available()
+        self.acc = Accelerator(cpu=not cuda)
+        self.device = self.acc.device
+        self.world = self.acc.num_processes
+        self.rank = self.acc.process_index
+        self.complete = self._check_out_dir()
+        if self.complete:
+            return
+        self.tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
+        dtype = resolve_dtype(cfg.dtype, self.device)
+        self.lm = load_model(model, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+        self.start_step = 0
+        ckpt = self._latest_checkpoint()
+        if cfg.resume and ckpt is None:
+            raise UsageError(f"{self.out}: --resume, but no checkpoint to resume from")
+        if ckpt is not None:
+            self._load_weights(ckpt)
+        if cfg.grad_checkpointing:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lm.config.use_cache = False
+        self.attn_impl = getattr(self.lm.config, "_attn_implementation", "sdpa") or "sdpa"
+        params = [p for p in self.lm.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=cuda or None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.policy, self.optimizer = self.acc.prepare(Policy(self.lm), self.optimizer)
+        if ckpt is not None:
+            self._load_state(ckpt)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._trackers = self._open_trackers()
+        self.wall_start = time.time()
+
+    # -- run directory ------------------------------------------------------------------------
+    def _check_out_dir(self) -> bool:
+        out, cfg = self.out, self.cfg
+        manifest = out / MANIFEST
+        if manifest.is_file():
+            old = json.loads(manifest.read_text())
+            if old.get("fingerprint") == self.fingerprint and not cfg.force:
+                return True
+            if not cfg.force:
+                raise UsageError(f"{out}: holds a finished {old.get('kind')} run with a different config "
+                                 f"({_config_diff(old.get('config', {}), self.config)}); use --force or another --out")
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out}: exists and is not a directory")
+        if self.acc.is_main_process:
+            if cfg.force and out.exists():
+                shutil.rmtree(out)
+            cfg_path = out / "config.json"
+            if cfg_path.is_file():
+                old = json.loads(cfg_path.read_text())
+                if old.get("fingerprint") != self.fingerprint:
+                    raise UsageError(f"{out}: a partial run with a different config is there "
+                                     f"({_config_diff(old.get('config', {}), self.config)}); use --force")
+            elif out.exists() and any(out.iterdir()):
+                raise UsageError(f"{out}: exists, is not empty and is not an s2d run; use --force or another --out")
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                probe = out / f".write-test-{uuid.uuid4().hex[:6]}"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                raise UsageError(f"{out}: cannot write there ({e.strerror})") from None
+            _write_atomic(cfg_path, (json.dumps({"kind": self.kind, "fingerprint": self.fingerprint,
+                                                 "s2d_version": __version__, "config": self.config},
+                                                indent=2, default=str) + "\n").encode())
+        self.acc.wait_for_everyone()
+        return False
+
+    def _latest_checkpoint(self) -> Path | None:
+        root = self.out / "checkpoints"
+        done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
+        return done[-1] if done else None
+
+    def _load_weights(self, ckpt: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            state.update(load_file(f, device=str(self.device)))
+        missing, unexpected = self.lm.load_state_dict(state, strict=False)
+        missing = [m for m in missing if not (m == "lm_head.weight" and self.lm.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint {ckpt} does not match the model (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+
+    def _load_state(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        opt = torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(opt)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_step = state["step"]
+        self.lm.train()
+        if self.acc.is_main_process:
+            cu.console.print(f"[dim]resuming {self.out} from {ckpt.name} (step {self.start_step})[/]")
+            if self.metrics_path_exists():
+                lines = [line for line in (self.out / "metrics.jsonl").read_text().splitlines()
+                         if line.strip() and json.loads(line)["step"] < self.start_step]
+                _write_atomic(self.out / "metrics.jsonl", "".join(x + "\n" for x in lines).encode())
+
+    def metrics_path_exists(self) -> bool:
+        return (self.out / "metrics.jsonl").is_file()
+
+    def save_checkpoint(self, step: int) -> None:
+        """HF model + optimizer + scheduler + step, staged and renamed; trainer_state.json marks it whole."""
+        from .models import save_checkpoint
+
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            root = self.out / "checkpoints"
+            final = root / f"step-{step:06d}"
+            tmp = root / f".step-{step:06d}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp)
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            state = {"step": step, "scheduler": self.scheduler.state_dict(), "fingerprint": self.fingerprint}
+            _write_atomic(tmp / "trainer_state.json", json.dumps(state).encode())
+            from .models import replace_dir
+            replace_dir(tmp, final)
+            for old in sorted(p for p in root.glob("step-*"))[:-max(1, self.cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+
+    # -- logging ----------------------------------------------------------------------------------
+    def _open_trackers(self) -> list:
+        trackers = []
+        if not self.acc.is_main_process:
+            return trackers
+        if self.cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            trackers.append(("tb", SummaryWriter(str(self.out / "tb"))))
+        if self.cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("wandb_project needs the wandb package (pip install wandb)") from None
+            trackers.append(("wandb", wandb.init(project=self.cfg.wandb_project, config=self.config,
+                                                 name=self.out.name)))
+        return trackers
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for kind, t in self._trackers:
+            if kind == "tb":
+                for k, v in metrics.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        t.add_scalar(k, v, metrics["step"])
+            else:
+                t.log(metrics, step=metrics["step"])
+
+    # -- collectives --------------------------------------------------------------------------------
+    def all_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return self.acc.reduce(t, reduction="sum").tolist()
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self, make_batch: Callable[[int], Batch], loss_fn: Callable[[nn.Module, MicroBatch, StepInfo], tuple],
+            *, update_epochs: int = 1, after_update: Callable[[int], None] | None = None,
+            on_batch: Callable[[int, Batch], None] | None = None, display: tuple[str, ...] = ("loss",)) -> None:
+        cfg = self.cfg
+        progress = cu.progress() if self.acc.is_main_process else contextlib.nullcontext()
+        with progress as bar:
+            task = bar.add_task(self.kind, total=cfg.steps, completed=self.start_step) if bar else None
+            for step in range(self.start_step, cfg.steps):
+                t0 = time.perf_counter()
+                seed_step(cfg.seed, step, self.rank)
+                self.lm.eval()
+                batch = make_batch(step)
+                if on_batch is not None:
+                    on_batch(step, batch)
+                t_batch = time.perf_counter() - t0
+                weights = [s.scalars.get("weight", 1.0) for s in batch.sequences]
+                n_seq, n_tok, n_all_tok = self.all_sum([sum(weights), sum(w * len(s.completion_ids) for w, s in
+                                                                          zip(weights, batch.sequences)),
+                                                        sum(len(s) for s in batch.sequences)])
+                micro = pack(batch.sequences, cfg.micro_batch_tokens, attn_impl=self.attn_impl, device=self.device)
+                if update_epochs > 1:
+                    self._store_old_logprobs(micro)
+                self.lm.train()
+                sums: dict[str, float] = {}
+                grad_norm = 0.0
+                for epoch in range(update_epochs):
+                    info = StepInfo(step, epoch, self.world, max(n_seq, 1e-8), max(n_tok, 1e-8))
+                    for i, mb in enumerate(micro):
+                        sync = contextlib.nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.policy)
+                        with sync, self.acc.autocast():
+                            loss, m = loss_fn(self.policy, mb, info)
+                            self.acc.backward(loss)
+                        if epoch == 0:
+                            w = float(mb.lengths.sum())
+                            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / self.world
+                            for k, v in m.items():
+                                sums[k] = sums.get(k, 0.0) + float(v) * w
+                    if cfg.max_grad_norm > 0:
+                        grad_norm = float(self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
+                    else:
+                        grad_norm = float(torch.nn.utils.get_total_norm(
+                            [p.grad for p in self.policy.parameters() if p.grad is not None]))
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                lr = self.scheduler.get_last_lr()[0]
+                self.scheduler.step()
+                if after_update is not None:
+                    after_update(step)
+                keys = sorted(sums)
+                local_tok = sum(float(mb.lengths.sum()) for mb in micro)
+                totals = self.all_sum([sums[k] for k in keys] + [local_tok])
+                tok_total = max(totals[-1], 1.0)
+                dt = time.perf_counter() - t0
+                metrics = {"step": step + 1}
+                for k, v in zip(keys, totals[:-1]):
+                    metrics[k] = v if k == "loss" else v / tok_total
+                metrics.update(batch.metrics)
+                metrics.update({"grad_norm": grad_norm, "lr": lr, "tokens": int(n_all_tok),
+                                "tokens_per_s": n_all_tok / dt, "batch_time_s": t_batch, "step_time_s": dt})
+                self.log(metrics)
+                if bar:
+                    shown = "  ".join(f"{k} {metrics[k]:.4g}" for k in display if k in metrics)
+                    bar.update(task, advance=1, description=f"{self.kind} {shown}")
+                if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                    self.save_checkpoint(step + 1)
+
+    @torch.no_grad()
+    def _store_old_logprobs(self, micro: list[MicroBatch]) -> None:
+        """PPO with several epochs needs the pre-update log-probs; one extra no-grad pass."""
+        from .losses import chunked_token_logprobs
+
+        for mb in micro:
+            h = hidden_at(self.lm, mb)
+            logp, _ = chunked_token_logprobs(h, self.lm.get_output_embeddings().weight, mb.targets,
+                                             chunk_size=self.cfg.chunk_size)
+            mb.token_data["old_logp"] = logp.detach()
+
+    def token_logprobs(self, policy: nn.Module, mb: MicroBatch, *, with_entropy: bool = False,
+                       temperature: float = 1.0):
+        from .losses import chunked_token_logprobs
+
+        return policy(mb, lambda h, w: chunked_token_logprobs(h, w, mb.targets, chunk_size=self.cfg.chunk_size,
+                                                              temperature=temperature, with_entropy=with_entropy))
+
+    # -- the end ------------------------------------------------------------------------------------
+    def finish(self, extra: dict[str, Any] | None = None) -> Path:
+        from .models import save_checkpoint
+
+        self.save_checkpoint(self.cfg.steps)
+        if self.acc.is_main_process:
+            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, self.out / "model")
+            last = {}
+            if (self.out / "metrics.jsonl").is_file():
+                lines = (self.out / "metrics.jsonl").read_text().splitlines()
+                last = json.loads(lines[-1]) if lines else {}
+            manifest = {
+                "schema_version": 1, "kind": self.kind, "s2d_version": __version__,
+                "command": " ".join(["s2d", *sys.argv[1:]]), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "config": self.config, "fingerprint": self.fingerprint, "inputs": self.inputs,
+                "steps": self.cfg.steps, "model": "model", "world_size": self.world,
+                "wall_time_s": time.time() - self.wall_start, "final_metrics": last, **(extra or {}),
+            }
+            _write_atomic(self.out / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+            for kind, t in self._trackers:
+                t.close() if kind == "tb" else t.finish()
+        self.acc.wait_for_everyone()
+        return self.out
+
+
+def run_config(cfg) -> dict[str, Any]:
+    return asdict(cfg)

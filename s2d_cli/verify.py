@@ -1,0 +1,94 @@
+"""s2d verify — score completions against gold answers with math-verify, in worker processes.
+
+    s2d verify runs/r1 --out runs/r1-verified
+    s2d rollout --model M --dataset gsm8k --limit 8 --out - | s2d verify - --out -
+    s2d verify samples.jsonl --out - --workers 2 --timeout 5
+
+Each record needs `completion` and `answer`; verify adds `reward` (1.0 / 0.0), `correct`,
+`extracted` (the last \\boxed{} of the completion, or math-verify's own extraction) and `verdict`
+(ok, no_answer, timeout, error). A pathological answer costs at most --timeout seconds and yields
+verdict "timeout"; model output is never evaluated as code.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import typer
+
+from . import cliutil as cu
+from .artifacts import ArtifactWriter, read_records, shard_slices
+from .config import resolve
+from .errors import UsageError, located
+
+
+@dataclass
+class VerifyConfig:
+    input: str = ""           # artifact directory, JSONL file, or '-'
+    out: str = "-"            # artifact directory, or '-' for JSONL on stdout
+    workers: int | None = None  # verifier processes (default: CPU count)
+    timeout: float = 5.0      # wall-clock seconds per item
+    shard_size: int = 1024    # records per output shard
+    force: bool = False
+
+    def validate(self) -> None:
+        if not self.input:
+            raise UsageError("missing input: an artifact directory, a JSONL file or '-'")
+        if self.timeout <= 0:
+            raise UsageError(f"--timeout: expected > 0, got {self.timeout}")
+
+
+def check_golds(records: list[dict], source: str) -> None:
+    for i, rec in enumerate(records, 1):
+        if rec.get("answer") is None or str(rec["answer"]).strip() == "":
+            raise located(source, i, "field 'answer' is empty: no gold answer to verify against")
+        if not isinstance(rec.get("completion"), str):
+            raise located(source, i, "field 'completion': expected text")
+
+
+def score(records: list[dict], verifier) -> list[dict]:
+    """Records with reward, correct, extracted and verdict added (a new list; inputs untouched)."""
+    verdicts = verifier.verify([(r["completion"], str(r["answer"])) for r in records])
+    return [{**r, **asdict(v)} for r, v in zip(records, verdicts)]
+
+
+def run(cfg: VerifyConfig) -> Path | None:
+    from .verifier import Verifier
+
+    records = read_records(cfg.input, required=("completion", "answer"))
+    check_golds(records, cfg.input)
+    slices = shard_slices(len(records), cfg.shard_size)
+    writer = ArtifactWriter(cfg.out, kind="verified", config=asdict(cfg), num_shards=len(slices),
+                            inputs=[cfg.input])
+    todo = writer.pending()
+    correct = total = 0
+    if todo:
+        with Verifier(workers=cfg.workers, timeout=cfg.timeout) as verifier, cu.progress() as bar:
+            task = bar.add_task("verify", total=sum(len(slices[i]) for i in todo))
+            for i in todo:
+                scored = score([records[j] for j in slices[i]], verifier)
+                writer.write_shard(i, scored)
+                correct += sum(r["correct"] for r in scored)
+                total += len(scored)
+                bar.advance(task, len(scored))
+    out = writer.commit()
+    if total:
+        cu.console.print(f"verified {total} records: {correct} correct ({correct / total:.1%})")
+    if out is not None:
+        print(out)
+    return out
+
+
+def command(
+    input: str = typer.Argument(None, help="Artifact directory, JSONL file, or '-' for stdin."),
+    out: cu.OutOpt = None,
+    workers: int = typer.Option(None, "--workers", help="Verifier processes (default: CPU count)."),
+    timeout: float = typer.Option(None, "--timeout", help="Wall-clock seconds per item (default 5)."),
+    force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
+):
+    """Score completions against gold answers (reward, correct, extracted, verdict).
+
+    Example: s2d verify runs/r1 --out runs/r1-verified
+    """
+    flags = cu.given(input=input, out=out, workers=workers, timeout=timeout, force=force)
+    cu.execute(run, lambda: resolve(VerifyConfig, config_file=config, sets=set_, flags=flags))

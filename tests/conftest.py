@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny local models (no downloads), built once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("S2D_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from s2d_cli.models import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    build_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """Random-init Qwen3 shape, hidden 64, 2 layers, untied head."""
+    from s2d_cli.models import build_tiny_model, load_tokenizer
+
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "qwen3", arch="qwen3",
+                            tokenizer=load_tokenizer(str(tokenizer_dir)), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    from s2d_cli.models import build_tiny_model, load_tokenizer
+
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "llama", arch="llama",
+                            tokenizer=load_tokenizer(str(tokenizer_dir)), seed=1, tie_word_embeddings=True)

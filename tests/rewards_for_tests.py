@@ -1,0 +1,7 @@
+"""Rewards used by the tests (importable as `rewards_for_tests:...` with tests/ on sys.path)."""
+
+
+def starts_with_digit(completion: str, answer: str | None) -> float:
+    """1.0 when the completion's first non-space character is a digit: learnable in a few steps."""
+    text = completion.lstrip()
+    return 1.0 if text[:1].isdigit() else 0.0
