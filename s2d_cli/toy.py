@@ -1,0 +1,275 @@
+"""s2d toy — a synthetic integer-arithmetic task with verifiable answers, for the recipe on a CPU.
+
+    s2d toy --split sft --n 2000 --error-rate 0.3 --out runs/toy/sft.jsonl   # worked solutions, 30% wrong
+    s2d toy --split test --n 200 | head -3                                    # JSONL on stdout
+    s2d eval --model runs/toy/student --dataset toy:split=test,n=200 --n 4 --max-new-tokens 64
+
+Levels (each solution is at most ~45 tokens with the tiny digit-split tokenizer):
+  1  a + b        two-digit operands              "37 + 48 = 85. The answer is \\boxed{85}."
+  2  a + b - c    two-digit operands, result >= 0 "37 + 48 = 85. 85 - 19 = 66. The answer is \\boxed{66}."
+  3  a * b + c    one digit times two digits, plus two digits, the product as partial products:
+                  "7 * 48 = 280 + 56 = 336. 336 + 25 = 361. The answer is \\boxed{361}."
+  4  (a + b) * c  two-digit sum times one digit (not in the default 1-3)
+                  "37 + 48 = 85. 85 * 7 = 560 + 35 = 595. The answer is \\boxed{595}."
+
+Splits: `test` (held out), `train` (labelled prompts for GRPO), `pool` (prompts the recipe uses without
+their labels: rollouts for kl-warmup, opd) and `sft` (a worked solution in `completion`; with
+`error_rate` > 0 that fraction of them makes one arithmetic slip, carried through to a wrong answer,
+so a base model trained on them is imperfect). Every record has id, problem, answer, level and the
+correct `solution`; sft records add `completion` and `corrupted`.
+
+Held-out by construction: a fixed hash of the problem text puts 1 problem in 5 in the test region;
+`test` draws only from it and the other splits never do, whatever their seed, n or levels. Within a
+split problems are distinct. Each split draws from its own seeded stream (`s2d-toy:{seed}:{split}`),
+and the slips from another one, so changing error_rate never changes which problems are drawn.
+
+Left out on purpose: word problems, negative operands, division, anything whose answer is not an integer.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import typer
+
+from . import cliutil as cu
+from .config import resolve
+from .errors import UsageError
+
+SPLITS = ("test", "train", "pool", "sft")
+DEFAULT_N = {"test": 200, "train": 500, "pool": 2000, "sft": 2000}
+LEVELS = (1, 2, 3, 4)
+DEFAULT_LEVELS = "1-3"
+TEST_REGION = 5          # 1 problem in TEST_REGION belongs to the test region
+MAX_TRIES = 200          # draws per record before giving up on finding a new distinct problem
+SLIPS = (-10, -1, 1, 10)  # a dropped or doubled carry, an off-by-one in the units digit
+
+
+@dataclass
+class ToyConfig:
+    split: str = "test"           # test | train | pool | sft
+    n: int | None = None          # records; default per split: test 200, train 500, pool 2000, sft 2000
+    levels: str = DEFAULT_LEVELS  # "1-3", "2", "1,3" (CLI) or "1+3" (in a toy:... spec)
+    seed: int = 0
+    error_rate: float = 0.0       # sft only: fraction of worked solutions with one arithmetic slip
+    out: str = "-"                # JSONL file, or '-' for stdout
+
+    def validate(self) -> None:
+        if self.split not in SPLITS:
+            raise UsageError(f"toy: split: expected one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.n is not None and self.n < 1:
+            raise UsageError(f"toy: n: expected a positive integer, got {self.n}")
+        parse_levels(self.levels)
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise UsageError(f"toy: error_rate: expected a number in [0, 1], got {self.error_rate}")
+        if self.error_rate > 0 and self.split != "sft":
+            raise UsageError(f"toy: error_rate applies to split=sft only (got split={self.split})")
+
+    @property
+    def size(self) -> int:
+        return self.n if self.n is not None else DEFAULT_N[self.split]
+
+
+# ----------------------------------------------------------------------------------------------
+# spec parsing
+
+def parse_levels(text: str) -> list[int]:
+    """'1-3' -> [1, 2, 3]; '1,3' or '1+3' -> [1, 3]; '2' -> [2]."""
+    levels: list[int] = []
+    for part in str(text).replace("+", ",").split(","):
+        part = part.strip()
+        try:
+            lo, _, hi = part.partition("-")
+            chosen = range(int(lo), int(hi or lo) + 1)
+        except ValueError:
+            raise UsageError(f"toy: levels: expected e.g. 1-3, 2 or 1+3, got {text!r}") from None
+        if not chosen or any(level not in LEVELS for level in chosen):
+            raise UsageError(f"toy: levels: expected levels within {LEVELS[0]}-{LEVELS[-1]}, got {text!r}")
+        levels.extend(level for level in chosen if level not in levels)
+    return sorted(levels)
+
+
+def parse_spec(spec: str) -> ToyConfig:
+    """`toy` or `toy:split=test,n=200,levels=1-3,seed=0,error_rate=0.3` -> ToyConfig.
+
+    Pairs are comma-separated, so a level list is written 1+3 (or 1-3); `levels=1,3` is read the same."""
+    name, _, rest = spec.partition(":")
+    if name != "toy":
+        raise UsageError(f"{spec!r}: not a toy spec (expected toy or toy:key=value,...)")
+    pairs: dict[str, str] = {}
+    last = None
+    for piece in (p.strip() for p in rest.split(",")):
+        if not piece:
+            continue
+        if "=" not in piece:
+            if last == "levels":  # levels=1,3: the comma belonged to the level list
+                pairs["levels"] += "," + piece
+                continue
+            raise UsageError(f"toy spec {spec!r}: {piece!r}: expected key=value")
+        key, value = (s.strip() for s in piece.split("=", 1))
+        key = key.replace("-", "_")
+        if key not in ("split", "n", "levels", "seed", "error_rate"):
+            raise UsageError(f"toy spec {spec!r}: unknown key {key!r} (known keys: split, n, levels, seed, "
+                             "error_rate)")
+        if key in pairs:
+            raise UsageError(f"toy spec {spec!r}: {key!r} given twice")
+        pairs[key] = value
+        last = key
+    try:
+        return resolve(ToyConfig, flags=pairs)
+    except UsageError as e:
+        raise UsageError(f"toy spec {spec!r}: {str(e).removeprefix('flag: ')}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# problems and worked solutions (pure)
+
+def _draw(level: int, rng: random.Random) -> tuple[int, ...]:
+    if level == 1:
+        return rng.randint(10, 99), rng.randint(10, 99)
+    if level == 2:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        return a, b, rng.randint(10, min(99, a + b))
+    if level == 3:
+        return rng.randint(2, 9), rng.randint(11, 99), rng.randint(10, 99)
+    return rng.randint(10, 99), rng.randint(10, 99), rng.randint(2, 9)
+
+
+def problem_text(level: int, nums: tuple[int, ...]) -> str:
+    if level == 1:
+        return "Compute {} + {}.".format(*nums)
+    if level == 2:
+        return "Compute {} + {} - {}.".format(*nums)
+    if level == 3:
+        return "Compute {} * {} + {}.".format(*nums)
+    return "Compute ({} + {}) * {}.".format(*nums)
+
+
+def _times(x: int, digit: int) -> tuple[int, int]:
+    """Partial products of x * digit: tens part and units part (48 * 7 -> 280, 56)."""
+    return x // 10 * 10 * digit, x % 10 * digit
+
+
+def worked_solution(level: int, nums: tuple[int, ...], slip: tuple[int, int] | None = None) -> tuple[str, int]:
+    """(solution text, final answer). `slip` = (step, delta) adds delta to that step's result; later
+    steps are computed correctly from the wrong value, as a student who dropped a carry would."""
+    def step(i: int, value: int) -> int:
+        return value + slip[1] if slip is not None and slip[0] == i else value
+
+    if level == 1:
+        a, b = nums
+        s = step(0, a + b)
+        lines = [f"{a} + {b} = {s}."]
+    elif level == 2:
+        a, b, c = nums
+        s = step(0, a + b)
+        r = step(1, s - c)
+        lines, s = [f"{a} + {b} = {s}.", f"{s} - {c} = {r}."], r
+    elif level == 3:
+        a, b, c = nums
+        tens, units = _times(b, a)
+        p = step(0, tens + units)
+        r = step(1, p + c)
+        lines, s = [f"{a} * {b} = {tens} + {units} = {p}.", f"{p} + {c} = {r}."], r
+    else:
+        a, b, c = nums
+        t = step(0, a + b)
+        tens, units = _times(t, c)
+        p = step(1, tens + units)
+        lines, s = [f"{a} + {b} = {t}.", f"{t} * {c} = {tens} + {units} = {p}."], p
+    return " ".join([*lines, f"The answer is \\boxed{{{s}}}."]), s
+
+
+def num_steps(level: int) -> int:
+    return 1 if level == 1 else 2
+
+
+def in_test_region(problem: str) -> bool:
+    """A fixed split of the problem space (no seed): test problems never appear in another split."""
+    digest = hashlib.sha256(f"s2d-toy-heldout:{problem}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % TEST_REGION == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# records
+
+def generate(cfg: ToyConfig) -> list[dict]:
+    levels = parse_levels(cfg.levels)
+    rng = random.Random(f"s2d-toy:{cfg.seed}:{cfg.split}")
+    slip_rng = random.Random(f"s2d-toy:{cfg.seed}:{cfg.split}:slips")
+    want_test = cfg.split == "test"
+    seen: set[str] = set()
+    records = []
+    for i in range(cfg.size):
+        level = levels[i % len(levels)]  # round robin: every level equally often
+        for _ in range(MAX_TRIES):
+            nums = _draw(level, rng)
+            problem = problem_text(level, nums)
+            if problem not in seen and in_test_region(problem) == want_test:
+                break
+        else:
+            raise UsageError(f"toy: cannot draw {cfg.size} distinct {cfg.split} problems at level {level} "
+                             f"(found {sum(r['level'] == level for r in records)}); lower n or add levels")
+        seen.add(problem)
+        solution, answer = worked_solution(level, nums)
+        rec = {"id": f"toy-{cfg.split}-{i}", "problem": problem, "answer": str(answer), "level": level,
+               "solution": solution}
+        if cfg.split == "sft":
+            corrupted = slip_rng.random() < cfg.error_rate
+            slip = (slip_rng.randrange(num_steps(level)), slip_rng.choice(SLIPS))
+            rec["completion"] = worked_solution(level, nums, slip)[0] if corrupted else solution
+            rec["corrupted"] = corrupted
+        records.append(rec)
+    return records
+
+
+def toy_records(spec: str) -> list[dict]:
+    """Records of a `toy:...` dataset spec (see `parse_spec`); what `data.load_examples` calls."""
+    return generate(parse_spec(spec))
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+def run(cfg: ToyConfig) -> str:
+    from .artifacts import _write_atomic, dumps_records
+
+    records = generate(cfg)
+    data = dumps_records(records)
+    if cfg.out == "-":
+        sys.stdout.write(data.decode("utf-8"))
+        sys.stdout.flush()
+        return "-"
+    out = Path(cfg.out)
+    if out.is_dir():
+        raise UsageError(f"{out}: is a directory (--out takes a .jsonl file name or '-')")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out, data)
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write ({e.strerror})") from None
+    wrong = sum(r.get("corrupted", False) for r in records)
+    extra = f", {wrong} with a wrong solution" if cfg.split == "sft" else ""
+    cu.console.print(f"toy: {len(records)} {cfg.split} records, levels {cfg.levels}, seed {cfg.seed}{extra}")
+    print(out)
+    return str(out)
+
+
+def command(
+    split: str = typer.Option(None, "--split", help="test, train, pool or sft."),
+    n: int = typer.Option(None, "--n", help="Records (default: test 200, train 500, pool 2000, sft 2000)."),
+    levels: str = typer.Option(None, "--levels", help="Difficulty levels: 1-3 (default), 2, 1,3 ... (1-4)."),
+    error_rate: float = typer.Option(None, "--error-rate", help="sft only: fraction of wrong worked solutions."),
+    seed: cu.SeedOpt = None,
+    out: str = typer.Option(None, "--out", "-o", help="Output JSONL file ('-' or none: stdout)."),
+    config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
+):
+    """Write the synthetic arithmetic task (a split of it) as JSONL.
+
+    Example: s2d toy --split sft --n 2000 --error-rate 0.3 --out runs/toy/sft.jsonl
+    """
+    flags = cu.given(split=split, n=n, levels=levels, error_rate=error_rate, seed=seed, out=out)
+    cu.execute(run, lambda: resolve(ToyConfig, config_file=config, sets=set_, flags=flags))

@@ -1,0 +1,157 @@
+"""s2d report: the table holds exactly the runs' numbers, the plots are PNGs, bad input is one line + exit 2."""
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from s2d_cli.cli import app
+from s2d_cli.report import fmt_accuracy, fmt_duration, moving_average
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_eval(path, *, accuracy, ci, pass_at_k, maj, n=4, prompts=200, by_level=None):
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps(
+        {"kind": "eval", "config": {"model": f"runs/{path.name}-model", "dataset": "toy:split=test"}}))
+    metrics = {"dataset": "toy", "model": f"runs/{path.name}-model", "n": n, "num_prompts": prompts,
+               "accuracy": accuracy, "accuracy_ci95": ci, "pass@k": pass_at_k, "maj@n": maj}
+    if by_level:
+        metrics["by_level"] = by_level
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    return path
+
+
+def make_train(path, *, kind, steps, labels, wall, rows):
+    path.mkdir(parents=True)
+    (path / "manifest.json").write_text(json.dumps(
+        {"kind": kind, "config": {}, "steps": steps, "labels_used": labels, "wall_time_s": wall}))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    base = make_eval(tmp_path / "eval-base", accuracy=0.625, ci=[0.5, 0.75],
+                     pass_at_k={"1": 0.625, "2": 0.7, "4": 0.8}, maj=0.66,
+                     by_level={"1": {"accuracy": 0.9, "num_prompts": 67}, "2": {"accuracy": 0.5, "num_prompts": 67}})
+    student = make_eval(tmp_path / "eval-student", accuracy=0.25, ci=[0.2, 0.3], pass_at_k={"1": 0.25}, maj=0.3,
+                        n=1)
+    grpo = make_train(tmp_path / "grpo", kind="grpo", steps=30, labels=120, wall=95.0,
+                      rows=[{"step": s, "loss": 1.0 / (s + 1), "reward_mean": s / 29, "accuracy": s / 29,
+                             "kl_ref": 0.01 * s, "lr": 1e-5, "note": "text is ignored"} for s in range(30)])
+    opd = make_train(tmp_path / "opd", kind="opd", steps=10, labels=0, wall=300.0,
+                     rows=[{"step": s, "loss": 2.0 - 0.1 * s, "reverse_kl": 1.0 - 0.05 * s} for s in range(10)])
+    return {"base": base, "student": student, "grpo": grpo, "opd": opd}
+
+
+def invoke(args):
+    return CliRunner().invoke(app, ["report", *map(str, args)])
+
+
+def test_table_holds_the_numbers(runs, tmp_path):
+    out = tmp_path / "report"
+    result = invoke([runs["base"], runs["student"], runs["grpo"], runs["opd"], "--out", out, "--title", "Toy"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == f"{out / 'results.md'}\n"
+    md = (out / "results.md").read_text()
+    lines = md.splitlines()
+    assert lines[0] == "# Toy"
+    header = ("| arm | dataset | prompts × n | accuracy ± 95% CI | 95% CI | pass@1 | pass@2 | pass@4 | maj@n "
+              "| labels | steps | train time |")
+    assert header in lines
+    assert "| eval-base | toy | 200 × 4 | 0.625 ± 0.125 | [0.500, 0.750] | 0.625 | 0.700 | 0.800 | 0.660 | — | — | — |" in lines
+    assert "| eval-student | toy | 200 × 1 | 0.250 ± 0.050 | [0.200, 0.300] | 0.250 | — | — | 0.300 | — | — | — |" in lines
+    # by level: student has no breakdown
+    assert "| arm | 1 | 2 |" in lines
+    assert "| eval-base | 0.900 | 0.500 |" in lines and "| eval-student | — | — |" in lines
+    # training runs: last logged values; 300 s = 5.0 min
+    assert "| grpo | grpo | 30 | 120 | 95 s | 1.000 | 1.000 | 0.0333 |" in lines
+    assert "| opd | opd | 10 | 0 | 5.0 min | — | — | 1.1000 |" in lines
+    assert "![accuracy per arm](accuracy.png)" in lines and "![training curves](curves.png)" in lines
+    for png in ("accuracy.png", "curves.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging left over
+    # a rerun replaces the report in place
+    result = invoke([runs["base"], "--out", out, "--names", "only"])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "results.md"]
+    assert "| only | toy | 200 × 4 | 0.625 ± 0.125 |" in (out / "results.md").read_text()
+
+
+def test_arms_file_names_rows_and_sums_training(runs, tmp_path, monkeypatch):
+    arms = {
+        "teacher (GRPO)": {"eval": "eval-base", "train": ["grpo"]},
+        "student (bridge)": {"eval": "eval-student", "train": ["grpo", "opd"], "labels": 500},
+    }
+    (tmp_path / "arms.json").write_text(json.dumps(arms))
+    monkeypatch.chdir(tmp_path.parent)  # paths in the file are relative to the file's directory
+    out = tmp_path / "rep"
+    result = invoke(["--arms", tmp_path / "arms.json", "--out", out])
+    assert result.exit_code == 0, result.stderr
+    lines = (out / "results.md").read_text().splitlines()
+    # teacher: labels from grpo's manifest; student: labels from the file, steps 30 + 10, 95 + 300 s = 6.6 min
+    assert "| teacher (GRPO) | toy | 200 × 4 | 0.625 ± 0.125 | [0.500, 0.750] | 0.625 | 0.700 | 0.800 | 0.660 | 120 | 30 | 95 s |" in lines
+    assert "| student (bridge) | toy | 200 × 1 | 0.250 ± 0.050 | [0.200, 0.300] | 0.250 | — | — | 0.300 | 500 | 40 | 6.6 min |" in lines
+    assert sum(line.startswith("| grpo | grpo |") for line in lines) == 1  # a shared run is listed once
+    assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_without_matplotlib_only_the_table(runs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = tmp_path / "rep"
+    result = invoke([runs["base"], runs["grpo"], "--out", out])
+    assert result.exit_code == 0, result.stderr
+    assert "plots skipped" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["results.md"]
+    assert ".png" not in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["missing", "no-manifest", "no-metrics", "rollout", "bad-json", "names",
+                                  "arms-key", "foreign-out"])
+def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, case):
+    out = tmp_path / "rep"
+    bad = tmp_path / "bad"
+    args = [runs["base"], bad]
+    if case == "no-manifest":
+        bad.mkdir()
+        (bad / "metrics.json").write_text("{}")
+    elif case == "no-metrics":
+        bad.mkdir()
+        (bad / "manifest.json").write_text(json.dumps({"kind": "eval"}))
+    elif case == "rollout":
+        bad.mkdir()
+        (bad / "manifest.json").write_text(json.dumps({"kind": "rollout", "shards": []}))
+    elif case == "bad-json":
+        make_train(bad, kind="grpo", steps=2, labels=1, wall=1.0, rows=[{"step": 0, "loss": 1.0}])
+        with open(bad / "metrics.jsonl", "a") as f:
+            f.write("{not json\n")
+    elif case == "names":
+        args = [runs["base"], runs["student"], "--names", "a,b,c"]
+    elif case == "arms-key":
+        bad = tmp_path / "arms.json"
+        bad.write_text(json.dumps({"x": {"eval": str(runs["base"]), "label": 3}}))
+        args = ["--arms", bad]
+    elif case == "foreign-out":
+        out.mkdir()
+        (out / "model.safetensors").write_text("keep me")
+        bad = out
+        args = [runs["base"]]
+    result = invoke([*args, "--out", out])
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("s2d: error: ")
+    if case != "names":
+        assert str(bad) in result.stderr
+    assert case == "foreign-out" or not out.exists()
+    if case == "bad-json":
+        assert "metrics.jsonl:2: invalid JSON" in result.stderr
+
+
+def test_formatting_helpers():
+    assert fmt_accuracy(0.625, 0.5, 0.75) == "0.625 ± 0.125"
+    assert [fmt_duration(s) for s in (None, 42.4, 395, 9000)] == ["—", "42 s", "6.6 min", "2.5 h"]
+    assert moving_average([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
