@@ -53,3 +53,7 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # `accelerate launch -m s2d_cli.cli ...` runs the module as a script
+    main()

@@ -45,7 +45,7 @@ from .rollout import (
     load_prompts,
     sampling_config,
 )
-from .trainer import Batch, Sequence, Trainer, TrainFields
+from .trainer import VOLATILE, Batch, Sequence, Trainer, TrainFields
 
 CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
 
@@ -215,7 +215,7 @@ def run(cfg: GRPOConfig):
     if cfg.rollouts is None and reward_fn is None:
         from .verifier import Verifier
         verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout)
-    writer = ArtifactWriter(trainer.out / "rollouts", kind="grpo-rollouts", config=asdict(cfg),
+    writer = ArtifactWriter(trainer.out / "rollouts", kind="grpo-rollouts", config=asdict(cfg), volatile=VOLATILE,
                             num_shards=cfg.steps) if (trainer.acc.is_main_process and cfg.rollouts is None) else None
     local_p = cfg.prompts_per_step // trainer.world
 
@@ -291,7 +291,7 @@ def run(cfg: GRPOConfig):
             kl_BT = L.kl_penalty(logp_BT, mb.to_BT(ref_M), mask_BT, estimator=cfg.kl_estimator)
             loss = loss + cfg.beta * L.masked_sum(kl_BT, mask_BT) / n_tok
             m["kl_ref"] = float(L.masked_mean(kl_BT.detach(), mask_BT))
-        m["entropy"] = float(ent_M.mean()) if ent_M is not None and ent_M.numel() else 0.0
+        m["entropy"] = float(L.masked_mean(mb.to_BT(ent_M), mask_BT)) if ent_M is not None and ent_M.numel() else 0.0
         return loss, {**m, **mism}
 
     def trainer_ref_logprobs(ref_model, mb):

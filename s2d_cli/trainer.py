@@ -18,9 +18,12 @@ Losses are normalised by global totals (sequences or tokens across all processes
 and scaled by the world size, so DDP's gradient averaging yields exactly the full-batch gradient: two
 processes produce the per-step losses of one process with the same global batch.
 
-Sequences are packed into one row per micro-batch with position ids restarting per sequence and a
-block-diagonal causal mask (flash-attention uses the position ids alone), so no compute is spent on
-padding. Log-probs and KLs come from the final hidden states through chunked, checkpointed lm-head
+Under flash-attention, sequences are packed into one row per micro-batch with position ids restarting
+per sequence (its varlen kernel reads the boundaries from them), so no compute is spent on padding.
+Other attention implementations (sdpa, eager) get length-sorted right-padded rows instead: a packed
+row there needs a dense [L, L] block-diagonal mask, and attention over it costs L^2 = (sum of
+lengths)^2 instead of sum(length^2) -- measured 2.2x slower for a whole update on a tiny model on CPU
+(`bench/`), and quadratically worse as micro-batches grow. Log-probs and KLs come from the final hidden states through chunked, checkpointed lm-head
 products (`s2d_cli.losses`): no `[tokens, vocab]` float32 tensor is ever materialised.
 
 Run directory:
@@ -116,11 +119,12 @@ class Batch:
 
 @dataclass
 class MicroBatch:
-    """Sequences packed into one row. M = completion tokens in the micro-batch (the loss positions)."""
-    input_ids: torch.Tensor        # [1, L]
-    position_ids: torch.Tensor     # [1, L]
-    attention_mask: torch.Tensor | None   # [1, 1, L, L] block-diagonal causal, or None
-    pred_pos: torch.Tensor         # [M] row positions whose hidden state predicts a completion token
+    """Sequences of one micro-batch: packed into one row [1, L] (flash-attention), or right-padded rows
+    [b, W]. M = completion tokens in the micro-batch (the loss positions)."""
+    input_ids: torch.Tensor        # [1, L] or [b, W]
+    position_ids: torch.Tensor     # [1, L] or [b, W]
+    attention_mask: torch.Tensor | None   # None (packed) or [b, W] with 1 on tokens, 0 on padding
+    pred_pos: torch.Tensor         # [M] positions in the flattened rows whose hidden state predicts a completion token
     targets: torch.Tensor          # [M] the completion tokens
     seq_idx: torch.Tensor          # [M] which sequence (0..b-1)
     tok_idx: torch.Tensor          # [M] index within its completion
@@ -154,53 +158,62 @@ class StepInfo:
     num_tokens: float        # global weighted completion-token count
 
 
+PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3")   # varlen kernels: boundaries from position ids
+
+
 def pack(sequences: list[Sequence], token_budget: int, *, attn_impl: str = "sdpa",
          device: torch.device | None = None) -> list[MicroBatch]:
-    """First-fit-decreasing bins of at most `token_budget` tokens (a longer sequence gets a bin of its own)."""
+    """First-fit-decreasing bins of at most `token_budget` tokens (a longer sequence gets a bin of its own).
+
+    Packed rows (flash-attention) count real tokens; padded rows count rows x the bin's longest sequence,
+    which, as sequences arrive longest first, is the first one placed in the bin."""
+    padded = attn_impl not in PACKED_ATTENTION
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     bins: list[list[int]] = []
     sizes: list[int] = []
     for i in order:
         n = len(sequences[i])
         for b, size in enumerate(sizes):
-            if size + n <= token_budget:
+            cost = (len(bins[b]) + 1) * len(sequences[bins[b][0]]) if padded else size + n
+            if cost <= token_budget:
                 bins[b].append(i)
                 sizes[b] += n
                 break
         else:
             bins.append([i])
             sizes.append(n)
-    return [_make_micro([sequences[i] for i in sorted(b)], attn_impl, device) for b in bins]
+    return [_make_micro([sequences[i] for i in sorted(b)], padded, device) for b in bins]
 
 
-def _make_micro(seqs: list[Sequence], attn_impl: str, device) -> MicroBatch:
-    ids, pos, seg, pred, tgt, sidx, tidx = [], [], [], [], [], [], []
+def _make_micro(seqs: list[Sequence], padded: bool, device) -> MicroBatch:
+    rows = len(seqs) if padded else 1
+    width = max(len(s) for s in seqs) if padded else sum(len(s) for s in seqs)
+    ids_RW = torch.zeros(rows, width, dtype=torch.long)           # padding id 0: masked, never a target
+    pos_RW = torch.zeros(rows, width, dtype=torch.long)
+    mask_RW = torch.zeros(rows, width, dtype=torch.long) if padded else None
+    pred, tgt, sidx, tidx = [], [], [], []
     offset = 0
     for s_i, s in enumerate(seqs):
         full = s.prompt_ids + s.completion_ids
-        ids += full
-        pos += range(len(full))
-        seg += [s_i] * len(full)
-        p = len(s.prompt_ids)
-        for t in range(len(s.completion_ids)):
-            pred.append(offset + p - 1 + t)
-            tgt.append(s.completion_ids[t])
-            sidx.append(s_i)
-            tidx.append(t)
+        row, start = (s_i, 0) if padded else (0, offset)
+        ids_RW[row, start:start + len(full)] = torch.tensor(full, dtype=torch.long)
+        pos_RW[row, start:start + len(full)] = torch.arange(len(full))
+        if padded:
+            mask_RW[row, :len(full)] = 1
+        first = row * width + start + len(s.prompt_ids) - 1   # flattened position predicting completion token 0
+        n = len(s.completion_ids)
+        pred.append(torch.arange(first, first + n))
+        tgt += s.completion_ids
+        sidx += [s_i] * n
+        tidx += range(n)
         offset += len(full)
-    L = len(ids)
-    mask = None
-    if len(seqs) > 1 and attn_impl != "flash_attention_2":
-        seg_L = torch.tensor(seg)
-        causal = torch.ones(L, L, dtype=torch.bool).tril_()
-        mask = (causal & (seg_L[:, None] == seg_L[None, :]))[None, None]
-        if attn_impl == "eager":  # eager wants an additive mask
-            mask = torch.zeros(mask.shape).masked_fill_(~mask, torch.finfo(torch.float32).min)
+    if padded and bool(mask_RW.all()):
+        mask_RW = None                                          # equal lengths: plain causal attention
     names = sorted({k for s in seqs for k in s.scalars})
     tnames = sorted({k for s in seqs for k in s.token_data})
     mb = MicroBatch(
-        input_ids=torch.tensor([ids]), position_ids=torch.tensor([list(pos)]), attention_mask=mask,
-        pred_pos=torch.tensor(pred, dtype=torch.long), targets=torch.tensor(tgt, dtype=torch.long),
+        input_ids=ids_RW, position_ids=pos_RW, attention_mask=mask_RW,
+        pred_pos=torch.cat(pred), targets=torch.tensor(tgt, dtype=torch.long),
         seq_idx=torch.tensor(sidx, dtype=torch.long), tok_idx=torch.tensor(tidx, dtype=torch.long),
         lengths=torch.tensor([len(s.completion_ids) for s in seqs]),
         scalars={k: torch.tensor([float(s.scalars.get(k, 0.0)) for s in seqs]) for k in names},
@@ -208,6 +221,14 @@ def _make_micro(seqs: list[Sequence], attn_impl: str, device) -> MicroBatch:
         sequences=seqs,
     )
     return _to(mb, device) if device is not None else mb
+
+
+def metric_tokens(mb: MicroBatch) -> float:
+    """The tokens a loss's per-token metrics average over: completion tokens times the sequence's
+    "weight" (a weight-0 sequence, e.g. a dropped zero-variance group, is outside the loss mask).
+    Weighting micro-batch means by it makes the logged mean independent of packing and processes."""
+    weight = mb.scalars.get("weight")
+    return float(mb.lengths.sum() if weight is None else (mb.lengths * weight).sum())
 
 
 def _to(mb: MicroBatch, device) -> MicroBatch:
@@ -245,7 +266,7 @@ def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Final hidden states [M, H] at the positions that predict completion tokens."""
     out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask,
                        use_cache=False)
-    return out.last_hidden_state[0, mb.pred_pos]
+    return out.last_hidden_state.flatten(0, 1)[mb.pred_pos]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,11 +289,15 @@ def seed_step(seed: int, step: int, rank: int = 0) -> None:
     torch.manual_seed(s)
 
 
+# Settings that do not change what a run computes: rerunning with a different value resumes.
+VOLATILE = ("out", "force", "resume", "config", "workers", "save_every", "keep_checkpoints", "tensorboard",
+            "wandb_project")
+
+
 class Trainer:
     def __init__(self, cfg: TrainFields, *, model: str, out: str, kind: str, config: dict[str, Any],
-                 inputs: list[str | None] = (), volatile: tuple[str, ...] = ("out", "force", "resume", "config",
-                                                                             "workers", "save_every",
-                                                                             "tensorboard", "wandb_project")):
+                 inputs: list[str | None] = (), volatile: tuple[str, ...] = None):
+        volatile = VOLATILE if volatile is None else volatile
         from accelerate import Accelerator
 
         from .models import load_model, load_tokenizer, resolve_dtype
@@ -286,7 +311,7 @@ class Trainer:
         self.device = self.acc.device
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
-        self.complete = self._check_out_dir()
+        self.complete = self._check_out_dir(model)
         if self.complete:
             return
         self.tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
@@ -317,7 +342,7 @@ class Trainer:
         self.wall_start = time.time()
 
     # -- run directory ------------------------------------------------------------------------
-    def _check_out_dir(self) -> bool:
+    def _check_out_dir(self, model: str) -> bool:
         out, cfg = self.out, self.cfg
         manifest = out / MANIFEST
         if manifest.is_file():
@@ -329,6 +354,8 @@ class Trainer:
                                  f"({_config_diff(old.get('config', {}), self.config)}); use --force or another --out")
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out}: exists and is not a directory")
+        from .models import check_model_ref
+        check_model_ref(model)  # a mistyped model path fails before the run directory is made
         if self.acc.is_main_process:
             if cfg.force and out.exists():
                 shutil.rmtree(out)
@@ -381,7 +408,7 @@ class Trainer:
             cu.console.print(f"[dim]resuming {self.out} from {ckpt.name} (step {self.start_step})[/]")
             if self.metrics_path_exists():
                 lines = [line for line in (self.out / "metrics.jsonl").read_text().splitlines()
-                         if line.strip() and json.loads(line)["step"] < self.start_step]
+                         if line.strip() and json.loads(line)["step"] <= self.start_step]
                 _write_atomic(self.out / "metrics.jsonl", "".join(x + "\n" for x in lines).encode())
 
     def metrics_path_exists(self) -> bool:
@@ -481,7 +508,7 @@ class Trainer:
                             loss, m = loss_fn(self.policy, mb, info)
                             self.acc.backward(loss)
                         if epoch == 0:
-                            w = float(mb.lengths.sum())
+                            w = metric_tokens(mb)
                             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / self.world
                             for k, v in m.items():
                                 sums[k] = sums.get(k, 0.0) + float(v) * w
@@ -497,7 +524,7 @@ class Trainer:
                 if after_update is not None:
                     after_update(step)
                 keys = sorted(sums)
-                local_tok = sum(float(mb.lengths.sum()) for mb in micro)
+                local_tok = sum(metric_tokens(mb) for mb in micro)
                 totals = self.all_sum([sums[k] for k in keys] + [local_tok])
                 tok_total = max(totals[-1], 1.0)
                 dt = time.perf_counter() - t0

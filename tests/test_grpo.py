@@ -1,0 +1,401 @@
+"""s2d grpo end to end on tiny random-init models, CPU, fixed seeds, values asserted.
+
+  learning        a reward the random model already earns ~15% of the time rises by >= 0.3 in 16 steps
+  resume          SIGKILL after a checkpoint + the same command again == one uninterrupted run
+  two processes   `accelerate launch` x2 on fixed rollouts == one process (losses, metrics, weights)
+  vllm            the vLLM backend trains and its engine holds the trained weights afterwards
+  bad input       one line on stderr, exit 2, no traceback, no run directory left behind
+  --max-labels    the manifest's labels_used and the distinct ids in out/rollouts
+  loss variants   step-1 losses derived by hand from the rewards and lengths; kl_ref = 0 at step 1
+  stages          stages/1-teacher-grpo.yaml and stages/3-student-grpo.yaml resolve to GRPOConfig
+
+Runs in-process through typer's CliRunner where it can (python start-up costs ~8 s a process on the
+2-core CI box) and as real processes where the point is a process boundary (kill, accelerate).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from s2d_cli.artifacts import read_records
+from s2d_cli.cli import app
+from s2d_cli.engines import vllm_available
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+BIN = Path(sys.executable).parent
+VOWEL = "rewards_for_tests:starts_with_vowel"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two intra-op threads on two shared cores spin against each other and everything else running:
+    10x slower under load, and the numbers are the same with one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def rewards_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def grpo(*args, ok: bool = True):
+    """`s2d grpo ARGS` in-process; with ok, asserts exit 0 and shows the output when it is not."""
+    result = CliRunner().invoke(app, ["grpo", *map(str, args)])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for f in sorted((run / "model").glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+def assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. learning
+
+def test_reward_rises(tiny_model_dir, tmp_path):
+    """Reward = the completion starts with a vowel. Measured on this random-init model (uniform-ish
+    over 512 tokens, entropy 6.20 nats ~ ln 512): ~16% of first tokens qualify, so most groups of 8
+    hold both outcomes. The first token alone decides the reward, so 2 new tokens suffice.
+    Seen (seed 0): steps 1-4 rewards .125 .188 .094 .125, steps 13-16 .719 .812 .938 .812."""
+    run = tmp_path / "run"
+    grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 16,
+         "--group-size", 8, "--prompts-per-step", 4, "--max-new-tokens", 2, "--lr", 1e-2, "--backend", "hf",
+         "--out", run)
+    rewards = [m["reward_mean"] for m in metrics(run)]
+    assert [m["step"] for m in metrics(run)] == list(range(1, 17))
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert 0.05 <= first <= 0.3, rewards          # the signal exists at random init, and is not yet learned
+    assert last - first >= 0.3, rewards
+    # on-policy, one epoch: ratio 1, and per group sum(A) = 0 with the sequences all 2 tokens long,
+    # so the logged GRPO loss is 0 up to rounding while the gradient is not
+    assert all(abs(m["loss"]) < 1e-6 and m["ratio_mean"] == 1.0 for m in metrics(run))
+    assert all(m["completion_len"] <= 2 for m in metrics(run))
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. resume after SIGKILL
+
+def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
+    """save_every=2, SIGKILL once step-000002 is on disk, rerun the same command: the result equals
+    an uninterrupted run (sampling is seeded per step, so even the rollouts match) and
+    metrics.jsonl holds each step exactly once."""
+    steps = 8
+
+    def args(out: Path) -> list[str]:
+        return ["--model", str(tiny_model_dir), "--dataset", "toy:split=train", "--reward", VOWEL,
+                "--steps", str(steps), "-G", "4", "-P", "4", "--max-new-tokens", "3", "--lr", "1e-2",
+                "--backend", "hf", "--set", "save_every=2", "--out", str(out)]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([str(BIN / "s2d"), "grpo", *args(run)], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run / "checkpoints" / "step-000002" / "trainer_state.json"
+    deadline = time.monotonic() + 120
+    while not marker.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert marker.is_file() and not (run / "manifest.json").exists()
+    killed_at = len(metrics(run))
+    assert 2 <= killed_at < steps
+
+    grpo(*args(run))                              # the same command: resumes from the newest checkpoint
+    reference = tmp_path / "uninterrupted"
+    grpo(*args(reference))
+
+    resumed, ref = metrics(run), metrics(reference)
+    assert [m["step"] for m in resumed] == list(range(1, steps + 1))
+    for key in ("reward_mean", "loss", "grad_norm", "entropy"):
+        assert [m[key] for m in resumed] == pytest.approx([m[key] for m in ref], rel=1e-5, abs=1e-7), key
+    assert_same_weights(weights(run), weights(reference), atol=1e-6)
+    assert read_records(run / "rollouts") == read_records(reference / "rollouts")
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["steps"] == steps and manifest["final_metrics"]["step"] == steps
+
+
+# ------------------------------------------------------------------------------------------------
+# fixed rollouts: 8 prompts x G=4, completion lengths 1..9, binary rewards; prompt p5 is a
+# zero-variance group (all 0) so dapo drops it
+
+G = 4
+
+
+def write_rollouts(path: Path, vocab: int) -> list[dict]:
+    rng = random.Random(0)
+    records = []
+    for p in range(8):
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(4, 12))]
+        rewards = [0.0] * G if p == 5 else [float(rng.random() < 0.5) for _ in range(G)]
+        if p != 5 and len(set(rewards)) == 1:
+            rewards[0] = 1.0 - rewards[0]
+        for j in range(G):
+            records.append({"id": f"p{p}", "sample": j, "prompt_ids": prompt,
+                            "completion_ids": [rng.randrange(3, vocab) for _ in range(rng.randint(1, 9))],
+                            "reward": rewards[j]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def advantages(rewards: list[float], scale: str) -> list[float]:
+    """GRPO advantages by hand: (r - mean) / (population std + 1e-6), or r - mean for Dr. GRPO."""
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+    return [(r - mean) / (std + 1e-6) if scale == "std" else r - mean for r in rewards]
+
+
+def expected_first_loss(records: list[dict], loss: str, prompts: int, max_new_tokens: int) -> float:
+    """The step-1 loss when ratio = 1 (on-policy, first epoch), per variant:
+        grpo / gspo  -(1/B) sum_b A_b                       (token mean per sequence of a constant A_b)
+        dr_grpo      -(1/(B max_new)) sum_b A_b |o_b|
+        dapo         -sum_b A_b |o_b| / sum_b |o_b|         over groups with reward variance only"""
+    groups = [records[i * G:(i + 1) * G] for i in range(prompts)]
+    adv, lens, keep = [], [], []
+    for g in groups:
+        rewards = [r["reward"] for r in g]
+        adv += advantages(rewards, "none" if loss == "dr_grpo" else "std")
+        lens += [len(r["completion_ids"]) for r in g]
+        keep += [len(set(rewards)) > 1] * G
+    n = len(adv)
+    if loss in ("grpo", "gspo"):
+        return -sum(adv) / n
+    if loss == "dr_grpo":
+        return -sum(a * t for a, t in zip(adv, lens)) / (n * max_new_tokens)
+    return -sum(a * t for a, t, k in zip(adv, lens, keep) if k) / sum(t for t, k in zip(lens, keep) if k)
+
+
+@pytest.fixture
+def fixed_rollouts(tmp_path, tiny_model_dir):
+    from s2d_cli.models import load_tokenizer
+
+    path = tmp_path / "rollouts.jsonl"
+    return path, write_rollouts(path, len(load_tokenizer(str(tiny_model_dir))))
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. two processes == one process
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tiny_model_dir, fixed_rollouts, tmp_path):
+    """dapo (global token normaliser, a dropped zero-variance group) + beta 0.1 (so the loss depends
+    on the weights from step 2 on), micro-batches of <= 40 tokens (so each process accumulates
+    several, a different number on each rank). Rank r takes prompts [2r, 2r+2) of each step's 4.
+
+    `accelerate launch --cpu --num_processes 2` would start ONE process (accelerate sends --cpu to
+    its single-process launcher; multi-CPU needs mpirun); --multi_gpu starts two torch.distributed
+    processes, and s2d's Accelerator(cpu=True) makes them a gloo MULTI_CPU group on a CPU host."""
+    path, records = fixed_rollouts
+    common = ["grpo", "--model", str(tiny_model_dir), "--rollouts", str(path), "--steps", "3", "-G", str(G),
+              "-P", "4", "--loss", "dapo", "--beta", "0.1", "--lr", "1e-3", "--set", "micro_batch_tokens=40"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+              "-m", "s2d_cli.cli", *common, "--out", str(two)]
+    proc = subprocess.Popen(launch, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    grpo(*common[1:], "--out", one)               # the one-process run, meanwhile
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, shlex.join(launch) + "\n" + output[-3000:]
+    assert json.loads((two / "manifest.json").read_text())["world_size"] == 2
+    assert json.loads((one / "manifest.json").read_text())["world_size"] == 1
+
+    m1, m2 = metrics(one), metrics(two)
+    assert [m["step"] for m in m2] == [1, 2, 3]
+    # step 1 by hand: policy == reference, so kl_ref = 0 and the loss is the dapo surrogate at ratio 1
+    expected = expected_first_loss(records[:4 * G], "dapo", 4, 0)
+    assert m1[0]["loss"] == pytest.approx(expected, rel=1e-5) and m1[0]["kl_ref"] == 0.0
+    for key in ("loss", "kl_ref", "grad_norm", "reward_mean", "entropy", "ratio_mean"):
+        assert [m[key] for m in m2] == pytest.approx([m[key] for m in m1], rel=1e-5, abs=1e-8), key
+    assert m1[2]["kl_ref"] > 1e-3                  # step 3: the policy has moved away from the reference
+    assert_same_weights(weights(one), weights(two), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. bad input
+
+def test_bad_inputs(tiny_model_dir, tmp_path):
+    """Each: exit 2, one line `s2d: error: ...` on stderr, no traceback, and no run directory."""
+    no_answers = tmp_path / "problems.jsonl"
+    no_answers.write_text('{"problem": "What is 1 + 1?"}\n{"problem": "What is 2 + 2?"}\n')
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    ok = ["--model", str(tiny_model_dir), "--dataset", "toy:split=train", "--steps", "1", "--max-new-tokens", "2"]
+    cases = {
+        "no gold answers": (["--model", str(tiny_model_dir), "--dataset", str(no_answers)], "no gold answer"),
+        "group size 1": ([*ok, "--group-size", "1"], "--group-size: expected >= 2"),
+        "missing model": (["--model", str(tmp_path / "no-such-model"), "--dataset", "toy:split=train"],
+                          "model directory not found"),
+        "output under a file": ([*ok, "--out", str(a_file / "run")], "cannot write there"),
+    }
+    if os.geteuid() != 0:  # root writes into read-only directories anyway
+        read_only = tmp_path / "read-only"
+        read_only.mkdir(mode=0o555)
+        cases["read-only parent"] = ([*ok, "--out", str(read_only / "run")], "cannot write there")
+    for name, (args, message) in cases.items():
+        out = tmp_path / name.replace(" ", "-")
+        if "--out" not in args:
+            args = [*args, "--out", str(out)]
+        result = grpo(*args, ok=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2, (name, result.output)
+        assert len(lines) == 1 and lines[0].startswith("s2d: error: ") and message in lines[0], (name, lines)
+        assert "Traceback" not in result.output and result.stdout == "", name
+        assert not out.exists(), (name, sorted(p.name for p in out.iterdir()))
+    assert a_file.is_file() and a_file.read_text() == ""
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. --max-labels
+
+@pytest.mark.parametrize("max_labels, used", [(3, 3), (10, 6)])
+def test_max_labels_caps_distinct_prompts(tiny_model_dir, tmp_path, max_labels, used):
+    """P=2 prompts x 3 steps = 6 prompt slots: 3 labels are all used (the schedule cycles through
+    them), 10 labels leave 4 unseen; labels_used = min(N, P * steps)."""
+    run = tmp_path / "run"
+    grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 3,
+         "-G", 2, "-P", 2, "--max-new-tokens", 2, "--lr", 1e-3, "--max-labels", max_labels, "--out", run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["labels_used"] == used == min(max_labels, 2 * 3) and manifest["max_labels"] == max_labels
+    records = read_records(run / "rollouts")
+    assert len(records) == 3 * 2 * 2 and len({r["id"] for r in records}) == used
+    assert all(r["id"].startswith("toy-train-") for r in records)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. loss variants and the reference KL
+
+@pytest.mark.parametrize("loss", ["dr_grpo", "dapo", "gspo"])
+def test_loss_variant_first_step_by_hand(tiny_model_dir, fixed_rollouts, tmp_path, loss):
+    """One step on the fixed rollouts (prompts p0-p3). At ratio 1 the surrogate is -A weighted by
+    each variant's normaliser (see expected_first_loss); with these lengths and rewards:
+    dr_grpo and dapo are length-weighted so they are not 0, gspo (one ratio per sequence, mean of
+    std-normalised advantages over each group) is 0."""
+    path, records = fixed_rollouts
+    run = tmp_path / loss
+    grpo("--model", tiny_model_dir, "--rollouts", path, "--steps", 1, "-G", G, "-P", 4, "--loss", loss,
+         "--max-new-tokens", 16, "--lr", 1e-3, "--out", run)
+    (m,) = metrics(run)
+    expected = expected_first_loss(records[:4 * G], loss, 4, 16)
+    assert m["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7), (loss, m["loss"], expected)
+    if loss != "gspo":
+        assert abs(expected) > 1e-3
+    assert m["ratio_mean"] == pytest.approx(1.0) and m["clip_frac"] == 0.0
+    assert (run / "model" / "config.json").is_file()
+
+
+def test_beta_logs_kl_ref_zero_at_step_one(tiny_model_dir, tmp_path):
+    """--beta 0.1 loads the starting model as the reference: at step 1 policy == reference, so every
+    token's k3 = exp(0) - 0 - 1 = 0 exactly; after an update at lr 1e-2 it is > 0."""
+    run = tmp_path / "run"
+    grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 2,
+         "-G", 4, "-P", 2, "--max-new-tokens", 3, "--lr", 1e-2, "--beta", 0.1, "--out", run)
+    m1, m2 = metrics(run)
+    assert m1["kl_ref"] == 0.0
+    assert m2["kl_ref"] > 0.0
+    assert m1["loss"] == pytest.approx(0.0, abs=1e-6)   # grpo at ratio 1: -(1/B) sum A = 0, plus 0.1 * 0
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. the recipe's GRPO stages
+
+@pytest.mark.parametrize("stage, model", [("1-teacher-grpo.yaml", "Qwen/Qwen3-8B"),
+                                          ("3-student-grpo.yaml", "runs/student-opd/model")])
+def test_stage_configs_resolve(stage, model):
+    from s2d_cli.config import resolve
+    from s2d_cli.grpo import GRPOConfig
+
+    path = REPO / "stages" / stage
+    header = path.read_text().splitlines()[0]
+    assert header.startswith(f"# s2d grpo --config stages/{stage} "), header
+    cfg = resolve(GRPOConfig, config_file=str(path),
+                  flags={"model": model, "dataset": "math-train.jsonl", "out": "runs/x", "max_labels": 1000})
+    assert (cfg.lr, cfg.group_size, cfg.temperature, cfg.beta) == (1e-6, 8, 1.0, 0.0)
+    assert (cfg.loss, cfg.clip_low, cfg.clip_high) == ("dapo", 0.2, 0.28)
+    assert cfg.save_every > 0 and cfg.steps * cfg.prompts_per_step >= 1000
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. vLLM backend (last: an in-process vLLM engine leaves process-wide settings behind)
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
+def test_vllm_backend_trains_and_syncs_weights(tokenizer_dir, tmp_path, monkeypatch):
+    """Two steps at lr 5e-2 with --backend vllm. In-run sync: the trainer's log-probs of the tokens
+    vLLM sampled at step 2 match vLLM's own (mismatch_kl ~ 0), which only holds if step 1's update
+    reached the engine. After the run the engine (kept open here) decodes greedily exactly what HF
+    decodes from out/model, and not what the starting model decodes."""
+    from s2d_cli.engines import SamplingConfig
+    from s2d_cli.engines.hf import HFEngine
+    from s2d_cli.engines.vllm import VLLMEngine
+    from s2d_cli.models import build_tiny_model, load_model, load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    # vLLM's CPU attention wants head_dim 32 or more: 2 heads of 32
+    start = build_tiny_model(tmp_path / "start", arch="qwen3", tokenizer=tok, seed=0, hidden_size=64,
+                             num_heads=2, num_kv_heads=1)
+    engines: list[VLLMEngine] = []
+    close = VLLMEngine.close
+    monkeypatch.setattr(VLLMEngine, "close", lambda self: engines.append(self))
+    run = tmp_path / "run"
+    try:
+        grpo("--model", start, "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 2, "-G", 4, "-P", 2,
+             "--max-new-tokens", 4, "--lr", 5e-2, "--backend", "vllm", "--set", "dtype=fp32", "--out", run)
+        (engine,) = engines
+        prompts = [tok.encode(f"Compute {a} + {b}.") for a, b in ((12, 30), (7, 5), (41, 9))]
+        greedy = SamplingConfig(n=1, max_new_tokens=8, temperature=0.0)
+        from_engine = [g[0].token_ids for g in engine.generate(prompts, greedy)]
+    finally:
+        for e in engines:
+            close(e)
+    assert json.loads((run / "manifest.json").read_text())["config"]["backend"] == "vllm"
+    ms = metrics(run)
+    assert [m["step"] for m in ms] == [1, 2]
+    assert all(m["mismatch_kl"] < 1e-4 for m in ms), [m["mismatch_kl"] for m in ms]
+
+    def hf_greedy(path):
+        engine = HFEngine(load_model(str(path), dtype="fp32", device="cpu"), tokenizer=tok)
+        return [g[0].token_ids for g in engine.generate(prompts, greedy)]
+
+    assert from_engine == hf_greedy(run / "model")
+    assert from_engine != hf_greedy(start)
