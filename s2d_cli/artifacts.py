@@ -70,9 +70,13 @@ def dumps_records(records: Iterable[dict]) -> bytes:
 
 
 def input_entry(path: str | Path | None) -> dict[str, Any]:
-    """What a manifest says about one input: the path and, for a local file or artifact, its sha256."""
+    """What a manifest says about one input: the path and, for a bundled set, a local file or an artifact,
+    its sha256."""
     if path is None or str(path) == "-":
         return {"path": "-" if path else None}
+    from .data import BUNDLED, BUNDLED_DIR
+    if str(path) in BUNDLED:  # a bundled eval set (the name wins over a local file, as in load_examples)
+        return {"path": str(path), "sha256": sha256_file(BUNDLED_DIR / BUNDLED[str(path)])}
     p = Path(path)
     if p.is_file():
         return {"path": str(p), "sha256": sha256_file(p)}
@@ -92,8 +96,9 @@ class ArtifactWriter:
             w.write_shard(i, records, tensors=None)
         path = w.commit(extra={...})    # manifest last, then rename into place
 
-    `config` is the resolved config; its fingerprint (minus `volatile` keys such as the output path)
-    decides whether an existing output or staging directory belongs to this run.
+    `config` is the resolved config; its fingerprint (minus `volatile` keys such as the output path,
+    plus the sha256 of each hashable input) decides whether an existing output or staging directory
+    belongs to this run: an input edited since would otherwise be answered with stale shards.
     """
 
     def __init__(self, out: str | Path, *, kind: str, config: dict[str, Any], num_shards: int,
@@ -103,7 +108,8 @@ class ArtifactWriter:
         self.config = config
         self.num_shards = max(1, num_shards)
         self.inputs = [input_entry(p) for p in inputs]
-        self.fingerprint = fingerprint({k: v for k, v in config.items() if k not in volatile} | {"_kind": kind})
+        self.fingerprint = fingerprint({k: v for k, v in config.items() if k not in volatile} | {"_kind": kind}
+                                       | ({"_inputs": [e.get("sha256") for e in self.inputs]} if inputs else {}))
         self.stdout = str(out) == "-"
         self.complete = False
         self._streamed = 0
@@ -126,7 +132,7 @@ class ArtifactWriter:
                     self.complete = True
                     return
                 if not force:
-                    diff = _config_diff(old.get("config", {}), self.config)
+                    diff = _config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs)
                     raise UsageError(f"{out}: already holds a {old.get('kind')} artifact made with a different "
                                      f"config ({diff}); use --force to start over or choose another --out")
             elif any(out.iterdir()) and not force:
@@ -137,6 +143,9 @@ class ArtifactWriter:
         info = staging / STAGING_INFO
         if staging.exists():
             old = json.loads(info.read_text()) if info.is_file() else {}
+            if not old and (staging / MANIFEST).is_file():  # killed between writing the manifest and the rename
+                m = json.loads((staging / MANIFEST).read_text())
+                old = {"fingerprint": m.get("fingerprint"), "num_shards": len(m.get("shards", []))}
             if old.get("fingerprint") != self.fingerprint or old.get("num_shards") != self.num_shards:
                 raise UsageError(f"{staging}: a partial run with a different config is in the way; "
                                  "use --force to discard it")
@@ -219,6 +228,8 @@ class ArtifactWriter:
             **(extra or {}),
         }
         (self.staging / STAGING_INFO).unlink(missing_ok=True)
+        for leftover in self.staging.glob("*.tmp"):  # a write a killed run never finished
+            leftover.unlink()
         _write_atomic(self.staging / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
         from .models import replace_dir
         replace_dir(self.staging, self.out)
@@ -226,10 +237,13 @@ class ArtifactWriter:
         return self.out
 
 
-def _config_diff(old: dict, new: dict) -> str:
+def _config_diff(old: dict, new: dict, old_inputs: list[dict] | None = None,
+                 new_inputs: list[dict] | None = None) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in ("out", "force"))
     if not keys:
-        return "different command"
+        changed = [n.get("path") for o, n in zip(old_inputs or [], new_inputs or [])
+                   if o.get("sha256") != n.get("sha256")]
+        return f"input {changed[0]} changed since" if changed else "different command"
     k = keys[0]
     more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
     return f"{k}: {old.get(k)!r} -> {new.get(k)!r}{more}"
@@ -278,18 +292,20 @@ def _iter_source(source: str | Path) -> Iterator[tuple[str, dict]]:
             yield "<stdin>", rec
         return
     path = Path(source)
+    staging = path.parent / f".{path.name}.partial"
+    hint = " (a partial run is staged beside it: rerun its command to finish)" if staging.exists() else ""
+    if path.name.startswith(".") and path.name.endswith(".partial"):
+        hint = " (this is the staging directory of an unfinished run: rerun its command to finish)"
     if path.is_dir():
         manifest = path / MANIFEST
         if not manifest.is_file():
-            staging = path.parent / f".{path.name}.partial"
-            hint = " (a partial run is staged beside it: rerun its command to finish)" if staging.exists() else ""
             raise UsageError(f"{path}: not a complete s2d artifact (no {MANIFEST}){hint}")
         for shard in json.loads(manifest.read_text())["shards"]:
             for rec in _iter_jsonl(path / shard["file"]):
                 yield str(path / shard["file"]), rec
         return
     if not path.exists():
-        raise UsageError(f"{path}: no such file or directory")
+        raise UsageError(f"{path}: no such file or directory{hint}")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq

@@ -24,6 +24,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # vLLM logs to stdout by default, which would corrupt `--out -` JSONL and the printed output path
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import transformers
         transformers.utils.logging.set_verbosity_error()
@@ -77,6 +79,9 @@ TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling
 TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Sample among the k likeliest tokens (-1 = off).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use only the first N prompts.")]
+PromptFieldOpt = Annotated[str | None, typer.Option("--prompt-field", help="Record field holding the problem (default: problem/question/prompt/input).")]
+AnswerFieldOpt = Annotated[str | None, typer.Option("--answer-field", help="Record field holding the gold answer (default: answer/gold/target/solution).")]
+IdFieldOpt = Annotated[str | None, typer.Option("--id-field", help="Record field holding the prompt id (default: unique_id/id/idx/line number).")]
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="auto (vllm when installed), hf or vllm.")]
 
 

@@ -26,6 +26,7 @@ import typer
 from . import cliutil as cu
 from .artifacts import ArtifactWriter, read_records, shard_slices
 from .config import resolve
+from .data import Example
 from .errors import UsageError
 from .metrics import metrics_table, summarize
 from .rollout import (
@@ -72,14 +73,11 @@ class EvalConfig(PromptFields, SamplingFields):
             raise UsageError("--out: eval writes a directory; omit --out to get metrics JSON on stdout")
 
 
-def _sample_and_score(cfg: EvalConfig, writer: ArtifactWriter | None, verifier):
+def _sample_and_score(cfg: EvalConfig, examples: list[Example], slices: list[range], writer: ArtifactWriter | None,
+                      verifier) -> list[dict]:
     """Rollout + verify, shard by shard (resumable when writing); returns all scored records."""
     from .models import load_tokenizer
 
-    examples = load_prompts(cfg, require_answer=True)
-    slices = shard_slices(len(examples), cfg.shard_size)
-    if writer is not None:
-        writer.num_shards = len(slices)
     todo = writer.pending() if writer is not None else list(range(len(slices)))
     done = {i: writer.read_finished_shard(i) for i in range(len(slices)) if i not in todo} if writer else {}
     if todo:
@@ -98,15 +96,10 @@ def _sample_and_score(cfg: EvalConfig, writer: ArtifactWriter | None, verifier):
                     writer.write_shard(i, done[i])
                 bar.advance(task, len(shard))
         engine.close()
-    return [r for i in sorted(done) for r in done[i]], len(examples)
+    return [r for i in sorted(done) for r in done[i]]
 
 
-def _rescore(cfg: EvalConfig, writer: ArtifactWriter | None, verifier):
-    records = read_records(cfg.rollouts, required=("id", "completion", "answer"))
-    check_golds(records, cfg.rollouts)
-    slices = shard_slices(len(records), cfg.shard_size * 16)
-    if writer is not None:
-        writer.num_shards = len(slices)
+def _rescore(records: list[dict], slices: list[range], writer: ArtifactWriter | None, verifier) -> list[dict]:
     out = []
     for i, sl in enumerate(slices):
         if writer is not None and writer.done(i):
@@ -116,22 +109,26 @@ def _rescore(cfg: EvalConfig, writer: ArtifactWriter | None, verifier):
         if writer is not None:
             writer.write_shard(i, scored)
         out.extend(scored)
-    return out, len({str(r["id"]) for r in records})
-
-
-def _num_shards(cfg: EvalConfig) -> int:
-    if cfg.rollouts is not None:
-        return len(shard_slices(len(read_records(cfg.rollouts)), cfg.shard_size * 16))
-    return len(shard_slices(len(load_prompts(cfg)), cfg.shard_size))
+    return out
 
 
 def run(cfg: EvalConfig) -> dict:
+    from .models import check_model_ref
     from .verifier import Verifier
 
+    # Every input is read and checked before the output (or its staging dir) exists.
+    if cfg.rollouts is not None:
+        inputs = read_records(cfg.rollouts, required=("id", "completion", "answer"))
+        check_golds(inputs, cfg.rollouts)
+        slices = shard_slices(len(inputs), cfg.shard_size * 16)
+    else:
+        inputs = load_prompts(cfg, require_answer=True)
+        check_model_ref(cfg.model)
+        slices = shard_slices(len(inputs), cfg.shard_size)
     writer = None
     if cfg.out is not None:
-        writer = ArtifactWriter(cfg.out, kind="eval", config=asdict(cfg), num_shards=_num_shards(cfg),
-                                inputs=[cfg.rollouts or cfg.dataset])
+        writer = ArtifactWriter(cfg.out, kind="eval", config=asdict(cfg), num_shards=len(slices),
+                                inputs=[cfg.rollouts or cfg.dataset], force=cfg.force)
         if writer.complete:
             metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
             cu.console.print(metrics_table(metrics))
@@ -139,9 +136,9 @@ def run(cfg: EvalConfig) -> dict:
             return metrics
     with Verifier(workers=cfg.workers, timeout=cfg.timeout) as verifier:
         if cfg.rollouts is not None:
-            records, _ = _rescore(cfg, writer, verifier)
+            records = _rescore(inputs, slices, writer, verifier)
         else:
-            records, _ = _sample_and_score(cfg, writer, verifier)
+            records = _sample_and_score(cfg, inputs, slices, writer, verifier)
     dataset = cfg.dataset or (records[0].get("dataset") if records else "") or str(cfg.rollouts)
     model = cfg.model or (records[0].get("model") if records else None)
     metrics = summarize(records, dataset=dataset, model=model)
@@ -171,6 +168,7 @@ def command(
     model: cu.ModelOpt = None, dataset: cu.DatasetOpt = None, out: cu.OutOpt = None, n: cu.NOpt = None,
     max_new_tokens: cu.MaxNewOpt = None, temperature: cu.TempOpt = None, top_p: cu.TopPOpt = None,
     top_k: cu.TopKOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None, backend: cu.BackendOpt = None,
+    prompt_field: cu.PromptFieldOpt = None, answer_field: cu.AnswerFieldOpt = None, id_field: cu.IdFieldOpt = None,
     rollouts: str = typer.Option(None, "--rollouts", help="Re-score existing rollouts instead of sampling."),
     protocol: str = typer.Option(None, "--protocol", help=f"Named protocol: {', '.join(PROTOCOLS)}."),
     workers: int = typer.Option(None, "--workers", help="Verifier processes (default: CPU count)."),
@@ -182,5 +180,6 @@ def command(
     """
     flags = cu.given(model=model, dataset=dataset, out=out, n=n, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, limit=limit, backend=backend,
+                     prompt_field=prompt_field, answer_field=answer_field, id_field=id_field,
                      rollouts=rollouts, workers=workers, force=force)
     cu.execute(run, lambda: build_config(protocol, config, set_, flags))

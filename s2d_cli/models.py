@@ -53,12 +53,12 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) 
     return table[dtype]
 
 
-def check_model_ref(name: str) -> str:
-    """A local directory must exist and hold config.json; anything shaped like a hub id passes through."""
+def check_model_ref(name: str, *, expect: tuple[str, ...] = ("config.json",)) -> str:
+    """A local directory must exist and hold one of `expect`; anything shaped like a hub id passes through."""
     path = Path(name).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").exists():
-            raise UsageError(f"{name}: not a model directory (expected config.json inside)")
+        if not path.is_dir() or not any((path / f).exists() for f in expect):
+            raise UsageError(f"{name}: not a model directory (expected {' or '.join(expect)} inside)")
         return str(path)
     looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") != 1
     if looks_local:
@@ -69,7 +69,8 @@ def check_model_ref(name: str) -> str:
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    ref = check_model_ref(name)
+    # a checkpoint, or a tokenizer saved on its own (make-tiny --tokenizer, the test fixtures)
+    ref = check_model_ref(name, expect=("config.json", "tokenizer_config.json", "tokenizer.json"))
     try:
         tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except OSError as e:

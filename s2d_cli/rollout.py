@@ -141,12 +141,13 @@ def open_engine(cfg: SamplingFields, model: str, tokenizer):
 
 
 def run(cfg: RolloutConfig) -> Path | None:
-    from .models import load_tokenizer
+    from .models import check_model_ref, load_tokenizer
 
     examples = load_prompts(cfg)
+    check_model_ref(cfg.model)  # bad input fails before the output (or its staging dir) exists
     slices = shard_slices(len(examples), cfg.shard_size)
     writer = ArtifactWriter(cfg.out, kind="rollout", config=asdict(cfg), num_shards=len(slices),
-                            inputs=[cfg.dataset if cfg.dataset != "-" else "-"])
+                            inputs=[cfg.dataset if cfg.dataset != "-" else "-"], force=cfg.force)
     todo = writer.pending()
     if todo:
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -174,6 +175,7 @@ def command(
     model: cu.ModelOpt = None, dataset: cu.DatasetOpt = None, out: cu.OutOpt = None, n: cu.NOpt = None,
     max_new_tokens: cu.MaxNewOpt = None, temperature: cu.TempOpt = None, top_p: cu.TopPOpt = None,
     top_k: cu.TopKOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None, backend: cu.BackendOpt = None,
+    prompt_field: cu.PromptFieldOpt = None, answer_field: cu.AnswerFieldOpt = None, id_field: cu.IdFieldOpt = None,
     topk: int = typer.Option(None, "--topk", help="Store the top-K logprobs of every completion token."),
     logprobs: bool = typer.Option(None, "--logprobs", help="Store the sampled tokens' logprobs."),
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
@@ -184,5 +186,6 @@ def command(
     """
     flags = cu.given(model=model, dataset=dataset, out=out, n=n, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, limit=limit, backend=backend,
+                     prompt_field=prompt_field, answer_field=answer_field, id_field=id_field,
                      topk=topk, logprobs=logprobs, force=force)
     cu.execute(run, lambda: resolve(RolloutConfig, config_file=config, sets=set_, flags=flags))

@@ -59,7 +59,7 @@ def run(cfg: VerifyConfig) -> Path | None:
     check_golds(records, cfg.input)
     slices = shard_slices(len(records), cfg.shard_size)
     writer = ArtifactWriter(cfg.out, kind="verified", config=asdict(cfg), num_shards=len(slices),
-                            inputs=[cfg.input])
+                            inputs=[cfg.input], force=cfg.force)
     todo = writer.pending()
     correct = total = 0
     if todo:

@@ -1,0 +1,345 @@
+"""Artifacts: atomic shards, staged directories, resume after SIGKILL, --force, pipes, manifests, top-K tensors.
+
+The contract under test: a shard is written as `*.tmp` and renamed; a directory is complete exactly when it
+holds a manifest; the staging directory `.NAME.partial` never reads as an artifact; a rerun of a killed
+command keeps its finished shards (same inode, same mtime) and writes what an uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from s2d_cli import artifacts
+from s2d_cli.artifacts import ArtifactWriter, iter_record_tensors, read_manifest, read_records, shard_name
+from s2d_cli.cli import app
+from s2d_cli.errors import UsageError
+
+S2D = str(Path(sys.executable).with_name("s2d"))
+# One thread per process: subprocess runs are then reproducible bit for bit and do not fight over 2 cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+CONFIG = {"dataset": "toy", "n": 2, "seed": 0, "out": "ignored"}
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def records_of(n: int, tag: str = "r") -> list[dict]:
+    return [{"id": f"{tag}{i}", "completion": f"\\boxed{{{i}}}", "answer": str(i)} for i in range(n)]
+
+
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert message and "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- atomic writes
+
+def test_shard_is_written_as_tmp_then_renamed(tmp_path, monkeypatch):
+    renames = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        src, dst = Path(src), Path(dst)
+        if dst.parent.name == ".out.partial":
+            # at the moment of the rename the whole shard is in the .tmp file and the name is still free
+            renames.append((src.name, dst.name, dst.exists(), src.read_bytes().count(b"\n")))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(artifacts.os, "replace", spy)
+    w = ArtifactWriter(tmp_path / "out", kind="test", config=CONFIG, num_shards=2)
+    w.write_shard(0, records_of(3))
+    assert renames == [("staging.json.tmp", "staging.json", False, 0),
+                       ("data-00000-of-00002.jsonl.tmp", "data-00000-of-00002.jsonl", False, 3)]
+    assert not list((tmp_path / ".out.partial").glob("*.tmp"))
+
+
+def test_a_write_killed_before_its_rename_leaves_no_shard(tmp_path, monkeypatch):
+    out, staging = tmp_path / "out", tmp_path / ".out.partial"
+    w = ArtifactWriter(out, kind="test", config=CONFIG, num_shards=3)
+    w.write_shard(0, records_of(2, "a"))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the process dies between writing the .tmp and renaming it
+
+    with monkeypatch.context() as m:
+        m.setattr(artifacts.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            w.write_shard(1, records_of(2, "b"))
+    assert (staging / "data-00001-of-00003.jsonl.tmp").is_file()
+    assert not (staging / "data-00001-of-00003.jsonl").exists()
+
+    # readers never take the staging directory (or the missing output) for an artifact
+    with pytest.raises(UsageError) as e:
+        read_records(out)
+    assert "partial run is staged" in one_line(e)
+    with pytest.raises(UsageError) as e:
+        read_records(staging)
+    assert "not a complete s2d artifact" in one_line(e) and "unfinished run" in str(e.value)
+    with pytest.raises(UsageError):
+        list(iter_record_tensors(staging))
+
+    # the rerun sees shard 0 done, redoes 1 and 2, and the committed artifact holds no leftover .tmp
+    again = ArtifactWriter(out, kind="test", config=CONFIG, num_shards=3)
+    assert again.pending() == [1, 2] and again.num_done() == 1
+    again.write_shard(1, records_of(2, "b"))
+    again.write_shard(2, records_of(1, "c"))
+    assert again.commit() == out
+    assert not staging.exists()
+    assert sorted(p.name for p in out.iterdir()) == [shard_name(i, 3) for i in range(3)] + ["manifest.json"]
+    assert [r["id"] for r in read_records(out)] == ["a0", "a1", "b0", "b1", "c0"]
+
+
+def test_all_shards_but_no_manifest_is_still_incomplete(tmp_path):
+    w = ArtifactWriter(tmp_path / "out", kind="test", config=CONFIG, num_shards=1)
+    w.write_shard(0, records_of(2))
+    with pytest.raises(UsageError):
+        read_records(tmp_path / ".out.partial")
+    assert read_manifest(tmp_path / ".out.partial") is None
+    w.commit()
+    assert read_manifest(tmp_path / "out")["num_records"] == 2
+    assert len(read_records(tmp_path / "out")) == 2
+
+
+def test_force_discards_a_partial_and_a_complete_output(tmp_path):
+    partial = tmp_path / "partial"
+    w = ArtifactWriter(partial, kind="test", config=CONFIG, num_shards=2)
+    w.write_shard(0, records_of(1, "old"))
+    assert ArtifactWriter(partial, kind="test", config=CONFIG, num_shards=2).pending() == [1]
+    assert ArtifactWriter(partial, kind="test", config=CONFIG, num_shards=2, force=True).pending() == [0, 1]
+    out = tmp_path / "out"
+    w = ArtifactWriter(out, kind="test", config=CONFIG, num_shards=1)
+    w.write_shard(0, records_of(1, "old"))
+    w.commit()
+    assert ArtifactWriter(out, kind="test", config=CONFIG, num_shards=1).complete  # same config: nothing to do
+    w = ArtifactWriter(out, kind="test", config=CONFIG, num_shards=1, force=True)
+    assert not w.complete and w.pending() == [0]
+    assert [r["id"] for r in read_records(out)] == ["old0"]   # the old artifact stays readable until commit
+    w.write_shard(0, records_of(1, "new"))
+    w.commit()
+    assert [r["id"] for r in read_records(out)] == ["new0"]
+
+
+def test_a_different_config_is_refused_not_mixed(tmp_path):
+    out = tmp_path / "out"
+    w = ArtifactWriter(out, kind="test", config=CONFIG, num_shards=2)
+    w.write_shard(0, records_of(1))
+    with pytest.raises(UsageError) as e:
+        ArtifactWriter(out, kind="test", config={**CONFIG, "seed": 1}, num_shards=2)
+    assert "partial run with a different config" in one_line(e) and "--force" in str(e.value)
+    w.write_shard(1, records_of(1))
+    w.commit()
+    with pytest.raises(UsageError) as e:
+        ArtifactWriter(out, kind="test", config={**CONFIG, "seed": 1}, num_shards=2)
+    assert "seed: 0 -> 1" in one_line(e)
+    # where the output goes is not part of the fingerprint
+    assert ArtifactWriter(out, kind="test", config={**CONFIG, "out": "elsewhere"}, num_shards=2).complete
+
+
+def test_an_edited_input_is_not_answered_with_stale_shards(tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(records_of(1)[0]) + "\n")
+    w = ArtifactWriter(tmp_path / "out", kind="test", config=CONFIG, num_shards=1, inputs=[source])
+    w.write_shard(0, records_of(1))
+    w.commit()
+    assert ArtifactWriter(tmp_path / "out", kind="test", config=CONFIG, num_shards=1, inputs=[source]).complete
+    source.write_text(json.dumps(records_of(2)[1]) + "\n")
+    with pytest.raises(UsageError) as e:
+        ArtifactWriter(tmp_path / "out", kind="test", config=CONFIG, num_shards=1, inputs=[source])
+    assert f"input {source} changed" in one_line(e)
+
+
+def test_a_run_killed_between_manifest_and_rename_is_finished_by_the_rerun(tmp_path, monkeypatch):
+    w = ArtifactWriter(tmp_path / "out", kind="test", config=CONFIG, num_shards=1)
+    w.write_shard(0, records_of(2))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("s2d_cli.models.replace_dir", killed)
+    with pytest.raises(KeyboardInterrupt):
+        w.commit()
+    monkeypatch.undo()
+    assert (tmp_path / ".out.partial" / "manifest.json").is_file() and not (tmp_path / "out").exists()
+    again = ArtifactWriter(tmp_path / "out", kind="test", config=CONFIG, num_shards=1)
+    assert again.pending() == []
+    again.commit()
+    assert len(read_records(tmp_path / "out")) == 2 and not (tmp_path / ".out.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------- a real rollout
+
+@pytest.fixture(scope="module")
+def topk_rollout(tmp_path_factory, tiny_model_dir):
+    """5 prompts x 2 samples in 3 shards, with sampled logprobs and top-4 tensors; n and the budget from YAML."""
+    root = tmp_path_factory.mktemp("topk")
+    (root / "rollout.yaml").write_text("n: 2\nmax_new_tokens: 6\nbackend: hf\n")
+    args = ["rollout", "--model", tiny_model_dir, "--dataset", "math500", "--limit", "5", "--config",
+            root / "rollout.yaml", "--set", "shard_size=2", "--topk", "4", "--logprobs", "--seed", "1",
+            "--out", root / "out"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(root / "out")
+    return root / "out", args
+
+
+def test_manifest_fields(topk_rollout, tiny_model_dir):
+    out, _ = topk_rollout
+    m = read_manifest(out)
+    assert m["schema_version"] == artifacts.SCHEMA_VERSION == 1
+    assert m["kind"] == "rollout"
+    assert m["s2d_version"] == __import__("s2d_cli").__version__
+    assert "command" in m   # the shell command line; set when run as `s2d ...` (checked in the resume test)
+    cfg = m["config"]
+    assert (cfg["n"], cfg["max_new_tokens"], cfg["shard_size"], cfg["topk"], cfg["seed"]) == (2, 6, 2, 4, 1)
+    assert (cfg["model"], cfg["dataset"], cfg["limit"], cfg["logprobs"]) == (str(tiny_model_dir), "math500", 5, True)
+    bundled = Path(artifacts.__file__).parent / "bundled" / "math500.jsonl"
+    assert m["inputs"] == [{"path": "math500", "sha256": hashlib.sha256(bundled.read_bytes()).hexdigest()}]
+    assert m["num_prompts"] == 5 and m["num_records"] == 10
+    assert [s["file"] for s in m["shards"]] == [shard_name(i, 3) for i in range(3)]
+    assert [s["records"] for s in m["shards"]] == [4, 4, 2]
+    for s in m["shards"]:
+        data = (out / s["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] and data.count(b"\n") == s["records"]
+        tensors = out / s["tensors"]["file"]
+        assert tensors.name == s["file"].replace(".jsonl", ".safetensors")
+        assert hashlib.sha256(tensors.read_bytes()).hexdigest() == s["tensors"]["sha256"]
+    assert not list(out.parent.glob(".out.partial"))
+
+
+def test_records_and_topk_tensors_align(topk_rollout):
+    out, _ = topk_rollout
+    records = read_records(out)
+    assert [(r["id"], r["sample"]) for r in records][:4] == [
+        ("test/precalculus/807.json", 0), ("test/precalculus/807.json", 1),
+        ("test/intermediate_algebra/1994.json", 0), ("test/intermediate_algebra/1994.json", 1)]
+    tensors = list(iter_record_tensors(out))
+    assert len(tensors) == len(records) == 10
+    for rec, t in zip(records, tensors):
+        ids_TK, logprobs_TK = t["topk_ids"], t["topk_logprobs"]
+        T = len(rec["completion_ids"])
+        assert 1 <= T <= 6 and len(rec["logprobs"]) == T
+        assert ids_TK.shape == logprobs_TK.shape == (T, 4)
+        assert (logprobs_TK <= 0).all()
+        assert (logprobs_TK[:, :-1] >= logprobs_TK[:, 1:]).all(), "top-K logprobs must be sorted descending"
+        # the sampled token's logprob is the top-K entry for that token when it is among them, else below
+        for t_, (tok, lp) in enumerate(zip(rec["completion_ids"], rec["logprobs"])):
+            row = ids_TK[t_].tolist()
+            if tok in row:
+                assert logprobs_TK[t_, row.index(tok)].item() == pytest.approx(lp, abs=1e-4)
+            else:
+                assert lp <= logprobs_TK[t_, -1].item() + 1e-4
+
+
+def test_shards_load_with_datasets(topk_rollout, tmp_path):
+    import datasets
+
+    out, _ = topk_rollout
+    files = [str(out / s["file"]) for s in read_manifest(out)["shards"]]
+    ds = datasets.load_dataset("json", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
+    assert ds.num_rows == 10
+    assert {"id", "sample", "prompt", "completion", "answer", "completion_ids", "logprobs"} <= set(ds.column_names)
+    assert ds[0]["completion_ids"] == read_records(out)[0]["completion_ids"]
+
+
+def test_rerun_of_a_complete_rollout_is_a_no_op(topk_rollout, monkeypatch):
+    out, args = topk_rollout
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def no_sampling(*a, **k):
+        raise AssertionError("a complete artifact must not be sampled again")
+
+    monkeypatch.setattr("s2d_cli.rollout.open_engine", no_sampling)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_a_different_config_on_an_existing_output_is_exit_2(topk_rollout):
+    out, args = topk_rollout
+    changed = [*args[:-2], "--seed", "2", *args[-2:]]   # a later flag wins
+    result = invoke(*changed)
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"s2d: error: {out}: already holds a rollout artifact") and "seed: 1 -> 2" in line
+    assert "--force" in line and "Traceback" not in result.output
+    assert not (out.parent / ".out.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+def _s2d(*args) -> list[str]:
+    return [S2D, *[str(a) for a in args]]
+
+
+def test_resume_after_sigkill_keeps_finished_shards_and_loses_nothing(tmp_path, tiny_model_dir):
+    out, staging = tmp_path / "out", tmp_path / ".out.partial"
+    # 8 prompts / 2 per shard = 4 shards; 64 new tokens make a shard take long enough to kill mid-run
+    cmd = _s2d("rollout", "--model", tiny_model_dir, "--dataset", "math500", "--limit", 8, "--n", 2,
+               "--max-new-tokens", 64, "--backend", "hf", "--seed", 7, "--set", "shard_size=2", "--out", out)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = staging / shard_name(0, 4)
+    deadline = time.monotonic() + 240
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    _, stderr = proc.communicate()
+    assert first.exists(), f"the first shard never appeared: {stderr.decode()[-2000:]}"
+    assert not out.exists() and not (staging / "manifest.json").exists()
+    finished = sorted(staging.glob("data-*.jsonl"))
+    assert 1 <= len(finished) < 4, "the run was not killed mid-way"
+    stats = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished}
+    with pytest.raises(UsageError):
+        read_records(staging)
+
+    resumed = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout == f"{out}\n"
+    assert f"resuming: {len(finished)}/4 shards already written" in resumed.stderr
+    assert not staging.exists()
+    for name, stat in stats.items():   # kept, not rewritten: the rename carries inode and mtime along
+        assert (os.stat(out / name).st_ino, os.stat(out / name).st_mtime_ns) == stat, name
+    records = read_records(out)
+    prompt_ids = [json.loads(line)["unique_id"] for line in
+                  (Path(artifacts.__file__).parent / "bundled" / "math500.jsonl").open()][:8]
+    assert sorted((r["id"], r["sample"]) for r in records) == sorted((i, s) for i in prompt_ids for s in (0, 1))
+    assert len(records) == 16
+    manifest = read_manifest(out)
+    assert manifest["command"].startswith("s2d rollout --model ") and manifest["command"].endswith(f"--out {out}")
+    assert not list(out.glob("*.tmp"))
+
+    # --force starts over: every shard is new, and (shard i sampled with seed + i) equal to the resumed run
+    fresh = subprocess.run([*cmd, "--force"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    assert "resuming" not in fresh.stderr
+    for name, (inode, mtime) in stats.items():
+        assert (os.stat(out / name).st_ino, os.stat(out / name).st_mtime_ns) != (inode, mtime), name
+    assert read_records(out) == records
+
+
+def test_rollout_to_stdout_piped_into_verify(tmp_path, tiny_model_dir):
+    pipeline = (f"set -o pipefail; '{S2D}' rollout --model '{tiny_model_dir}' --dataset math500 --limit 2 --n 2 "
+                f"--max-new-tokens 8 --backend hf --out - | '{S2D}' verify - --out - --workers 1")
+    proc = subprocess.run(["bash", "-c", pipeline], env=ENV, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4
+    for line in lines:
+        rec = json.loads(line)
+        assert {"id", "sample", "completion", "answer", "completion_ids"} <= set(rec)
+        assert rec["reward"] in (0.0, 1.0) and isinstance(rec["correct"], bool)
+        assert rec["verdict"] in ("ok", "no_answer", "timeout", "error") and "extracted" in rec
+    assert list(tmp_path.iterdir()) == []   # '-' writes no directory

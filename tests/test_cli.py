@@ -1,0 +1,192 @@
+"""The shell boundary: help and examples, config layering, and bad input as one line, exit 2, nothing written.
+
+Bad input must fail before the output directory (or its `.NAME.partial` staging directory) exists, so a
+typo never leaves a half-made artifact that a later stage could pick up or a rerun would trip over.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from s2d_cli.cli import app
+from s2d_cli.verify import VerifyConfig
+
+S2D = str(Path(sys.executable).with_name("s2d"))
+OPTIONAL = {"grpo": "grpo", "kl-warmup": "kl_warmup", "opd": "opd", "report": "report", "make-tiny": "tiny",
+            "toy": "toy"}
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    """The error contract: exit 2, exactly one line on stderr, no traceback anywhere."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("s2d: error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+VERIFY_RECORDS = [{"id": "a", "completion": "so \\boxed{4}", "answer": "4"},
+                  {"id": "b", "completion": "so \\boxed{5}", "answer": "6"},
+                  {"id": "c", "completion": "no idea", "answer": "1"}]
+
+
+# ---------------------------------------------------------------------------------------------- help
+
+def test_top_level_help_lists_the_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    names = {"rollout", "verify", "eval"}
+    names |= {name for name, module in OPTIONAL.items() if importlib.util.find_spec(f"s2d_cli.{module}")}
+    registered = set(typer.main.get_command(app).commands)
+    assert names <= registered
+    for name in names:
+        assert f" {name} " in result.stdout, name
+
+
+def test_every_command_help_shows_an_example():
+    for name in typer.main.get_command(app).commands:
+        result = invoke(name, "--help")
+        assert result.exit_code == 0, name
+        assert "Example:" in result.stdout and f"s2d {name}" in result.stdout, name
+
+
+def test_version():
+    from s2d_cli import __version__
+
+    assert invoke("--version").stdout.strip() == __version__
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def test_config_file_set_and_flags_layer_into_the_manifest(tmp_path):
+    records = write_jsonl(tmp_path / "in.jsonl", VERIFY_RECORDS)
+    cfg = tmp_path / "verify.yaml"
+    cfg.write_text("# s2d verify in.jsonl --config verify.yaml\ntimeout: 2.5\nshard_size: 1\nworkers: 2\n")
+    out = tmp_path / "out"
+    # yaml < --set < flag: shard_size from --set (2), workers from the flag (1), timeout from the file
+    result = invoke("verify", records, "--config", cfg, "--set", "shard_size=2", "--workers", "1", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    resolved = dataclasses.asdict(VerifyConfig(input=str(records), out=str(out), workers=1, timeout=2.5,
+                                               shard_size=2))
+    assert manifest["config"] == resolved
+    assert [s["records"] for s in manifest["shards"]] == [2, 1]
+    assert [r["correct"] for r in map(json.loads, (out / manifest["shards"][0]["file"]).open())] == [True, False]
+
+
+@pytest.mark.parametrize("how", ["set", "yaml"])
+def test_unknown_config_key_is_one_line_naming_it(tmp_path, how):
+    records = write_jsonl(tmp_path / "in.jsonl", VERIFY_RECORDS)
+    out = tmp_path / "out"
+    if how == "set":
+        args = ["--set", "shard_sise=2"]
+    else:
+        (tmp_path / "c.yaml").write_text("timeout: 2\nshard_sise: 2\n")
+        args = ["--config", tmp_path / "c.yaml"]
+    line = one_line_error(invoke("verify", records, *args, "--out", out))
+    assert "unknown key 'shard_sise'" in line and "shard_size" in line
+    if how == "yaml":
+        assert "c.yaml" in line
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "timeout=soon"], "timeout: expected a number, got 'soon'"),
+    (["--set", "timeout"], "expected key=value"),
+    (["--timeout", "0"], "--timeout: expected > 0"),
+    (["--config", "missing.yaml"], "missing.yaml: config file not found"),
+])
+def test_bad_config_values_are_one_line(tmp_path, args, message):
+    records = write_jsonl(tmp_path / "in.jsonl", VERIFY_RECORDS)
+    assert message in one_line_error(invoke("verify", records, *args, "--out", tmp_path / "out"))
+    assert not any(tmp_path.glob("*out*")) and not any(tmp_path.glob(".*out*"))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def _bad_inputs(tmp_path: Path, model: Path) -> dict[str, tuple[list, str]]:
+    """name -> (command line up to --out, what the one error line must say)."""
+    (tmp_path / "malformed.jsonl").write_text('{"completion": "x", "answer": "1"}\n\n{"completion": oops}\n')
+    write_jsonl(tmp_path / "no_answer.jsonl", [{"completion": "x", "answer": "1"}, {"completion": "y"}])
+    write_jsonl(tmp_path / "empty_answer.jsonl", [{"completion": "x", "answer": " "}])
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "latin1.jsonl").write_bytes('{"completion": "caf\xe9", "answer": "1"}\n'.encode("latin-1"))
+    write_jsonl(tmp_path / "no_prompt.jsonl", [{"question": "1 + 1?", "answer": "2"}, {"text": "hi"}])
+    write_jsonl(tmp_path / "no_id.jsonl", [{"completion": "x", "answer": "1"}])
+    missing_model = tmp_path / "no-such-model"
+    return {
+        "malformed_jsonl": (["verify", tmp_path / "malformed.jsonl"], "malformed.jsonl:3: invalid JSON"),
+        "missing_field": (["verify", tmp_path / "no_answer.jsonl"], "no_answer.jsonl:2: missing field 'answer'"),
+        "empty_gold": (["verify", tmp_path / "empty_answer.jsonl"], "empty_answer.jsonl:1: field 'answer' is empty"),
+        "empty_file": (["verify", tmp_path / "empty.jsonl"], "empty.jsonl: empty (no records)"),
+        "non_utf8": (["verify", tmp_path / "latin1.jsonl"], "latin1.jsonl:1: not valid UTF-8"),
+        "missing_input": (["verify", tmp_path / "nope.jsonl"], "nope.jsonl: no such file or directory"),
+        "missing_model": (["rollout", "--model", missing_model, "--dataset", "math500", "--limit", "2"],
+                          f"{missing_model}: model directory not found"),
+        "unknown_dataset": (["rollout", "--model", model, "--dataset", "math501"], "--dataset 'math501'"),
+        "rollout_prompt_field": (["rollout", "--model", model, "--dataset", tmp_path / "no_prompt.jsonl"],
+                                 "no_prompt.jsonl:2: missing field"),
+        "rollout_malformed": (["rollout", "--model", model, "--dataset", tmp_path / "malformed.jsonl"],
+                              "malformed.jsonl:3: invalid JSON"),
+        "eval_missing_model": (["eval", "--model", missing_model, "--dataset", "math500", "--limit", "2"],
+                               "model directory not found"),
+        "eval_unknown_dataset": (["eval", "--model", model, "--dataset", "math501"], "--dataset 'math501'"),
+        "eval_rollouts_missing_field": (["eval", "--rollouts", tmp_path / "no_id.jsonl"],
+                                        "no_id.jsonl:1: missing field 'id'"),
+        "eval_rollouts_empty": (["eval", "--rollouts", tmp_path / "empty.jsonl"], "empty (no records)"),
+    }
+
+
+BAD_INPUT_CASES = ["malformed_jsonl", "missing_field", "empty_gold", "empty_file", "non_utf8", "missing_input",
+                   "missing_model", "unknown_dataset", "rollout_prompt_field", "rollout_malformed",
+                   "eval_missing_model", "eval_unknown_dataset", "eval_rollouts_missing_field", "eval_rollouts_empty"]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tiny_model_dir, case):
+    args, message = _bad_inputs(tmp_path, tiny_model_dir)[case]
+    out = tmp_path / "out"
+    line = one_line_error(invoke(*args, "--out", out))
+    assert message in line, line
+    assert not out.exists(), "an output directory was created for bad input"
+    assert not (tmp_path / ".out.partial").exists(), "a staging directory was created for bad input"
+
+
+def test_bad_input_in_a_real_process_prints_only_the_error(tmp_path):
+    """No library warning or progress bar may come before the error: stderr is exactly one line."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([S2D, "rollout", "--model", str(tmp_path / "missing"), "--dataset", "math500",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr == f"s2d: error: {tmp_path / 'missing'}: model directory not found\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_non_artifact_output_is_refused(tmp_path):
+    records = write_jsonl(tmp_path / "in.jsonl", VERIFY_RECORDS)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    line = one_line_error(invoke("verify", records, "--out", tmp_path / "out"))
+    assert "not an s2d artifact" in line and "--force" in line
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
