@@ -106,7 +106,7 @@ def load_examples(dataset: str, *, split: str = "test", limit: int | None = None
     if dataset in BUNDLED:
         source = str(BUNDLED_DIR / BUNDLED[dataset])
         records = read_records(source)
-    elif dataset.startswith("toy"):
+    elif dataset == "toy" or dataset.startswith("toy:"):
         from .toy import toy_records
         source, records = dataset, toy_records(dataset)
     elif dataset == "-" or Path(dataset).exists():

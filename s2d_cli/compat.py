@@ -1,0 +1,169 @@
+"""Teacher/student compatibility, checked by kl-warmup and opd before they load a model or write a file.
+
+    s2d kl-warmup --student Qwen/Qwen3-1.7B --teacher runs/teacher-grpo/model ...     # checked first
+    s2d opd --student S --teacher T --allow-vocab-size-mismatch ...                   # rows may differ
+
+Both dense losses compare the two models' distributions token id by token id, so the ids must mean
+the same thing on both sides. `check_pair` refuses, with one line naming the first difference:
+
+  - tokenizer vocabularies: every id either tokenizer can produce (0 .. len(tokenizer) - 1) must map to
+    the same token string in both; a token only one side has is a difference too (the other side could
+    not represent it);
+  - special tokens: eos and pad (string and id);
+  - chat templates: the teacher's rollouts were rendered with its template, the student is trained and
+    sampled with its own;
+  - embedding rows: each model needs a row for every id its tokenizer can produce, and the two models'
+    row counts (`config.vocab_size`) must be equal unless `--allow-vocab-size-mismatch` is given.
+
+Row counts differ between members of a family that pad their embedding matrix to different multiples
+(Qwen2.5-0.5B has 151,936 rows, Qwen2.5-7B 152,064, for the same 151,665-token tokenizer; Qwen3 pads
+151,669 tokens to 151,936). The rows past the tokenizer are never produced by it, so with the flag
+every KL uses the first V = min(V_student, V_teacher) rows of both heads and renormalises over them
+(`losses.chunked_kl` slices the teacher's head; the commands slice the student's); a sampled or stored
+token id >= V (possible only from an untrained padding row) ends that completion there.
+
+`load_teacher` loads the teacher frozen (eval mode, requires_grad False) for both commands.
+
+Left out: mapping between different tokenizers (cross-tokenizer distillation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import typer
+
+from .errors import UsageError
+
+
+@dataclass
+class PairInfo:
+    """What the commands need to know once a pair is accepted."""
+    vocab: int            # V: rows of both heads the KLs use, min(student_rows, teacher_rows)
+    student_rows: int
+    teacher_rows: int
+    tokenizer_size: int   # len(tokenizer), the same on both sides
+
+
+def id_to_token(tokenizer) -> list[str | None]:
+    """Token string of every id the tokenizer can produce (added tokens included), index = id."""
+    table: list[str | None] = [None] * len(tokenizer)
+    for token, i in tokenizer.get_vocab().items():
+        if 0 <= i < len(table):
+            table[i] = token
+    return table
+
+
+def first_vocab_difference(student_tok, teacher_tok) -> tuple[int, str | None, str | None] | None:
+    """(id, student token, teacher token) of the lowest id the two tokenizers disagree on, else None.
+    A None token means that side has no token with that id."""
+    s, t = id_to_token(student_tok), id_to_token(teacher_tok)
+    for i in range(max(len(s), len(t))):
+        a = s[i] if i < len(s) else None
+        b = t[i] if i < len(t) else None
+        if a != b:
+            return i, a, b
+    return None
+
+
+def embedding_rows(model_ref: str, *, trust_remote_code: bool = False) -> int:
+    """Rows of the model's embedding / lm head, read from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    from .models import check_model_ref
+
+    try:
+        config = AutoConfig.from_pretrained(check_model_ref(model_ref), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UsageError(f"{model_ref}: could not load config ({str(e).splitlines()[0]})") from e
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def _show(token: str | None) -> str:
+    return "(none)" if token is None else repr(token)
+
+
+def check_tokenizers(student_tok, teacher_tok) -> None:
+    """Vocabularies, special tokens and chat templates; one UsageError naming the first difference."""
+    diff = first_vocab_difference(student_tok, teacher_tok)
+    if diff is not None:
+        i, a, b = diff
+        raise UsageError(f"student and teacher tokenizers differ at token id {i}: student {_show(a)}, "
+                         f"teacher {_show(b)} (sizes {len(student_tok)} and {len(teacher_tok)}); "
+                         "dense KLs need one shared vocabulary")
+    for name in ("eos", "pad"):
+        a = (getattr(student_tok, f"{name}_token"), getattr(student_tok, f"{name}_token_id"))
+        b = (getattr(teacher_tok, f"{name}_token"), getattr(teacher_tok, f"{name}_token_id"))
+        if a != b:
+            raise UsageError(f"student and teacher {name} tokens differ: student {a[0]!r} (id {a[1]}), "
+                             f"teacher {b[0]!r} (id {b[1]})")
+    a, b = getattr(student_tok, "chat_template", None), getattr(teacher_tok, "chat_template", None)
+    if a != b:
+        if a is None or b is None:
+            where = f"only the {'teacher' if a is None else 'student'} has one"
+        else:
+            lines_a, lines_b = str(a).splitlines(), str(b).splitlines()
+            line = next((k for k, (x, y) in enumerate(zip(lines_a, lines_b)) if x != y),
+                        min(len(lines_a), len(lines_b)))
+            where = f"first difference on line {line + 1}"
+        raise UsageError(f"student and teacher chat templates differ ({where}); the student must see "
+                         "prompts rendered as the teacher saw them")
+
+
+def check_rows(tokenizer_size: int, student_rows: int, teacher_rows: int, *,
+               allow_vocab_size_mismatch: bool) -> int:
+    """The number of head rows the KLs use, or a UsageError. Pure: takes counts, not models."""
+    for who, rows in (("student", student_rows), ("teacher", teacher_rows)):
+        if rows < tokenizer_size:
+            raise UsageError(f"the {who} model has {rows} embedding rows but its tokenizer produces ids up to "
+                             f"{tokenizer_size - 1}")
+    if student_rows != teacher_rows and not allow_vocab_size_mismatch:
+        raise UsageError(f"student and teacher vocabulary sizes differ ({student_rows} and {teacher_rows} "
+                         f"embedding rows) although their tokenizers agree on all {tokenizer_size} ids; pass "
+                         f"--allow-vocab-size-mismatch to compare the first {min(student_rows, teacher_rows)} rows")
+    return min(student_rows, teacher_rows)
+
+
+def check_pair(student: str, teacher: str, *, student_tok=None, teacher_tok=None,
+               allow_vocab_size_mismatch: bool = False, trust_remote_code: bool = False) -> PairInfo:
+    """Everything above for two checkpoints (directories or hub ids); loads tokenizers and configs only."""
+    from .models import load_tokenizer
+
+    student_tok = student_tok or load_tokenizer(student, trust_remote_code=trust_remote_code)
+    teacher_tok = teacher_tok or load_tokenizer(teacher, trust_remote_code=trust_remote_code)
+    check_tokenizers(student_tok, teacher_tok)
+    s_rows = embedding_rows(student, trust_remote_code=trust_remote_code)
+    t_rows = embedding_rows(teacher, trust_remote_code=trust_remote_code)
+    vocab = check_rows(len(student_tok), s_rows, t_rows, allow_vocab_size_mismatch=allow_vocab_size_mismatch)
+    return PairInfo(vocab=vocab, student_rows=s_rows, teacher_rows=t_rows, tokenizer_size=len(student_tok))
+
+
+def check_loaded_rows(model, expected: int, who: str) -> None:
+    """The loaded model's head has the rows its config promised (a custom head could differ)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows != expected:
+        raise UsageError(f"the {who} model's lm head has {rows} rows, its config says {expected}")
+
+
+def load_teacher(ref: str, *, dtype, device, trust_remote_code: bool = False):
+    """The frozen teacher: eval mode and no parameter that requires a gradient, so autograd never stores
+    a .grad for it (and it is never handed to an optimizer). Callers run it under torch.no_grad()."""
+    from .models import load_model
+
+    teacher = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return teacher.eval().requires_grad_(False)
+
+
+def in_vocab_prefix(token_ids: list[int], vocab: int) -> int:
+    """Length of the longest prefix of `token_ids` whose ids are all < vocab (the shared head rows)."""
+    return next((i for i, t in enumerate(token_ids) if t >= vocab), len(token_ids))
+
+
+# The options that name the pair, shared by kl-warmup and opd.
+StudentOpt = Annotated[str | None, typer.Option("--student", "-s", help="Student checkpoint directory or hub id (trained).")]
+TeacherOpt = Annotated[str | None, typer.Option("--teacher", "-t", help="Teacher checkpoint directory or hub id (frozen).")]
+AllowMismatchOpt = Annotated[bool | None, typer.Option(
+    "--allow-vocab-size-mismatch",
+    help="Let the two models' embedding row counts differ (tokenizers must still agree on every id); "
+         "KLs use the first min(V_s, V_t) rows.")]

@@ -1,0 +1,332 @@
+"""s2d kl-warmup — stage 2a: fit the student to the teacher's distribution on the teacher's own sequences.
+
+    s2d kl-warmup --config stages/2a-kl-warmup.yaml --student Qwen/Qwen3-1.7B \\
+                  --teacher runs/teacher-grpo/model --rollouts runs/teacher-rollouts --out runs/student-kl
+    s2d rollout --model runs/toy/teacher --dataset toy:split=pool --n 2 --topk 16 --out runs/toy/teacher-rollouts
+    s2d kl-warmup --student runs/toy/student --rollouts runs/toy/teacher-rollouts --targets topk \\
+                  --steps 60 --lr 1e-3 --out runs/toy/student-kl
+    s2d toy --split sft --n 2000 | s2d kl-warmup --student runs/toy/init --rollouts - --steps 300 \\
+                  --lr 1e-3 --out runs/toy/base                                   # plain SFT on completions
+
+Input (--rollouts): a rollout artifact, a JSONL/JSON/Parquet file, or '-' (stdin). Per record, the prompt
+is `prompt_ids`, else `prompt` (text already rendered), else `problem` (rendered here with the student's
+chat template, as `s2d rollout` renders it); the completion is `completion_ids`, else `completion`
+tokenized with the eos token appended (unless finish_reason is "length").
+
+Targets (--targets), all forward KL(teacher || student) per completion token, token mean over the batch:
+  sampled  cross-entropy on the teacher's sampled tokens: the Monte-Carlo forward KL (+ the teacher's
+           entropy, a constant); on any file with completions this is plain SFT
+  topk     the teacher's stored top-K log-probs plus one tail bucket (`s2d rollout --topk K`)
+  full     exact, over the whole vocabulary: the teacher is loaded here (eval mode, no gradient, never
+           in the optimizer) and scores each micro-batch in one no-grad prefill
+--temperature divides the logits of both sides (sampled and topk: the student's only, and topk accepts
+only 1, since the stored teacher log-probs are at temperature 1).
+
+Step k takes the next --batch-size sequences of a seeded shuffle (epochs over the data), so a resumed
+run sees what an uninterrupted one would. --eval-rollouts R2 measures the mean per-token KL (CE for
+sampled) on held-out teacher sequences before training and at the end: manifest `heldout_kl_start`,
+`heldout_kl_end`. The teacher and student must share a tokenizer (`s2d_cli.compat`); the teacher named
+in the rollout artifact's manifest is checked when --teacher is not given.
+
+Deliberately left out: reverse or mixed (JSD) objectives here (reverse KL lives in `s2d opd`), and
+sequence-level distillation tricks (no filtering or reweighting of teacher samples).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import typer
+
+from . import cliutil as cu
+from . import losses as L
+from .artifacts import _write_atomic, has_tensors, iter_record_tensors, read_manifest, read_records
+from .compat import (
+    AllowMismatchOpt,
+    StudentOpt,
+    TeacherOpt,
+    check_loaded_rows,
+    check_pair,
+    embedding_rows,
+    in_vocab_prefix,
+    load_teacher,
+)
+from .config import resolve
+from .data import DEFAULT_INSTRUCTION, encode_prompt, prompt_is_chat, render_prompt
+from .errors import UsageError
+from .trainer import Sequence, Trainer, TrainFields, hidden_at, pack
+
+TARGETS = ("sampled", "topk", "full")
+HELDOUT_START = "heldout_start.json"   # the start-of-run evaluation, kept for a resumed run's manifest
+
+
+@dataclass
+class KLWarmupConfig(TrainFields):
+    student: str = ""                   # model to train (checkpoint directory or hub id)
+    teacher: str | None = None          # teacher checkpoint: needed by --targets full; always checked for compatibility
+    rollouts: str = ""                  # teacher sequences: rollout artifact, JSONL/JSON/Parquet file or '-'
+    eval_rollouts: str | None = None    # held-out teacher sequences: mean per-token KL at the start and the end
+    out: str = ""                       # run directory
+    targets: str = "sampled"            # sampled | topk | full
+    batch_size: int = 32                # sequences per optimizer step (global, across processes)
+    temperature: float = 1.0            # softmax temperature of the KL (1: the distributions as they are)
+    chat: str = "auto"                  # records with `problem`: auto | chat | plain (as in s2d rollout)
+    instruction: str = DEFAULT_INSTRUCTION  # records with `problem`: appended to it (as in s2d rollout)
+    enable_thinking: bool | None = None  # records with `problem`: Qwen3 thinking mode (None: template default)
+    allow_vocab_size_mismatch: bool = False  # teacher/student embedding rows may differ (tokenizers must agree)
+    lr: float = 1e-5
+
+    def validate(self) -> None:
+        if not self.student:
+            raise UsageError("missing required option --student")
+        if not self.rollouts:
+            raise UsageError("missing required option --rollouts (artifact, JSONL file or '-')")
+        if not self.out or self.out == "-":
+            raise UsageError("missing required option --out (a run directory)")
+        if self.targets not in TARGETS:
+            raise UsageError(f"--targets: expected one of {', '.join(TARGETS)}, got {self.targets!r}")
+        if self.targets == "full" and not self.teacher:
+            raise UsageError("--targets full: needs --teacher (the teacher scores every batch)")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size: expected >= 1, got {self.batch_size}")
+        if self.temperature <= 0:
+            raise UsageError(f"--temperature: expected > 0, got {self.temperature}")
+        if self.targets == "topk" and self.temperature != 1.0:
+            raise UsageError("--temperature: topk targets are the teacher's stored log-probs at temperature 1; "
+                             "use --targets full for another temperature")
+        if self.chat not in ("auto", "chat", "plain"):
+            raise UsageError(f"--chat: expected auto, chat or plain, got {self.chat!r}")
+        self.check_training()
+
+
+# ----------------------------------------------------------------------------------------------
+# small pure helpers
+
+def batch_indices(num: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of step `step`'s sequences: epochs of seeded permutations, read in order."""
+    perms: dict[int, list[int]] = {}
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, num)
+        if epoch not in perms:
+            perms[epoch] = list(range(num))
+            random.Random(seed * 7919 + epoch).shuffle(perms[epoch])
+        out.append(perms[epoch][pos])
+    return out
+
+
+def record_ids(rec: dict, tokenizer, cfg: KLWarmupConfig, where: str) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids) of one record, in the precedence the module docstring gives."""
+    if "prompt_ids" in rec:
+        prompt_ids = [int(t) for t in rec["prompt_ids"]]
+    elif "prompt" in rec or "problem" in rec:
+        text = rec["prompt"] if "prompt" in rec else render_prompt(
+            tokenizer, str(rec["problem"]), instruction=cfg.instruction, chat=cfg.chat,
+            enable_thinking=cfg.enable_thinking)
+        prompt_ids = encode_prompt(tokenizer, str(text), chat_rendered=prompt_is_chat(tokenizer, cfg.chat))
+    else:
+        raise UsageError(f"{where}: no prompt (expected prompt_ids, prompt or problem)")
+    if "completion_ids" in rec:
+        completion_ids = [int(t) for t in rec["completion_ids"]]
+    elif "completion" in rec:
+        completion_ids = tokenizer(str(rec["completion"]), add_special_tokens=False)["input_ids"]
+        if rec.get("finish_reason") != "length":
+            completion_ids.append(tokenizer.eos_token_id)
+    else:
+        raise UsageError(f"{where}: no completion (expected completion_ids or completion)")
+    if not prompt_ids:
+        raise UsageError(f"{where}: empty prompt")
+    return prompt_ids, completion_ids
+
+
+def load_sequences(source: str, tokenizer, cfg: KLWarmupConfig, *, vocab: int, topk: bool) -> list[Sequence]:
+    """Training sequences from teacher records, with the stored top-K as per-token data when `topk`.
+
+    A completion is cut at the first position holding an id >= vocab (the rows both heads share); with
+    matching heads that never happens."""
+    name = "<stdin>" if source == "-" else source
+    records = read_records(source)
+    tensors = iter_record_tensors(source) if topk else itertools.repeat(None)
+    seqs = []
+    for i, (rec, t) in enumerate(zip(records, tensors)):
+        where = f"{name}: record {i + 1}"
+        prompt_ids, completion_ids = record_ids(rec, tokenizer, cfg, where)
+        if max(prompt_ids) >= vocab:
+            raise UsageError(f"{where}: prompt token id {max(prompt_ids)} is past the {vocab} shared head rows")
+        end = in_vocab_prefix(completion_ids, vocab)
+        if topk:
+            if t is None or "completion_ids" not in rec:
+                raise UsageError(f"{where}: no top-K tensors for this record")
+            if t["topk_ids"].shape[0] != len(completion_ids):
+                raise UsageError(f"{where}: {t['topk_ids'].shape[0]} top-K rows for {len(completion_ids)} "
+                                 "completion tokens")
+            end = min(end, in_vocab_prefix(t["topk_ids"].amax(-1).tolist(), vocab))
+        if end == 0:
+            continue
+        s = Sequence(prompt_ids, completion_ids[:end])
+        if topk:
+            s.token_data["topk_ids"] = t["topk_ids"][:end]        # int32 as stored: half of int64's memory
+            s.token_data["topk_logp"] = t["topk_logprobs"][:end].float()
+        seqs.append(s)
+    if not seqs:
+        raise UsageError(f"{name}: no record has a non-empty completion")
+    return seqs
+
+
+def teacher_of(cfg: KLWarmupConfig) -> str | None:
+    """--teacher, else the model named in the rollout artifact's manifest when it is a local directory."""
+    if cfg.teacher:
+        return cfg.teacher
+    if cfg.rollouts == "-" or not Path(cfg.rollouts).is_dir():
+        return None
+    model = ((read_manifest(cfg.rollouts) or {}).get("config") or {}).get("model")
+    return model if model and Path(model, "config.json").is_file() else None
+
+
+@torch.no_grad()
+def token_kl_sum(lm, sequences: list[Sequence], cfg: KLWarmupConfig, *, vocab: int, teacher=None,
+                 attn_impl: str = "sdpa", device=None) -> tuple[float, int]:
+    """(sum, count) over completion tokens of the per-token target of `cfg.targets`: CE (sampled), top-K
+    forward KL (topk) or exact forward KL to `teacher` (full). Used for the held-out evaluation."""
+    total, count = 0.0, 0
+    weight = lm.get_output_embeddings().weight[:vocab]
+    for mb in pack(sequences, cfg.micro_batch_tokens, attn_impl=attn_impl, device=device):
+        h_MH = hidden_at(lm, mb)
+        if cfg.targets == "sampled":
+            x_M = -L.chunked_token_logprobs(h_MH, weight, mb.targets, chunk_size=cfg.chunk_size,
+                                            temperature=cfg.temperature)[0]
+        elif cfg.targets == "topk":
+            x_M = L.forward_kl_topk(h_MH, weight, mb.token_data["topk_ids"], mb.token_data["topk_logp"],
+                                    chunk_size=cfg.chunk_size)
+        else:
+            x_M = L.chunked_kl(h_MH, weight, hidden_at(teacher, mb), teacher.get_output_embeddings().weight,
+                               direction="forward", chunk_size=cfg.chunk_size, temperature=cfg.temperature)
+        total += float(x_M.double().sum())
+        count += x_M.numel()
+    return total, count
+
+
+# ----------------------------------------------------------------------------------------------
+
+def run(cfg: KLWarmupConfig):
+    from .models import load_tokenizer
+
+    # Everything that can refuse the run happens before the trainer creates the run directory.
+    if cfg.targets == "topk":
+        for flag, src in (("--rollouts", cfg.rollouts), ("--eval-rollouts", cfg.eval_rollouts)):
+            if src is not None and not (src != "-" and Path(src).is_dir() and has_tensors(src, "topk_ids")):
+                raise UsageError(f"--targets topk: {src} has no top-K tensors; rerun s2d rollout with --topk K"
+                                 + ("" if flag == "--rollouts" else f" (for {flag})"))
+    tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    teacher_ref = teacher_of(cfg)
+    if teacher_ref is not None:
+        pair = check_pair(cfg.student, teacher_ref, student_tok=tok,
+                          allow_vocab_size_mismatch=cfg.allow_vocab_size_mismatch,
+                          trust_remote_code=cfg.trust_remote_code)
+        vocab = pair.vocab
+    else:
+        vocab = embedding_rows(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    topk = cfg.targets == "topk"
+    data = load_sequences(cfg.rollouts, tok, cfg, vocab=vocab, topk=topk)
+    heldout = load_sequences(cfg.eval_rollouts, tok, cfg, vocab=vocab, topk=topk) if cfg.eval_rollouts else None
+    trainer = Trainer(cfg, model=cfg.student, out=cfg.out, kind="kl-warmup", config=asdict(cfg),
+                      inputs=[cfg.rollouts, cfg.eval_rollouts, teacher_ref])
+    if trainer.complete:
+        print(cfg.out)
+        return
+    if cfg.batch_size % trainer.world:
+        raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {trainer.world} processes")
+    lm = trainer.lm
+    check_loaded_rows(lm, embedding_rows(cfg.student, trust_remote_code=cfg.trust_remote_code), "student")
+    teacher = None
+    if cfg.targets == "full":
+        teacher = load_teacher(teacher_ref, dtype=lm.dtype, device=trainer.device,
+                               trust_remote_code=cfg.trust_remote_code)
+        check_loaded_rows(teacher, pair.teacher_rows, "teacher")
+        if (getattr(teacher.config, "_attn_implementation", "sdpa") or "sdpa") != trainer.attn_impl:
+            raise UsageError("teacher and student load with different attention implementations; the packed "
+                             "micro-batch mask is built for the student's")
+        teacher_weight = teacher.get_output_embeddings().weight
+    local = cfg.batch_size // trainer.world
+    metric = "ce" if cfg.targets == "sampled" else "forward_kl"
+
+    def heldout_mean() -> float | None:
+        if heldout is None:
+            return None
+        lm.eval()
+        mine = heldout[trainer.rank::trainer.world]
+        total, count = trainer.all_sum(list(token_kl_sum(lm, mine, cfg, vocab=vocab, teacher=teacher,
+                                                         attn_impl=trainer.attn_impl, device=trainer.device)))
+        return total / max(count, 1)
+
+    start_file = trainer.out / HELDOUT_START
+    if trainer.start_step == 0 or not start_file.is_file():
+        heldout_start = heldout_mean()
+        if trainer.acc.is_main_process:
+            _write_atomic(start_file, json.dumps({"heldout_kl_start": heldout_start}).encode())
+    else:
+        heldout_start = json.loads(start_file.read_text())["heldout_kl_start"]
+
+    def make_batch(step: int):
+        from .trainer import Batch
+
+        idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
+        mine = [data[i] for i in idx[trainer.rank * local:(trainer.rank + 1) * local]]
+        (n_tok,) = trainer.all_sum([sum(len(s.completion_ids) for s in mine)])
+        return Batch(mine, {"completion_tokens": int(n_tok), "epoch": (step + 1) * cfg.batch_size / len(data)})
+
+    def loss_fn(policy, mb, info):
+        n_tok = info.num_tokens / info.world_size       # global normaliser: micro-batches and processes add up
+        if cfg.targets == "sampled":
+            logp_M, _ = trainer.token_logprobs(policy, mb, temperature=cfg.temperature)
+            loss, _ = L.forward_kl_sampled(mb.to_BT(logp_M), mb.mask_BT(), num_tokens=n_tok)
+            return loss, {"ce": float(-logp_M.detach().mean())}
+        if cfg.targets == "topk":
+            kl_M = policy(mb, lambda h, w: L.forward_kl_topk(
+                h, w[:vocab], mb.token_data["topk_ids"], mb.token_data["topk_logp"], chunk_size=cfg.chunk_size))
+        else:
+            with torch.no_grad():
+                teacher_h_MH = hidden_at(teacher, mb)        # one prefill of the teacher per micro-batch
+            kl_M = policy(mb, lambda h, w: L.chunked_kl(
+                h, w[:vocab], teacher_h_MH, teacher_weight, direction="forward", chunk_size=cfg.chunk_size,
+                temperature=cfg.temperature))
+        return kl_M.sum() / n_tok, {"forward_kl": float(kl_M.detach().mean())}
+
+    trainer.fit(make_batch, loss_fn, display=(metric, "loss"))
+    heldout_end = heldout_mean()
+    out = trainer.finish(extra={
+        "targets": cfg.targets, "teacher": teacher_ref, "vocab": vocab, "num_sequences": len(data),
+        "epochs": cfg.steps * cfg.batch_size / len(data), "labels_used": 0,
+        "heldout_metric": metric if heldout is not None else None, "heldout_sequences": len(heldout or []),
+        "heldout_kl_start": heldout_start, "heldout_kl_end": heldout_end})
+    if heldout is not None and trainer.acc.is_main_process:
+        cu.console.print(f"held-out {metric}: {heldout_start:.4f} -> {heldout_end:.4f}")
+    print(out)
+
+
+def command(
+    student: StudentOpt = None, teacher: TeacherOpt = None,
+    rollouts: str = typer.Option(None, "--rollouts", "-r", help="Teacher sequences: artifact, JSONL or '-'."),
+    targets: str = typer.Option(None, "--targets", help="sampled, topk or full."),
+    out: cu.OutOpt = None,
+    steps: int = typer.Option(None, "--steps", help="Optimizer steps."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Sequences per step."),
+    temperature: float = typer.Option(None, "--temperature", help="Softmax temperature of the KL."),
+    eval_rollouts: str = typer.Option(None, "--eval-rollouts", help="Held-out teacher sequences to score."),
+    allow_vocab_size_mismatch: AllowMismatchOpt = None,
+    resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
+    seed: cu.SeedOpt = None, force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
+):
+    """Stage 2a: forward KL from the teacher's sequences to the student (sampled, top-K or full).
+
+    Example: s2d kl-warmup --student runs/toy/student --rollouts runs/toy/teacher-rollouts --targets topk --steps 60 --lr 1e-3 --out runs/toy/student-kl
+    """
+    flags = cu.given(student=student, teacher=teacher, rollouts=rollouts, targets=targets, out=out, steps=steps,
+                     lr=lr, batch_size=batch_size, temperature=temperature, eval_rollouts=eval_rollouts,
+                     allow_vocab_size_mismatch=allow_vocab_size_mismatch, resume=resume, seed=seed, force=force)
+    cu.execute(run, lambda: resolve(KLWarmupConfig, config_file=config, sets=set_, flags=flags))

@@ -1,0 +1,638 @@
+"""Loss functions for every s2d regime, as pure tensor functions (no model, no I/O).
+
+The paper's regimes are one family that differs in reward density:
+
+- sparse sequence reward -> group advantage -> clipped policy gradient:
+  `group_advantages`, `grpo_loss`, `dr_grpo_loss`, `dapo_loss`, `gspo_loss`, plus `kl_penalty`,
+  `truncated_is_weights` and `zero_variance_groups` for the caller to compose;
+- dense targets on teacher data (kl-warmup): `forward_kl_sampled`, `forward_kl_topk`, `chunked_kl`;
+- dense per-token reward from the teacher on student samples (opd): `opd_sampled_loss` (sampled reverse
+  KL as an advantage), `chunked_kl(direction="reverse")` and `reverse_kl_topk` (exact / top-K).
+
+Conventions. Shapes are suffixes: B sequences, T tokens, P prompts, G group size, N flattened positions,
+H hidden size, V vocabulary, K top-K, C chunk. `mask_BT` is 1 (or True) on completion tokens; every
+masked position is excluded with `torch.where`, so padding holding -inf or garbage never leaks a NaN
+into the loss or its gradient. Loss functions return `(loss, metrics)` with metrics as detached Python
+floats; per-position functions return a tensor and leave the reduction to the caller.
+
+Memory. Nothing here materialises `[N, V]` logits for all positions. The `chunked_*` functions take the
+final hidden states and the lm-head weight, compute logits for `chunk_size` positions at a time in
+float32 (float64 stays float64), and wrap each chunk in `torch.utils.checkpoint` so backward recomputes
+the chunk's logits instead of storing them: activation memory is O(chunk_size * V), not O(N * V).
+The weight is upcast inside the chunk, so a bf16 head never has a float32 copy kept alive.
+
+Deliberately left out: value functions / GAE, entropy bonuses (the entropy is reported, not trained),
+fused Triton kernels (liger-kernel can replace `chunked_token_logprobs` on GPUs), and any reduction
+across data-parallel ranks -- pass `num_sequences` / `num_tokens` to use a global normaliser.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+# Floor on probability masses of top-K tail buckets, so a log never sees 0 (and its gradient never NaN).
+TINY = 1e-30
+
+
+# ----------------------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------------------
+
+def masked_sum(x_BT: torch.Tensor, mask_BT: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum of x over positions where mask is set; masked positions may hold inf/NaN (they are dropped)."""
+    x_BT = torch.where(mask_BT.bool(), x_BT, torch.zeros((), dtype=x_BT.dtype, device=x_BT.device))
+    return x_BT.sum() if dim is None else x_BT.sum(dim)
+
+
+def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """sum(mask * x) / max(sum(mask), 1), over everything (dim=None) or along `dim`."""
+    count = mask_BT.bool().sum() if dim is None else mask_BT.bool().sum(dim)
+    return masked_sum(x_BT, mask_BT, dim) / count.clamp_min(1).to(x_BT.dtype)
+
+
+def _item(x: torch.Tensor) -> float:
+    return float(x.detach().float().item())
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for bf16/fp16/fp32 inputs, float64 for float64 (so gradcheck works)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _logits_CV(hidden_CH: torch.Tensor, weight_VH: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(hidden / temperature) @ weight^T in float32 or wider, whatever the input dtype.
+
+    Dividing the [C, H] hidden states rather than the [C, V] logits saves one [C, V] buffer.
+    """
+    hidden_CH = hidden_CH.to(_compute_dtype(hidden_CH.dtype))
+    if temperature != 1.0:
+        hidden_CH = hidden_CH / temperature
+    return torch.nn.functional.linear(hidden_CH, weight_VH.to(hidden_CH.dtype))
+
+
+def _rowdot_C(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
+    """sum_v a[c, v] * b[c, v] without a [C, V] product buffer."""
+    return torch.bmm(a_CV.unsqueeze(1), b_CV.unsqueeze(2)).view(-1)
+
+
+# The three per-chunk kernels on the hot paths are autograd Functions with their closed-form
+# gradients, so backward needs one [C, V] buffer instead of the three or four that autograd's
+# log_softmax / gather / sub / mul chain allocates. Each is only ever called inside a checkpointed
+# chunk, so what they save lives for one chunk's backward.
+
+class _TokenLogprob(torch.autograd.Function):
+    """logp_c = z[c, y_c] - logsumexp_v z[c, v];   d logp_c / d z[c, v] = 1[v = y_c] - softmax(z_c)_v."""
+
+    @staticmethod
+    def forward(ctx, logits_CV, targets_C):
+        logz_C = logits_CV.logsumexp(-1)
+        ctx.save_for_backward(logits_CV, targets_C, logz_C)
+        return logits_CV.gather(-1, targets_C[:, None]).squeeze(-1) - logz_C
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_C):
+        logits_CV, targets_C, logz_C = ctx.saved_tensors
+        grad_CV = (logits_CV - logz_C[:, None]).exp_().mul_(-grad_C[:, None])
+        return grad_CV.scatter_add_(-1, targets_C[:, None], grad_C[:, None]), None
+
+
+class _ForwardKL(torch.autograd.Function):
+    """kl_c = sum_v p_t (log p_t - log softmax(z)) ;  d kl_c / d z[c, v] = softmax(z)_v sum(p_t) - p_t,v."""
+
+    @staticmethod
+    def forward(ctx, s_logits_CV, t_logp_CV):
+        s_logz_C = s_logits_CV.logsumexp(-1)
+        p_t_CV = t_logp_CV.exp()
+        log_ratio_CV = (t_logp_CV - s_logits_CV).add_(s_logz_C[:, None])  # log p_t - log p_s
+        ctx.save_for_backward(s_logits_CV, s_logz_C, p_t_CV)
+        return _rowdot_C(p_t_CV, log_ratio_CV)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_C):
+        s_logits_CV, s_logz_C, p_t_CV = ctx.saved_tensors
+        grad_CV = (s_logits_CV - s_logz_C[:, None]).exp_().mul_(p_t_CV.sum(-1, keepdim=True))
+        return grad_CV.sub_(p_t_CV).mul_(grad_C[:, None]), None
+
+
+class _ReverseKL(torch.autograd.Function):
+    """kl_c = sum_v p_s (log p_s - log p_t) ;  d kl_c / d z[c, v] = p_s,v (log p_s,v - log p_t,v - kl_c)."""
+
+    @staticmethod
+    def forward(ctx, s_logits_CV, t_logp_CV):
+        s_logz_C = s_logits_CV.logsumexp(-1)
+        s_logp_CV = s_logits_CV - s_logz_C[:, None]
+        p_s_CV = s_logp_CV.exp()
+        kl_C = _rowdot_C(p_s_CV, s_logp_CV.sub_(t_logp_CV))
+        ctx.save_for_backward(s_logits_CV, s_logz_C, t_logp_CV, kl_C)
+        return kl_C
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_C):
+        s_logits_CV, s_logz_C, t_logp_CV, kl_C = ctx.saved_tensors
+        s_logp_CV = s_logits_CV - s_logz_C[:, None]
+        p_s_CV = s_logp_CV.exp()
+        grad_CV = s_logp_CV.sub_(t_logp_CV).sub_(kl_C[:, None]).mul_(p_s_CV)
+        return grad_CV.mul_(grad_C[:, None]), None
+
+
+def _log_tail_C(logits_CV: torch.Tensor, ids_CK: torch.Tensor, logz_C1: torch.Tensor) -> torch.Tensor:
+    """log(sum of softmax(logits) outside ids + TINY), computed without cancellation.
+
+    Equals log(1 - sum_k p(ids_k)) but is exact when the top-K mass is within float error of 1, and
+    keeps a gradient there (a clamped `1 - sum` would give exactly zero gradient). The K replaced
+    entries together carry mass TINY, so the log is finite (and its gradient defined) even when K = V.
+    """
+    floor_C1 = logz_C1.detach() + math.log(TINY / ids_CK.shape[-1])
+    rest_CV = logits_CV.scatter(-1, ids_CK, floor_C1.expand_as(ids_CK).to(logits_CV.dtype))
+    return rest_CV.logsumexp(-1) - logz_C1.squeeze(-1)
+
+
+def _chunked(fn: Callable, chunk_size: int, n: int, *per_position_and_shared) -> list:
+    """Run `fn` on slices [i:i+chunk_size] of the per-position tensors, checkpointing each call.
+
+    Arguments are given as (tensor, is_per_position) pairs, so the shared weights are passed whole.
+    Checkpointing is skipped when no input needs a gradient (evaluation, teacher scoring).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    needs_grad = torch.is_grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t, _ in per_position_and_shared
+    )
+    outs = []
+    for start in range(0, n, chunk_size):
+        args = [t[start:start + chunk_size] if per_pos else t for t, per_pos in per_position_and_shared]
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if needs_grad else fn(*args))
+    return outs
+
+
+# ----------------------------------------------------------------------------------------------------
+# log-probs from hidden states, chunked
+# ----------------------------------------------------------------------------------------------------
+
+def chunked_token_logprobs(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of each target token, chunked over positions.
+
+        z_n = hidden_n @ W^T / temperature                     (float32 within a chunk)
+        logp_n = z_n[target_n] - logsumexp_v z_n,v
+        entropy_n = logsumexp z_n - sum_v softmax(z_n)_v z_n,v  (detached; None unless with_entropy)
+
+    `hidden_NH` is the final hidden state at the position *before* each target (shift done by the
+    caller). Returns float32 (float64 for float64 inputs) tensors of shape [N].
+    """
+    def chunk_fn(h_CH, w_VH, t_C):
+        logits_CV = _logits_CV(h_CH, w_VH, temperature)
+        logp_C = _TokenLogprob.apply(logits_CV, t_C)
+        if not with_entropy:
+            return logp_C
+        with torch.no_grad():
+            logz_C = logits_CV.logsumexp(-1)
+            entropy_C = logz_C - _rowdot_C((logits_CV - logz_C[:, None]).exp_(), logits_CV)
+        return logp_C, entropy_C
+
+    outs = _chunked(chunk_fn, chunk_size, hidden_NH.shape[0],
+                    (hidden_NH, True), (weight_VH, False), (targets_N.long(), True))
+    if not with_entropy:
+        return _cat(outs, hidden_NH), None
+    return _cat([o[0] for o in outs], hidden_NH), _cat([o[1] for o in outs], hidden_NH).detach()
+
+
+def _cat(chunks: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    if chunks:
+        return torch.cat(chunks)
+    return torch.zeros(0, dtype=_compute_dtype(like.dtype), device=like.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sparse sequence reward: group advantages and policy-gradient surrogates
+# ----------------------------------------------------------------------------------------------------
+
+def group_advantages(
+    rewards_PG: torch.Tensor, *, scale: str = "std", eps: float = 1e-6, correction: int = 0
+) -> torch.Tensor:
+    """Group-relative advantages for P prompts with G completions each.
+
+        scale="std":  A = (r - mean_G r) / (std_G r + eps)     (GRPO)
+        scale="none": A =  r - mean_G r                         (Dr. GRPO: no std division)
+
+    The std is the population std (`correction=0`, divide by G) by default; TRL and the DeepSeekMath
+    code use the unbiased std (`correction=1`, divide by G-1), which gives advantages smaller by
+    sqrt((G-1)/G). A group whose rewards are all equal gets advantage 0 under both scales.
+    """
+    mean_P1 = rewards_PG.mean(-1, keepdim=True)
+    adv_PG = rewards_PG - mean_P1
+    if scale == "std":
+        return adv_PG / (rewards_PG.std(-1, keepdim=True, correction=correction) + eps)
+    if scale == "none":
+        return adv_PG
+    raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
+
+
+def zero_variance_groups(rewards_PG: torch.Tensor, *, tol: float = 0.0) -> torch.Tensor:
+    """True for groups whose rewards are all equal (max - min <= tol): they carry no GRPO signal.
+
+    DAPO's dynamic sampling keeps only the others: `keep_P = ~zero_variance_groups(rewards_PG)`.
+    """
+    return (rewards_PG.amax(-1) - rewards_PG.amin(-1)) <= tol
+
+
+def truncated_is_weights(
+    old_logp_BT: torch.Tensor, rollout_logp_BT: torch.Tensor, mask_BT: torch.Tensor, *, cap: float = 2.0
+) -> torch.Tensor:
+    """Truncated importance weights for trainer/sampler mismatch (e.g. vLLM bf16 vs trainer fp32).
+
+        w_t = min(exp(old_logp_t - rollout_logp_t), cap)        detached; 1 on masked positions
+
+    `old_logp` is the trainer's log-prob of the sampled token before the update, `rollout_logp` the
+    sampler's. Multiply the per-token policy-gradient loss by w (the `is_weight_BT` argument).
+    """
+    with torch.no_grad():
+        diff_BT = torch.where(mask_BT.bool(), old_logp_BT - rollout_logp_BT, 0.0)
+        return diff_BT.exp().clamp(max=cap).to(old_logp_BT.dtype)
+
+
+def kl_penalty(
+    logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, mask_BT: torch.Tensor, *, estimator: str = "k3"
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs; 0 on masked positions.
+
+        k1 = logp - ref_logp
+        k2 = (logp - ref_logp)^2 / 2
+        k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1       (>= 0, unbiased; GRPO's choice)
+
+    Differentiable in `logp`; the caller adds `beta * masked_mean(kl_BT, mask_BT)` (or the same
+    normaliser as its policy loss) to the loss.
+    """
+    log_ratio_BT = torch.where(mask_BT.bool(), ref_logp_BT - logp_BT, 0.0)
+    if estimator == "k1":
+        return -log_ratio_BT
+    if estimator == "k2":
+        return 0.5 * log_ratio_BT.square()
+    if estimator == "k3":
+        return log_ratio_BT.exp() - log_ratio_BT - 1.0
+    raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+
+
+def _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high, is_weight_BT):
+    """Per-token PPO loss -min(r A, clip(r, 1-cl, 1+ch) A) (times the IS weight), 0 off the mask."""
+    m_BT = mask_BT.bool()
+    ratio_BT = torch.where(m_BT, logp_BT - old_logp_BT, 0.0).exp()
+    adv_BT = adv_B.to(ratio_BT.dtype)[:, None].expand_as(ratio_BT)
+    surrogate_BT = torch.minimum(ratio_BT * adv_BT, ratio_BT.clamp(1 - clip_low, 1 + clip_high) * adv_BT)
+    loss_BT = -surrogate_BT if is_weight_BT is None else -surrogate_BT * is_weight_BT
+    loss_BT = torch.where(m_BT, loss_BT, 0.0)
+    with torch.no_grad():
+        # tokens whose gradient the clip zeroes: ratio past the bound in the direction A pushes it
+        low_BT = (ratio_BT < 1 - clip_low) & (adv_BT < 0)
+        high_BT = (ratio_BT > 1 + clip_high) & (adv_BT > 0)
+        metrics = {
+            "clip_frac": _item(masked_mean((low_BT | high_BT).float(), m_BT)),
+            "clip_low_frac": _item(masked_mean(low_BT.float(), m_BT)),
+            "clip_high_frac": _item(masked_mean(high_BT.float(), m_BT)),
+            "ratio_mean": _item(masked_mean(ratio_BT, m_BT)),
+            "ratio_max": _item(torch.where(m_BT, ratio_BT, 0.0).max()) if m_BT.any() else 1.0,
+            "num_tokens": _item(m_BT.sum()),
+        }
+    return loss_BT, metrics
+
+
+def grpo_loss(
+    logp_BT: torch.Tensor,
+    old_logp_BT: torch.Tensor,
+    adv_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    is_weight_BT: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Original GRPO: PPO-clipped surrogate, token mean per sequence, then mean over sequences.
+
+        r_t = exp(logp_t - old_logp_t)
+        l_t = -min(r_t A_b, clip(r_t, 1 - clip_low, 1 + clip_high) A_b) * w_t   (w = is_weight, or 1)
+        loss = (1 / B) sum_b (1 / |o_b|) sum_{t in o_b} l_t
+
+    B is `num_sequences` if given (global count under gradient accumulation), else the batch size.
+    Long sequences get less weight per token -- the length bias Dr. GRPO removes.
+    """
+    loss_BT, metrics = _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high,
+                                        is_weight_BT)
+    per_seq_B = loss_BT.sum(-1) / mask_BT.bool().sum(-1).clamp_min(1).to(loss_BT.dtype)
+    loss = per_seq_B.sum() / (num_sequences or logp_BT.shape[0])
+    return loss, metrics
+
+
+def dr_grpo_loss(
+    logp_BT: torch.Tensor,
+    old_logp_BT: torch.Tensor,
+    adv_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    max_len: int,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    is_weight_BT: torch.Tensor | None = None,
+    num_sequences: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Dr. GRPO: the same per-token terms, summed and divided by a constant B * max_len.
+
+        loss = sum_{b,t} l_t / (B * max_len)
+
+    `max_len` is the generation budget (max new tokens), not the longest sequence in the batch, so the
+    normaliser does not change with the batch. Pair with `group_advantages(..., scale="none")`.
+    """
+    loss_BT, metrics = _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high,
+                                        is_weight_BT)
+    loss = loss_BT.sum() / ((num_sequences or logp_BT.shape[0]) * max_len)
+    return loss, metrics
+
+
+def dapo_loss(
+    logp_BT: torch.Tensor,
+    old_logp_BT: torch.Tensor,
+    adv_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    is_weight_BT: torch.Tensor | None = None,
+    num_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DAPO: asymmetric clip ("clip-higher", 0.2 / 0.28) and a token-level mean over the whole batch.
+
+        loss = sum_{b,t} l_t / sum_{b,t} mask_t
+
+    `num_tokens` replaces the denominator (global token count under gradient accumulation). Drop the
+    groups flagged by `zero_variance_groups` before calling (dynamic sampling).
+    """
+    loss_BT, metrics = _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high,
+                                        is_weight_BT)
+    denom = num_tokens if num_tokens is not None else mask_BT.bool().sum().clamp_min(1).to(loss_BT.dtype)
+    return loss_BT.sum() / denom, metrics
+
+
+def gspo_loss(
+    logp_BT: torch.Tensor,
+    old_logp_BT: torch.Tensor,
+    adv_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    num_sequences: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO: one importance ratio per sequence, the geometric mean of the token ratios.
+
+        s_b = exp((1 / |o_b|) sum_t (logp_t - old_logp_t))
+        loss = -(1 / B) sum_b min(s_b A_b, clip(s_b, 1 - clip_low, 1 + clip_high) A_b)
+
+    Implemented at the sequence level. GSPO-token (s_b,t = sg[s_b] exp(logp_t - sg[logp_t]), token mean
+    per sequence) has the same value and, with one advantage per sequence, the same gradient:
+    d loss / d logp_t = -A_b s_b / (|o_b| B) while unclipped, 0 once clipped.
+    """
+    m_BT = mask_BT.bool()
+    log_s_B = masked_mean(logp_BT - old_logp_BT, m_BT, dim=-1)
+    s_B = log_s_B.exp()
+    adv_B = adv_B.to(s_B.dtype)
+    surrogate_B = torch.minimum(s_B * adv_B, s_B.clamp(1 - clip_low, 1 + clip_high) * adv_B)
+    loss = -surrogate_B.sum() / (num_sequences or logp_BT.shape[0])
+    with torch.no_grad():
+        low_B = (s_B < 1 - clip_low) & (adv_B < 0)
+        high_B = (s_B > 1 + clip_high) & (adv_B > 0)
+        metrics = {
+            "clip_frac": _item((low_B | high_B).float().mean()),
+            "clip_low_frac": _item(low_B.float().mean()),
+            "clip_high_frac": _item(high_B.float().mean()),
+            "ratio_mean": _item(s_B.mean()),
+            "ratio_max": _item(s_B.max()),
+            "num_tokens": _item(m_BT.sum()),
+        }
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------
+# dense token-level teacher supervision
+# ----------------------------------------------------------------------------------------------------
+
+def forward_kl_sampled(
+    student_logp_BT: torch.Tensor, mask_BT: torch.Tensor, *, num_tokens: int | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Monte-Carlo forward KL on teacher-sampled tokens: cross-entropy, token mean over the batch.
+
+        loss = -sum_{b,t} logp_student(y_t) / #tokens        (= KL(p_t || p_s) + H(p_t), up to sampling)
+    """
+    denom = num_tokens if num_tokens is not None else mask_BT.bool().sum().clamp_min(1).to(student_logp_BT.dtype)
+    loss = -masked_sum(student_logp_BT, mask_BT) / denom
+    nll = _item(loss)
+    return loss, {"nll": nll, "ppl": math.exp(min(nll, 50.0)), "num_tokens": _item(mask_BT.bool().sum())}
+
+
+def forward_kl_topk(
+    student_hidden_NH: torch.Tensor,
+    student_weight_VH: torch.Tensor,
+    teacher_topk_ids_NK: torch.Tensor,
+    teacher_topk_logp_NK: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Forward KL against the teacher's stored top-K log-probs plus one tail bucket, per position.
+
+        p_t,k = exp(teacher_topk_logp_k)              p_t,tail = max(1 - sum_k p_t,k, 0)
+        p_s = softmax(student_hidden @ W^T / temperature)
+        p_s,tail = 1 - sum_k p_s(ids_k)               (computed as a logsumexp over the other ids)
+        kl_n = sum_k p_t,k (log p_t,k - log p_s(ids_k)) + p_t,tail (log p_t,tail - log(p_s,tail + TINY))
+
+    `temperature` applies to the student only (the teacher's log-probs are used as stored). With
+    K = V this is the exact forward KL. Returns kl_N (>= 0 up to float error), differentiable in the
+    student's hidden states and weight; reduce with `masked_mean`.
+    """
+    def chunk_fn(h_CH, w_VH, ids_CK, t_logp_CK):
+        logits_CV = _logits_CV(h_CH, w_VH, temperature)
+        logz_C1 = logits_CV.logsumexp(-1, keepdim=True)
+        s_logp_CK = logits_CV.gather(-1, ids_CK) - logz_C1
+        s_log_tail_C = _log_tail_C(logits_CV, ids_CK, logz_C1)
+        t_logp_CK = t_logp_CK.to(s_logp_CK.dtype)
+        p_t_CK = t_logp_CK.exp()
+        head_C = torch.where(p_t_CK > 0, p_t_CK * (t_logp_CK - s_logp_CK), 0.0).sum(-1)
+        p_t_tail_C = (1.0 - p_t_CK.sum(-1)).clamp_min(0.0)
+        return head_C + torch.xlogy(p_t_tail_C, p_t_tail_C) - p_t_tail_C * s_log_tail_C
+
+    outs = _chunked(chunk_fn, chunk_size, student_hidden_NH.shape[0],
+                    (student_hidden_NH, True), (student_weight_VH, False),
+                    (teacher_topk_ids_NK.long(), True), (teacher_topk_logp_NK, True))
+    return _cat(outs, student_hidden_NH)
+
+
+def _teacher_head(teacher_weight_VH2: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The teacher's lm-head restricted to the student's vocabulary ids [0, V_s).
+
+    Model families pad the embedding to different multiples (e.g. 151,936 rows for 151,669 tokens);
+    rows past V_s are never real tokens the student can emit, so we drop them and renormalise over the
+    shared ids. A teacher head smaller than the student's is an error (different tokenizers).
+    """
+    v_t = teacher_weight_VH2.shape[0]
+    if v_t < vocab_size:
+        raise ValueError(f"teacher vocabulary ({v_t}) is smaller than the student's ({vocab_size}): "
+                         "the two models must share a tokenizer")
+    return teacher_weight_VH2[:vocab_size]
+
+
+def chunked_kl(
+    student_hidden_NH: torch.Tensor,
+    student_weight_VH: torch.Tensor,
+    teacher_hidden_NH2: torch.Tensor,
+    teacher_weight_VH2: torch.Tensor,
+    *,
+    direction: str = "forward",
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Exact full-vocabulary KL per position, chunked over positions.
+
+        p_s = softmax(student_hidden @ W_s^T / T),   p_t = softmax(teacher_hidden @ W_t[:V_s]^T / T)
+        forward: kl_n = sum_v p_t,v (log p_t,v - log p_s,v)      KL(p_t || p_s), mass-covering
+        reverse: kl_n = sum_v p_s,v (log p_s,v - log p_t,v)      KL(p_s || p_t), mode-seeking
+
+    The teacher side runs under no_grad (its hidden states may come from a frozen model, or be
+    recomputed); the student side is checkpointed per chunk, so only hidden states are kept for
+    backward. A teacher head with more rows than the student's is sliced to the student's V and
+    renormalised (see `_teacher_head`). Returns kl_N; reduce with `masked_mean`.
+    """
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    if teacher_hidden_NH2.shape[0] != student_hidden_NH.shape[0]:
+        raise ValueError("student and teacher must have the same number of positions")
+    teacher_weight_VH2 = _teacher_head(teacher_weight_VH2, student_weight_VH.shape[0])
+
+    kl_fn = _ForwardKL.apply if direction == "forward" else _ReverseKL.apply
+
+    def chunk_fn(s_h_CH, s_w_VH, t_h_CH2, t_w_VH2):
+        s_logits_CV = _logits_CV(s_h_CH, s_w_VH, temperature)
+        with torch.no_grad():
+            t_logp_CV = _logits_CV(t_h_CH2, t_w_VH2, temperature).to(s_logits_CV.dtype)
+            t_logp_CV -= t_logp_CV.logsumexp(-1, keepdim=True)  # log_softmax in place
+        return kl_fn(s_logits_CV, t_logp_CV)
+
+    outs = _chunked(chunk_fn, chunk_size, student_hidden_NH.shape[0],
+                    (student_hidden_NH, True), (student_weight_VH, False),
+                    (teacher_hidden_NH2.detach(), True), (teacher_weight_VH2.detach(), False))
+    return _cat(outs, student_hidden_NH)
+
+
+def reverse_kl_topk(
+    student_hidden_NH: torch.Tensor,
+    student_weight_VH: torch.Tensor,
+    teacher_hidden_NH2: torch.Tensor,
+    teacher_weight_VH2: torch.Tensor,
+    *,
+    k: int,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Reverse KL on the student's top-K support plus one tail bucket per side, per position.
+
+        S_n = top-K ids of the student's logits (chosen without gradient)
+        kl_n = sum_{v in S_n} p_s,v (log p_s,v - log p_t,v)
+               + p_s,tail (log p_s,tail - log p_t,tail),   p_.,tail = mass outside S_n (+ TINY)
+
+    This is the exact KL between the two distributions coarsened to K+1 buckets, so it is >= 0 and
+    <= the full reverse KL; with k = V it equals `chunked_kl(direction="reverse")`. Teacher under
+    no_grad, student checkpointed per chunk; teacher head handled as in `chunked_kl`.
+    """
+    v_s = student_weight_VH.shape[0]
+    if not 1 <= k <= v_s:
+        raise ValueError(f"k must be in [1, {v_s}], got {k}")
+    teacher_weight_VH2 = _teacher_head(teacher_weight_VH2, v_s)
+
+    def chunk_fn(s_h_CH, s_w_VH, t_h_CH2, t_w_VH2):
+        s_logits_CV = _logits_CV(s_h_CH, s_w_VH, temperature)
+        s_logz_C1 = s_logits_CV.logsumexp(-1, keepdim=True)
+        with torch.no_grad():
+            ids_CK = s_logits_CV.topk(k, dim=-1).indices
+            t_logits_CV = _logits_CV(t_h_CH2, t_w_VH2, temperature).to(s_logits_CV.dtype)
+            t_logz_C1 = t_logits_CV.logsumexp(-1, keepdim=True)
+            t_logp_CK = t_logits_CV.gather(-1, ids_CK) - t_logz_C1
+            t_log_tail_C = _log_tail_C(t_logits_CV, ids_CK, t_logz_C1)
+        s_logp_CK = s_logits_CV.gather(-1, ids_CK) - s_logz_C1
+        s_log_tail_C = _log_tail_C(s_logits_CV, ids_CK, s_logz_C1)
+        head_C = (s_logp_CK.exp() * (s_logp_CK - t_logp_CK)).sum(-1)
+        return head_C + s_log_tail_C.exp() * (s_log_tail_C - t_log_tail_C)
+
+    outs = _chunked(chunk_fn, chunk_size, student_hidden_NH.shape[0],
+                    (student_hidden_NH, True), (student_weight_VH, False),
+                    (teacher_hidden_NH2.detach(), True), (teacher_weight_VH2.detach(), False))
+    return _cat(outs, student_hidden_NH)
+
+
+def discounted_future_sum(x_BT: torch.Tensor, mask_BT: torch.Tensor, discount: float) -> torch.Tensor:
+    """y_t = sum_{s >= t} discount^(s - t) x_s over masked positions of the same sequence; 0 off-mask.
+
+    Masked-out positions contribute 0 but do not break the chain (a tool-output span inside a
+    completion is skipped over). discount = 0 returns x on the mask.
+    """
+    m_BT = mask_BT.bool()
+    x_BT = torch.where(m_BT, x_BT, 0.0)
+    if discount == 0.0:
+        return x_BT
+    out_BT = torch.empty_like(x_BT)
+    running_B = torch.zeros_like(x_BT[:, 0])
+    for t in range(x_BT.shape[1] - 1, -1, -1):
+        running_B = x_BT[:, t] + discount * running_B
+        out_BT[:, t] = running_B
+    return torch.where(m_BT, out_BT, 0.0)
+
+
+def opd_sampled_loss(
+    logp_BT: torch.Tensor,
+    sampling_logp_BT: torch.Tensor,
+    teacher_logp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    alpha_adv_B: torch.Tensor | None = None,
+    discount: float = 0.0,
+    num_tokens: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """On-policy distillation (tinker-cookbook): the sampled reverse KL as a per-token advantage.
+
+        a_t   = -(sampling_logp_t - teacher_logp_t)                      (detached)
+        A_t   = sum_{s >= t} discount^(s - t) a_s  +  alpha_adv_b        (discount 0: A_t = a_t)
+        r_t   = exp(logp_t - sampling_logp_t)
+        loss  = -sum_{b,t} r_t A_t / #tokens
+
+    `alpha_adv_B` is an optional sequence-level advantage already multiplied by alpha (e.g.
+    alpha * group_advantages of a verifier reward), broadcast to every token. At r = 1 the gradient is
+    -A_t grad logp_t / #tokens, i.e. REINFORCE on the reward -log(p_s / p_t). Metric `reverse_kl` is the
+    token mean of sampling_logp - teacher_logp, the Monte-Carlo estimate of KL(p_s || p_t).
+    """
+    m_BT = mask_BT.bool()
+    with torch.no_grad():
+        reverse_kl_BT = torch.where(m_BT, sampling_logp_BT - teacher_logp_BT, 0.0)
+        adv_BT = discounted_future_sum(-reverse_kl_BT, m_BT, discount)
+        if alpha_adv_B is not None:
+            adv_BT = adv_BT + alpha_adv_B.to(adv_BT.dtype)[:, None]
+        adv_BT = torch.where(m_BT, adv_BT, 0.0)
+    ratio_BT = torch.where(m_BT, logp_BT - sampling_logp_BT, 0.0).exp()
+    denom = num_tokens if num_tokens is not None else m_BT.sum().clamp_min(1).to(logp_BT.dtype)
+    loss = -torch.where(m_BT, ratio_BT * adv_BT, 0.0).sum() / denom
+    metrics = {
+        "reverse_kl": _item(masked_mean(reverse_kl_BT, m_BT)),
+        "adv_mean": _item(masked_mean(adv_BT, m_BT)),
+        "ratio_mean": _item(masked_mean(ratio_BT.detach(), m_BT)),
+        "num_tokens": _item(m_BT.sum()),
+    }
+    return loss, metrics

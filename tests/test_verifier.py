@@ -1,0 +1,270 @@
+"""The verifier: answer extraction, equivalences, the real benchmark golds, and the pool's timeouts/crashes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from s2d_cli.verifier import Verdict, Verifier, last_boxed, normalize_gold, verify_many, verify_one
+
+SHARED_DATA = Path(os.environ.get("S2D_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
+
+# Inputs math-verify needs seconds (or forever) for: a tower of powers, deep nesting, a 20k-term sum.
+TOWER = r"\boxed{9^{9^{9^{9^{9}}}}}"
+NESTED = r"\boxed{" + "(" * 300 + "1" + ")" * 300 + "}"
+LONG_SUM = r"\boxed{" + "+".join(f"x_{{{i}}}" for i in range(20_000)) + "}"
+
+
+def read_jsonl(name: str) -> list[dict]:
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not found (set S2D_SHARED_DATA to the shared/data folder)")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so \boxed{5}.", "5"),
+        (r"\boxed{3} no wait \boxed{\frac{1}{2}}", r"\frac{1}{2}"),  # the last one counts
+        (r"\boxed{\frac{\sqrt{2}}{2}}", r"\frac{\sqrt{2}}{2}"),  # nested braces
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces are not grouping
+        (r"$\boxed 5$", "5"),
+        (r"\fbox{12}", "12"),
+        (r"\boxed{3} and then \boxed{4", None),  # the last box is cut off: no answer, not the earlier 3
+        ("no box at all", None),
+    ],
+)
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("gold", "expected"),
+    [
+        (27.0, "27"),
+        (-1.0, "-1"),
+        (0.5, "0.5"),
+        (70, "70"),
+        ("025", "25"),
+        ("  073 ", "73"),
+        ("Janet sells 9 eggs.\n#### 1,600", "1600"),
+        (r"\frac{1}{2}", r"\frac{1}{2}"),
+        (r"So the answer is $\boxed{\text{east}}$.", r"\text{east}"),
+    ],
+)
+def test_normalize_gold(gold, expected):
+    assert normalize_gold(gold) == expected
+
+
+# --------------------------------------------------------------------------------------------- equivalences
+
+EQUIVALENCES = [  # (completion, gold, correct?)
+    (r"The answer is \boxed{0.5}.", r"\frac{1}{2}", True),
+    (r"\boxed{\frac12}", "0.5", True),
+    (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}", True),
+    (r"\boxed{0.6}", r"\frac{1}{2}", False),
+    (r"\boxed{[2, 5)}", "[2,5)", True),
+    (r"\boxed{(2, 5)}", "[2,5)", False),  # open vs half-open interval
+    (r"\boxed{(-\infty, 3] \cup [5, \infty)}", r"(-\infty,3]\cup[5,\infty)", True),
+    (r"\boxed{(3, \frac{\pi}{2})}", r"\left( 3, \frac{\pi}{2} \right)", True),
+    (r"\boxed{(3, \pi)}", r"\left( 3, \frac{\pi}{2} \right)", False),
+    (r"\boxed{-2, 1}", "1, -2", True),
+    (r"\boxed{2\sqrt{2}}", r"\sqrt{8}", True),
+    (r"\boxed{\sqrt{8}}", r"2\sqrt{2}", True),
+    (r"\boxed{3\sqrt{2}}", r"2\sqrt{2}", False),
+    (r"\boxed{x^2+2x+1}", "(x+1)^2", True),
+    (r"\boxed{25}", "025", True),  # AIME golds are zero-padded strings
+    (r"\boxed{025}", "25", True),
+    (r"\boxed{52}", "025", False),
+    (r"\boxed{27}", 27.0, True),  # AMC golds are floats
+    (r"\boxed{-1}", -1.0, True),
+    (r"\boxed{27.5}", 27.0, False),
+    (r"\boxed{1,600}", "#### 1,600", True),  # GSM8K: thousands separators on either side
+    (r"\boxed{1600}", "She earns 5 * 320 = 1600\n#### 1,600", True),
+    (r"\boxed{16000}", "#### 1,600", False),
+    (r"\boxed{\$32,348}", r"\$32,\!348", True),
+    (r"\boxed{11111111100}", r"11,\! 111,\! 111,\! 100", True),
+    (r"\boxed{18.9}", r"\$18.90", True),
+    (r"\boxed{\text{Evelyn}}", r"\text{Evelyn}", True),
+    (r"\boxed{Evelyn}", r"\text{Evelyn}", True),
+    (r"\boxed{\text{Bob}}", r"\text{Evelyn}", False),
+    (r"\boxed{(C)}", r"\text{(C)}", True),
+    (r"\boxed{\text{(D)}}", r"\text{(C)}", False),
+    (r"\boxed{90}", r"90^\circ", True),
+    (r"\boxed{\frac{270}{7}}", r"\frac{270}7\text{ degrees}", True),
+    (r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", True),
+    (r"First \boxed{3}, but recheck: \boxed{5}", "5", True),  # several boxes: the last counts
+    (r"First \boxed{5}, but recheck: \boxed{3}", "5", False),
+    (r"The answer is $5$.", "5", True),  # no box: math-verify's own extraction
+    ("So the total is 18 dollars.", "#### 18", True),
+]
+
+
+@pytest.mark.parametrize(("completion", "gold", "correct"), EQUIVALENCES)
+def test_equivalence_table(completion, gold, correct):
+    v = verify_one(completion, gold)
+    assert (v.verdict, v.correct, v.reward) == ("ok", correct, 1.0 if correct else 0.0), v
+
+
+@pytest.mark.parametrize(
+    "completion", ["I am not sure.", r"\boxed{}", r"... so the answer is \boxed{\frac{1}{", ""]
+)
+def test_no_answer(completion):
+    v = verify_one(completion, "5")
+    assert (v.verdict, v.correct, v.reward) == ("no_answer", False, 0.0)
+    assert v.extracted in (None, "")
+
+
+def test_extracted_is_the_last_box_content():
+    v = verify_one(r"maybe \boxed{4}? no: \boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}2")
+    assert v == Verdict(1.0, True, r"\frac{\sqrt{3}}{2}", "ok")
+
+
+def test_bad_input_is_an_error_verdict_not_an_exception():
+    assert verify_one(r"\boxed{1}", None).verdict == "error"  # type: ignore[arg-type]
+    assert verify_one(None, "1").verdict == "error"  # type: ignore[arg-type]
+
+
+def test_small_benchmark_golds_match_their_own_boxed_answers():
+    """AIME 24 ("025"), AIME 25 (ints), AMC 23 (27.0) and GSM8K ("#### 1,600"), as the datasets store them."""
+    pairs = [(rf"\boxed{{{int(r['answer'])}}}", r["answer"]) for f in ("aime24", "aime25", "amc23")
+             for r in read_jsonl(f"{f}/test.jsonl")]
+    gsm8k = read_jsonl("gsm8k/test.jsonl")[:200]
+    pairs += [(rf"\boxed{{{r['answer'].rsplit('####', 1)[1].strip()}}}", r["answer"]) for r in gsm8k]
+    assert len(pairs) == 30 + 30 + 40 + 200
+    verdicts = [verify_one(c, g) for c, g in pairs]
+    assert [(c, g) for (c, g), v in zip(pairs, verdicts) if not v.correct] == []
+    off_by_one = [(rf"\boxed{{{int(r['answer']) + 1}}}", r["answer"]) for r in read_jsonl("aime24/test.jsonl")]
+    assert not any(verify_one(c, g).correct for c, g in off_by_one)
+
+
+# --------------------------------------------------------------------------------------------- the pool
+
+
+def test_math500_gold_solutions_verify_against_their_answers():
+    rows = read_jsonl("math500/test.jsonl")
+    assert len(rows) == 500
+    pairs = [(r["solution"], r["answer"]) for r in rows]
+    verifier = Verifier(workers=2, timeout=30.0)  # generous: this checks answers, not speed
+    verdicts = verifier.verify(pairs[:250])
+    pids = verifier.worker_pids()
+    verdicts += verifier.verify(pairs[250:])
+    assert verifier.worker_pids() == pids and len(pids) == 2  # the same workers serve every call
+    verifier.close()
+
+    wrong = [(r["unique_id"], r["answer"], v) for r, v in zip(rows, verdicts) if not v.correct]
+    assert wrong == []
+    assert {v.verdict for v in verdicts} == {"ok"}
+    assert verdicts[0].extracted == r"\left( 3, \frac{\pi}{2} \right)"  # the last box of the first solution
+
+    deadline = time.monotonic() + 5  # close() leaves no process behind
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(p) for p in pids)
+    with pytest.raises(RuntimeError, match="closed"):
+        verifier.verify(pairs[:1])
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie is dead, only not yet reaped
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with Verifier(workers=2, timeout=1.0) as verifier:
+        verifier.verify([(r"\boxed{1}", "1")])  # fork the workers now, outside the timed parts
+        yield verifier
+
+
+def test_pathological_answers_time_out_and_the_rest_still_verify(pool):
+    pids_before = set(pool.worker_pids())
+    batch = [(r"\boxed{\frac{1}{2}}", "0.5"), (TOWER, "5"), (r"\boxed{25}", "025"), (LONG_SUM, "5"),
+             (r"\boxed{7}", "8"), (r"\boxed{2\sqrt2}", r"\sqrt8")]
+    start = time.monotonic()
+    verdicts = pool.verify(batch)
+    elapsed = time.monotonic() - start
+    assert [(v.verdict, v.correct) for v in verdicts] == [
+        ("ok", True), ("timeout", False), ("ok", True), ("timeout", False), ("ok", False), ("ok", True)]
+    assert elapsed < 3.0  # two 1 s deadlines, one per worker, in parallel
+    assert set(pool.worker_pids()).isdisjoint(pids_before)  # both stuck workers were replaced
+    # ... and the replacements work
+    assert [v.correct for v in pool.verify([(r"\boxed{3}", 3.0)] * 5 + [(r"\boxed{4}", 3.0)])] == [True] * 5 + [False]
+
+
+def test_a_third_pathological_shape_times_out_too(pool):
+    start = time.monotonic()
+    assert [v.verdict for v in pool.verify([(NESTED, "1"), (r"\boxed{1}", "1")])] == ["timeout", "ok"]
+    assert time.monotonic() - start < 3.0
+
+
+def test_long_completions_queued_behind_a_stuck_item_do_not_block_its_deadline():
+    # 40 completions of ~40 KB go out in chunks of 10 (~400 KB, more than a socket buffer holds). Were the
+    # second chunk pushed to the worker while it is stuck on item 9, the send would block the deadline.
+    long = [(f"{'Let me think about it. ' * 1800}\\boxed{{{i}}}", str(i)) for i in range(40)]
+    long[9] = (long[9][0][:-10] + TOWER, "9")
+    with Verifier(workers=1, timeout=1.0) as verifier:
+        verifier.verify([(r"\boxed{1}", "1")])
+        start = time.monotonic()
+        verdicts = verifier.verify(long)
+        elapsed = time.monotonic() - start
+    assert [v.verdict for v in verdicts] == ["ok"] * 9 + ["timeout"] + ["ok"] * 30
+    assert all(v.correct for i, v in enumerate(verdicts) if i != 9)
+    assert elapsed < 6.0
+
+
+def test_a_crashed_worker_costs_only_its_own_item():
+    with Verifier(workers=1, timeout=60.0) as verifier:
+        verifier.verify([(r"\boxed{1}", "1")])
+        (pid,) = verifier.worker_pids()
+        killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))  # like the OOM killer, mid-item
+        killer.start()
+        batch = [(TOWER, "5")] + [(rf"\boxed{{{i}}}", str(i)) for i in range(7)]  # chunks of 2 items
+        verdicts = verifier.verify(batch)
+        killer.join()
+        assert [v.verdict for v in verdicts] == ["error"] + ["ok"] * 7
+        assert all(v.correct for v in verdicts[1:])
+        assert verifier.worker_pids() != [pid]
+
+
+def test_works_from_an_unguarded_script_and_from_a_thread(tmp_path):
+    # multiprocessing's spawn/forkserver would re-run this script in every worker (no __main__ guard);
+    # the zygote never imports the caller's __main__. GRPO may verify from a non-main thread.
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import threading\n"
+        "from s2d_cli.verifier import Verifier\n"
+        "out = []\n"
+        "def step():\n"
+        "    with Verifier(workers=1, timeout=5.0) as v:\n"
+        "        out.extend(x.verdict + str(x.correct) for x in v.verify([(r'\\boxed{1}', '1'), ('x', '1')]))\n"
+        "t = threading.Thread(target=step)\n"
+        "t.start()\n"
+        "t.join()\n"
+        "print(out)\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.strip() == "['okTrue', 'no_answerFalse']", result.stderr
+
+
+def test_verify_many_preserves_order():
+    pairs = [(rf"\boxed{{{i}}}", str(i if i % 3 else i + 1)) for i in range(30)]
+    verdicts = verify_many(pairs, workers=2, timeout=10.0)
+    assert [v.correct for v in verdicts] == [i % 3 != 0 for i in range(30)]
+    assert [v.extracted for v in verdicts] == [str(i) for i in range(30)]
