@@ -19,8 +19,9 @@ Targets (--targets), all forward KL(teacher || student) per completion token, to
   topk     the teacher's stored top-K log-probs plus one tail bucket (`s2d rollout --topk K`)
   full     exact, over the whole vocabulary: the teacher is loaded here (eval mode, no gradient, never
            in the optimizer) and scores each micro-batch in one no-grad prefill
---temperature divides the logits of both sides (sampled and topk: the student's only, and topk accepts
-only 1, since the stored teacher log-probs are at temperature 1).
+--temperature divides the logits: of both sides for full, of the student for sampled; topk accepts only
+1 (the stored teacher log-probs are at temperature 1). With --allow-vocab-size-mismatch the student's
+distribution is taken over the first V = min(V_s, V_t) head rows (see `s2d_cli.compat`).
 
 Step k takes the next --batch-size sequences of a seeded shuffle (epochs over the data), so a resumed
 run sees what an uninterrupted one would. --eval-rollouts R2 measures the mean per-token KL (CE for
@@ -58,7 +59,7 @@ from .compat import (
 from .config import resolve
 from .data import DEFAULT_INSTRUCTION, encode_prompt, prompt_is_chat, render_prompt
 from .errors import UsageError
-from .trainer import Sequence, Trainer, TrainFields, hidden_at, pack
+from .trainer import Batch, Sequence, Trainer, TrainFields, hidden_at, pack
 
 TARGETS = ("sampled", "topk", "full")
 HELDOUT_START = "heldout_start.json"   # the start-of-run evaluation, kept for a resumed run's manifest
@@ -188,23 +189,27 @@ def teacher_of(cfg: KLWarmupConfig) -> str | None:
 
 
 @torch.no_grad()
-def token_kl_sum(lm, sequences: list[Sequence], cfg: KLWarmupConfig, *, vocab: int, teacher=None,
+def token_kl_sum(policy, sequences: list[Sequence], cfg: KLWarmupConfig, *, vocab: int, teacher=None,
                  attn_impl: str = "sdpa", device=None) -> tuple[float, int]:
     """(sum, count) over completion tokens of the per-token target of `cfg.targets`: CE (sampled), top-K
-    forward KL (topk) or exact forward KL to `teacher` (full). Used for the held-out evaluation."""
+    forward KL (topk) or exact forward KL to `teacher` (full). Used for the held-out evaluation; runs
+    through the (possibly DDP/FSDP-wrapped) `policy`, like training does."""
     total, count = 0.0, 0
-    weight = lm.get_output_embeddings().weight[:vocab]
     for mb in pack(sequences, cfg.micro_batch_tokens, attn_impl=attn_impl, device=device):
-        h_MH = hidden_at(lm, mb)
-        if cfg.targets == "sampled":
-            x_M = -L.chunked_token_logprobs(h_MH, weight, mb.targets, chunk_size=cfg.chunk_size,
-                                            temperature=cfg.temperature)[0]
-        elif cfg.targets == "topk":
-            x_M = L.forward_kl_topk(h_MH, weight, mb.token_data["topk_ids"], mb.token_data["topk_logp"],
-                                    chunk_size=cfg.chunk_size)
-        else:
-            x_M = L.chunked_kl(h_MH, weight, hidden_at(teacher, mb), teacher.get_output_embeddings().weight,
-                               direction="forward", chunk_size=cfg.chunk_size, temperature=cfg.temperature)
+        teacher_h_MH = hidden_at(teacher, mb) if cfg.targets == "full" else None
+
+        def head(h_MH, w_VH, mb=mb, teacher_h_MH=teacher_h_MH):
+            w_VH = w_VH[:vocab]
+            if cfg.targets == "sampled":
+                return -L.chunked_token_logprobs(h_MH, w_VH, mb.targets, chunk_size=cfg.chunk_size,
+                                                 temperature=cfg.temperature)[0]
+            if cfg.targets == "topk":
+                return L.forward_kl_topk(h_MH, w_VH, mb.token_data["topk_ids"], mb.token_data["topk_logp"],
+                                         chunk_size=cfg.chunk_size)
+            return L.chunked_kl(h_MH, w_VH, teacher_h_MH, teacher.get_output_embeddings().weight,
+                                direction="forward", chunk_size=cfg.chunk_size, temperature=cfg.temperature)
+
+        x_M = policy(mb, head)
         total += float(x_M.double().sum())
         count += x_M.numel()
     return total, count
@@ -227,9 +232,9 @@ def run(cfg: KLWarmupConfig):
         pair = check_pair(cfg.student, teacher_ref, student_tok=tok,
                           allow_vocab_size_mismatch=cfg.allow_vocab_size_mismatch,
                           trust_remote_code=cfg.trust_remote_code)
-        vocab = pair.vocab
+        vocab, student_rows = pair.vocab, pair.student_rows
     else:
-        vocab = embedding_rows(cfg.student, trust_remote_code=cfg.trust_remote_code)
+        vocab = student_rows = embedding_rows(cfg.student, trust_remote_code=cfg.trust_remote_code)
     topk = cfg.targets == "topk"
     data = load_sequences(cfg.rollouts, tok, cfg, vocab=vocab, topk=topk)
     heldout = load_sequences(cfg.eval_rollouts, tok, cfg, vocab=vocab, topk=topk) if cfg.eval_rollouts else None
@@ -241,7 +246,7 @@ def run(cfg: KLWarmupConfig):
     if cfg.batch_size % trainer.world:
         raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {trainer.world} processes")
     lm = trainer.lm
-    check_loaded_rows(lm, embedding_rows(cfg.student, trust_remote_code=cfg.trust_remote_code), "student")
+    check_loaded_rows(lm, student_rows, "student")
     teacher = None
     if cfg.targets == "full":
         teacher = load_teacher(teacher_ref, dtype=lm.dtype, device=trainer.device,
@@ -259,7 +264,7 @@ def run(cfg: KLWarmupConfig):
             return None
         lm.eval()
         mine = heldout[trainer.rank::trainer.world]
-        total, count = trainer.all_sum(list(token_kl_sum(lm, mine, cfg, vocab=vocab, teacher=teacher,
+        total, count = trainer.all_sum(list(token_kl_sum(trainer.policy, mine, cfg, vocab=vocab, teacher=teacher,
                                                          attn_impl=trainer.attn_impl, device=trainer.device)))
         return total / max(count, 1)
 
@@ -271,9 +276,7 @@ def run(cfg: KLWarmupConfig):
     else:
         heldout_start = json.loads(start_file.read_text())["heldout_kl_start"]
 
-    def make_batch(step: int):
-        from .trainer import Batch
-
+    def make_batch(step: int) -> Batch:
         idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
         mine = [data[i] for i in idx[trainer.rank * local:(trainer.rank + 1) * local]]
         (n_tok,) = trainer.all_sum([sum(len(s.completion_ids) for s in mine)])
@@ -282,7 +285,8 @@ def run(cfg: KLWarmupConfig):
     def loss_fn(policy, mb, info):
         n_tok = info.num_tokens / info.world_size       # global normaliser: micro-batches and processes add up
         if cfg.targets == "sampled":
-            logp_M, _ = trainer.token_logprobs(policy, mb, temperature=cfg.temperature)
+            logp_M = policy(mb, lambda h, w: L.chunked_token_logprobs(
+                h, w[:vocab], mb.targets, chunk_size=cfg.chunk_size, temperature=cfg.temperature)[0])
             loss, _ = L.forward_kl_sampled(mb.to_BT(logp_M), mb.mask_BT(), num_tokens=n_tok)
             return loss, {"ce": float(-logp_M.detach().mean())}
         if cfg.targets == "topk":

@@ -26,15 +26,24 @@ Left out on purpose: answers written in words, units beyond what math-verify str
 from __future__ import annotations
 
 import functools
+import gc
+import json
 import os
 import pickle
 import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing import connection
+from pathlib import Path
 
 VERDICTS = ("ok", "no_answer", "timeout", "error")
 
@@ -264,8 +273,6 @@ def _limit_memory(memory_mb: int | None) -> None:
 
 
 def _worker_main(fd: int, memory_mb: int | None) -> None:
-    import signal
-
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     _die_with_parent()
     _limit_memory(memory_mb)
@@ -281,8 +288,6 @@ def _worker_main(fd: int, memory_mb: int | None) -> None:
 
 
 def _recv_msg(sock) -> tuple[bytes, int, list[int]]:
-    import socket
-
     data, fds, _, _ = socket.recv_fds(sock, _MSG, 1)
     while data and len(data) < _MSG:
         more = sock.recv(_MSG - len(data))
@@ -294,15 +299,20 @@ def _recv_msg(sock) -> tuple[bytes, int, list[int]]:
     return data[:1], int.from_bytes(data[1:], "little", signed=True), fds
 
 
-def _zygote_main(ctl_fd: int, memory_mb: int | None) -> None:
+def _zygote_main(ctl_fd: int, memory_mb: int | None, warm_up_path: str | None) -> None:
     """Entry point of the zygote process (see the diagram above)."""
-    import gc
-    import signal
-    import socket
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     for answer in _WARM_UP_ANSWERS:  # builds math-verify's regexes and the ANTLR parser's DFA once
         verify_one(f"so \\boxed{{{answer}}}", answer)
+    if warm_up_path:
+        with open(warm_up_path) as f:
+            answers = json.load(f)
+        os.unlink(warm_up_path)
+        for answer in answers:
+            try:
+                _parse_answer(normalize_gold(answer))
+            except Exception:
+                pass
     gc.freeze()  # the warmed heap stays shared copy-on-write with every worker
     ctl = socket.socket(fileno=ctl_fd)
     children: set[int] = set()
@@ -350,18 +360,21 @@ class _Zygote:
     """The parent's handle on the zygote process: fork a worker, kill a worker, shut down."""
 
     START_TIMEOUT = 120.0  # seconds for the zygote to import math-verify and warm up (1-2 s when idle)
+    WARM_UP_TIMEOUT = 0.1  # ... plus this much per warm-up answer (~3 ms each when idle)
 
-    def __init__(self, memory_mb: int | None):
-        import socket
-        import subprocess
-        import sys
-        from pathlib import Path
-
+    def __init__(self, memory_mb: int | None, warm_up: Sequence[str]):
+        self.warm_up_path = None
+        if warm_up:  # a file: argv is too small for a dataset's answers; the zygote deletes it
+            with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="s2d-verifier-", delete=False) as f:
+                json.dump([a if isinstance(a, str) else normalize_gold(a) for a in warm_up], f)
+            self.warm_up_path = f.name
+        self.start_timeout = self.START_TIMEOUT + self.WARM_UP_TIMEOUT * len(warm_up)
         self.sock, theirs = socket.socketpair()
         root = str(Path(__file__).resolve().parents[1])  # so a source checkout works without install
         code = (
             f"import sys; root = {root!r}; sys.path[:0] = [] if root in sys.path else [root]; "
-            f"from s2d_cli.verifier import _zygote_main; _zygote_main({theirs.fileno()}, {memory_mb!r})"
+            f"from s2d_cli.verifier import _zygote_main; "
+            f"_zygote_main({theirs.fileno()}, {memory_mb!r}, {self.warm_up_path!r})"
         )
         self.process = subprocess.Popen(  # stdout is the parent's data channel (JSONL): keep it clean
             [sys.executable, "-c", code], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
@@ -370,8 +383,6 @@ class _Zygote:
         theirs.close()
 
     def _call(self, op: bytes, arg: int, fds: list[int], timeout: float) -> int:
-        import socket
-
         self.sock.settimeout(timeout)
         try:
             msg = op + arg.to_bytes(8, "little", signed=True)
@@ -387,11 +398,9 @@ class _Zygote:
             ) from e
 
     def fork_worker(self) -> tuple[int, connection.Connection]:
-        import socket
-
         mine, theirs = socket.socketpair()
         try:
-            pid = self._call(b"f", 0, [theirs.fileno()], self.START_TIMEOUT)
+            pid = self._call(b"f", 0, [theirs.fileno()], self.start_timeout)
         finally:
             theirs.close()
         return pid, connection.Connection(mine.detach())
@@ -399,13 +408,17 @@ class _Zygote:
     def kill(self, pid: int) -> None:
         self._call(b"k", pid, [], 30.0)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         self.sock.close()  # the zygote sees EOF, SIGKILLs its workers and exits
+        if kill:
+            self.process.kill()
         try:
             self.process.wait(timeout=5)
-        except Exception:
+        except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.warm_up_path and os.path.exists(self.warm_up_path):  # killed before it read the file
+            os.unlink(self.warm_up_path)
 
 
 class _Worker:
@@ -422,20 +435,20 @@ class _Worker:
 class _Processes:
     """Everything the pool must stop at the end: the zygote and the workers (both get replaced over time)."""
 
-    def __init__(self, memory_mb: int | None):
-        self.memory_mb = memory_mb
+    def __init__(self, memory_mb: int | None, warm_up: Sequence[str]):
+        self.memory_mb, self.warm_up = memory_mb, warm_up
         self.owner_pid = os.getpid()
-        self.zygote = _Zygote(memory_mb)  # warms up in the background; workers are forked on first use
+        self.zygote = _Zygote(memory_mb, warm_up)  # warms up in the background; workers fork on first use
         self.workers: list[_Worker] = []
 
     def spawn(self) -> _Worker:
         try:
             return _Worker(*self.zygote.fork_worker())
         except RuntimeError:
-            if self.zygote.process.poll() is None:
-                raise  # alive but failing: a real problem, say so
-            self.zygote.close()  # it was killed (OOM killer, a stray kill): start a new one, once
-            self.zygote = _Zygote(self.memory_mb)
+            # Killed (OOM killer, a stray kill), or stuck on a warm-up answer: start a plain one, once.
+            self.zygote.close(kill=True)
+            self.warm_up = []
+            self.zygote = _Zygote(self.memory_mb, [])
             return _Worker(*self.zygote.fork_worker())
 
     def kill(self, w: _Worker) -> None:
@@ -471,20 +484,29 @@ class Verifier:
 
     Create it once and call `verify` as often as needed (every GRPO step); `close()` or `with` ends it.
     `memory_mb` caps each worker's address space, so a runaway item fails alone instead of exhausting RAM.
+    `warm_up`: answers like the ones to come (a dataset's golds). math-verify's LaTeX parser learns as it
+    goes and is ~2x slower on its first few hundred answers; parsing these once in the zygote (~3 ms each,
+    before the first `verify` can start) teaches every worker at once instead of each on its own.
     Calls from several threads are serialised.
     """
 
     MAX_CHUNK = 16  # items sent to a worker at once: fewer round trips, still one deadline per item
     PREFETCH_BYTES = 64 * 1024  # most bytes queued behind a busy worker (socket buffers hold ~200 KiB)
 
-    def __init__(self, workers: int | None = None, timeout: float = 5.0, *, memory_mb: int | None = 4096):
-        import threading
+    def __init__(
+        self,
+        workers: int | None = None,
+        timeout: float = 5.0,
+        *,
+        memory_mb: int | None = 4096,
+        warm_up: Sequence[str] = (),
+    ):
 
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.n_workers = max(1, workers or _default_workers())
         self.timeout = float(timeout)
-        self._procs = _Processes(memory_mb)
+        self._procs = _Processes(memory_mb, list(warm_up))
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, self._procs.shutdown)  # also runs at interpreter exit
 
@@ -506,6 +528,8 @@ class Verifier:
         with self._lock:
             if not self._finalizer.alive:
                 raise RuntimeError("this Verifier is closed")
+            if os.getpid() != self._procs.owner_pid:  # its sockets are shared with the parent's copy
+                raise RuntimeError("a Verifier cannot be used in a forked child; create one there")
             if not pairs:
                 return []
             workers = self._procs.workers

@@ -219,6 +219,29 @@ def test_stage_yaml_resolves_with_its_header_command():
 
 
 # ------------------------------------------------------------------------------------------------
+# micro-batches add up
+
+@pytest.mark.parametrize("targets", ["sampled", "full"])
+def test_micro_batches_add_up_to_the_full_batch(world, tmp_path, targets):
+    """The loss is normalised by the global token count, so one step over 8 sequences gives the same
+    loss, metric and update whether they are packed into one micro-batch or into many."""
+    runs = {}
+    for budget in (64, 4096):
+        out = tmp_path / str(budget)
+        s2d("kl-warmup", "--student", world.student, "--teacher", world.teacher, "--rollouts", world.train,
+            "--targets", targets, "--steps", 1, "--batch-size", 8, "--lr", 1e-3,
+            "--set", f"micro_batch_tokens={budget}", "--out", out)
+        runs[budget] = (json.loads((out / "metrics.jsonl").read_text()), weights(out))
+    (small, w_small), (large, w_large) = runs[64], runs[4096]
+    key = "ce" if targets == "sampled" else "forward_kl"
+    assert small["loss"] == pytest.approx(large["loss"], rel=1e-5)
+    assert small[key] == pytest.approx(large[key], rel=1e-5) and small[key] == pytest.approx(small["loss"], rel=1e-5)
+    assert small["grad_norm"] == pytest.approx(large["grad_norm"], rel=1e-4)
+    for k in w_small:
+        torch.testing.assert_close(w_small[k], w_large[k], atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
 # resume
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

@@ -145,6 +145,26 @@ def test_teacher_equal_to_student_gives_zero_loss_and_gradient(world, tmp_path, 
 
 
 # ------------------------------------------------------------------------------------------------
+# micro-batches add up
+
+@pytest.mark.parametrize("loss", ["sampled", "full"])
+def test_micro_batches_add_up_to_the_full_batch(world, tmp_path, loss):
+    """Global normalisers: one step over the same (seeded) samples gives the same loss, metrics and
+    gradient norm packed into one micro-batch or one per sequence."""
+    rows = []
+    for budget in (32, 4096):
+        out = tmp_path / str(budget)
+        s2d("opd", "--student", world.student, "--teacher", world.teacher, "--dataset", world.prompts,
+            "--loss", loss, "--steps", 1, "--n", 2, "--prompts-per-step", 2, "--max-new-tokens", 24, "--lr", 1e-3,
+            "--set", f"micro_batch_tokens={budget}", "--out", out)
+        rows.append(metrics(out)[0])
+    small, large = rows
+    assert small["tokens"] == large["tokens"]                      # the same samples
+    for key in ("loss", "reverse_kl", "grad_norm") + (("reverse_kl_exact",) if loss == "full" else ()):
+        assert small[key] == pytest.approx(large[key], rel=1e-4), key
+
+
+# ------------------------------------------------------------------------------------------------
 # the frozen teacher
 
 def test_teacher_is_frozen(world, tmp_path, monkeypatch):

@@ -160,6 +160,8 @@ def test_math500_gold_solutions_verify_against_their_answers():
     verdicts = verifier.verify(pairs[:250])
     pids = verifier.worker_pids()
     verdicts += verifier.verify(pairs[250:])
+    # and a control: each of the first 100 solutions against the next problem's answer
+    shifted = verifier.verify([(rows[i]["solution"], rows[i + 1]["answer"]) for i in range(100)])
     assert verifier.worker_pids() == pids and len(pids) == 2  # the same workers serve every call
     verifier.close()
 
@@ -167,6 +169,10 @@ def test_math500_gold_solutions_verify_against_their_answers():
     assert wrong == []
     assert {v.verdict for v in verdicts} == {"ok"}
     assert verdicts[0].extracted == r"\left( 3, \frac{\pi}{2} \right)"  # the last box of the first solution
+    # wrong, except where the two answers agree (problem 22's "5" and problem 23's "x=5")
+    agree = [i for i in range(100) if verify_one(rf"\boxed{{{rows[i]['answer']}}}", rows[i + 1]["answer"]).correct]
+    assert agree == [22]
+    assert [i for i, v in enumerate(shifted) if v.correct] == agree
 
     deadline = time.monotonic() + 5  # close() leaves no process behind
     while any(_running(p) for p in pids) and time.monotonic() < deadline:
@@ -228,8 +234,10 @@ def test_long_completions_queued_behind_a_stuck_item_do_not_block_its_deadline()
 
 
 def test_a_crashed_worker_costs_only_its_own_item():
-    with Verifier(workers=1, timeout=60.0) as verifier:
-        verifier.verify([(r"\boxed{1}", "1")])
+    # (warm_up: answers the zygote parses once before forking, so every worker inherits a trained parser)
+    with Verifier(workers=1, timeout=60.0, warm_up=["1", r"\frac{1}{2}", "025", 27.0]) as verifier:
+        assert verifier.verify([(r"\boxed{27}", 27.0)])[0].correct
+        assert not Path(verifier._procs.zygote.warm_up_path).exists()  # the zygote read and deleted it
         (pid,) = verifier.worker_pids()
         killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))  # like the OOM killer, mid-item
         killer.start()

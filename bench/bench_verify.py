@@ -1,0 +1,249 @@
+"""Throughput of the verifier pool against checking answers one by one in a single process.
+
+    python bench/bench_verify.py --workers 2 --repeats 3 --out bench/results/verify.md
+
+Records (`--records distinct`, the default): the 500 MATH-500 gold solutions, 500 more MATH test
+solutions (problems outside MATH-500; gold = the solution's last box), and 200 model-like completions
+built from MATH-500: 100 ending "the final answer is: $\\boxed{...}$", 50 with a wrong boxed answer,
+50 with no box at all (math-verify's own extraction over the whole text). `--records math500x2` uses the
+MATH-500 solutions twice instead; the second copy then costs little once its parses are cached.
+
+Every repeat starts fresh processes for every method. Before the clock starts, each method checks
+`--warm-up` MATH *train* solutions (other problems than the timed ones): math-verify's LaTeX parser
+(ANTLR) learns its prediction tables as it meets new inputs, and a fresh process is about twice as slow
+on its first few hundred items as later. A trainer's pool lives for the whole run, so the warm numbers
+are the ones that matter. The pool also gets the warm-up golds as `Verifier(warm_up=...)`, parsed once
+in its zygote before the workers fork. `--warm-up 0` measures cold processes, where every worker pays
+that learning on its own. Repeats are interleaved, so a busy machine slows all methods alike. Methods:
+
+- `verify_one`, sequential: s2d's own checking (last box, gold normalisation) in a loop, one process;
+- math-verify, sequential: `verify(parse("$gold$"), parse(completion))` with its defaults, one process;
+- `Verifier(workers=N)`: the pool (zygote start and worker forks happen before the clock starts);
+- N independent `verify_one` processes, each on every N-th record, started together after their
+  warm-up: no pool and no IPC, so the best N cores of this machine can do.
+
+Besides wall time, the table gives CPU seconds (the pool's = parent + workers, read from /proc). On a
+machine other users keep busy, wall-clock speed-ups say little: Linux's autogroup scheduler shares the
+CPUs between sessions, not processes, so the pool's workers together get no more CPU than the one
+sequential process once another session keeps a CPU busy. CPU time varies by some 20 % there too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from s2d_cli.verifier import Verifier, last_boxed, verify_one
+
+DEFAULT_DATA = Path(os.environ.get("S2D_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
+SEQUENTIAL = {"verify_one": "`verify_one`, sequential", "math_verify": "math-verify `parse`+`verify`, sequential"}
+Records = list[tuple[str, str]]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def build_records(data_dir: Path, kind: str = "distinct") -> Records:
+    """1,200 (completion, gold) pairs; see the module docstring."""
+    rows = read_jsonl(data_dir / "math500/test.jsonl")
+    gold = [(r["solution"], r["answer"]) for r in rows]
+    if kind == "math500x2":
+        second = gold
+    else:  # 500 more MATH test problems, none of them in MATH-500; their gold is the solution's last box
+        seen = {r["problem"] for r in rows}
+        more = [(m["solution"], last_boxed(m["solution"])) for m in read_jsonl(data_dir / "math/test.jsonl")
+                if m["problem"] not in seen]
+        second = [(solution, answer) for solution, answer in more if answer][:500]
+    model_like = []
+    for i, r in enumerate(rows[:200]):
+        body = re.sub(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}", r"\1", r["solution"])  # boxes removed
+        intro = f"Let me work through this step by step.\n\n{body}\n\n"
+        if i < 100:
+            ending = f"Therefore, the final answer is: $\\boxed{{{r['answer']}}}$. I hope it is correct."
+        elif i < 150:
+            ending = "So the answer is \\boxed{17}."
+        else:
+            ending = f"The answer is ${r['answer']}$."
+        model_like.append((intro + ending, r["answer"]))
+    return gold + second + model_like
+
+
+def build_warm_up(data_dir: Path, n: int) -> Records:
+    """`n` MATH train solutions (a fixed shuffle), each against its own last box."""
+    train = read_jsonl(data_dir / "math/train.jsonl")
+    random.Random(0).shuffle(train)
+    pairs = [(t["solution"], last_boxed(t["solution"])) for t in train]
+    return [(solution, answer) for solution, answer in pairs if answer][:n]
+
+
+def check_sequential(method: str, records: Records) -> int:
+    if method == "verify_one":
+        return sum(verify_one(c, g).correct for c, g in records)
+    from math_verify import parse, verify
+
+    return sum(bool(verify(parse(f"${g}$"), parse(c))) for c, g in records)
+
+
+def run_sequential(method: str, records: Records, warm_up: Records, sync: Path | None = None) -> dict:
+    """One timed pass in this (fresh) process, after an untimed one over `warm_up`.
+
+    With `sync` (a folder), it says `ready-<pid>` there after the warm-up and starts on `go`, so that
+    several such processes time the same stretch.
+    """
+    check_sequential(method, warm_up or [(r"\boxed{1}", "1")])
+    if sync:
+        (sync / f"ready-{os.getpid()}").touch()
+        while not (sync / "go").exists():
+            time.sleep(0.002)
+    wall, cpu = time.perf_counter(), time.process_time()
+    correct = check_sequential(method, records)
+    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "correct": correct}
+
+
+def run_split(child: list[str], n: int) -> dict:
+    """`n` independent `verify_one` processes, each on every n-th record, started together: no pool, no
+    IPC, so this is what `n` cores of this machine can give at best."""
+    with tempfile.TemporaryDirectory() as sync:
+        procs = [subprocess.Popen([*child, "--child", "verify_one", "--shard", f"{k}/{n}", "--sync", sync],
+                                  stdout=subprocess.PIPE, text=True) for k in range(n)]
+        while len(list(Path(sync).glob("ready-*"))) < n and all(p.poll() is None for p in procs):
+            time.sleep(0.01)
+        (Path(sync) / "go").touch()
+        outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
+    return {"wall": max(o["wall"] for o in outs), "cpu": sum(o["cpu"] for o in outs),
+            "correct": sum(o["correct"] for o in outs)}
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+    return total
+
+
+def run_pool(records: Records, warm_up: Records, workers: int, timeout: float) -> dict:
+    # The trainer's way: the zygote parses the warm-up golds once, then the workers check the items.
+    with Verifier(workers=workers, timeout=timeout, warm_up=[gold for _, gold in warm_up]) as verifier:
+        start = time.perf_counter()
+        verifier.verify([(r"\boxed{1}", "1")])  # zygote start and worker forks, off the clock
+        startup = time.perf_counter() - start
+        if warm_up:
+            verifier.verify(warm_up)
+        pids = verifier.worker_pids()
+        cpu = cpu_seconds(pids) + time.process_time()
+        wall = time.perf_counter()
+        verdicts = verifier.verify(records)
+        wall = time.perf_counter() - wall
+        replaced = verifier.worker_pids() != pids  # a timeout: the killed worker's CPU time is lost
+        cpu = float("nan") if replaced else cpu_seconds(pids) + time.process_time() - cpu
+    return {"wall": wall, "cpu": cpu, "correct": sum(v.correct for v in verdicts), "startup": startup,
+            "verdicts": sorted({v.verdict for v in verdicts})}
+
+
+def median_cpu(runs: list[dict]) -> float:
+    known = [r["cpu"] for r in runs if r["cpu"] == r["cpu"]]  # NaN: a worker was killed mid-run
+    return statistics.median(known) if known else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the shared/data folder")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=30.0,
+                    help="the pool's per-item limit, seconds (high: this measures throughput, not timeouts)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--records", choices=("distinct", "math500x2"), default="distinct")
+    ap.add_argument("--warm-up", type=int, default=1200, help="untimed MATH train items per method first")
+    ap.add_argument("--limit", type=int, default=0, help="time only the first N records (0: all)")
+    ap.add_argument("--out", type=Path, help="also write the markdown table here")
+    ap.add_argument("--child", choices=SEQUENTIAL, help=argparse.SUPPRESS)  # one sequential pass, as JSON
+    ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)  # k/n: the child takes records[k::n]
+    ap.add_argument("--sync", type=Path, help=argparse.SUPPRESS)  # see run_sequential
+    args = ap.parse_args()
+
+    records = build_records(args.data, args.records)
+    if args.limit:
+        records = records[: args.limit]
+    warm_up = build_warm_up(args.data, args.warm_up) if args.warm_up else []
+    if args.child:
+        k, n = map(int, args.shard.split("/"))
+        print(json.dumps(run_sequential(args.child, records[k::n], warm_up, args.sync)))
+        return
+
+    pool_name = f"`Verifier(workers={args.workers})`"
+    split_name = f"{args.workers} independent `verify_one` processes, 1/{args.workers} of the records each"
+    runs: dict[str, list[dict]] = {name: [] for name in [*SEQUENTIAL.values(), pool_name, split_name]}
+    load_before = os.getloadavg()
+    child = [sys.executable, __file__, "--data", str(args.data), "--limit", str(args.limit),
+             "--records", args.records, "--warm-up", str(args.warm_up)]
+    for repeat in range(args.repeats):
+        for method, name in SEQUENTIAL.items():
+            out = subprocess.run([*child, "--child", method], check=True, capture_output=True, text=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs[pool_name].append(run_pool(records, warm_up, args.workers, args.timeout))
+        runs[split_name].append(run_split(child, args.workers))
+        print(f"repeat {repeat + 1}/{args.repeats}: " + ", ".join(
+            f"{name} {r[-1]['wall']:.2f} s" for name, r in runs.items()), file=sys.stderr)
+    load_after = os.getloadavg()
+
+    n = len(records)
+    base_wall = statistics.median(r["wall"] for r in runs[SEQUENTIAL["verify_one"]])
+    raw_wall = statistics.median(r["wall"] for r in runs[SEQUENTIAL["math_verify"]])
+    base_cpu, pool_cpu = median_cpu(runs[SEQUENTIAL["verify_one"]]), median_cpu(runs[pool_name])
+    startup = statistics.median(r["startup"] for r in runs[pool_name])
+    lines = [
+        f"## Verifier throughput: {n} records ({args.records}), {args.repeats} repeats, "
+        f"{args.warm_up} warm-up items, fresh processes each repeat",
+        "",
+        f"{platform.node()}: {os.cpu_count()} CPUs, {len(os.sched_getaffinity(0))} usable by this process; "
+        f"load average {load_before[0]:.1f} before and {load_after[0]:.1f} after (other jobs share the CPUs). "
+        f"Pool start-up (zygote import + warm-up + forks), median {startup:.2f} s; "
+        f"pool verdicts seen: {sorted({v for r in runs[pool_name] for v in r['verdicts']})}.",
+        "",
+        "| method | wall min s | median s | max s | items/s (median) | speed-up vs `verify_one` | vs math-verify "
+        "| CPU s (median) | CPU ms per item | correct |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rs in runs.items():
+        walls = [r["wall"] for r in rs]
+        med, cpu = statistics.median(walls), median_cpu(rs)
+        lines.append(
+            f"| {name} | {min(walls):.2f} | {med:.2f} | {max(walls):.2f} | {n / med:.0f} | {base_wall / med:.2f}x "
+            f"| {raw_wall / med:.2f}x | {cpu:.2f} | {1000 * cpu / n:.2f} | {rs[-1]['correct']}/{n} |"
+        )
+    split_wall = statistics.median(r["wall"] for r in runs[split_name])
+    split_cpu = median_cpu(runs[split_name])
+    lines += [
+        "",
+        f"CPU cost relative to `verify_one` in one process: the pool {pool_cpu / base_cpu:.2f}x, "
+        f"{args.workers} independent processes {split_cpu / base_cpu:.2f}x (1.00x = none; processes that "
+        f"run side by side on this machine each get slower, pool or not). The pool reaches "
+        f"{split_wall / statistics.median(r['wall'] for r in runs[pool_name]):.0%} of the independent "
+        f"processes' speed-up.",
+    ]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(table)
+        tmp.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()

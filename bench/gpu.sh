@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# s2d vs TRL on one GPU, random-init Qwen3-0.6B shape (bf16), sized for about 8 minutes on one H100.
+#
+#     bash bench/gpu.sh                    # from the repo root on the GPU machine, with .whl/ carried
+#     REPEATS=2 bash bench/gpu.sh          # more repeats per row (about 4 more minutes each)
+#
+# The machine's image has torch, transformers and accelerate but not trl, datasets or math-verify:
+# their wheels (and the few dependencies the image lacks) travel in .whl/ and are installed into a
+# private --target directory, put first on PYTHONPATH together with the repo (s2d is not installed).
+# Then: versions, the lm-head fast-path check (bench/gpu_check.py), and bench/run.py --profile gpu:
+# each row's sides in their own processes with a per-process timeout; a failing row is reported in the
+# table and the next one runs. Results: $OUT/gpu_results.md (table), $OUT/gpu_results.log (children's
+# stderr), $OUT/gpu_check.txt. OUT defaults to bench/gpu-out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-bench/gpu-out}"
+mkdir -p "$OUT"
+PY="${PY:-python3}"
+SITE="${SITE:-/tmp/s2d-site}"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+else
+    echo "bench/gpu.sh: no .whl/ here; using whatever trl/datasets/math-verify the image has" >&2
+fi
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+
+echo "== versions"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" - <<'EOF' || true
+import platform
+from importlib.metadata import PackageNotFoundError, version
+import torch
+print("python", platform.python_version(), "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO GPU")
+for name in ("torch", "transformers", "accelerate", "trl", "datasets", "math-verify", "flash-attn", "liger-kernel"):
+    try:
+        print(f"  {name} {version(name)}")
+    except PackageNotFoundError:
+        print(f"  {name} (not installed)")
+EOF
+
+echo "== lm-head fast path check"
+timeout 150 "$PY" bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt" || echo "gpu_check failed (exit $?); continuing"
+
+echo "== comparisons"
+timeout "${BENCH_TIMEOUT:-480}" "$PY" bench/run.py --profile gpu --repeats "${REPEATS:-1}" --out "$OUT/gpu_results.md" \
+    --log "$OUT/gpu_results.log" \
+    || echo "bench/run.py exit $? (the table holds the rows finished before it)"
+if [[ -f "$OUT/gpu_results.md" ]]; then cat "$OUT/gpu_results.md"; fi
