@@ -83,6 +83,9 @@ PromptFieldOpt = Annotated[str | None, typer.Option("--prompt-field", help="Reco
 AnswerFieldOpt = Annotated[str | None, typer.Option("--answer-field", help="Record field holding the gold answer (default: answer/gold/target/solution).")]
 IdFieldOpt = Annotated[str | None, typer.Option("--id-field", help="Record field holding the prompt id (default: unique_id/id/idx/line number).")]
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="auto (vllm when installed), hf or vllm.")]
+# trainers: a run directory (never '-'), and auto rollouts run on the policy in process (hf) unless vllm is asked
+RunOutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory (config, metrics.jsonl, checkpoints, model).")]
+TrainBackendOpt = Annotated[str | None, typer.Option("--backend", help="Rollout engine: hf (the policy itself; what auto picks) or vllm (weights pushed after every update).")]
 
 
 def progress():

@@ -331,7 +331,7 @@ def _vllm_ok(cfg: GRPOConfig, trainer: Trainer) -> bool:
 
 
 def command(
-    model: cu.ModelOpt = None, dataset: cu.DatasetOpt = None, out: cu.OutOpt = None,
+    model: cu.ModelOpt = None, dataset: cu.DatasetOpt = None, out: cu.RunOutOpt = None,
     steps: int = typer.Option(None, "--steps", help="Optimizer steps."),
     group_size: int = typer.Option(None, "--group-size", "-G", help="Completions per prompt (G)."),
     prompts_per_step: int = typer.Option(None, "--prompts-per-step", "-P", help="Prompts per step (P)."),
@@ -343,7 +343,7 @@ def command(
     rollouts: str = typer.Option(None, "--rollouts", help="Update from existing verified rollouts."),
     reward: str = typer.Option(None, "--reward", help="math (verifier) or module:function."),
     resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
-    backend: cu.BackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
+    backend: cu.TrainBackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
     """Sparse-reward RL (GRPO and variants) on verified math rewards.

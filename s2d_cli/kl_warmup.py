@@ -316,7 +316,7 @@ def command(
     student: StudentOpt = None, teacher: TeacherOpt = None,
     rollouts: str = typer.Option(None, "--rollouts", "-r", help="Teacher sequences: artifact, JSONL or '-'."),
     targets: str = typer.Option(None, "--targets", help="sampled, topk or full."),
-    out: cu.OutOpt = None,
+    out: cu.RunOutOpt = None,
     steps: int = typer.Option(None, "--steps", help="Optimizer steps."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Sequences per step."),

@@ -345,7 +345,6 @@ def _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high, 
             "clip_high_frac": _item(masked_mean(high_BT.float(), m_BT)),
             "ratio_mean": _item(masked_mean(ratio_BT, m_BT)),
             "ratio_max": _item(torch.where(m_BT, ratio_BT, 0.0).max()) if m_BT.any() else 1.0,
-            "num_tokens": _item(m_BT.sum()),
         }
     return loss_BT, metrics
 
@@ -460,7 +459,6 @@ def gspo_loss(
             "clip_high_frac": _item(high_B.float().mean()),
             "ratio_mean": _item(s_B.mean()),
             "ratio_max": _item(s_B.max()),
-            "num_tokens": _item(m_BT.sum()),
         }
     return loss, metrics
 
@@ -479,7 +477,7 @@ def forward_kl_sampled(
     denom = num_tokens if num_tokens is not None else mask_BT.bool().sum().clamp_min(1).to(student_logp_BT.dtype)
     loss = -masked_sum(student_logp_BT, mask_BT) / denom
     nll = _item(loss)
-    return loss, {"nll": nll, "ppl": math.exp(min(nll, 50.0)), "num_tokens": _item(mask_BT.bool().sum())}
+    return loss, {"nll": nll, "ppl": math.exp(min(nll, 50.0))}
 
 
 def forward_kl_topk(
@@ -674,6 +672,5 @@ def opd_sampled_loss(
         "reverse_kl": _item(masked_mean(reverse_kl_BT, m_BT)),
         "adv_mean": _item(masked_mean(adv_BT, m_BT)),
         "ratio_mean": _item(masked_mean(ratio_BT.detach(), m_BT)),
-        "num_tokens": _item(m_BT.sum()),
     }
     return loss, metrics

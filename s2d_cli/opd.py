@@ -271,7 +271,7 @@ def run(cfg: OPDConfig):
 
 
 def command(
-    student: StudentOpt = None, teacher: TeacherOpt = None, dataset: cu.DatasetOpt = None, out: cu.OutOpt = None,
+    student: StudentOpt = None, teacher: TeacherOpt = None, dataset: cu.DatasetOpt = None, out: cu.RunOutOpt = None,
     steps: int = typer.Option(None, "--steps", help="Optimizer steps."),
     loss: str = typer.Option(None, "--loss", help="sampled, full or topk."),
     alpha: float = typer.Option(None, "--alpha", help="Weight of the group-normalised verifier reward (0: none)."),
@@ -283,7 +283,7 @@ def command(
     discount: float = typer.Option(None, "--discount", help="sampled loss: discount of future per-token advantages."),
     allow_vocab_size_mismatch: AllowMismatchOpt = None,
     resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
-    backend: cu.BackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
+    backend: cu.TrainBackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
     """Stage 2b: on-policy distillation, per-token reverse KL to the teacher on the student's samples.

@@ -4,13 +4,13 @@
     s2d toy --split test --n 200 | head -3                                    # JSONL on stdout
     s2d eval --model runs/toy/student --dataset toy:split=test,n=200 --n 4 --max-new-tokens 64
 
-Levels (each solution is at most ~45 tokens with the tiny digit-split tokenizer):
-  1  a + b        two-digit operands              "37 + 48 = 85. The answer is \\boxed{85}."
-  2  a + b - c    two-digit operands, result >= 0 "37 + 48 = 85. 85 - 19 = 66. The answer is \\boxed{66}."
-  3  a * b + c    one digit times two digits, plus two digits, the product as partial products:
-                  "7 * 48 = 280 + 56 = 336. 336 + 25 = 361. The answer is \\boxed{361}."
-  4  (a + b) * c  two-digit sum times one digit (not in the default 1-3)
-                  "37 + 48 = 85. 85 * 7 = 560 + 35 = 595. The answer is \\boxed{595}."
+Levels: every solution works column by column, units first, each line one column with the carry
+it takes in, so each step is a one-digit fact a tiny model can learn (the tiny tokenizer splits digits):
+  1  a + b          two-digit operands     "7 + 8 = 15. 3 + 4 + 1 = 8. The answer is \\boxed{85}."
+  2  a + b + c      two-digit operands     "7 + 8 + 5 = 20. 3 + 4 + 2 + 2 = 11. The answer is \\boxed{110}."
+  3  a * b          one digit times three  "7 * 8 = 56. 7 * 4 + 5 = 33. 7 * 3 + 3 = 24. The answer is \\boxed{2436}."
+  4  (a + b) * c    three-digit sum times one digit (not in the default 1-3): the sum's columns, the
+                    sum, then the product's columns.
 
 Splits: `test` (held out), `train` (labelled prompts for GRPO), `pool` (prompts the recipe uses without
 their labels: rollouts for kl-warmup, opd) and `sft` (a worked solution in `completion`; with
@@ -45,7 +45,7 @@ LEVELS = (1, 2, 3, 4)
 DEFAULT_LEVELS = "1-3"
 TEST_REGION = 5          # 1 problem in TEST_REGION belongs to the test region
 MAX_TRIES = 200          # draws per record before giving up on finding a new distinct problem
-SLIPS = (-10, -1, 1, 10)  # a dropped or doubled carry, an off-by-one in the units digit
+SLIPS = (-1, 1)  # a column misadded (or mismultiplied) by one
 
 
 @dataclass
@@ -131,60 +131,89 @@ def _draw(level: int, rng: random.Random) -> tuple[int, ...]:
     if level == 1:
         return rng.randint(10, 99), rng.randint(10, 99)
     if level == 2:
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        return a, b, rng.randint(10, min(99, a + b))
+        return rng.randint(10, 99), rng.randint(10, 99), rng.randint(10, 99)
     if level == 3:
-        return rng.randint(2, 9), rng.randint(11, 99), rng.randint(10, 99)
-    return rng.randint(10, 99), rng.randint(10, 99), rng.randint(2, 9)
+        return rng.randint(2, 9), rng.randint(100, 999)
+    return rng.randint(100, 999), rng.randint(100, 999), rng.randint(2, 9)
 
 
 def problem_text(level: int, nums: tuple[int, ...]) -> str:
     if level == 1:
         return "Compute {} + {}.".format(*nums)
     if level == 2:
-        return "Compute {} + {} - {}.".format(*nums)
+        return "Compute {} + {} + {}.".format(*nums)
     if level == 3:
-        return "Compute {} * {} + {}.".format(*nums)
+        return "Compute {} * {}.".format(*nums)
     return "Compute ({} + {}) * {}.".format(*nums)
 
 
-def _times(x: int, digit: int) -> tuple[int, int]:
-    """Partial products of x * digit: tens part and units part (48 * 7 -> 280, 56)."""
-    return x // 10 * 10 * digit, x % 10 * digit
+def _digits(x: int, width: int) -> list[int]:
+    """Units first: 348 -> [8, 4, 3]; zero-padded to width."""
+    return [x // 10 ** i % 10 for i in range(width)]
+
+
+def _add_columns(terms: tuple[int, ...], slip) -> tuple[list[str], int]:
+    """Column addition, units first, each column's sum written with the carry it takes in:
+    37 + 48 -> ["7 + 8 = 15.", "3 + 4 + 1 = 8."], 85. The last column's sum is written whole."""
+    width = max(len(str(t)) for t in terms)
+    cols = [_digits(t, width) for t in terms]
+    lines, carry, value = [], None, 0
+    for i in range(width):
+        parts = [c[i] for c in cols] + ([carry] if carry is not None else [])
+        s = slip(sum(parts))
+        lines.append(" + ".join(map(str, parts)) + f" = {s}.")
+        if i < width - 1:
+            value += s % 10 * 10 ** i
+            carry = s // 10
+        else:
+            value += s * 10 ** i
+    return lines, value
+
+
+def _times_columns(x: int, d: int, slip) -> tuple[list[str], int]:
+    """Multiplication by one digit, units first: 7 * 348 -> ["7 * 8 = 56.", "7 * 4 + 5 = 33.",
+    "7 * 3 + 3 = 24."], 2436."""
+    width = len(str(x))
+    lines, carry, value = [], None, 0
+    for i, xd in enumerate(_digits(x, width)):
+        s = slip(d * xd + (carry or 0))
+        lines.append(f"{d} * {xd}" + (f" + {carry}" if carry is not None else "") + f" = {s}.")
+        if i < width - 1:
+            value += s % 10 * 10 ** i
+            carry = s // 10
+        else:
+            value += s * 10 ** i
+    return lines, value
 
 
 def worked_solution(level: int, nums: tuple[int, ...], slip: tuple[int, int] | None = None) -> tuple[str, int]:
-    """(solution text, final answer). `slip` = (step, delta) adds delta to that step's result; later
-    steps are computed correctly from the wrong value, as a student who dropped a carry would."""
-    def step(i: int, value: int) -> int:
-        return value + slip[1] if slip is not None and slip[0] == i else value
+    """(solution text, final answer): the sum or product column by column, units first, each column
+    one line with the carry it takes in, then the boxed answer. `slip` = (line, delta) adds delta to
+    that line's result; later lines carry the wrong value on, as a student who misadded a column
+    would, so the final answer is off by delta * 10**column."""
+    counter = iter(range(10 ** 6))
 
-    if level == 1:
-        a, b = nums
-        s = step(0, a + b)
-        lines = [f"{a} + {b} = {s}."]
-    elif level == 2:
-        a, b, c = nums
-        s = step(0, a + b)
-        r = step(1, s - c)
-        lines, s = [f"{a} + {b} = {s}.", f"{s} - {c} = {r}."], r
+    def slipped(value: int) -> int:
+        if slip is None or next(counter) != slip[0]:
+            return value
+        return value + slip[1] if value + slip[1] >= 0 else value + 1  # no column sums to -1
+
+    if level in (1, 2):
+        lines, answer = _add_columns(nums, slipped)
     elif level == 3:
-        a, b, c = nums
-        tens, units = _times(b, a)
-        p = step(0, tens + units)
-        r = step(1, p + c)
-        lines, s = [f"{a} * {b} = {tens} + {units} = {p}.", f"{p} + {c} = {r}."], r
+        d, x = nums
+        lines, answer = _times_columns(x, d, slipped)
     else:
-        a, b, c = nums
-        t = step(0, a + b)
-        tens, units = _times(t, c)
-        p = step(1, tens + units)
-        lines, s = [f"{a} + {b} = {t}.", f"{t} * {c} = {tens} + {units} = {p}."], p
-    return " ".join([*lines, f"The answer is \\boxed{{{s}}}."]), s
+        a, b, d = nums
+        first, total = _add_columns((a, b), slipped)
+        second, answer = _times_columns(total, d, slipped)
+        lines = first + [f"{a} + {b} = {total}."] + second
+    return " ".join([*lines, f"The answer is \\boxed{{{answer}}}."]), answer
 
 
 def num_steps(level: int) -> int:
-    return 1 if level == 1 else 2
+    """Lines a slip can land on (the column lines)."""
+    return {1: 2, 2: 2, 3: 3, 4: 6}[level]
 
 
 def in_test_region(problem: str) -> bool:

