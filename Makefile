@@ -39,8 +39,10 @@ else
 endif
 	touch $@
 
+# outputs in runs/toy/seed-N (table.md, report/results.md); SEEDS="0 1 2" for mean +- std, SMALL=1 for
+# the reduced setting CI runs; a second `make demo` redoes nothing
 demo: install
-	$(MAKE) -C examples/toy demo S2D=$(abspath $(S2D)) PY=$(abspath $(PY))
+	$(MAKE) -C examples/toy demo S2D=$(abspath $(S2D)) PY=$(abspath $(PY)) OUT=$(abspath runs/toy)
 
 test: install install-vllm
 	$(PY) -m pytest -q $(PYTEST_ARGS)

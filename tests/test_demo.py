@@ -38,7 +38,7 @@ def demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    first = demo(out)
+    first = demo(out, "-j2")  # two independent s2d commands at a time, one thread each
     assert first.returncode == 0, first.stderr[-3000:]
     return out, first
 

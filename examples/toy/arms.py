@@ -1,4 +1,4 @@
-"""Write the arms file of one demo run: arm -> its eval, the training runs that made it, labels spent.
+"""Write the arms file of one demo run: arm -> its eval, every training run it depends on, labels spent.
 
     python examples/toy/arms.py runs/toy/seed-0 64 > runs/toy/seed-0/arms.json
 
@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 import sys
 
-CHAINS = {  # arm -> training runs that produced it, in order
+CHAINS = {  # arm -> every training run it depends on (the teacher's included), in order
     "student-base": ["student-base"],
     "student-grpo": ["student-base", "student-grpo"],
     "teacher-base": ["teacher-base"],
     "teacher-grpo": ["teacher-base", "teacher-grpo"],
-    "bridge-base": ["student-base", "kl-base", "bridge-base"],
-    "kl-rl": ["teacher-grpo", "student-base", "kl-rl"],
-    "opd-rl": ["teacher-grpo", "student-base", "opd-rl"],
-    "bridge-rl": ["teacher-grpo", "student-base", "kl-rl", "bridge-rl"],
-    "bridge-rl-grpo": ["teacher-grpo", "student-base", "kl-rl", "bridge-rl", "bridge-rl-grpo"],
-    "bridge-rl-replay": ["teacher-grpo", "student-base", "kl-rl", "bridge-rl", "bridge-rl-replay"],
+    "bridge-base": ["teacher-base", "student-base", "kl-base", "bridge-base"],
+    "kl-rl": ["teacher-base", "teacher-grpo", "student-base", "kl-rl"],
+    "opd-rl": ["teacher-base", "teacher-grpo", "student-base", "opd-rl"],
+    "bridge-rl": ["teacher-base", "teacher-grpo", "student-base", "kl-rl", "bridge-rl"],
+    "bridge-rl-grpo": ["teacher-base", "teacher-grpo", "student-base", "kl-rl", "bridge-rl", "bridge-rl-grpo"],
+    "bridge-rl-replay": ["teacher-base", "teacher-grpo", "student-base", "kl-rl", "bridge-rl", "bridge-rl-replay"],
 }
 USES_LABELS = {"student-grpo", "teacher-grpo", "bridge-rl-grpo"}
 
