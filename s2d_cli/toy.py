@@ -152,38 +152,41 @@ def _digits(x: int, width: int) -> list[int]:
     return [x // 10 ** i % 10 for i in range(width)]
 
 
-def _add_columns(terms: tuple[int, ...], slip) -> tuple[list[str], int]:
-    """Column addition, units first, each column's sum written with the carry it takes in:
-    37 + 48 -> ["7 + 8 = 15.", "3 + 4 + 1 = 8."], 85. The last column's sum is written whole."""
-    width = max(len(str(t)) for t in terms)
-    cols = [_digits(t, width) for t in terms]
+def _columns(width: int, column, slip) -> tuple[list[str], int]:
+    """Units first: `column(i, carry)` gives the line's left side and its value; each line is written
+    '<left> = <value>.', keeps the units digit and carries the rest; the last column is written whole."""
     lines, carry, value = [], None, 0
     for i in range(width):
-        parts = [c[i] for c in cols] + ([carry] if carry is not None else [])
-        s = slip(sum(parts))
-        lines.append(" + ".join(map(str, parts)) + f" = {s}.")
+        left, raw = column(i, carry)
+        s = slip(raw)
+        lines.append(f"{left} = {s}.")
         if i < width - 1:
             value += s % 10 * 10 ** i
             carry = s // 10
         else:
             value += s * 10 ** i
     return lines, value
+
+
+def _add_columns(terms: tuple[int, ...], slip) -> tuple[list[str], int]:
+    """Column addition: 37 + 48 -> ["7 + 8 = 15.", "3 + 4 + 1 = 8."], 85."""
+    width = max(len(str(t)) for t in terms)
+    cols = [_digits(t, width) for t in terms]
+
+    def column(i: int, carry: int | None) -> tuple[str, int]:
+        parts = [c[i] for c in cols] + ([carry] if carry is not None else [])
+        return " + ".join(map(str, parts)), sum(parts)
+    return _columns(width, column, slip)
 
 
 def _times_columns(x: int, d: int, slip) -> tuple[list[str], int]:
-    """Multiplication by one digit, units first: 7 * 348 -> ["7 * 8 = 56.", "7 * 4 + 5 = 33.",
-    "7 * 3 + 3 = 24."], 2436."""
+    """Multiplication by one digit: 7 * 348 -> ["7 * 8 = 56.", "7 * 4 + 5 = 33.", "7 * 3 + 3 = 24."], 2436."""
     width = len(str(x))
-    lines, carry, value = [], None, 0
-    for i, xd in enumerate(_digits(x, width)):
-        s = slip(d * xd + (carry or 0))
-        lines.append(f"{d} * {xd}" + (f" + {carry}" if carry is not None else "") + f" = {s}.")
-        if i < width - 1:
-            value += s % 10 * 10 ** i
-            carry = s // 10
-        else:
-            value += s * 10 ** i
-    return lines, value
+    digits = _digits(x, width)
+
+    def column(i: int, carry: int | None) -> tuple[str, int]:
+        return f"{d} * {digits[i]}" + (f" + {carry}" if carry is not None else ""), d * digits[i] + (carry or 0)
+    return _columns(width, column, slip)
 
 
 def worked_solution(level: int, nums: tuple[int, ...], slip: tuple[int, int] | None = None) -> tuple[str, int]:

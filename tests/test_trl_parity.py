@@ -17,7 +17,7 @@ Clip ranges are s2d's per-loss defaults, given to TRL as epsilon_low / epsilon_h
 input on both sides: the two differ in how they compute them (TRL: unbiased std, eps 1e-4; s2d:
 population std by default, `group_advantages(correction=1, eps=1e-4)` reproduces TRL's).
 
-Skipped when trl is not installed (`make bench` installs it: the `bench` extra).
+trl is in the dev extra, so `make test` runs this; it is skipped only where trl is not installed.
 """
 from __future__ import annotations
 
