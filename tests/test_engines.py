@@ -1,6 +1,7 @@
 """Rollout engines against a reference computed by hand: a plain forward pass of the same tiny model.
 
-hf: fields, seeding, greedy == argmax loop, logprobs/top-K == teacher-forced log_softmax, stop/length,
+hf: fields, seeding, greedy == argmax loop, the decode loop == transformers' generate (Qwen3 and Llama,
+rows stopping at different steps), its sampler == transformers' warpers and the softmax, logprobs/top-K == teacher-forced log_softmax, stop/length,
 left padding. vllm (skipped without vllm): the same numbers from vLLM, and weight sync proven by
 sampling a second model's distribution after `update_weights`, for an untied and a tied head.
 """
@@ -161,6 +162,127 @@ def test_hf_update_weights(hf_engine, tokenizer, tmp_path, prompts):
         assert hf_engine.generate(prompts, sampling) == expected
     finally:
         hf_engine.update_weights(original.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------------
+# the decode loop (s2d_cli.engines.decode) against transformers' generate and a hand-worked sampler
+
+def _stop_heavy(engine, prompts, max_new_tokens: int = 16) -> int:
+    """A token that greedy decoding emits in some prompts' continuations and not in others, so rows
+    stop at different steps (and some run to the length limit)."""
+    greedy = [g[0].token_ids for g in engine.generate(prompts, SamplingConfig(n=1, max_new_tokens=max_new_tokens,
+                                                                              temperature=0))]
+    for tok in greedy[0] + greedy[1] + greedy[2]:
+        if 0 < sum(tok in row for row in greedy) < len(greedy):
+            return tok
+    raise AssertionError(f"no token separates the greedy continuations {greedy}")
+
+
+@pytest.fixture(scope="module")
+def untied_llama_dir(tmp_path_factory, tokenizer):
+    # untied: a tiny random model with a tied head greedily repeats one token forever
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "llama", arch="llama", tokenizer=tokenizer, seed=1,
+                            tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_decoders_equal_generate(arch, tiny_model_dir, untied_llama_dir, tokenizer, prompts):
+    from s2d_cli.engines.decode import fast_decode_ok
+
+    path = str(tiny_model_dir if arch == "qwen3" else untied_llama_dir)
+    engines = {d: HFEngine(path, dtype="fp32", device="cpu", decoder=d) for d in ("generate", "loop", "auto")}
+    assert fast_decode_ok(engines["auto"].model)
+    stop = _stop_heavy(engines["generate"], prompts)          # rows finish at different steps: compaction
+    sampling = SamplingConfig(n=3, max_new_tokens=16, temperature=0, logprobs=True, topk=3, stop_token_ids=[stop])
+    ref = engines["generate"].generate(prompts, sampling)
+    assert {c.finish_reason for g in ref for c in g} == {"stop", "length"}
+    for name in ("loop", "auto"):
+        got = engines[name].generate(prompts, sampling)
+        for g_ref, g_got in zip(ref, got):
+            for a, b in zip(g_ref, g_got):
+                assert (b.token_ids, b.finish_reason, b.topk_ids) == (a.token_ids, a.finish_reason, a.topk_ids)
+                torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=0)
+
+
+def test_fast_step_logits_equal_the_model_forward(tiny_model_dir, prompts):
+    """The straight-line step reproduces the transformers forward bit for bit on CPU float32."""
+    from transformers import DynamicCache
+
+    from s2d_cli.engines.decode import _FastDecoder
+
+    model = load_model(str(tiny_model_dir), dtype="fp32", device="cpu").eval()
+    prompt = torch.tensor([prompts[0]])
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        decoder = _FastDecoder(model, cache, rows=2, repeat=2, capacity=prompt.shape[1] + 4)
+        token = torch.tensor([7, 7])
+        fast = decoder.step(token, torch.tensor([prompt.shape[1]] * 2), prompt.shape[1], None)
+        full = model(torch.cat([prompt, token[:1, None]], dim=1)).logits[0, -1]
+    assert torch.equal(fast[0], fast[1])
+    torch.testing.assert_close(fast[0], full, atol=1e-5, rtol=0)
+
+
+def test_sampled_logprobs_with_early_stops_are_teacher_forced(hf_engine, ref_model, prompts):
+    """Sampling with rows leaving the batch at different steps (compacted KV cache, left padding):
+    every reported log-prob is still the teacher-forced one of its own row."""
+    # a near-uniform random model: 40 stop ids of 512 end a row with probability ~8 % per step
+    sampling = SamplingConfig(n=4, max_new_tokens=16, temperature=1.0, seed=11, logprobs=True,
+                              stop_token_ids=list(range(10, 50)))
+    groups = hf_engine.generate(prompts, sampling)
+    lengths = {len(c.token_ids) for g in groups for c in g}
+    assert len(lengths) > 2
+    for prompt, group in zip(prompts, groups):
+        for c in group:
+            logprobs_TV = teacher_forced_logprobs(ref_model, prompt, c.token_ids)
+            expected = logprobs_TV.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
+
+
+def test_filter_logits_matches_transformers_warpers():
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from s2d_cli.engines.decode import filter_logits
+
+    # by hand: p = (.5, .3, .15, .05), top-p .7 keeps the tokens whose preceding mass is <= .7: .5 and .3
+    logits = torch.tensor([[.5, .3, .15, .05]]).log()
+    kept = torch.isfinite(filter_logits(logits, 1.0, -1, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, 1.0, 3, 1.0)).tolist() == [[True, True, True, False]]
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 50, generator=gen) * 3
+    ids = torch.zeros(6, 1, dtype=torch.long)
+    for temperature, top_k, top_p in [(0.7, 20, 0.9), (1.0, 5, 1.0), (1.3, -1, 0.5), (1.0, -1, 1.0)]:
+        expected = TemperatureLogitsWarper(temperature)(ids, scores.clone())
+        if top_k > 0:
+            expected = TopKLogitsWarper(top_k)(ids, expected)
+        if top_p < 1.0:
+            expected = TopPLogitsWarper(top_p)(ids, expected)
+        got = filter_logits(scores, temperature, top_k, top_p)
+        assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
+        torch.testing.assert_close(got[torch.isfinite(got)], expected[torch.isfinite(expected)])
+
+
+def test_draw_samples_the_softmax():
+    from s2d_cli.engines.decode import draw
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.cat([draw(probs.log().expand(1000, 4), gen) for _ in range(20)])
+    freq = torch.bincount(tokens, minlength=4).float() / tokens.numel()
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)      # 3 sd of a binomial over 20,000 draws
+
+
+def test_fast_decode_refuses_what_it_does_not_implement(tiny_model_dir):
+    from s2d_cli.engines.decode import fast_decode_ok
+
+    model = load_model(str(tiny_model_dir), dtype="fp32", device="cpu")
+    assert fast_decode_ok(model)
+    model.config.use_sliding_window = True
+    assert not fast_decode_ok(model)
+    model.config.use_sliding_window = False
+    model.config.model_type = "gemma3_text"
+    assert not fast_decode_ok(model)
 
 
 # ------------------------------------------------------------------------------------------------

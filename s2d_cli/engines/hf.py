@@ -1,10 +1,13 @@
-"""transformers backend: batched, left-padded `model.generate`; runs wherever torch runs.
+"""transformers backend: batched, left-padded sampling on the model itself; runs wherever torch runs.
 
     engine = HFEngine("runs/teacher", seed=0)            # loads model + tokenizer from a checkpoint
     engine = HFEngine(policy, tokenizer=tok)             # a trainer's live model: weights are shared
     groups = engine.generate(prompt_ids, SamplingConfig(n=4, max_new_tokens=64, logprobs=True, topk=8))
 
-Log-probabilities are taken from the raw logits (before temperature / top-p / top-k), log_softmax in
+Sampling runs `s2d_cli.engines.decode.sample` (one prefill per prompt shared by its n samples, a
+straight-line decode step for Llama-family models, finished rows dropped from the batch); the
+`decoder="generate"` option runs transformers' `model.generate` instead (the reference the tests
+compare against), where log-probabilities are taken from the raw logits (before temperature / top-p / top-k), log_softmax in
 float32, one decoding step at a time: a logits processor that runs first in generate's list sees each
 step's raw logits, keeps that step's top-K, and holds the step's [B, V] log-probs only until the next
 step shows which token was drawn. (`output_logits=True` would keep a float32 [B, V] copy of every step,
@@ -96,13 +99,18 @@ class HFEngine:
         with the trainer, so `update_weights` has nothing to do.
     tokenizer: a tokenizer, a path, or None to load it from the model's path.
     seed: seeds calls whose `SamplingConfig.seed` is None (a per-engine stream, different each call).
-    batch_size: sequences (prompts x n) per generate call.
+    batch_size: sequences (prompts x n) decoded together.
+    decoder: "auto" (`decode.sample`: the fast step where the architecture allows it), "loop"
+        (`decode.sample` on the model's own forward) or "generate" (transformers' `model.generate`).
     """
 
     name = "hf"
 
     def __init__(self, model, *, tokenizer=None, seed: int = 0, dtype="auto", trust_remote_code: bool = False,
-                 batch_size: int = 64, device=None):
+                 batch_size: int = 64, device=None, decoder: str = "auto"):
+        if decoder not in ("auto", "loop", "generate"):
+            raise ValueError(f"HFEngine: decoder must be auto, loop or generate, got {decoder!r}")
+        self.decoder = decoder
         if isinstance(model, torch.nn.Module):
             self.model = model
             self.shares_weights = True
@@ -141,6 +149,9 @@ class HFEngine:
         self.model.generation_config = GenerationConfig()
         self.model.eval()
         try:
+            if self.decoder != "generate":
+                self._sample(prompts, sampling, stop_ids, seed, results)
+                return results
             with torch.inference_mode(), _seeded(seed, self.device):
                 for start in range(0, len(rows), self.batch_size):
                     batch = rows[start:start + self.batch_size]
@@ -151,6 +162,33 @@ class HFEngine:
             self.model.generation_config = model_generation_config
             self.model.train(was_training)
         return results
+
+    def _sample(self, prompts, sampling: SamplingConfig, stop_ids: list[int], seed: int, results) -> None:
+        """`decode.sample` over batches of whole groups (prompts sorted by length, n samples each; a
+        group larger than the batch is split into several calls)."""
+        from .decode import sample
+
+        generator = torch.Generator(self.device).manual_seed(seed)
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        n = sampling.n
+        if n <= self.batch_size:
+            per = max(1, self.batch_size // n)
+            calls = [(order[k:k + per], n, 0) for k in range(0, len(order), per)]
+        else:
+            calls = [([i], min(self.batch_size, n - j), j) for i in order for j in range(0, n, self.batch_size)]
+        fast = None if self.decoder == "auto" else False
+        for idx, count, first in calls:
+            rows = sample(self.model, [prompts[i] for i in idx], n=count, max_new_tokens=sampling.max_new_tokens,
+                          stop_ids=stop_ids, pad_id=self.pad_id, temperature=sampling.temperature,
+                          top_p=sampling.top_p, top_k=sampling.top_k, logprobs=sampling.logprobs,
+                          topk=sampling.topk, generator=generator, fast=fast)
+            for r, row in enumerate(rows):
+                completion = Completion(text=self.tokenizer.decode(row.token_ids, skip_special_tokens=True),
+                                        token_ids=row.token_ids, finish_reason=row.finish_reason,
+                                        logprobs=row.logprobs if sampling.logprobs else None)
+                if sampling.topk > 0:
+                    completion.topk_ids, completion.topk_logprobs = row.topk_ids, row.topk_logprobs
+                results[idx[r // count]][first + r % count] = completion
 
     def _generate_batch(self, prompts: list[list[int]], sampling: SamplingConfig,
                         stop_ids: list[int]) -> list[Completion]:
