@@ -295,9 +295,12 @@ def run(cfg: KLWarmupConfig):
         else:
             with torch.no_grad():
                 teacher_h_MH = hidden_at(teacher, mb)        # one prefill of the teacher per micro-batch
-            kl_M = policy(mb, lambda h, w: L.chunked_kl(
-                h, w[:vocab], teacher_h_MH, teacher_weight, direction="forward", chunk_size=cfg.chunk_size,
-                temperature=cfg.temperature))
+            # the loss is sum(kl) / n_tok: the fused head computes its gradient during the forward pass
+            weight_M = torch.full_like(mb.targets, 1.0 / n_tok, dtype=torch.float32)
+            loss, kl_M, _, _ = policy(mb, lambda h, w: L.fused_kl_loss(
+                h, w[:vocab], teacher_h_MH, teacher_weight, weight_M, mb.targets, direction="forward",
+                chunk_size=cfg.chunk_size, temperature=cfg.temperature))
+            return loss, {"forward_kl": float(kl_M.mean())}
         return kl_M.sum() / n_tok, {"forward_kl": float(kl_M.detach().mean())}
 
     trainer.fit(make_batch, loss_fn, display=(metric, "loss"))

@@ -5,7 +5,8 @@ The paper's regimes are one family that differs in reward density:
 - sparse sequence reward -> group advantage -> clipped policy gradient:
   `group_advantages`, `grpo_loss`, `dr_grpo_loss`, `dapo_loss`, `gspo_loss`, plus `kl_penalty`,
   `truncated_is_weights` and `zero_variance_groups` for the caller to compose;
-- dense targets on teacher data (kl-warmup): `forward_kl_sampled`, `forward_kl_topk`, `chunked_kl`;
+- dense targets on teacher data (kl-warmup): `forward_kl_sampled`, `forward_kl_topk`, `chunked_kl`,
+  and `fused_kl_loss` (the same full-vocabulary KL with its gradient computed in the forward pass);
 - dense per-token reward from the teacher on student samples (opd): `opd_sampled_loss` (sampled reverse
   KL as an advantage), `chunked_kl(direction="reverse")` and `reverse_kl_topk` (exact / top-K).
 
@@ -571,6 +572,113 @@ def chunked_kl(
                     (student_hidden_NH, True), (student_weight_VH, False),
                     (teacher_hidden_NH2.detach(), True), (teacher_weight_VH2.detach(), False))
     return _cat(outs, student_hidden_NH)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in float32 or wider: a half-precision GEMM with float32 output for bf16/fp16 CUDA operands
+    (`a` is cast to b's dtype), else an upcast product."""
+    if HALF_MM_FP32_OUT and b.is_cuda and b.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
+        except RuntimeError:
+            pass
+    dtype = torch.promote_types(_compute_dtype(b.dtype), a.dtype)
+    return torch.mm(a.to(dtype), b.to(dtype))
+
+
+class _FusedKLHead(torch.autograd.Function):
+    """sum_n w_n kl_n with the student head's gradient computed during the forward pass, chunk by chunk.
+
+    The loss is linear in each kl_n, so d loss / d logits_n = w_n d kl_n / d logits_n is known as soon as
+    a chunk's logits are: forward computes it and turns it into the [C, H] hidden-state gradient and a
+    running [V, H] float32 head gradient right away, and nothing of size V outlives the chunk. Backward
+    only scales those two by the incoming scalar. Against `chunked_kl` under autograd this saves the
+    checkpoint's recomputation of both heads (student GEMMs 4 -> 3, teacher 2 -> 1) and the [C, V]
+    passes around it; it also returns the student's and teacher's log-prob of each target token, which
+    the callers otherwise spend two more head passes on."""
+
+    @staticmethod
+    def forward(ctx, s_h_NH, s_w_VH, t_h_NH2, t_w_VH2, weight_N, targets_N, direction, chunk_size, temperature):
+        N = s_h_NH.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h_NH = torch.zeros_like(s_h_NH) if need_h else None
+        grad_w_VH = (torch.zeros(s_w_VH.shape, dtype=_compute_dtype(s_w_VH.dtype), device=s_w_VH.device)
+                     if need_w else None)
+        kl_N = torch.empty(N, dtype=_compute_dtype(s_h_NH.dtype), device=s_h_NH.device)
+        s_lp_N, t_lp_N = torch.empty_like(kl_N), torch.empty_like(kl_N)
+        for a in range(0, N, chunk_size):
+            b = min(a + chunk_size, N)
+            s_h, tgt = s_h_NH[a:b], targets_N[a:b, None]
+            s_logp = _logits_CV(s_h, s_w_VH, temperature)
+            s_logp -= s_logp.logsumexp(-1, keepdim=True)
+            t_logp = _logits_CV(t_h_NH2[a:b], t_w_VH2, temperature).to(s_logp.dtype)
+            t_logp -= t_logp.logsumexp(-1, keepdim=True)
+            s_lp_N[a:b] = s_logp.gather(-1, tgt)[:, 0]
+            t_lp_N[a:b] = t_logp.gather(-1, tgt)[:, 0]
+            if direction == "forward":          # kl = sum p_t (log p_t - log p_s); d/dz = p_s sum(p_t) - p_t
+                p_t = t_logp.exp()
+                kl = _rowdot_C(p_t, t_logp.sub_(s_logp))
+                grad = s_logp.exp_().mul_(p_t.sum(-1, keepdim=True)).sub_(p_t)
+                del p_t
+            else:                               # kl = sum p_s (log p_s - log p_t); d/dz = p_s (log p_s - log p_t - kl)
+                p_s = s_logp.exp()
+                kl = _rowdot_C(p_s, s_logp.sub_(t_logp))
+                grad = s_logp.sub_(kl[:, None]).mul_(p_s)
+                del p_s
+            del t_logp
+            kl_N[a:b] = kl
+            grad.mul_((weight_N[a:b].to(grad.dtype) / temperature)[:, None])
+            if need_h:
+                grad_h_NH[a:b] = _mm_f32(grad, s_w_VH).to(s_h_NH.dtype)
+            if need_w:
+                grad_w_VH += _mm_f32(grad.t(), s_h)
+            del grad, s_logp
+        ctx.save_for_backward(grad_h_NH, grad_w_VH)
+        ctx.w_dtype = s_w_VH.dtype
+        loss = (kl_N * weight_N.to(kl_N.dtype)).sum()
+        ctx.mark_non_differentiable(kl_N, s_lp_N, t_lp_N)
+        return loss, kl_N, s_lp_N, t_lp_N
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _kl, _s, _t):
+        grad_h_NH, grad_w_VH = ctx.saved_tensors
+        grad_h = grad_h_NH * grad_loss.to(grad_h_NH.dtype) if grad_h_NH is not None else None
+        grad_w = (grad_w_VH * grad_loss).to(ctx.w_dtype) if grad_w_VH is not None else None
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def fused_kl_loss(
+    student_hidden_NH: torch.Tensor,
+    student_weight_VH: torch.Tensor,
+    teacher_hidden_NH2: torch.Tensor,
+    teacher_weight_VH2: torch.Tensor,
+    weight_N: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    direction: str = "forward",
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """loss = sum_n weight_n * kl_n with the full-vocabulary KL of `chunked_kl`, and its gradient for the
+    student's hidden states and head computed in the forward pass (`_FusedKLHead`).
+
+    Returns (loss, kl_N, student_logp_N, teacher_logp_N): the differentiable scalar, then detached
+    per-position KLs and the two models' log-probs of `targets_N` (for metrics). Use it when the loss is
+    a fixed weighted sum of the KLs (kl-warmup `--targets full`, opd `--loss full` without a sparse
+    term); `chunked_kl` is the general per-position form. The teacher is never differentiated."""
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if teacher_hidden_NH2.shape[0] != student_hidden_NH.shape[0]:
+        raise ValueError("student and teacher must have the same number of positions")
+    teacher_weight_VH2 = _teacher_head(teacher_weight_VH2, student_weight_VH.shape[0])
+    if not torch.is_grad_enabled():
+        student_hidden_NH, student_weight_VH = student_hidden_NH.detach(), student_weight_VH.detach()
+    return _FusedKLHead.apply(student_hidden_NH, student_weight_VH, teacher_hidden_NH2.detach(),
+                              teacher_weight_VH2.detach(), weight_N.detach(), targets_N.long(), direction,
+                              chunk_size, temperature)
 
 
 def reverse_kl_topk(

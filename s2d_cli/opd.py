@@ -202,10 +202,20 @@ def run(cfg: OPDConfig):
         mask_BT = mb.mask_BT()
         with torch.no_grad():                            # the teacher's one prefill for this micro-batch
             teacher_h_MH = hidden_at(teacher, mb)
+        alpha_adv_B = mb.scalars["alpha_adv"] if cfg.alpha > 0 else None
+        if cfg.loss == "full" and alpha_adv_B is None:
+            # loss = sum(kl) / n_tok: one fused pass gives the gradient, the exact KL and both models'
+            # log-probs of the sampled tokens (no checkpoint recompute, no separate metric passes)
+            weight_M = torch.full_like(mb.targets, 1.0 / n_tok, dtype=torch.float32)
+            loss, kl_M, logp_M, teacher_logp_M = policy(mb, lambda h, w: L.fused_kl_loss(
+                h, w[:vocab], teacher_h_MH, teacher_weight, weight_M, mb.targets, direction="reverse",
+                chunk_size=cfg.chunk_size))
+            return loss, {"reverse_kl": float((logp_M - teacher_logp_M).mean()),
+                          "reverse_kl_exact": float(kl_M.mean())}
+        with torch.no_grad():
             teacher_logp_M = L.chunked_token_logprobs(teacher_h_MH, teacher_weight[:vocab], mb.targets,
                                                       chunk_size=cfg.chunk_size)[0]
         teacher_logp_BT = mb.to_BT(teacher_logp_M)
-        alpha_adv_B = mb.scalars["alpha_adv"] if cfg.alpha > 0 else None
         if cfg.loss == "sampled":
             logp_M = policy(mb, lambda h, w: L.chunked_token_logprobs(h, w[:vocab], mb.targets,
                                                                       chunk_size=cfg.chunk_size)[0])

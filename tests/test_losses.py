@@ -364,6 +364,52 @@ def test_chunked_kl_matches_double_loop_and_naive_gradients(direction, temperatu
     torch.testing.assert_close(s_w.grad, ref_w.grad)
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_fused_kl_loss_equals_the_double_loop_and_autograd_of_the_naive_kl(direction, temperature):
+    """In-forward gradients: value, per-position KL and token log-probs against a direct computation,
+    hidden-state and head gradients against autograd through the naive [N, V] formula, with a teacher
+    head padded past the student's vocabulary (sliced and renormalised)."""
+    s_h, s_w, t_h, t_w = _kl_case()
+    t_w_padded = torch.cat([t_w, torch.randn(3, t_w.shape[1], dtype=F64)])
+    weights = torch.linspace(0.5, 2.0, s_h.shape[0], dtype=F64)
+    targets = torch.tensor([0, 3, 8, 1, 1, 5])
+    loss, kl, s_lp, t_lp = L.fused_kl_loss(s_h, s_w, t_h, t_w_padded, weights, targets, direction=direction,
+                                           chunk_size=4, temperature=temperature)
+    loop = _loop_kl(s_h.detach() @ s_w.detach().T / temperature, t_h @ t_w.T / temperature, direction)
+    assert kl.tolist() == pytest.approx(loop, abs=1e-12)
+    assert loss.item() == pytest.approx(sum(w * k for w, k in zip(weights.tolist(), loop)), abs=1e-12)
+    s_ref = (s_h.detach() @ s_w.detach().T / temperature).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    t_ref = (t_h @ t_w.T / temperature).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    torch.testing.assert_close(s_lp, s_ref)
+    torch.testing.assert_close(t_lp, t_ref)
+    (3.0 * loss).backward()                                    # the incoming gradient scales both
+    ref_h, ref_w = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    (3.0 * (_naive_kl(ref_h, ref_w, t_h, t_w, direction, temperature) * weights).sum()).backward()
+    torch.testing.assert_close(s_h.grad, ref_h.grad)
+    torch.testing.assert_close(s_w.grad, ref_w.grad)
+
+
+def test_fused_kl_loss_float32_matches_chunked_kl_and_skips_work_without_grad():
+    g = torch.Generator().manual_seed(8)
+    s_h = torch.randn(37, 16, generator=g, requires_grad=True)
+    s_w = torch.randn(300, 16, generator=g, requires_grad=True)
+    t_h, t_w = torch.randn(37, 24, generator=g), torch.randn(300, 24, generator=g)
+    w = torch.full((37,), 1 / 37)
+    loss, kl, _, _ = L.fused_kl_loss(s_h, s_w, t_h, t_w, w, torch.zeros(37, dtype=torch.long), chunk_size=8)
+    loss.backward()
+    ref_h, ref_w = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    ref = L.chunked_kl(ref_h, ref_w, t_h, t_w, chunk_size=8)
+    ref.mean().backward()
+    torch.testing.assert_close(kl, ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_h.grad, ref_h.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(s_w.grad, ref_w.grad, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():
+        loss, kl2, _, _ = L.fused_kl_loss(s_h, s_w, t_h, t_w, w, torch.zeros(37, dtype=torch.long))
+    assert not loss.requires_grad
+    torch.testing.assert_close(kl2, kl)
+
+
 @pytest.mark.parametrize("fn,kw", [
     (L.chunked_kl, {"direction": "forward"}),
     (L.chunked_kl, {"direction": "reverse"}),
