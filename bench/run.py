@@ -45,10 +45,12 @@ PROFILES = {
         "teacher": dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2),
         "big_vocab": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=151_936),
         "rows": {
-            "grpo": dict(prompts=4, group=4, max_new_tokens=32, steps=2),
-            "update": dict(prompts=4, group=8, max_new_tokens=128, steps=2),
-            "opd": dict(prompts=8, group=1, max_new_tokens=32, steps=2),
-            "kl": dict(sequences=4, prompt_len=16, max_completion=96, steps=1),
+            # steps: timed steps per process (after one untimed warm-up step); sub-second steps need
+            # several, or a single page-fault storm decides the median
+            "grpo": dict(prompts=4, group=4, max_new_tokens=32, steps=6),
+            "update": dict(prompts=4, group=8, max_new_tokens=128, steps=6),
+            "opd": dict(prompts=8, group=1, max_new_tokens=32, steps=6),
+            "kl": dict(sequences=4, prompt_len=16, max_completion=96, steps=3),
             "verify": dict(steps=1, limit=600, warm_up=300),
             "rollout": dict(prompts=32, n=4, max_new_tokens=32, steps=2),
         },

@@ -74,11 +74,17 @@ FAST_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def fast_decode_ok(model) -> bool:
-    """Llama-family decoder whose every layer is the standard pre-norm attention + SwiGLU block."""
+    """Llama-family decoder whose every layer is the standard pre-norm attention + SwiGLU block, with
+    its weights whole on this process (not sharded)."""
     cfg = model.config
     if cfg.model_type not in FAST_TYPES or getattr(cfg, "hidden_act", "silu") != "silu":
         return False
     if getattr(cfg, "use_sliding_window", False) or (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None)):
+        return False
+    # sharded weights (FSDP1 wrappers, FSDP2 DTensors) are only whole inside the modules' own forward hooks
+    if any("FSDP" in type(m).__name__ or "FullySharded" in type(m).__name__ for m in model.modules()):
+        return False
+    if any(type(p.data).__name__ == "DTensor" or p.numel() == 0 for p in model.parameters()):
         return False
     trunk = getattr(model, "model", None)
     if trunk is None or not all(hasattr(trunk, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
