@@ -399,3 +399,28 @@ def test_vllm_backend_trains_and_syncs_weights(tokenizer_dir, tmp_path, monkeypa
 
     assert from_engine == hf_greedy(run / "model")
     assert from_engine != hf_greedy(start)
+
+
+# ----------------------------------------------------------------------------------------------
+# padded micro-batches: where pack cuts a length-sorted batch
+
+def test_pack_cuts_where_padding_saved_exceeds_the_overhead():
+    from s2d_cli.trainer import Sequence, pack
+
+    def seqs(lengths):
+        return [Sequence(prompt_ids=[1], completion_ids=[2] * (n - 1)) for n in lengths]
+
+    def shapes(micro):
+        return sorted(tuple(mb.input_ids.shape) for mb in micro)
+
+    batch = seqs([10, 100, 10, 100])
+    # one bin: 4 x 100 = 400 padded + 50; two bins: 2 x 100 + 2 x 10 = 220 + 2 x 50 = 320
+    assert shapes(pack(batch, 10_000, overhead_tokens=50)) == [(2, 10), (2, 100)]
+    # overhead 200: two bins cost 220 + 400 = 620 > 400 + 200 = 600
+    assert shapes(pack(batch, 10_000, overhead_tokens=200)) == [(4, 100)]
+    # the token budget still binds: at most 2 rows of 100
+    assert shapes(pack(seqs([100] * 5), 250, overhead_tokens=10_000)) == [(1, 100), (2, 100), (2, 100)]
+    # every sequence lands in exactly one micro-batch, in its original relative order
+    micro = pack(seqs([5, 9, 7, 30, 6, 31]), 10_000, overhead_tokens=8)
+    assert sorted(len(s) for mb in micro for s in mb.sequences) == [5, 6, 7, 9, 30, 31]
+    assert shapes(micro) == [(2, 31), (4, 9)]
