@@ -532,6 +532,16 @@ def _teacher_head(teacher_weight_VH2: torch.Tensor, vocab_size: int) -> torch.Te
     return teacher_weight_VH2[:vocab_size]
 
 
+def _check_kl_args(direction: str, student_hidden_NH, student_weight_VH, teacher_hidden_NH2, teacher_weight_VH2
+                   ) -> torch.Tensor:
+    """Validate a full-vocabulary KL call; returns the teacher head sliced to the student's vocabulary."""
+    if direction not in ("forward", "reverse"):
+        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
+    if teacher_hidden_NH2.shape[0] != student_hidden_NH.shape[0]:
+        raise ValueError("student and teacher must have the same number of positions")
+    return _teacher_head(teacher_weight_VH2, student_weight_VH.shape[0])
+
+
 def chunked_kl(
     student_hidden_NH: torch.Tensor,
     student_weight_VH: torch.Tensor,
@@ -553,11 +563,8 @@ def chunked_kl(
     backward. A teacher head with more rows than the student's is sliced to the student's V and
     renormalised (see `_teacher_head`). Returns kl_N; reduce with `masked_mean`.
     """
-    if direction not in ("forward", "reverse"):
-        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
-    if teacher_hidden_NH2.shape[0] != student_hidden_NH.shape[0]:
-        raise ValueError("student and teacher must have the same number of positions")
-    teacher_weight_VH2 = _teacher_head(teacher_weight_VH2, student_weight_VH.shape[0])
+    teacher_weight_VH2 = _check_kl_args(direction, student_hidden_NH, student_weight_VH, teacher_hidden_NH2,
+                                        teacher_weight_VH2)
 
     kl_fn = _ForwardKL.apply if direction == "forward" else _ReverseKL.apply
 
@@ -667,13 +674,10 @@ def fused_kl_loss(
     per-position KLs and the two models' log-probs of `targets_N` (for metrics). Use it when the loss is
     a fixed weighted sum of the KLs (kl-warmup `--targets full`, opd `--loss full` without a sparse
     term); `chunked_kl` is the general per-position form. The teacher is never differentiated."""
-    if direction not in ("forward", "reverse"):
-        raise ValueError(f"direction must be 'forward' or 'reverse', got {direction!r}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if teacher_hidden_NH2.shape[0] != student_hidden_NH.shape[0]:
-        raise ValueError("student and teacher must have the same number of positions")
-    teacher_weight_VH2 = _teacher_head(teacher_weight_VH2, student_weight_VH.shape[0])
+    teacher_weight_VH2 = _check_kl_args(direction, student_hidden_NH, student_weight_VH, teacher_hidden_NH2,
+                                        teacher_weight_VH2)
     if not torch.is_grad_enabled():
         student_hidden_NH, student_weight_VH = student_hidden_NH.detach(), student_weight_VH.detach()
     return _FusedKLHead.apply(student_hidden_NH, student_weight_VH, teacher_hidden_NH2.detach(),
