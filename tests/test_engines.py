@@ -186,8 +186,11 @@ def untied_llama_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_decoders_equal_generate(arch, tiny_model_dir, untied_llama_dir, tokenizer, prompts):
+def test_decoders_equal_generate(arch, tiny_model_dir, untied_llama_dir, tokenizer, prompts, monkeypatch):
+    from s2d_cli.engines import decode
     from s2d_cli.engines.decode import fast_decode_ok
+
+    monkeypatch.setattr(decode, "CACHE_HEADROOM", 3)      # the fast path's KV cache must grow mid-call
 
     path = str(tiny_model_dir if arch == "qwen3" else untied_llama_dir)
     engines = {d: HFEngine(path, dtype="fp32", device="cpu", decoder=d) for d in ("generate", "loop", "auto")}
@@ -215,7 +218,8 @@ def test_fast_step_logits_equal_the_model_forward(tiny_model_dir, prompts):
     with torch.inference_mode():
         cache = DynamicCache(config=model.config)
         model(input_ids=prompt, past_key_values=cache, use_cache=True)
-        decoder = _FastDecoder(model, cache, rows=2, repeat=2, capacity=prompt.shape[1] + 4)
+        decoder = _FastDecoder(model, cache, rows=2, repeat=2, capacity=prompt.shape[1] + 4,
+                               positions=prompt.shape[1] + 4)
         token = torch.tensor([7, 7])
         fast = decoder.step(token, torch.tensor([prompt.shape[1]] * 2), prompt.shape[1], None)
         full = model(torch.cat([prompt, token[:1, None]], dim=1)).logits[0, -1]

@@ -23,7 +23,7 @@ prompt and compaction). Positions follow training: a left-padded row's first rea
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,6 @@ class Sampled:
     logprobs: list[float] | None = None
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
-    _lp: list[torch.Tensor] = field(default_factory=list, repr=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,6 +71,7 @@ def draw(logits_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Te
 # the straight-line decode step for Llama-family decoders
 
 FAST_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+CACHE_HEADROOM = 256      # new-token slots the KV cache starts with; it doubles when they run out
 
 
 def fast_decode_ok(model) -> bool:
@@ -116,9 +116,10 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _FastDecoder:
-    """A preallocated KV cache [B, kv_heads, capacity, head_dim] per layer and the one-token step."""
+    """A preallocated KV cache [B, kv_heads, capacity, head_dim] per layer (grown by doubling) and the
+    one-token step."""
 
-    def __init__(self, model, dyn_cache, rows: int, repeat: int, capacity: int):
+    def __init__(self, model, dyn_cache, rows: int, repeat: int, capacity: int, positions: int):
         self.model, self.trunk = model, model.model
         self.k, self.v = [], []
         for layer in dyn_cache.layers:                         # prompt KV from the HF prefill, repeated
@@ -135,9 +136,22 @@ class _FastDecoder:
         self.rope_table = None
         if "dynamic" not in str(getattr(self.trunk.rotary_emb, "rope_type", "default")):
             w = self.trunk.embed_tokens.weight
-            pos = torch.arange(capacity, device=w.device)[None]
+            pos = torch.arange(positions, device=w.device)[None]
             cos, sin = self.trunk.rotary_emb(w.new_zeros((1, 1, 1)), pos)
-            self.rope_table = (cos[0], sin[0])                                   # [capacity, hd]
+            self.rope_table = (cos[0], sin[0])                                   # [positions, hd]
+
+    def ensure(self, slot: int, limit: int) -> None:
+        """Room for cache slot `slot`: the buffers double (up to `limit`) when it is reached, so a call
+        whose completions stop early never holds a max_new_tokens-long cache."""
+        capacity = self.k[0].shape[2]
+        if slot < capacity:
+            return
+        grown = min(max(2 * capacity, slot + 1), limit)
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                new = old.new_empty((*old.shape[:2], grown, old.shape[3]))
+                new[:, :, :capacity] = old
+                buffers[i] = new
 
     def select(self, idx: torch.Tensor) -> None:
         self.k = [k.index_select(0, idx) for k in self.k]
@@ -207,11 +221,12 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop
     del out
     B = P * n
     fast = fast_decode_ok(model) if fast is None else fast
-    capacity = L + max_new_tokens
+    limit = L + max_new_tokens
     if fast:
-        decoder = _FastDecoder(model, cache, B, n, capacity)
+        decoder = _FastDecoder(model, cache, B, n, capacity=min(limit, L + CACHE_HEADROOM),
+                               positions=limit)
         del cache
-        # [B, 1, 1, capacity] boolean "may attend"; None when no row has padding (plain causal attention)
+        # [B, 1, 1, L + max_new_tokens] boolean "may attend"; None when no row has padding (plain causal attention)
         attend_B11S = mask_PL.bool().repeat_interleave(n, dim=0)[:, None, None, :].expand(B, 1, 1, L)
         attend_B11S = torch.cat([attend_B11S, attend_B11S.new_ones((B, 1, 1, max_new_tokens))], -1) if padded else None
     else:
@@ -258,6 +273,7 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop
                 cache.batch_select_indices(keep)
                 mask_BS = mask_BS[keep]
         if fast:
+            decoder.ensure(slot, limit)
             logits_BV = decoder.step(tok_B, next_pos_B, slot,
                                      attend_B11S[..., :slot + 1] if attend_B11S is not None else None).float()
         else:

@@ -135,23 +135,26 @@ class HFEngine:
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("HFEngine.generate: every prompt needs at least one token")
-        # One row per (prompt, sample); rows sorted by prompt length so a batch carries little padding.
-        rows = [(i, j) for i in range(len(prompts)) for j in range(sampling.n)]
-        rows.sort(key=lambda row: len(prompts[row[0]]))
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63)
         stop_ids = self.eos_ids + [i for i in sampling.stop_token_ids if i not in self.eos_ids]
 
         was_training = self.model.training
+        self.model.eval()
+        if self.decoder != "generate":
+            try:
+                self._sample(prompts, sampling, stop_ids, seed, results)
+            finally:
+                self.model.train(was_training)
+            return results
+        # One row per (prompt, sample); rows sorted by prompt length so a batch carries little padding.
+        rows = [(i, j) for i in range(len(prompts)) for j in range(sampling.n)]
+        rows.sort(key=lambda row: len(prompts[row[0]]))
         # generate() fills every setting we leave unset from model.generation_config (a checkpoint's
         # top_k=20, repetition_penalty, ...); swap in a blank one so only `config` below applies.
         model_generation_config = self.model.generation_config
         self.model.generation_config = GenerationConfig()
-        self.model.eval()
         try:
-            if self.decoder != "generate":
-                self._sample(prompts, sampling, stop_ids, seed, results)
-                return results
             with torch.inference_mode(), _seeded(seed, self.device):
                 for start in range(0, len(rows), self.batch_size):
                     batch = rows[start:start + self.batch_size]
