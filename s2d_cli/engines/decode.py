@@ -235,7 +235,6 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop
                              mask_PL.new_ones((B, max_new_tokens))], dim=-1)
     next_pos_B = pos_PL[:, -1].repeat_interleave(n) + 1
 
-    rows = [Sampled(token_ids=[], finish_reason="length") for _ in range(B)]
     row_of = torch.arange(B, device=device)                   # batch slot -> row index
     stops = torch.tensor(sorted(set(stop_ids)), device=device)
     tokens_BT, lp_BT, tki_BTK, tkl_BTK = [], [], [], []       # per step, for the rows active at that step
@@ -281,41 +280,36 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop
                               position_ids=next_pos_B[:, None], past_key_values=cache,
                               use_cache=True).logits[:, -1].float()
         next_pos_B = next_pos_B + 1
-    return _collect(rows, tokens_BT, active_per_step, lp_BT, tki_BTK, tkl_BTK, set(stop_ids))
+    return _collect(B, tokens_BT, active_per_step, lp_BT, tki_BTK, tkl_BTK, set(stop_ids))
 
 
-def _collect(rows, tokens_BT, active_per_step, lp_BT, tki_BTK, tkl_BTK, stop_set) -> list[Sampled]:
-    """Per-step tensors over the then-active rows -> per-row lists, cut after the first stop token."""
-    T = len(tokens_BT)
-    B = len(rows)
-    tok = torch.full((B, T), -1, dtype=torch.long)
-    for t in range(T):
-        tok[active_per_step[t].cpu(), t] = tokens_BT[t].cpu()
-    if lp_BT:
-        lp = torch.zeros((B, T))
-        for t in range(T):
-            lp[active_per_step[t].cpu(), t] = lp_BT[t].float().cpu()
-    if tki_BTK:
-        K = tki_BTK[0].shape[-1]
-        tki = torch.zeros((B, T, K), dtype=torch.long)
-        tkl = torch.zeros((B, T, K))
-        for t in range(T):
-            idx = active_per_step[t].cpu()
-            tki[idx, t] = tki_BTK[t].cpu()
-            tkl[idx, t] = tkl_BTK[t].float().cpu()
-    tok_list = tok.tolist()
-    for b, row in enumerate(rows):
-        ids = tok_list[b]
+def _by_row(per_step: list[torch.Tensor], active_per_step: list[torch.Tensor], rows: int, fill) -> torch.Tensor:
+    """Stack per-step tensors over the then-active rows into [rows, T, ...] on their device (no host
+    sync per step), then move the whole thing to the CPU once."""
+    first = per_step[0]
+    out = first.new_full((rows, len(per_step), *first.shape[1:]), fill)
+    for t, (x, idx) in enumerate(zip(per_step, active_per_step)):
+        out[idx, t] = x
+    return out.cpu()
+
+
+def _collect(rows: int, tokens_BT, active_per_step, lp_BT, tki_BTK, tkl_BTK, stop_set) -> list[Sampled]:
+    """Per-step tensors over the then-active rows -> per-row lists, cut after the first stop token
+    (rows dropped from the batch stopped; slots they never reached hold -1)."""
+    tok = _by_row(tokens_BT, active_per_step, rows, -1).tolist()
+    lp = _by_row(lp_BT, active_per_step, rows, 0.0).float() if lp_BT else None
+    tki = _by_row(tki_BTK, active_per_step, rows, 0) if tki_BTK else None
+    tkl = _by_row(tkl_BTK, active_per_step, rows, 0.0).float() if tkl_BTK else None
+    out = []
+    for b, ids in enumerate(tok):
         end = next((i + 1 for i, x in enumerate(ids) if x in stop_set), None)
+        reason = "stop" if end is not None else "length"
         if end is None:
             end = next((i for i, x in enumerate(ids) if x < 0), len(ids))
-            row.finish_reason = "length"
-        else:
-            row.finish_reason = "stop"
-        row.token_ids = ids[:end]
-        if lp_BT:
+        row = Sampled(token_ids=ids[:end], finish_reason=reason)
+        if lp is not None:
             row.logprobs = lp[b, :end].tolist()
-        if tki_BTK:
-            row.topk_ids = tki[b, :end].tolist()
-            row.topk_logprobs = tkl[b, :end].tolist()
-    return rows
+        if tki is not None:
+            row.topk_ids, row.topk_logprobs = tki[b, :end].tolist(), tkl[b, :end].tolist()
+        out.append(row)
+    return out
