@@ -180,37 +180,49 @@ def pack(sequences: list[Sequence], token_budget: int, *, attn_impl: str = "sdpa
     lengths 65..161 costs rows x 161, runs of similar length cost little more than their real tokens."""
     padded = attn_impl not in PACKED_ATTENTION
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    lengths = [len(sequences[i]) for i in order]
     if padded:
         overhead = MICRO_BATCH_OVERHEAD_TOKENS if overhead_tokens is None else overhead_tokens
-        lengths = [len(sequences[i]) for i in order]
-        n = len(order)
-        best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
-        for j in range(1, n + 1):                 # a micro-batch of order[i:j]; its longest is lengths[i]
-            for i in range(j - 1, -1, -1):
-                cost = (j - i) * lengths[i]
-                if cost > token_budget and j - i > 1:
-                    break                         # only grows as i moves left
-                if best[i] + cost + overhead < best[j]:
-                    best[j], cut[j] = best[i] + cost + overhead, i
-        bins, j = [], n
-        while j > 0:
-            bins.append(order[cut[j]:j])
-            j = cut[j]
-        bins.reverse()
+        runs = _padded_runs(lengths, token_budget, overhead)
     else:
-        bins: list[list[int]] = []
-        sizes: list[int] = []
-        for i in order:
-            n = len(sequences[i])
-            for b, size in enumerate(sizes):
-                if size + n <= token_budget:
-                    bins[b].append(i)
-                    sizes[b] += n
-                    break
-            else:
-                bins.append([i])
-                sizes.append(n)
-    return [_make_micro([sequences[i] for i in sorted(b)], padded, device) for b in bins]
+        runs = _first_fit(lengths, token_budget)
+    return [_make_micro([sequences[order[k]] for k in sorted(run, key=lambda k: order[k])], padded, device)
+            for run in runs]
+
+
+def _padded_runs(lengths: list[int], budget: int, overhead: int) -> list[list[int]]:
+    """Cuts of `lengths` (longest first) into runs minimising sum(rows x longest + overhead), each run
+    within `budget` padded tokens unless it is a single sequence. Returns runs of positions."""
+    n = len(lengths)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):                 # a run of positions [i, j); its longest is lengths[i]
+        for i in range(j - 1, -1, -1):
+            cost = (j - i) * lengths[i]
+            if cost > budget and j - i > 1:
+                break                         # only grows as i moves left
+            if best[i] + cost + overhead < best[j]:
+                best[j], cut[j] = best[i] + cost + overhead, i
+    runs, j = [], n
+    while j > 0:
+        runs.append(list(range(cut[j], j)))
+        j = cut[j]
+    return runs[::-1]
+
+
+def _first_fit(lengths: list[int], budget: int) -> list[list[int]]:
+    """First-fit bins of positions of `lengths` (longest first) holding at most `budget` real tokens."""
+    bins: list[list[int]] = []
+    sizes: list[int] = []
+    for k, n in enumerate(lengths):
+        for b, size in enumerate(sizes):
+            if size + n <= budget:
+                bins[b].append(k)
+                sizes[b] += n
+                break
+        else:
+            bins.append([k])
+            sizes.append(n)
+    return bins
 
 
 def _make_micro(seqs: list[Sequence], padded: bool, device) -> MicroBatch:
