@@ -5,12 +5,12 @@
     groups = engine.generate(prompt_ids, SamplingConfig(n=4, max_new_tokens=64, logprobs=True, topk=8))
 
 Sampling runs `s2d_cli.engines.decode.sample` (one prefill per prompt shared by its n samples, a
-straight-line decode step for Llama-family models, finished rows dropped from the batch); the
+straight-line decode step for Llama-family models, finished rows dropped from the batch). The
 `decoder="generate"` option runs transformers' `model.generate` instead (the reference the tests
-compare against), where log-probabilities are taken from the raw logits (before temperature / top-p / top-k), log_softmax in
-float32, one decoding step at a time: a logits processor that runs first in generate's list sees each
-step's raw logits, keeps that step's top-K, and holds the step's [B, V] log-probs only until the next
-step shows which token was drawn. (`output_logits=True` would keep a float32 [B, V] copy of every step,
+compare against); there log-probabilities are taken from the raw logits (before temperature / top-p /
+top-k), log_softmax in float32, one decoding step at a time: a logits processor that runs first in
+generate's list sees each step's raw logits, keeps that step's top-K, and holds the step's [B, V]
+log-probs only until the next step shows which token was drawn. (`output_logits=True` would keep a float32 [B, V] copy of every step,
 i.e. the [B, T, V] tensor that a long rollout with a 150k vocabulary cannot afford.)
 
 Completion token ids follow vLLM: they end with the eos / stop token when one was emitted
