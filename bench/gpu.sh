@@ -7,10 +7,11 @@
 # The machine's image has torch, transformers and accelerate but not trl, datasets or math-verify:
 # their wheels (and the few dependencies the image lacks) travel in .whl/ and are installed into a
 # private --target directory, put first on PYTHONPATH together with the repo (s2d is not installed).
-# Then: versions, the lm-head fast-path check (bench/gpu_check.py), and bench/run.py --profile gpu:
-# each row's sides in their own processes with a per-process timeout; a failing row is reported in the
-# table and the next one runs. Results: $OUT/gpu_results.md (table), $OUT/gpu_results.log (children's
-# stderr), $OUT/gpu_check.txt. OUT defaults to bench/gpu-out.
+# Then: versions, the lm-head fast-path check (bench/gpu_check.py), the hf engine's samplers (CUDA-graph
+# decode step, eager steps, transformers generate: bench/gpu_probe.py check + decode), and bench/run.py
+# --profile gpu: each row's sides in their own processes with a per-process timeout; a failing row is
+# reported in the table and the next one runs. Results: $OUT/gpu_results.md (table), $OUT/gpu_results.log
+# (children's stderr), $OUT/gpu_check.txt, $OUT/gpu_decode.txt. OUT defaults to bench/gpu-out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/gpu-out}"
@@ -42,6 +43,10 @@ EOF
 
 echo "== lm-head fast path check"
 timeout 150 "$PY" bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt" || echo "gpu_check failed (exit $?); continuing"
+
+echo "== hf engine samplers"
+{ timeout 90 "$PY" bench/gpu_probe.py check && timeout 120 "$PY" bench/gpu_probe.py decode; } 2>&1 \
+    | grep -v Warning | tee "$OUT/gpu_decode.txt" || echo "gpu_probe failed; continuing"
 
 echo "== comparisons"
 timeout "${BENCH_TIMEOUT:-480}" "$PY" bench/run.py --profile gpu --repeats "${REPEATS:-1}" --out "$OUT/gpu_results.md" \

@@ -280,8 +280,8 @@ def run(cfg: GRPOConfig):
             roll_BT = mb.to_BT(mb.token_data["rollout_logp"])
             if cfg.is_cap > 0 and engine is not None and engine.name == "vllm":
                 is_BT = L.truncated_is_weights(old_BT, roll_BT, mask_BT, cap=cfg.is_cap)
-            mism = {"mismatch_kl": float(L.masked_mean(L.kl_penalty(old_BT, roll_BT, mask_BT, estimator="k3"),
-                                                       mask_BT))}
+            mism = {"mismatch_kl": L.masked_mean(L.kl_penalty(old_BT, roll_BT, mask_BT, estimator="k3"),
+                                                 mask_BT).detach()}
         n_seq, n_tok = info.num_sequences / info.world_size, info.num_tokens / info.world_size
         loss, m = policy_loss(cfg, logp_BT, old_BT, mb.scalars["adv"].to(logp_BT.dtype), mask_BT, is_BT,
                               n_seq, n_tok)
@@ -290,8 +290,8 @@ def run(cfg: GRPOConfig):
                 ref_M = trainer_ref_logprobs(ref, mb)
             kl_BT = L.kl_penalty(logp_BT, mb.to_BT(ref_M), mask_BT, estimator=cfg.kl_estimator)
             loss = loss + cfg.beta * L.masked_sum(kl_BT, mask_BT) / n_tok
-            m["kl_ref"] = float(L.masked_mean(kl_BT.detach(), mask_BT))
-        m["entropy"] = float(L.masked_mean(mb.to_BT(ent_M), mask_BT)) if ent_M is not None and ent_M.numel() else 0.0
+            m["kl_ref"] = L.masked_mean(kl_BT.detach(), mask_BT)
+        m["entropy"] = L.masked_mean(mb.to_BT(ent_M), mask_BT) if ent_M is not None and ent_M.numel() else 0.0
         return loss, {**m, **mism}
 
     def trainer_ref_logprobs(ref_model, mb):

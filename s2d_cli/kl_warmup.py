@@ -288,7 +288,7 @@ def run(cfg: KLWarmupConfig):
             logp_M = policy(mb, lambda h, w: L.chunked_token_logprobs(
                 h, w[:vocab], mb.targets, chunk_size=cfg.chunk_size, temperature=cfg.temperature)[0])
             loss, _ = L.forward_kl_sampled(mb.to_BT(logp_M), mb.mask_BT(), num_tokens=n_tok)
-            return loss, {"ce": float(-logp_M.detach().mean())}
+            return loss, {"ce": -logp_M.detach().mean()}
         if cfg.targets == "topk":
             kl_M = policy(mb, lambda h, w: L.forward_kl_topk(
                 h, w[:vocab], mb.token_data["topk_ids"], mb.token_data["topk_logp"], chunk_size=cfg.chunk_size))
@@ -300,8 +300,8 @@ def run(cfg: KLWarmupConfig):
             loss, kl_M, _, _ = policy(mb, lambda h, w: L.fused_kl_loss(
                 h, w[:vocab], teacher_h_MH, teacher_weight, weight_M, mb.targets, direction="forward",
                 chunk_size=cfg.chunk_size, temperature=cfg.temperature))
-            return loss, {"forward_kl": float(kl_M.mean())}
-        return kl_M.sum() / n_tok, {"forward_kl": float(kl_M.detach().mean())}
+            return loss, {"forward_kl": kl_M.mean().detach()}
+        return kl_M.sum() / n_tok, {"forward_kl": kl_M.detach().mean()}
 
     trainer.fit(make_batch, loss_fn, display=(metric, "loss"))
     heldout_end = heldout_mean()

@@ -55,8 +55,11 @@ def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor, dim: int | None = Non
     return masked_sum(x_BT, mask_BT, dim) / count.clamp_min(1).to(x_BT.dtype)
 
 
-def _item(x: torch.Tensor) -> float:
-    return float(x.detach().float().item())
+def _item(x: torch.Tensor) -> torch.Tensor:
+    """A metric as a detached float32 0-d tensor, left on its device: the trainer turns a step's metrics
+    into floats with one host sync after the last micro-batch (a float() per metric would stall the
+    CPU on the GPU in every micro-batch). Compares like a float (`m["clip_frac"] == 0.0`)."""
+    return x.detach().float()
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -345,7 +348,8 @@ def _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high, 
             "clip_low_frac": _item(masked_mean(low_BT.float(), m_BT)),
             "clip_high_frac": _item(masked_mean(high_BT.float(), m_BT)),
             "ratio_mean": _item(masked_mean(ratio_BT, m_BT)),
-            "ratio_max": _item(torch.where(m_BT, ratio_BT, 0.0).max()) if m_BT.any() else 1.0,
+            "ratio_max": _item(torch.where(m_BT.any(), torch.where(m_BT, ratio_BT, 0.0).max(), 1.0))
+            if m_BT.numel() else 1.0,
         }
     return loss_BT, metrics
 
@@ -478,7 +482,7 @@ def forward_kl_sampled(
     denom = num_tokens if num_tokens is not None else mask_BT.bool().sum().clamp_min(1).to(student_logp_BT.dtype)
     loss = -masked_sum(student_logp_BT, mask_BT) / denom
     nll = _item(loss)
-    return loss, {"nll": nll, "ppl": math.exp(min(nll, 50.0))}
+    return loss, {"nll": nll, "ppl": nll.clamp_max(50.0).exp()}
 
 
 def forward_kl_topk(

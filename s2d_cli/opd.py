@@ -210,8 +210,8 @@ def run(cfg: OPDConfig):
             loss, kl_M, logp_M, teacher_logp_M = policy(mb, lambda h, w: L.fused_kl_loss(
                 h, w[:vocab], teacher_h_MH, teacher_weight, weight_M, mb.targets, direction="reverse",
                 chunk_size=cfg.chunk_size))
-            return loss, {"reverse_kl": float((logp_M - teacher_logp_M).mean()),
-                          "reverse_kl_exact": float(kl_M.mean())}
+            return loss, {"reverse_kl": (logp_M - teacher_logp_M).mean().detach(),
+                          "reverse_kl_exact": kl_M.mean().detach()}
         with torch.no_grad():
             teacher_logp_M = L.chunked_token_logprobs(teacher_h_MH, teacher_weight[:vocab], mb.targets,
                                                       chunk_size=cfg.chunk_size)[0]
@@ -243,8 +243,8 @@ def run(cfg: OPDConfig):
         if alpha_adv_B is not None:
             loss = loss + sparse_surrogate(mb.to_BT(logp_M), alpha_adv_B, mask_BT, n_tok)
         exact = "reverse_kl_exact" if cfg.loss == "full" else "reverse_kl_topk"
-        return loss, {"reverse_kl": float((logp_M.detach() - teacher_logp_M).mean()),
-                      exact: float(kl_M.detach().mean())}
+        return loss, {"reverse_kl": (logp_M.detach() - teacher_logp_M).mean(),
+                      exact: kl_M.detach().mean()}
 
     def after_update(step: int) -> None:
         if engine.name == "vllm":

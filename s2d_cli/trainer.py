@@ -141,13 +141,17 @@ class MicroBatch:
     def num_seqs(self) -> int:
         return len(self.sequences)
 
+    @property
+    def max_len(self) -> int:
+        """The longest completion, from the host-side sequences (reading `lengths` would wait on the GPU)."""
+        return max((len(s.completion_ids) for s in self.sequences), default=0)
+
     def mask_BT(self) -> torch.Tensor:
-        t = int(self.lengths.max()) if len(self.lengths) else 0
-        return torch.arange(t, device=self.lengths.device)[None, :] < self.lengths[:, None]
+        return torch.arange(self.max_len, device=self.lengths.device)[None, :] < self.lengths[:, None]
 
     def to_BT(self, x_M: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """Scatter a per-token vector [M, ...] into padded [b, T, ...] (cheap: no vocabulary dim)."""
-        t = int(self.lengths.max())
+        t = self.max_len
         out = x_M.new_full((self.num_seqs, t, *x_M.shape[1:]), fill)
         out[self.seq_idx, self.tok_idx] = x_M
         return out
@@ -267,8 +271,10 @@ def metric_tokens(mb: MicroBatch) -> float:
     """The tokens a loss's per-token metrics average over: completion tokens times the sequence's
     "weight" (a weight-0 sequence, e.g. a dropped zero-variance group, is outside the loss mask).
     Weighting micro-batch means by it makes the logged mean independent of packing and processes."""
-    weight = mb.scalars.get("weight")
-    return float(mb.lengths.sum() if weight is None else (mb.lengths * weight).sum())
+    seqs = mb.sequences                     # host-side: no wait on the GPU
+    if not any("weight" in s.scalars for s in seqs):
+        return float(sum(len(s.completion_ids) for s in seqs))
+    return float(sum(len(s.completion_ids) * float(s.scalars.get("weight", 0.0)) for s in seqs))
 
 
 def _to(mb: MicroBatch, device) -> MicroBatch:
@@ -311,6 +317,17 @@ def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # the trainer
+
+def _host_floats(values: list) -> list[float]:
+    """Floats of a mix of Python numbers and 0-d tensors, with one device-to-host copy for the tensors."""
+    out = list(values)
+    idx = [i for i, v in enumerate(values) if torch.is_tensor(v)]
+    if idx:
+        dev = values[idx[0]].device
+        for i, x in zip(idx, torch.stack([values[i].reshape(()).to(dev, torch.float64) for i in idx]).tolist()):
+            out[i] = x
+    return [float(v) for v in out]
+
 
 def lr_lambda(cfg: TrainFields) -> Callable[[int], float]:
     def f(step: int) -> float:
@@ -549,16 +566,16 @@ class Trainer:
                         with sync, self.acc.autocast():
                             loss, m = loss_fn(self.policy, mb, info)
                             self.acc.backward(loss)
-                        if epoch == 0:
+                        if epoch == 0:              # metrics stay on the device until the step ends
                             w = metric_tokens(mb)
-                            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / self.world
+                            sums["loss"] = sums.get("loss", 0.0) + loss.detach().float() / self.world
                             for k, v in m.items():
-                                sums[k] = sums.get(k, 0.0) + float(v) * w
+                                sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v) * w
                     if cfg.max_grad_norm > 0:
-                        grad_norm = float(self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
+                        grad_norm = self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                     else:
-                        grad_norm = float(torch.nn.utils.get_total_norm(
-                            [p.grad for p in self.policy.parameters() if p.grad is not None]))
+                        grad_norm = torch.nn.utils.get_total_norm(
+                            [p.grad for p in self.policy.parameters() if p.grad is not None])
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 lr = self.scheduler.get_last_lr()[0]
@@ -567,7 +584,8 @@ class Trainer:
                     after_update(step)
                 keys = sorted(sums)
                 local_tok = sum(metric_tokens(mb) for mb in micro)
-                totals = self.all_sum([sums[k] for k in keys] + [local_tok])
+                *host, grad_norm = _host_floats([sums[k] for k in keys] + [grad_norm])
+                totals = self.all_sum(host + [local_tok])
                 tok_total = max(totals[-1], 1.0)
                 dt = time.perf_counter() - t0
                 metrics = {"step": step + 1}

@@ -193,13 +193,13 @@ def test_decoders_equal_generate(arch, tiny_model_dir, untied_llama_dir, tokeniz
     monkeypatch.setattr(decode, "CACHE_HEADROOM", 3)      # the fast path's KV cache must grow mid-call
 
     path = str(tiny_model_dir if arch == "qwen3" else untied_llama_dir)
-    engines = {d: HFEngine(path, dtype="fp32", device="cpu", decoder=d) for d in ("generate", "loop", "auto")}
+    engines = {d: HFEngine(path, dtype="fp32", device="cpu", decoder=d) for d in ("generate", "loop", "auto", "static")}
     assert fast_decode_ok(engines["auto"].model)
     stop = _stop_heavy(engines["generate"], prompts)          # rows finish at different steps: compaction
     sampling = SamplingConfig(n=3, max_new_tokens=16, temperature=0, logprobs=True, topk=3, stop_token_ids=[stop])
     ref = engines["generate"].generate(prompts, sampling)
     assert {c.finish_reason for g in ref for c in g} == {"stop", "length"}
-    for name in ("loop", "auto"):
+    for name in ("loop", "auto", "static"):
         got = engines[name].generate(prompts, sampling)
         for g_ref, g_got in zip(ref, got):
             for a, b in zip(g_ref, g_got):
@@ -227,13 +227,19 @@ def test_fast_step_logits_equal_the_model_forward(tiny_model_dir, prompts):
     torch.testing.assert_close(fast[0], full, atol=1e-5, rtol=0)
 
 
-def test_sampled_logprobs_with_early_stops_are_teacher_forced(hf_engine, ref_model, prompts):
-    """Sampling with rows leaving the batch at different steps (compacted KV cache, left padding):
-    every reported log-prob is still the teacher-forced one of its own row."""
+@pytest.mark.parametrize("decoder", ["auto", "static"])
+def test_sampled_logprobs_with_early_stops_are_teacher_forced(decoder, tiny_model_dir, ref_model, prompts):
+    """Sampling with rows stopping at different steps (auto: compacted KV cache; static: finished rows
+    run on in a fixed-shape batch), left padding: every reported log-prob is still the teacher-forced
+    one of its own row, and each row ends at its first stop token."""
+    engine = HFEngine(str(tiny_model_dir), dtype="fp32", device="cpu", decoder=decoder)
     # a near-uniform random model: 40 stop ids of 512 end a row with probability ~8 % per step
-    sampling = SamplingConfig(n=4, max_new_tokens=16, temperature=1.0, seed=11, logprobs=True,
-                              stop_token_ids=list(range(10, 50)))
-    groups = hf_engine.generate(prompts, sampling)
+    stop_ids = list(range(10, 50))
+    sampling = SamplingConfig(n=4, max_new_tokens=16, temperature=1.0, seed=11, logprobs=True, stop_token_ids=stop_ids)
+    groups = engine.generate(prompts, sampling)
+    for c in (c for g in groups for c in g):
+        assert not set(c.token_ids[:-1]) & set(stop_ids)
+        assert (c.finish_reason == "stop") == (c.token_ids[-1] in stop_ids)
     lengths = {len(c.token_ids) for g in groups for c in g}
     assert len(lengths) > 2
     for prompt, group in zip(prompts, groups):

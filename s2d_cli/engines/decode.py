@@ -23,6 +23,7 @@ prompt and compaction). Positions follow training: a left-padded row's first rea
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,7 @@ def draw(logits_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Te
 
 FAST_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 CACHE_HEADROOM = 256      # new-token slots the KV cache starts with; it doubles when they run out
+CUDA_GRAPHS = os.environ.get("S2D_CUDA_GRAPHS", "1") != "0"   # S2D_CUDA_GRAPHS=0: the static step runs eagerly
 
 
 def fast_decode_ok(model) -> bool:
@@ -157,11 +159,16 @@ class _FastDecoder:
         self.k = [k.index_select(0, idx) for k in self.k]
         self.v = [v.index_select(0, idx) for v in self.v]
 
-    def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, slot: int, mask_B11S: torch.Tensor | None
-             ) -> torch.Tensor:
-        """Logits [B, V] of the token after `tokens_B`, written to cache slot `slot` at positions `pos_B`."""
+    def step(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, slot: int | torch.Tensor,
+             mask_B11S: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, V] of the token after `tokens_B`, written to cache slot `slot` at positions `pos_B`.
+
+        `slot` an int: attention reads the cache up to that slot (`mask_B11S` cut to slot + 1 columns).
+        `slot` a one-element tensor (the static step of `_StaticStep`): every shape is fixed, attention
+        reads the whole cache and `mask_B11S` must also hide the slots after `slot`."""
         trunk = self.trunk
         B = tokens_B.shape[0]
+        static = isinstance(slot, torch.Tensor)
         x = trunk.embed_tokens(tokens_B[:, None])                                    # [B, 1, H]
         if self.rope_table is not None:
             cos, sin = self.rope_table[0][pos_B][:, None, None], self.rope_table[1][pos_B][:, None, None]
@@ -177,10 +184,15 @@ class _FastDecoder:
             if hasattr(a, "q_norm"):
                 q, k = _rms(q, a.q_norm), _rms(k, a.k_norm)
             q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
-            self.k[i][:, :, slot] = k[:, :, 0]
-            self.v[i][:, :, slot] = v[:, 0]
-            o = F.scaled_dot_product_attention(q, self.k[i][:, :, :slot + 1], self.v[i][:, :, :slot + 1],
-                                               attn_mask=mask_B11S, scale=a.scaling, enable_gqa=True)
+            if static:
+                self.k[i].index_copy_(2, slot, k)
+                self.v[i].index_copy_(2, slot, v.transpose(1, 2))
+                keys, values = self.k[i], self.v[i]
+            else:
+                self.k[i][:, :, slot] = k[:, :, 0]
+                self.v[i][:, :, slot] = v[:, 0]
+                keys, values = self.k[i][:, :, :slot + 1], self.v[i][:, :, :slot + 1]
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask_B11S, scale=a.scaling, enable_gqa=True)
             x = x + F.linear(o.transpose(1, 2).reshape(B, 1, -1), a.o_proj.weight, a.o_proj.bias)
             m = layer.mlp
             h = _rms(x, layer.post_attention_layernorm)
@@ -190,17 +202,74 @@ class _FastDecoder:
         return F.linear(_rms(x, trunk.norm)[:, 0], head.weight, getattr(head, "bias", None))
 
 
+class _StaticStep:
+    """The decode step with every shape fixed for the whole call: the cache holds all L + max_new_tokens
+    slots from the start, no row leaves the batch, and the slot is a tensor. On a GPU the step is
+    captured once as a CUDA graph and replayed (one launch instead of ~20 per layer: a decode step of a
+    small model is bound by kernel launches, not by the GPU); elsewhere it runs eagerly (what the CPU
+    tests check against the growing-cache step)."""
+
+    def __init__(self, decoder: _FastDecoder, attend_B11S: torch.Tensor, graph: bool):
+        self.decoder, self.graph = decoder, None
+        B, S = attend_B11S.shape[0], attend_B11S.shape[-1]
+        device = attend_B11S.device
+        self.tokens_B = torch.zeros(B, dtype=torch.long, device=device)
+        self.pos_B = torch.zeros(B, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.attend_B11S, self.slots_S = attend_B11S, torch.arange(S, device=device)
+        self.use_graph = graph
+
+    def _run(self) -> torch.Tensor:
+        mask_B11S = self.attend_B11S & (self.slots_S <= self.slot)
+        return self.decoder.step(self.tokens_B, self.pos_B, self.slot, mask_B11S).float()
+
+    def __call__(self, tokens_B: torch.Tensor, pos_B: torch.Tensor, slot: int) -> torch.Tensor:
+        self.tokens_B.copy_(tokens_B)
+        self.pos_B.copy_(pos_B)
+        self.slot.fill_(slot)
+        if not self.use_graph:
+            return self._run()
+        if self.graph is None:
+            # warm-up on a side stream (lazy library state), then capture; both write this step's own
+            # K/V into this step's slot, which the replay below writes again with the same values
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.out_BV = self._run()
+        self.graph.replay()
+        return self.out_BV
+
+
+def static_cache_fits(model, rows: int, slots: int, device: torch.device) -> bool:
+    """A CUDA device with room for the whole-call KV cache in a quarter of its free memory."""
+    if device.type != "cuda":
+        return False
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    size = next(model.parameters()).element_size()
+    need = 2 * cfg.num_hidden_layers * rows * kv_heads * slots * head_dim * size
+    return need <= torch.cuda.mem_get_info(device)[0] // 4
+
+
 # ----------------------------------------------------------------------------------------------
 # the loop
 
 @torch.inference_mode()
 def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop_ids: list[int], pad_id: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, logprobs: bool = False, topk: int = 0,
-           generator: torch.Generator | None = None, fast: bool | None = None) -> list[Sampled]:
+           generator: torch.Generator | None = None, fast: bool | None = None,
+           static: bool | None = None) -> list[Sampled]:
     """n completions of each prompt, rows in prompt-major order (see the module docstring).
 
     fast: None picks the straight-line step when `fast_decode_ok(model)`; False always uses the model's
-    forward. The model must be in eval mode."""
+    forward. static (fast steps only): the fixed-shape step of `_StaticStep`, a CUDA graph on a GPU;
+    None picks it on a GPU with room for the whole-call KV cache (`static_cache_fits`). The model must
+    be in eval mode."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -222,13 +291,18 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop
     B = P * n
     fast = fast_decode_ok(model) if fast is None else fast
     limit = L + max_new_tokens
+    static = fast and (static_cache_fits(model, B, limit, device) if static is None else static)
     if fast:
-        decoder = _FastDecoder(model, cache, B, n, capacity=min(limit, L + CACHE_HEADROOM),
+        decoder = _FastDecoder(model, cache, B, n, capacity=limit if static else min(limit, L + CACHE_HEADROOM),
                                positions=limit)
         del cache
         # [B, 1, 1, L + max_new_tokens] boolean "may attend"; None when no row has padding (plain causal attention)
         attend_B11S = mask_PL.bool().repeat_interleave(n, dim=0)[:, None, None, :].expand(B, 1, 1, L)
         attend_B11S = torch.cat([attend_B11S, attend_B11S.new_ones((B, 1, 1, max_new_tokens))], -1) if padded else None
+        if static:
+            full_B11S = attend_B11S if attend_B11S is not None else torch.ones((B, 1, 1, limit), dtype=torch.bool,
+                                                                                device=device)
+            stepper = _StaticStep(decoder, full_B11S, graph=device.type == "cuda" and CUDA_GRAPHS)
     else:
         cache.batch_repeat_interleave(n)
         mask_BS = torch.cat([mask_PL.repeat_interleave(n, dim=0),
@@ -258,10 +332,18 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop
         if t == max_new_tokens - 1:
             break
         alive_B &= ~torch.isin(tok_B, stops)
+        slot = L + t
+        if static:
+            # fixed shapes: no compaction (finished rows run on; `_collect` cuts them at their stop),
+            # and the host looks at the stop flags only every 8 steps, so it queues steps ahead of the GPU
+            if t % 8 == 7 and not bool(alive_B.any()):
+                break
+            logits_BV = stepper(tok_B, next_pos_B, slot)
+            next_pos_B = next_pos_B + 1
+            continue
         n_alive = int(alive_B.sum())                 # the one host sync per step (generate has it too)
         if n_alive == 0:
             break
-        slot = L + t
         if n_alive * 4 <= alive_B.shape[0] * 3:     # a quarter of the slots are done: compact
             keep = alive_B.nonzero()[:, 0]
             row_of, tok_B, next_pos_B, alive_B = row_of[keep], tok_B[keep], next_pos_B[keep], alive_B[keep]

@@ -100,16 +100,18 @@ class HFEngine:
     tokenizer: a tokenizer, a path, or None to load it from the model's path.
     seed: seeds calls whose `SamplingConfig.seed` is None (a per-engine stream, different each call).
     batch_size: sequences (prompts x n) decoded together.
-    decoder: "auto" (`decode.sample`: the fast step where the architecture allows it), "loop"
-        (`decode.sample` on the model's own forward) or "generate" (transformers' `model.generate`).
+    decoder: "auto" (`decode.sample`: the fast step where the architecture allows it, replayed as a
+        CUDA graph on a GPU), "static" (the fast step with fixed shapes, also off a GPU: what the CPU
+        tests check), "loop" (`decode.sample` on the model's own forward) or "generate" (transformers'
+        `model.generate`).
     """
 
     name = "hf"
 
     def __init__(self, model, *, tokenizer=None, seed: int = 0, dtype="auto", trust_remote_code: bool = False,
                  batch_size: int = 64, device=None, decoder: str = "auto"):
-        if decoder not in ("auto", "loop", "generate"):
-            raise ValueError(f"HFEngine: decoder must be auto, loop or generate, got {decoder!r}")
+        if decoder not in ("auto", "static", "loop", "generate"):
+            raise ValueError(f"HFEngine: decoder must be auto, static, loop or generate, got {decoder!r}")
         self.decoder = decoder
         if isinstance(model, torch.nn.Module):
             self.model = model
@@ -179,12 +181,13 @@ class HFEngine:
             calls = [(order[k:k + per], n, 0) for k in range(0, len(order), per)]
         else:
             calls = [([i], min(self.batch_size, n - j), j) for i in order for j in range(0, n, self.batch_size)]
-        fast = None if self.decoder == "auto" else False
+        fast = False if self.decoder == "loop" else None
+        static = True if self.decoder == "static" else None
         for idx, count, first in calls:
             rows = sample(self.model, [prompts[i] for i in idx], n=count, max_new_tokens=sampling.max_new_tokens,
                           stop_ids=stop_ids, pad_id=self.pad_id, temperature=sampling.temperature,
                           top_p=sampling.top_p, top_k=sampling.top_k, logprobs=sampling.logprobs,
-                          topk=sampling.topk, generator=generator, fast=fast)
+                          topk=sampling.topk, generator=generator, fast=fast, static=static)
             for r, row in enumerate(rows):
                 completion = Completion(text=self.tokenizer.decode(row.token_ids, skip_special_tokens=True),
                                         token_ids=row.token_ids, finish_reason=row.finish_reason,
