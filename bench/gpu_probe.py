@@ -4,7 +4,7 @@
     python bench/gpu_probe.py check                   # float32: samplers vs generate and teacher forcing
     python bench/gpu_probe.py fixtures DIR            # the gpu profile's "update" fixture -> DIR/spec.json
     python bench/gpu_probe.py update s2d|trl DIR [k=v ...] [profile]   # 1 + 2 update steps (spec overrides
-                                                      # k=v, overhead=N: trainer.MICRO_BATCH_OVERHEAD_TOKENS)
+                                                      # k=v, overhead=N: the trainer's per-micro-batch overhead in tokens)
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def update(side: str, root: str, overrides: list[str]) -> None:
     for kv in overrides:
         k, v = kv.split("=")
         if k == "overhead":
-            T.MICRO_BATCH_OVERHEAD_TOKENS = int(v)
+            T.micro_batch_overhead_tokens = lambda lm, device, n=int(v): n
         else:
             spec[k] = int(v)
     spec["steps"] = 2

@@ -170,8 +170,28 @@ PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3")   # varlen kernels
 
 
 # What one more padded micro-batch costs (its own forward/backward launch, optimizer-free), in padded
-# tokens: `pack` splits a length-sorted batch where the padding saved exceeds it.
+# tokens: `pack` splits a length-sorted batch where the padding saved exceeds it. On a CPU (the bench's
+# shapes): 512.
 MICRO_BATCH_OVERHEAD_TOKENS = 512
+# On a GPU a micro-batch's forward + backward is launched from Python, kernel by kernel, whatever its
+# size: measured on an H100 with a Qwen3-0.6B shape (bench/RESULTS-gpu.md, GRPO update row), the same
+# batch in 3 micro-batches took 0.57 s a step, in 2 0.44 s, while the GPU's kernel time per step was
+# TRL's (about 0.36 s; TRL's single micro-batch: 0.38 s a step): one more micro-batch cost ~0.13 s plus
+# ~0.03 s of padding saved, about 0.16 s of launching per micro-batch of 28 layers. Meanwhile the
+# GPU trains at about 1.8e14 FLOP/s on that shape (TRL's step: 18,240 padded tokens x 6 x 0.6e9 params
+# in 0.36 s). Their product, in tokens, is the GPU overhead: ~8,400 tokens for 0.6B, ~800 for Qwen3-8B.
+GPU_LAUNCH_S_PER_LAYER = 0.006
+GPU_TRAIN_FLOP_S = 1.8e14
+
+
+def micro_batch_overhead_tokens(lm: nn.Module, device: torch.device | None) -> int:
+    """The per-micro-batch cost `pack` weighs against padding: a constant on a CPU; on a GPU the
+    launch time of one forward + backward (per layer) times the tokens the GPU would train meanwhile."""
+    if device is None or torch.device(device).type != "cuda":
+        return MICRO_BATCH_OVERHEAD_TOKENS
+    params = sum(p.numel() for p in lm.parameters())
+    launch_s = GPU_LAUNCH_S_PER_LAYER * lm.config.num_hidden_layers
+    return max(MICRO_BATCH_OVERHEAD_TOKENS, int(launch_s * GPU_TRAIN_FLOP_S / (6 * max(params, 1))))
 
 
 def pack(sequences: list[Sequence], token_budget: int, *, attn_impl: str = "sdpa",
@@ -384,6 +404,7 @@ class Trainer:
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lm.config.use_cache = False
         self.attn_impl = getattr(self.lm.config, "_attn_implementation", "sdpa") or "sdpa"
+        self.micro_overhead = micro_batch_overhead_tokens(self.lm, self.device)
         params = [p for p in self.lm.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
@@ -553,7 +574,8 @@ class Trainer:
                 n_seq, n_tok, n_all_tok = self.all_sum([sum(weights), sum(w * len(s.completion_ids) for w, s in
                                                                           zip(weights, batch.sequences)),
                                                         sum(len(s) for s in batch.sequences)])
-                micro = pack(batch.sequences, cfg.micro_batch_tokens, attn_impl=self.attn_impl, device=self.device)
+                micro = pack(batch.sequences, cfg.micro_batch_tokens, attn_impl=self.attn_impl, device=self.device,
+                             overhead_tokens=self.micro_overhead)
                 if update_epochs > 1:
                     self._store_old_logprobs(micro)
                 self.lm.train()
