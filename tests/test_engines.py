@@ -227,6 +227,33 @@ def test_fast_step_logits_equal_the_model_forward(tiny_model_dir, prompts):
     torch.testing.assert_close(fast[0], full, atol=1e-5, rtol=0)
 
 
+def test_static_step_equals_the_growing_step(tiny_model_dir, prompts):
+    """The fixed-shape step (whole cache up front, unwritten slots masked) gives the growing-cache
+    step's logits, step after step; its unwritten slots hold zeros -- a masked slot still multiplies its
+    value by a zero weight, so uninitialised memory (NaN bit patterns) would poison the row."""
+    from transformers import DynamicCache
+
+    from s2d_cli.engines.decode import _FastDecoder, _StaticStep
+
+    model = load_model(str(tiny_model_dir), dtype="fp32", device="cpu").eval()
+    prompt = torch.tensor([prompts[0]])
+    L = prompt.shape[1]
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        fixed = _FastDecoder(model, cache, rows=2, repeat=2, capacity=L + 4, positions=L + 4)
+        growing = _FastDecoder(model, cache, rows=2, repeat=2, capacity=L + 1, positions=L + 4)
+        assert all(not buf[:, :, L:].any() for buf in fixed.k + fixed.v)
+        step = _StaticStep(fixed, torch.ones((2, 1, 1, L + 4), dtype=torch.bool), graph=False)
+        tokens, pos = torch.tensor([7, 9]), torch.tensor([L, L])
+        for t in range(3):
+            got = step(tokens, pos + t, L + t)
+            growing.ensure(L + t, L + 4)
+            expected = growing.step(tokens, pos + t, L + t, None).float()
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+            tokens = expected.argmax(-1)
+
+
 @pytest.mark.parametrize("decoder", ["auto", "static"])
 def test_sampled_logprobs_with_early_stops_are_teacher_forced(decoder, tiny_model_dir, ref_model, prompts):
     """Sampling with rows stopping at different steps (auto: compacted KV cache; static: finished rows

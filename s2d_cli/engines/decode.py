@@ -129,10 +129,12 @@ class _FastDecoder:
     def __init__(self, model, dyn_cache, rows: int, repeat: int, capacity: int, positions: int):
         self.model, self.trunk = model, model.model
         self.k, self.v = [], []
+        # zeros, not empty: the static step attends over every slot with the unwritten ones masked, and
+        # a masked slot still multiplies its value by a zero weight (0 x a NaN bit pattern = NaN)
         for layer in dyn_cache.layers:                         # prompt KV from the HF prefill, repeated
             keys, values = layer.keys, layer.values            # [P, kv, L, hd]
-            k = keys.new_empty((rows, keys.shape[1], capacity, keys.shape[3]))
-            v = values.new_empty((rows, values.shape[1], capacity, values.shape[3]))
+            k = keys.new_zeros((rows, keys.shape[1], capacity, keys.shape[3]))
+            v = values.new_zeros((rows, values.shape[1], capacity, values.shape[3]))
             k[:, :, :keys.shape[2]] = keys.repeat_interleave(repeat, dim=0)
             v[:, :, :values.shape[2]] = values.repeat_interleave(repeat, dim=0)
             self.k.append(k)
