@@ -237,8 +237,9 @@ class _StaticStep:
         if not self.use_graph:
             return self._run()
         if self.graph is None:
-            # warm-up on a side stream (lazy library state), then capture; both write this step's own
-            # K/V into this step's slot, which the replay below writes again with the same values
+            # warm-up on a side stream (lazy library state), then capture (records, runs nothing); the
+            # warm-up writes this step's K/V into this step's slot, and the replay below writes the
+            # same values again
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
