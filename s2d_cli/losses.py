@@ -55,7 +55,7 @@ def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor, dim: int | None = Non
     return masked_sum(x_BT, mask_BT, dim) / count.clamp_min(1).to(x_BT.dtype)
 
 
-def _item(x: torch.Tensor) -> torch.Tensor:
+def _metric(x: torch.Tensor) -> torch.Tensor:
     """A metric as a detached float32 0-d tensor, left on its device: the trainer turns a step's metrics
     into floats with one host sync after the last micro-batch (a float() per metric would stall the
     CPU on the GPU in every micro-batch). Compares like a float (`m["clip_frac"] == 0.0`)."""
@@ -344,11 +344,11 @@ def _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high, 
         low_BT = (ratio_BT < 1 - clip_low) & (adv_BT < 0)
         high_BT = (ratio_BT > 1 + clip_high) & (adv_BT > 0)
         metrics = {
-            "clip_frac": _item(masked_mean((low_BT | high_BT).float(), m_BT)),
-            "clip_low_frac": _item(masked_mean(low_BT.float(), m_BT)),
-            "clip_high_frac": _item(masked_mean(high_BT.float(), m_BT)),
-            "ratio_mean": _item(masked_mean(ratio_BT, m_BT)),
-            "ratio_max": _item(torch.where(m_BT.any(), torch.where(m_BT, ratio_BT, 0.0).max(), 1.0))
+            "clip_frac": _metric(masked_mean((low_BT | high_BT).float(), m_BT)),
+            "clip_low_frac": _metric(masked_mean(low_BT.float(), m_BT)),
+            "clip_high_frac": _metric(masked_mean(high_BT.float(), m_BT)),
+            "ratio_mean": _metric(masked_mean(ratio_BT, m_BT)),
+            "ratio_max": _metric(torch.where(m_BT.any(), torch.where(m_BT, ratio_BT, 0.0).max(), 1.0))
             if m_BT.numel() else 1.0,
         }
     return loss_BT, metrics
@@ -459,11 +459,11 @@ def gspo_loss(
         low_B = (s_B < 1 - clip_low) & (adv_B < 0)
         high_B = (s_B > 1 + clip_high) & (adv_B > 0)
         metrics = {
-            "clip_frac": _item((low_B | high_B).float().mean()),
-            "clip_low_frac": _item(low_B.float().mean()),
-            "clip_high_frac": _item(high_B.float().mean()),
-            "ratio_mean": _item(s_B.mean()),
-            "ratio_max": _item(s_B.max()),
+            "clip_frac": _metric((low_B | high_B).float().mean()),
+            "clip_low_frac": _metric(low_B.float().mean()),
+            "clip_high_frac": _metric(high_B.float().mean()),
+            "ratio_mean": _metric(s_B.mean()),
+            "ratio_max": _metric(s_B.max()),
         }
     return loss, metrics
 
@@ -481,7 +481,7 @@ def forward_kl_sampled(
     """
     denom = num_tokens if num_tokens is not None else mask_BT.bool().sum().clamp_min(1).to(student_logp_BT.dtype)
     loss = -masked_sum(student_logp_BT, mask_BT) / denom
-    nll = _item(loss)
+    nll = _metric(loss)
     return loss, {"nll": nll, "ppl": nll.clamp_max(50.0).exp()}
 
 
@@ -785,8 +785,8 @@ def opd_sampled_loss(
     denom = num_tokens if num_tokens is not None else m_BT.sum().clamp_min(1).to(logp_BT.dtype)
     loss = -torch.where(m_BT, ratio_BT * adv_BT, 0.0).sum() / denom
     metrics = {
-        "reverse_kl": _item(masked_mean(reverse_kl_BT, m_BT)),
-        "adv_mean": _item(masked_mean(adv_BT, m_BT)),
-        "ratio_mean": _item(masked_mean(ratio_BT.detach(), m_BT)),
+        "reverse_kl": _metric(masked_mean(reverse_kl_BT, m_BT)),
+        "adv_mean": _metric(masked_mean(adv_BT, m_BT)),
+        "ratio_mean": _metric(masked_mean(ratio_BT.detach(), m_BT)),
     }
     return loss, metrics
