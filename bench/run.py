@@ -51,7 +51,10 @@ PROFILES = {
             "update": dict(prompts=4, group=8, max_new_tokens=128, steps=6),
             "opd": dict(prompts=8, group=1, max_new_tokens=32, steps=6),
             "kl": dict(sequences=4, prompt_len=16, max_completion=96, steps=3),
-            "verify": dict(steps=1, limit=600, warm_up=300),
+            # all 1,200 records after 1,200 warm-up items (bench_verify.py's defaults): a trainer's pool
+            # lives for the whole run; with 300 warm-up items its workers were still learning (ANTLR)
+            # and a 600-record pass lasted 1.5 s, too short for a stable median
+            "verify": dict(steps=1, limit=0, warm_up=1200),
             "rollout": dict(prompts=32, n=4, max_new_tokens=32, steps=2),
         },
         "micro_batch_tokens": 8192,
