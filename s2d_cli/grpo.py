@@ -201,6 +201,8 @@ def run(cfg: GRPOConfig):
         raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} must divide evenly over {trainer.world} processes")
     lm, tok = trainer.lm, trainer.tokenizer
     ref = load_model(cfg.model, dtype=lm.dtype, device=trainer.device) if cfg.beta > 0 else None
+    if ref is not None:
+        trainer.adopt(ref, "reference model")
     engine = None
     if cfg.rollouts is None:
         if cfg.backend in ("vllm", "auto") and _vllm_ok(cfg, trainer):

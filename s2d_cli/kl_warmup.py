@@ -190,12 +190,12 @@ def teacher_of(cfg: KLWarmupConfig) -> str | None:
 
 @torch.no_grad()
 def token_kl_sum(policy, sequences: list[Sequence], cfg: KLWarmupConfig, *, vocab: int, teacher=None,
-                 attn_impl: str = "sdpa", device=None) -> tuple[float, int]:
+                 layout: str = "padded", device=None) -> tuple[float, int]:
     """(sum, count) over completion tokens of the per-token target of `cfg.targets`: CE (sampled), top-K
     forward KL (topk) or exact forward KL to `teacher` (full). Used for the held-out evaluation; runs
     through the (possibly DDP/FSDP-wrapped) `policy`, like training does."""
     total, count = 0.0, 0
-    for mb in pack(sequences, cfg.micro_batch_tokens, attn_impl=attn_impl, device=device):
+    for mb in pack(sequences, cfg.micro_batch_tokens, layout=layout, device=device):
         teacher_h_MH = hidden_at(teacher, mb) if cfg.targets == "full" else None
 
         def head(h_MH, w_VH, mb=mb, teacher_h_MH=teacher_h_MH):
@@ -252,9 +252,7 @@ def run(cfg: KLWarmupConfig):
         teacher = load_teacher(teacher_ref, dtype=lm.dtype, device=trainer.device,
                                trust_remote_code=cfg.trust_remote_code)
         check_loaded_rows(teacher, pair.teacher_rows, "teacher")
-        if (getattr(teacher.config, "_attn_implementation", "sdpa") or "sdpa") != trainer.attn_impl:
-            raise UsageError("teacher and student load with different attention implementations; the packed "
-                             "micro-batch mask is built for the student's")
+        trainer.adopt(teacher)
         teacher_weight = teacher.get_output_embeddings().weight
     local = cfg.batch_size // trainer.world
     metric = "ce" if cfg.targets == "sampled" else "forward_kl"
@@ -265,7 +263,7 @@ def run(cfg: KLWarmupConfig):
         lm.eval()
         mine = heldout[trainer.rank::trainer.world]
         total, count = trainer.all_sum(list(token_kl_sum(trainer.policy, mine, cfg, vocab=vocab, teacher=teacher,
-                                                         attn_impl=trainer.attn_impl, device=trainer.device)))
+                                                         layout=trainer.layout, device=trainer.device)))
         return total / max(count, 1)
 
     start_file = trainer.out / HELDOUT_START

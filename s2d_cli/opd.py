@@ -165,9 +165,7 @@ def run(cfg: OPDConfig):
     teacher = load_teacher(cfg.teacher, dtype=lm.dtype, device=trainer.device,
                            trust_remote_code=cfg.trust_remote_code)
     check_loaded_rows(teacher, pair.teacher_rows, "teacher")
-    if (getattr(teacher.config, "_attn_implementation", "sdpa") or "sdpa") != trainer.attn_impl:
-        raise UsageError("teacher and student load with different attention implementations; the packed "
-                         "micro-batch mask is built for the student's")
+    trainer.adopt(teacher)
     teacher_weight = teacher.get_output_embeddings().weight
     engine = verifier = None
     local_p = cfg.prompts_per_step // trainer.world

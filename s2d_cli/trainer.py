@@ -18,14 +18,17 @@ Losses are normalised by global totals (sequences or tokens across all processes
 and scaled by the world size, so DDP's gradient averaging yields exactly the full-batch gradient: two
 processes produce the per-step losses of one process with the same global batch.
 
-Under flash-attention, sequences are packed into one row per micro-batch with position ids restarting
-per sequence (its varlen kernel reads the boundaries from them), so no compute is spent on padding.
-Other attention implementations (sdpa, eager) get length-sorted right-padded rows instead, cut into
-micro-batches of similar lengths where that saves more padding than a micro-batch costs: a packed
-row there needs a dense [L, L] block-diagonal mask, and attention over it costs L^2 = (sum of
-lengths)^2 instead of sum(length^2) -- measured 1.8x slower for the forward + backward of 64 GRPO
-sequences (8,192-token micro-batches, tiny Qwen3, 2 CPU cores), and quadratically worse as
-micro-batches grow.
+Micro-batch layouts (`pack`):
+- packed (flash-attention): one row per micro-batch, position ids restarting per sequence (its varlen
+  kernel reads the boundaries from them), so no compute is spent on padding;
+- shared (sdpa on a CPU, `s2d_cli.attention`): one row of prompt groups, each prompt once followed by
+  its completions, attention run block by block: no padding, and a GRPO group's prompt is computed once
+  instead of G times (the bench's update row: 2,623 tokens a step instead of 3,603 real, 4,152 padded);
+- padded (sdpa on a GPU, eager): length-sorted right-padded rows, cut into micro-batches of similar
+  lengths where that saves more padding than a micro-batch costs. A packed row there would need a
+  dense [L, L] block-diagonal mask, attention over it costing L^2 = (sum of lengths)^2 instead of
+  sum(length^2); per-block calls as in "shared" would be launch-bound on a GPU. Right padding needs no
+  attention mask at all (see MicroBatch), so sdpa runs its causal kernels.
 
 Log-probs and KLs come from the final hidden states through chunked, checkpointed lm-head
 products (`s2d_cli.losses`): no `[tokens, vocab]` float32 tensor is ever materialised.
@@ -124,10 +127,15 @@ class Batch:
 @dataclass
 class MicroBatch:
     """Sequences of one micro-batch: packed into one row [1, L] (flash-attention), or right-padded rows
-    [b, W]. M = completion tokens in the micro-batch (the loss positions)."""
+    [b, W]. M = completion tokens in the micro-batch (the loss positions).
+
+    Right-padded rows need no attention mask and no position ids: under a causal mask a real token only
+    attends to the tokens before it, all real, and its position is its column. Without a mask, sdpa runs
+    its causal kernels (which skip the blocks above the diagonal) instead of a masked one over all of
+    [W, W]; the padding's outputs are garbage nobody reads (no loss position is on padding)."""
     input_ids: torch.Tensor        # [1, L] or [b, W]
-    position_ids: torch.Tensor     # [1, L] or [b, W]
-    attention_mask: torch.Tensor | None   # None (packed) or [b, W] with 1 on tokens, 0 on padding
+    position_ids: torch.Tensor | None     # [1, L] (packed: restarts at every sequence) or None (padded: the column)
+    attention_mask: torch.Tensor | None   # always None: see above
     pred_pos: torch.Tensor         # [M] positions in the flattened rows whose hidden state predicts a completion token
     targets: torch.Tensor          # [M] the completion tokens
     seq_idx: torch.Tensor          # [M] which sequence (0..b-1)
@@ -136,6 +144,7 @@ class MicroBatch:
     scalars: dict[str, torch.Tensor]      # name -> [b]
     token_data: dict[str, torch.Tensor]   # name -> [M, ...]
     sequences: list[Sequence]
+    segments: Any = None           # "shared" layout: the row's `attention.Segments` (prompt groups)
 
     @property
     def num_seqs(self) -> int:
@@ -194,24 +203,57 @@ def micro_batch_overhead_tokens(lm: nn.Module, device: torch.device | None) -> i
     return max(MICRO_BATCH_OVERHEAD_TOKENS, int(launch_s * GPU_TRAIN_FLOP_S / (6 * max(params, 1))))
 
 
-def pack(sequences: list[Sequence], token_budget: int, *, attn_impl: str = "sdpa",
+LAYOUTS = ("padded", "packed", "shared")
+
+
+def pack(sequences: list[Sequence], token_budget: int, *, layout: str = "padded",
          device: torch.device | None = None, overhead_tokens: int | None = None) -> list[MicroBatch]:
     """Micro-batches of at most `token_budget` tokens (a longer sequence gets one of its own).
 
-    Packed rows (flash-attention): first-fit-decreasing bins of real tokens. Padded rows (sdpa, eager):
-    sequences sorted by length and cut into runs of similar length, choosing the cuts (dynamic
-    programming) that minimise padded tokens + `overhead_tokens` per micro-batch: one padded batch of
-    lengths 65..161 costs rows x 161, runs of similar length cost little more than their real tokens."""
-    padded = attn_impl not in PACKED_ATTENTION
+    "packed" rows (flash-attention): first-fit-decreasing bins of real tokens. "shared" rows (sdpa on a
+    CPU, `s2d_cli.attention`): the same bins of whole prompt groups, each prompt once, followed by its
+    completions. "padded" rows (other sdpa, eager): sequences sorted by length and cut into runs of
+    similar length, choosing the cuts (dynamic programming) that minimise padded tokens +
+    `overhead_tokens` per micro-batch: one padded batch of lengths 65..161 costs rows x 161, runs of
+    similar length cost little more than their real tokens."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "shared":
+        units = _prompt_groups(sequences, token_budget)
+        sizes = [len(sequences[u[0]].prompt_ids) + sum(len(sequences[i].completion_ids) for i in u) for u in units]
+        order = sorted(range(len(units)), key=lambda k: -sizes[k])
+        bins = _first_fit([sizes[k] for k in order], token_budget)
+        return [_make_shared([[sequences[i] for i in units[order[k]]] for k in sorted(b, key=lambda k: order[k])],
+                             device) for b in bins]
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     lengths = [len(sequences[i]) for i in order]
-    if padded:
+    if layout == "padded":
         overhead = MICRO_BATCH_OVERHEAD_TOKENS if overhead_tokens is None else overhead_tokens
         runs = _padded_runs(lengths, token_budget, overhead)
     else:
         runs = _first_fit(lengths, token_budget)
-    return [_make_micro([sequences[order[k]] for k in sorted(run, key=lambda k: order[k])], padded, device)
-            for run in runs]
+    return [_make_micro([sequences[order[k]] for k in sorted(run, key=lambda k: order[k])], layout == "padded",
+                        device) for run in runs]
+
+
+def _prompt_groups(sequences: list[Sequence], budget: int) -> list[list[int]]:
+    """Indices of `sequences` grouped by identical prompt (first-seen order), a group cut where its
+    prompt + completions would exceed `budget` tokens (each part then carries its own prompt copy)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(sequences):
+        groups.setdefault(tuple(s.prompt_ids), []).append(i)
+    units = []
+    for prompt, idx in groups.items():
+        unit, size = [], len(prompt)
+        for i in idx:
+            n = len(sequences[i].completion_ids)
+            if unit and size + n > budget:
+                units.append(unit)
+                unit, size = [], len(prompt)
+            unit.append(i)
+            size += n
+        units.append(unit)
+    return units
 
 
 def _padded_runs(lengths: list[int], budget: int, overhead: int) -> list[list[int]]:
@@ -253,17 +295,15 @@ def _make_micro(seqs: list[Sequence], padded: bool, device) -> MicroBatch:
     rows = len(seqs) if padded else 1
     width = max(len(s) for s in seqs) if padded else sum(len(s) for s in seqs)
     ids_RW = torch.zeros(rows, width, dtype=torch.long)           # padding id 0: masked, never a target
-    pos_RW = torch.zeros(rows, width, dtype=torch.long)
-    mask_RW = torch.zeros(rows, width, dtype=torch.long) if padded else None
+    pos_RW = None if padded else torch.zeros(rows, width, dtype=torch.long)
     pred, tgt, sidx, tidx = [], [], [], []
     offset = 0
     for s_i, s in enumerate(seqs):
         full = s.prompt_ids + s.completion_ids
         row, start = (s_i, 0) if padded else (0, offset)
         ids_RW[row, start:start + len(full)] = torch.tensor(full, dtype=torch.long)
-        pos_RW[row, start:start + len(full)] = torch.arange(len(full))
-        if padded:
-            mask_RW[row, :len(full)] = 1
+        if not padded:
+            pos_RW[row, start:start + len(full)] = torch.arange(len(full))
         first = row * width + start + len(s.prompt_ids) - 1   # flattened position predicting completion token 0
         n = len(s.completion_ids)
         pred.append(torch.arange(first, first + n))
@@ -271,18 +311,54 @@ def _make_micro(seqs: list[Sequence], padded: bool, device) -> MicroBatch:
         sidx += [s_i] * n
         tidx += range(n)
         offset += len(full)
-    if padded and bool(mask_RW.all()):
-        mask_RW = None                                          # equal lengths: plain causal attention
     names = sorted({k for s in seqs for k in s.scalars})
     tnames = sorted({k for s in seqs for k in s.token_data})
     mb = MicroBatch(
-        input_ids=ids_RW, position_ids=pos_RW, attention_mask=mask_RW,
+        input_ids=ids_RW, position_ids=pos_RW, attention_mask=None,
         pred_pos=torch.cat(pred), targets=torch.tensor(tgt, dtype=torch.long),
         seq_idx=torch.tensor(sidx, dtype=torch.long), tok_idx=torch.tensor(tidx, dtype=torch.long),
         lengths=torch.tensor([len(s.completion_ids) for s in seqs]),
         scalars={k: torch.tensor([float(s.scalars.get(k, 0.0)) for s in seqs]) for k in names},
         token_data={k: torch.cat([s.token_data[k] for s in seqs]) for k in tnames},
         sequences=seqs,
+    )
+    return _to(mb, device) if device is not None else mb
+
+
+def _make_shared(groups: list[list[Sequence]], device) -> MicroBatch:
+    """One packed row of prompt groups (each a list of sequences with the same prompt): every prompt
+    once, then its completions; positions restart per prompt and continue per completion."""
+    from .attention import Segments
+
+    ids, pos, pred, tgt, sidx, tidx, layout, seqs = [], [], [], [], [], [], [], []
+    for group in groups:
+        prompt = group[0].prompt_ids
+        p = len(prompt)
+        last = len(ids) + p - 1                       # the prompt's last token predicts each completion's first
+        ids += prompt
+        pos += range(p)
+        for s in group:
+            n = len(s.completion_ids)
+            start = len(ids)
+            ids += s.completion_ids
+            pos += range(p, p + n)
+            if n:
+                pred += [last, *range(start, start + n - 1)]
+            tgt += s.completion_ids
+            sidx += [len(seqs)] * n
+            tidx += range(n)
+            seqs.append(s)
+        layout.append((p, [len(s.completion_ids) for s in group]))
+    names = sorted({k for s in seqs for k in s.scalars})
+    tnames = sorted({k for s in seqs for k in s.token_data})
+    mb = MicroBatch(
+        input_ids=torch.tensor([ids], dtype=torch.long), position_ids=torch.tensor([pos], dtype=torch.long),
+        attention_mask=None, pred_pos=torch.tensor(pred, dtype=torch.long), targets=torch.tensor(tgt, dtype=torch.long),
+        seq_idx=torch.tensor(sidx, dtype=torch.long), tok_idx=torch.tensor(tidx, dtype=torch.long),
+        lengths=torch.tensor([len(s.completion_ids) for s in seqs]),
+        scalars={k: torch.tensor([float(s.scalars.get(k, 0.0)) for s in seqs]) for k in names},
+        token_data={k: torch.cat([s.token_data[k] for s in seqs]) for k in tnames},
+        sequences=seqs, segments=Segments(layout),
     )
     return _to(mb, device) if device is not None else mb
 
@@ -330,8 +406,15 @@ class Policy(nn.Module):
 
 def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Final hidden states [M, H] at the positions that predict completion tokens."""
-    out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask,
-                       use_cache=False)
+    if mb.segments is not None:           # "shared" layout: `lm` must be `attention.enable`d
+        from .attention import active
+
+        with active(mb.segments):
+            out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
+                               use_cache=False)
+    else:
+        out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask,
+                           use_cache=False)
     return out.last_hidden_state.flatten(0, 1)[mb.pred_pos]
 
 
@@ -404,6 +487,7 @@ class Trainer:
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lm.config.use_cache = False
         self.attn_impl = getattr(self.lm.config, "_attn_implementation", "sdpa") or "sdpa"
+        self.layout = self._pick_layout()
         self.micro_overhead = micro_batch_overhead_tokens(self.lm, self.device)
         params = [p for p in self.lm.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
@@ -420,6 +504,36 @@ class Trainer:
         self.metrics_path = self.out / "metrics.jsonl"
         self._trackers = self._open_trackers()
         self.wall_start = time.time()
+
+    def _pick_layout(self) -> str:
+        """Micro-batch layout: packed rows under flash-attention, shared-prompt rows where
+        `attention.shared_ok` (sdpa on a CPU), padded rows otherwise."""
+        from . import attention
+
+        if self.attn_impl in PACKED_ATTENTION:
+            return "packed"
+        if attention.shared_ok(self.lm, self.device):
+            attention.enable(self.lm)
+            return "shared"
+        return "padded"
+
+    def adopt(self, other: nn.Module, role: str = "teacher") -> None:
+        """Make `other` (a teacher or reference model that scores the same micro-batches) read this
+        trainer's layout; a model that cannot takes the whole run back to padded rows."""
+        from . import attention
+
+        impl = getattr(other.config, "_attn_implementation", "sdpa") or "sdpa"
+        if self.layout == "packed" and impl not in PACKED_ATTENTION:
+            raise UsageError(f"the student trains on packed rows ({self.attn_impl}) but the {role} loads with {impl}; "
+                             "both must use a flash-attention implementation")
+        if self.layout == "shared":
+            if attention.shared_ok(other, self.device):
+                attention.enable(other)
+            else:
+                self.layout = "padded"
+        elif self.layout == "padded" and impl in PACKED_ATTENTION:
+            raise UsageError(f"the {role} loads with {impl} but the student with {self.attn_impl}; "
+                             "both must use the same kind of attention")
 
     # -- run directory ------------------------------------------------------------------------
     def _check_out_dir(self, model: str) -> bool:
@@ -574,7 +688,7 @@ class Trainer:
                 n_seq, n_tok, n_all_tok = self.all_sum([sum(weights), sum(w * len(s.completion_ids) for w, s in
                                                                           zip(weights, batch.sequences)),
                                                         sum(len(s) for s in batch.sequences)])
-                micro = pack(batch.sequences, cfg.micro_batch_tokens, attn_impl=self.attn_impl, device=self.device,
+                micro = pack(batch.sequences, cfg.micro_batch_tokens, layout=self.layout, device=self.device,
                              overhead_tokens=self.micro_overhead)
                 if update_epochs > 1:
                     self._store_old_logprobs(micro)

@@ -4,8 +4,9 @@ The TRL side is `GRPOTrainer._compute_loss(model, inputs)`: the function TRL's t
 `_generate_and_score_completions` has built the batch dict (left-padded prompts, right-padded
 completions, advantages, old log-probs). It computes its own per-token log-probs (its fused chunked
 lm head over the padded batch) and its own normalisation. The s2d side is what `s2d grpo` runs: packed
-micro-batches (`trainer.pack` + `hidden_at`), `losses.chunked_token_logprobs`, and `grpo.policy_loss`
-with global normalisers, summed over micro-batches.
+micro-batches (`trainer.pack` + `hidden_at`, in both layouts: padded rows, and the CPU's shared-prompt
+rows of `s2d_cli.attention`), `losses.chunked_token_logprobs`, and `grpo.policy_loss` with global
+normalisers, summed over micro-batches.
 
 Name mapping (TRL 1.x `loss_type` -> s2d `--loss`), checked below to 1e-5 on the loss and 1e-4
 (relative) on every parameter's gradient:
@@ -27,6 +28,7 @@ trl = pytest.importorskip("trl")
 
 import torch  # noqa: E402
 
+from s2d_cli import attention  # noqa: E402
 from s2d_cli.grpo import CLIP_DEFAULTS, GRPOConfig, policy_loss  # noqa: E402
 from s2d_cli.losses import chunked_token_logprobs  # noqa: E402
 from s2d_cli.models import load_model, load_tokenizer  # noqa: E402
@@ -96,14 +98,16 @@ def trl_inputs(seqs: list[Sequence], pad_id: int) -> dict:
     return out
 
 
-def s2d_loss_and_grads(model_dir, seqs: list[Sequence], loss: str, budget: int):
+def s2d_loss_and_grads(model_dir, seqs: list[Sequence], loss: str, budget: int, layout: str):
     cfg = GRPOConfig(model="m", out="o", dataset="d", loss=loss, max_new_tokens=MAX_NEW)
     cfg.validate()
     lm = load_model(str(model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    if layout == "shared":
+        attention.enable(lm)
     lm.train()
     n_seq, n_tok = float(len(seqs)), float(sum(len(s.completion_ids) for s in seqs))
     total = 0.0
-    micro = pack(seqs, budget)
+    micro = pack(seqs, budget, layout=layout)
     for mb in micro:
         logp_M, _ = chunked_token_logprobs(hidden_at(lm, mb), lm.get_output_embeddings().weight, mb.targets)
         loss_mb, _ = policy_loss(cfg, mb.to_BT(logp_M), mb.to_BT(mb.token_data["old_logp"]),
@@ -113,11 +117,12 @@ def s2d_loss_and_grads(model_dir, seqs: list[Sequence], loss: str, budget: int):
     return total, {n: p.grad.clone() for n, p in lm.named_parameters()}, len(micro)
 
 
+@pytest.mark.parametrize("layout", ["padded", "shared"])
 @pytest.mark.parametrize("trl_loss,s2d_loss,budget", [
     ("grpo", "grpo", 10_000), ("dr_grpo", "dr_grpo", 10_000), ("dapo", "dapo", 10_000), ("bnpo", "dapo", 10_000),
     ("grpo", "grpo", 40), ("dapo", "dapo", 40),     # several micro-batches: the global normalisers add up
 ])
-def test_grpo_loss_matches_trl(trl_trainer, batch, tiny_model_dir, trl_loss, s2d_loss, budget):
+def test_grpo_loss_matches_trl(trl_trainer, batch, tiny_model_dir, trl_loss, s2d_loss, budget, layout):
     seqs, pad_id = batch
     lo, hi = CLIP_DEFAULTS[s2d_loss]
     trainer = trl_trainer
@@ -127,7 +132,7 @@ def test_grpo_loss_matches_trl(trl_trainer, batch, tiny_model_dir, trl_loss, s2d
     trl_loss_value.backward()
     trl_grads = {n: p.grad for n, p in trainer.model.named_parameters()}
 
-    s2d_value, s2d_grads, num_micro = s2d_loss_and_grads(tiny_model_dir, seqs, s2d_loss, budget)
+    s2d_value, s2d_grads, num_micro = s2d_loss_and_grads(tiny_model_dir, seqs, s2d_loss, budget, layout)
     assert (num_micro == 1) == (budget == 10_000)
     assert abs(float(trl_loss_value)) > 1e-3                       # not a trivially zero loss
     assert s2d_value == pytest.approx(float(trl_loss_value), abs=1e-5)
