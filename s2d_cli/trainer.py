@@ -494,7 +494,7 @@ class Trainer:
         no_decay = [p for p in params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=cuda or None)
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.policy, self.optimizer = self.acc.prepare(Policy(self.lm), self.optimizer)
         if ckpt is not None:
