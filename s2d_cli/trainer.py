@@ -23,7 +23,7 @@ Micro-batch layouts (`pack`):
   kernel reads the boundaries from them), so no compute is spent on padding;
 - shared (sdpa on a CPU, `s2d_cli.attention`): one row of prompt groups, each prompt once followed by
   its completions, attention run block by block: no padding, and a GRPO group's prompt is computed once
-  instead of G times (the bench's update row: 2,623 tokens a step instead of 3,603 real, 4,152 padded);
+  instead of G times (the bench's update row: 2,651 tokens a step instead of 3,603 real, 4,152 padded);
 - padded (sdpa on a GPU, eager): length-sorted right-padded rows, cut into micro-batches of similar
   lengths where that saves more padding than a micro-batch costs. A packed row there would need a
   dense [L, L] block-diagonal mask, attention over it costing L^2 = (sum of lengths)^2 instead of
