@@ -407,8 +407,10 @@ class Policy(nn.Module):
 def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Final hidden states [M, H] at the positions that predict completion tokens."""
     if mb.segments is not None:           # "shared" layout: `lm` must be `attention.enable`d
-        from .attention import active
+        from .attention import NAME, active
 
+        if lm.config._attn_implementation != NAME:   # sdpa would read the row as separate sequences
+            raise RuntimeError("a shared-prompt micro-batch needs a model with attention.enable(model) applied")
         with active(mb.segments):
             out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
                                use_cache=False)

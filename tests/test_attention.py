@@ -88,6 +88,15 @@ def test_shared_equals_padded(model_dir, budget):
         torch.testing.assert_close(shared_grads[name], g, rtol=1e-4, atol=1e-6 * max(1.0, float(g.abs().max())))
 
 
+def test_shared_rows_refuse_a_model_without_the_layout(tiny_model_dir):
+    """Plain sdpa would see the packed row as separate sequences (completions cut off from their
+    prompt) and return wrong hidden states without a word: refused instead."""
+    lm = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    (mb,) = pack(hand_batch(), 1000, layout="shared")
+    with pytest.raises(RuntimeError, match="attention.enable"):
+        hidden_at(lm, mb)
+
+
 def test_shared_with_gradient_checkpointing(tiny_model_dir):
     """Checkpointing recomputes each layer during backward, outside `attention.active`: the layout
     travels as the layer's saved attention_mask argument, so the gradients are the same."""
