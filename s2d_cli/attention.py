@@ -29,6 +29,7 @@ turns it off.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -47,10 +48,6 @@ class Segments:
     """The layout of one packed row: groups of (prompt length, completion lengths), in row order."""
     groups: list[tuple[int, list[int]]]
     _blocks: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def length(self) -> int:
-        return sum(p + sum(cs) for p, cs in self.groups)
 
     def blocks(self, device: torch.device) -> tuple[list[int], list[tuple[int | None, torch.Tensor | None]]]:
         """The row cut into attention blocks: their sizes, and per block (prompt block, mask). A prompt, or
@@ -116,18 +113,13 @@ def _mask(*args, **kwargs):
     return sdpa_mask(*args, **kwargs)
 
 
-_REGISTERED = False
-
-
+@functools.cache
 def _register() -> None:
-    global _REGISTERED
-    if not _REGISTERED:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
-        AttentionInterface.register(NAME, attention)
-        AttentionMaskInterface.register(NAME, _mask)
-        _REGISTERED = True
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, _mask)
 
 
 def shared_ok(model, device: torch.device | None) -> bool:

@@ -129,13 +129,12 @@ class MicroBatch:
     """Sequences of one micro-batch: packed into one row [1, L] (flash-attention), or right-padded rows
     [b, W]. M = completion tokens in the micro-batch (the loss positions).
 
-    Right-padded rows need no attention mask and no position ids: under a causal mask a real token only
+    Right-padded rows need no attention mask and no position ids: under causal attention a real token only
     attends to the tokens before it, all real, and its position is its column. Without a mask, sdpa runs
     its causal kernels (which skip the blocks above the diagonal) instead of a masked one over all of
     [W, W]; the padding's outputs are garbage nobody reads (no loss position is on padding)."""
     input_ids: torch.Tensor        # [1, L] or [b, W]
     position_ids: torch.Tensor | None     # [1, L] (packed: restarts at every sequence) or None (padded: the column)
-    attention_mask: torch.Tensor | None   # always None: see above
     pred_pos: torch.Tensor         # [M] positions in the flattened rows whose hidden state predicts a completion token
     targets: torch.Tensor          # [M] the completion tokens
     seq_idx: torch.Tensor          # [M] which sequence (0..b-1)
@@ -294,9 +293,9 @@ def _first_fit(lengths: list[int], budget: int) -> list[list[int]]:
 def _make_micro(seqs: list[Sequence], padded: bool, device) -> MicroBatch:
     rows = len(seqs) if padded else 1
     width = max(len(s) for s in seqs) if padded else sum(len(s) for s in seqs)
-    ids_RW = torch.zeros(rows, width, dtype=torch.long)           # padding id 0: masked, never a target
+    ids_RW = torch.zeros(rows, width, dtype=torch.long)           # padding id 0: after every real token, never a target
     pos_RW = None if padded else torch.zeros(rows, width, dtype=torch.long)
-    pred, tgt, sidx, tidx = [], [], [], []
+    pred = []
     offset = 0
     for s_i, s in enumerate(seqs):
         full = s.prompt_ids + s.completion_ids
@@ -305,24 +304,9 @@ def _make_micro(seqs: list[Sequence], padded: bool, device) -> MicroBatch:
         if not padded:
             pos_RW[row, start:start + len(full)] = torch.arange(len(full))
         first = row * width + start + len(s.prompt_ids) - 1   # flattened position predicting completion token 0
-        n = len(s.completion_ids)
-        pred.append(torch.arange(first, first + n))
-        tgt += s.completion_ids
-        sidx += [s_i] * n
-        tidx += range(n)
+        pred += range(first, first + len(s.completion_ids))
         offset += len(full)
-    names = sorted({k for s in seqs for k in s.scalars})
-    tnames = sorted({k for s in seqs for k in s.token_data})
-    mb = MicroBatch(
-        input_ids=ids_RW, position_ids=pos_RW, attention_mask=None,
-        pred_pos=torch.cat(pred), targets=torch.tensor(tgt, dtype=torch.long),
-        seq_idx=torch.tensor(sidx, dtype=torch.long), tok_idx=torch.tensor(tidx, dtype=torch.long),
-        lengths=torch.tensor([len(s.completion_ids) for s in seqs]),
-        scalars={k: torch.tensor([float(s.scalars.get(k, 0.0)) for s in seqs]) for k in names},
-        token_data={k: torch.cat([s.token_data[k] for s in seqs]) for k in tnames},
-        sequences=seqs,
-    )
-    return _to(mb, device) if device is not None else mb
+    return _micro(seqs, ids_RW, pos_RW, pred, None, device)
 
 
 def _make_shared(groups: list[list[Sequence]], device) -> MicroBatch:
@@ -330,7 +314,7 @@ def _make_shared(groups: list[list[Sequence]], device) -> MicroBatch:
     once, then its completions; positions restart per prompt and continue per completion."""
     from .attention import Segments
 
-    ids, pos, pred, tgt, sidx, tidx, layout, seqs = [], [], [], [], [], [], [], []
+    ids, pos, pred, layout = [], [], [], []
     for group in groups:
         prompt = group[0].prompt_ids
         p = len(prompt)
@@ -339,26 +323,30 @@ def _make_shared(groups: list[list[Sequence]], device) -> MicroBatch:
         pos += range(p)
         for s in group:
             n = len(s.completion_ids)
-            start = len(ids)
+            if n:
+                pred += [last, *range(len(ids), len(ids) + n - 1)]
             ids += s.completion_ids
             pos += range(p, p + n)
-            if n:
-                pred += [last, *range(start, start + n - 1)]
-            tgt += s.completion_ids
-            sidx += [len(seqs)] * n
-            tidx += range(n)
-            seqs.append(s)
         layout.append((p, [len(s.completion_ids) for s in group]))
+    return _micro([s for group in groups for s in group], torch.tensor([ids], dtype=torch.long),
+                  torch.tensor([pos], dtype=torch.long), pred, Segments(layout), device)
+
+
+def _micro(seqs: list[Sequence], ids, pos, pred: list[int], segments, device) -> MicroBatch:
+    """A MicroBatch of `seqs` laid out as `ids` / `pos` (the rows) and `pred` (per completion token, in
+    sequence order, the flattened row position that predicts it): the per-token and per-sequence fields."""
+    n = [len(s.completion_ids) for s in seqs]
     names = sorted({k for s in seqs for k in s.scalars})
     tnames = sorted({k for s in seqs for k in s.token_data})
     mb = MicroBatch(
-        input_ids=torch.tensor([ids], dtype=torch.long), position_ids=torch.tensor([pos], dtype=torch.long),
-        attention_mask=None, pred_pos=torch.tensor(pred, dtype=torch.long), targets=torch.tensor(tgt, dtype=torch.long),
-        seq_idx=torch.tensor(sidx, dtype=torch.long), tok_idx=torch.tensor(tidx, dtype=torch.long),
-        lengths=torch.tensor([len(s.completion_ids) for s in seqs]),
+        input_ids=ids, position_ids=pos, pred_pos=torch.tensor(pred, dtype=torch.long),
+        targets=torch.tensor([t for s in seqs for t in s.completion_ids], dtype=torch.long),
+        seq_idx=torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(n, dtype=torch.long)),
+        tok_idx=torch.tensor([i for k in n for i in range(k)], dtype=torch.long),
+        lengths=torch.tensor(n),
         scalars={k: torch.tensor([float(s.scalars.get(k, 0.0)) for s in seqs]) for k in names},
         token_data={k: torch.cat([s.token_data[k] for s in seqs]) for k in tnames},
-        sequences=seqs, segments=Segments(layout),
+        sequences=seqs, segments=segments,
     )
     return _to(mb, device) if device is not None else mb
 
@@ -374,7 +362,7 @@ def metric_tokens(mb: MicroBatch) -> float:
 
 
 def _to(mb: MicroBatch, device) -> MicroBatch:
-    for name in ("input_ids", "position_ids", "attention_mask", "pred_pos", "targets", "seq_idx", "tok_idx",
+    for name in ("input_ids", "position_ids", "pred_pos", "targets", "seq_idx", "tok_idx",
                  "lengths"):
         v = getattr(mb, name)
         if v is not None:
@@ -406,16 +394,15 @@ class Policy(nn.Module):
 
 def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
     """Final hidden states [M, H] at the positions that predict completion tokens."""
+    layout = contextlib.nullcontext()
     if mb.segments is not None:           # "shared" layout: `lm` must be `attention.enable`d
         from .attention import NAME, active
 
         if lm.config._attn_implementation != NAME:   # sdpa would read the row as separate sequences
             raise RuntimeError("a shared-prompt micro-batch needs a model with attention.enable(model) applied")
-        with active(mb.segments):
-            out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
-                               use_cache=False)
-    else:
-        out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask,
+        layout = active(mb.segments)
+    with layout:
+        out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
                            use_cache=False)
     return out.last_hidden_state.flatten(0, 1)[mb.pred_pos]
 
