@@ -166,14 +166,16 @@ def build_tokenizer(corpus: list[str] | None = None, *, vocab_size: int = 512):
 
 def tiny_config(arch: str, *, vocab_size: int, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                 num_kv_heads: int = 2, intermediate_size: int | None = None, tie_word_embeddings: bool = False,
-                eos_token_id: int | None = None, pad_token_id: int | None = None, max_position_embeddings: int = 2048):
+                eos_token_id: int | None = None, pad_token_id: int | None = None, max_position_embeddings: int = 2048,
+                **extra):
+    """A small config of `arch`; `extra` sets any other field of the transformers config (attention_bias=True)."""
     from transformers import LlamaConfig, Qwen3Config
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                   intermediate_size=intermediate_size or 2 * hidden_size, head_dim=hidden_size // num_heads,
                   max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
-                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None)
+                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None, **extra)
     if arch == "qwen3":
         return Qwen3Config(**common)
     if arch == "llama":

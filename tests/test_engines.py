@@ -207,24 +207,42 @@ def test_decoders_equal_generate(arch, tiny_model_dir, untied_llama_dir, tokeniz
                 torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=1e-5, rtol=0)
 
 
-def test_fast_step_logits_equal_the_model_forward(tiny_model_dir, prompts):
-    """The straight-line step reproduces the transformers forward bit for bit on CPU float32."""
+@pytest.fixture(scope="module")
+def biased_llama_dir(tmp_path_factory, tokenizer):
+    # biases on every projection (Qwen2 has them on q/k/v): the fused q/k/v and gate/up carry them too
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "llama-bias", arch="llama", tokenizer=tokenizer, seed=2,
+                            tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama-bias"])
+def test_fast_step_logits_equal_the_model_forward(arch, tiny_model_dir, biased_llama_dir, prompts, monkeypatch):
+    """The straight-line step reproduces the transformers forward on CPU float32, with q/k/v and
+    gate/up fused into one GEMM each (a small model on a CPU) and with them separate; the two agree to
+    float rounding (they are bit-identical on the CPUs measured)."""
     from transformers import DynamicCache
 
-    from s2d_cli.engines.decode import _FastDecoder
+    from s2d_cli.engines import decode
 
-    model = load_model(str(tiny_model_dir), dtype="fp32", device="cpu").eval()
+    model = load_model(str(tiny_model_dir if arch == "qwen3" else biased_llama_dir), dtype="fp32", device="cpu").eval()
     prompt = torch.tensor([prompts[0]])
+    L = prompt.shape[1]
+    logits = {}
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        model(input_ids=prompt, past_key_values=cache, use_cache=True)
-        decoder = _FastDecoder(model, cache, rows=2, repeat=2, capacity=prompt.shape[1] + 4,
-                               positions=prompt.shape[1] + 4)
-        token = torch.tensor([7, 7])
-        fast = decoder.step(token, torch.tensor([prompt.shape[1]] * 2), prompt.shape[1], None)
-        full = model(torch.cat([prompt, token[:1, None]], dim=1)).logits[0, -1]
-    assert torch.equal(fast[0], fast[1])
-    torch.testing.assert_close(fast[0], full, atol=1e-5, rtol=0)
+        for fuse in (True, False):
+            monkeypatch.setattr(decode, "FUSE_MAX_BYTES", (64 << 20) if fuse else 0)
+            cache = DynamicCache(config=model.config)
+            model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            decoder = decode._FastDecoder(model, cache, rows=2, repeat=2, capacity=L + 4, positions=L + 4)
+            assert [len(ly.qkv) for ly in decoder.layers] == [1 if fuse else 3] * len(model.model.layers)
+            tokens = torch.tensor([7, 7])
+            logits[fuse] = [decoder.step(tokens, torch.tensor([L + t] * 2), L + t, None) for t in range(3)]
+        full = model(torch.cat([prompt, torch.tensor([[7, 7, 7]])], dim=1)).logits[0, -3:]
+    for steps in logits.values():
+        for t, step_BV in enumerate(steps):
+            torch.testing.assert_close(step_BV[0], step_BV[1], atol=1e-6, rtol=0)
+            torch.testing.assert_close(step_BV[0], full[t], atol=1e-5, rtol=0)
+    for fused, separate in zip(logits[True], logits[False]):
+        torch.testing.assert_close(fused, separate, atol=1e-6, rtol=0)
 
 
 def test_static_step_equals_the_growing_step(tiny_model_dir, prompts):
