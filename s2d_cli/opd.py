@@ -169,11 +169,12 @@ def run(cfg: OPDConfig):
     teacher_weight = teacher.get_output_embeddings().weight
     engine = verifier = None
     local_p = cfg.prompts_per_step // trainer.world
+    encoded: dict = {}                                   # problem -> (rendered text, ids), once per run
 
     def make_batch(step: int) -> Batch:
         idx = prompt_schedule(len(examples), cfg.prompts_per_step, step, cfg.seed)
         mine = [examples[i] for i in idx[trainer.rank * local_p:(trainer.rank + 1) * local_p]]
-        texts, ids = encode_examples(tok, mine, cfg)
+        texts, ids = encode_examples(tok, mine, cfg, encoded)
         seed = (cfg.seed * 1_000_003 + step) * trainer.world + trainer.rank
         groups = engine.generate(ids, sampling_config(cfg, seed=seed, n=cfg.n))
         records = completion_records(mine, texts, groups, cfg.student, logprobs=False, prompt_ids=ids)

@@ -99,11 +99,19 @@ def load_prompts(cfg: PromptFields, *, require_answer: bool = False) -> list[Exa
                          answer_field=cfg.answer_field, id_field=cfg.id_field, require_answer=require_answer)
 
 
-def encode_examples(tokenizer, examples: list[Example], cfg: PromptFields) -> tuple[list[str], list[list[int]]]:
+def encode_examples(tokenizer, examples: list[Example], cfg: PromptFields,
+                    memo: dict | None = None) -> tuple[list[str], list[list[int]]]:
+    """Rendered prompt texts and their token ids. `memo` (a dict kept by the caller): each distinct
+    problem is rendered and tokenized once (a training run meets its prompts again every epoch, and the
+    chat template costs a tiny model's step milliseconds)."""
     chat = prompt_is_chat(tokenizer, cfg.chat)
-    texts = [render_prompt(tokenizer, ex.problem, instruction=cfg.instruction, chat=cfg.chat,
-                           enable_thinking=cfg.enable_thinking) for ex in examples]
-    return texts, [encode_prompt(tokenizer, t, chat_rendered=chat) for t in texts]
+    memo = {} if memo is None else memo
+    for ex in examples:
+        if ex.problem not in memo:
+            text = render_prompt(tokenizer, ex.problem, instruction=cfg.instruction, chat=cfg.chat,
+                                 enable_thinking=cfg.enable_thinking)
+            memo[ex.problem] = (text, encode_prompt(tokenizer, text, chat_rendered=chat))
+    return [memo[ex.problem][0] for ex in examples], [list(memo[ex.problem][1]) for ex in examples]
 
 
 def completion_records(examples: list[Example], texts: list[str], groups: list[list[Completion]],

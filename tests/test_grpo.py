@@ -440,3 +440,40 @@ def test_micro_batch_overhead_is_the_gpu_launch_time_in_tokens(tiny_model_dir):
     # a model so large that the launch time buys fewer tokens than the CPU constant: the constant
     lm.config.num_hidden_layers = 0
     assert T.micro_batch_overhead_tokens(lm, torch.device("cuda")) == 512
+
+
+# ----------------------------------------------------------------------------------------------
+# which prompts a step reads, and their encoding
+
+def test_prompt_schedule_reads_seeded_epoch_permutations():
+    from s2d_cli.grpo import prompt_schedule
+
+    def epoch(seed, e):                                       # the permutation, worked out directly
+        perm = list(range(5))
+        random.Random(seed * 7919 + e).shuffle(perm)
+        return perm
+
+    read = [i for step in range(5) for i in prompt_schedule(5, 3, step, seed=4)]     # 15 = 3 epochs of 5
+    assert read == epoch(4, 0) + epoch(4, 1) + epoch(4, 2)
+    assert all(sorted(read[e * 5:(e + 1) * 5]) == list(range(5)) for e in range(3))
+    assert read != [i for step in range(5) for i in prompt_schedule(5, 3, step, seed=5)]
+
+
+def test_encode_examples_renders_each_problem_once_per_memo(tokenizer_dir, monkeypatch):
+    from s2d_cli import rollout
+    from s2d_cli.data import Example
+    from s2d_cli.models import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    examples = [Example(id=str(i), problem=p, answer=None) for i, p in enumerate(["1+1?", "2+3?", "1+1?"])]
+    plain = rollout.encode_examples(tok, examples, rollout.PromptFields())
+    calls = []
+    render = rollout.render_prompt
+    monkeypatch.setattr(rollout, "render_prompt", lambda *a, **k: calls.append(a[1]) or render(*a, **k))
+    memo: dict = {}
+    first = rollout.encode_examples(tok, examples, rollout.PromptFields(), memo)
+    again = rollout.encode_examples(tok, examples[::-1], rollout.PromptFields(), memo)
+    assert first == plain and again == (plain[0][::-1], plain[1][::-1])
+    assert calls == ["1+1?", "2+3?"]
+    again[1][0].append(-1)                    # the caller's lists are its own
+    assert rollout.encode_examples(tok, examples, rollout.PromptFields(), memo) == plain
