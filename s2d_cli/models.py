@@ -175,7 +175,8 @@ def tiny_config(arch: str, *, vocab_size: int, hidden_size: int = 64, num_layers
                   num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                   intermediate_size=intermediate_size or 2 * hidden_size, head_dim=hidden_size // num_heads,
                   max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
-                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None, **extra)
+                  eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None)
+    common.update(extra)
     if arch == "qwen3":
         return Qwen3Config(**common)
     if arch == "llama":

@@ -245,6 +245,37 @@ def test_fast_step_logits_equal_the_model_forward(arch, tiny_model_dir, biased_l
         torch.testing.assert_close(fused, separate, atol=1e-6, rtol=0)
 
 
+def test_fast_step_follows_the_cached_forward_with_longrope_and_wide_heads(tokenizer):
+    """head_dim 32 with hidden 64 and 4 heads (q is wider than the hidden state), and longrope, whose
+    frequencies switch from the short to the long factors once the sequence passes the original context
+    length: the step recomputes cos/sin per position like transformers' cached forward does (a table
+    built once for the whole call would give every position the long factors)."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from s2d_cli.engines.decode import _FastDecoder
+    from s2d_cli.models import tiny_config
+
+    cfg = tiny_config("llama", vocab_size=len(tokenizer), head_dim=32, max_position_embeddings=64,
+                      rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 16,
+                                       "long_factor": [4.0] * 16, "original_max_position_embeddings": 12})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (128, 64)
+    prompt = torch.randint(3, 100, (1, 10))
+    with torch.inference_mode():
+        caches = []
+        for _ in range(2):
+            caches.append(DynamicCache(config=model.config))
+            model(input_ids=prompt, past_key_values=caches[-1], use_cache=True)
+        decoder = _FastDecoder(model, caches[1], rows=1, repeat=1, capacity=20, positions=20)
+        token = torch.tensor([7])
+        for pos in range(10, 15):                                  # positions 10, 11 short; 12.. long
+            expected = model(input_ids=token[:, None], position_ids=torch.tensor([[pos]]), past_key_values=caches[0],
+                             use_cache=True).logits[0, -1]
+            torch.testing.assert_close(decoder.step(token, torch.tensor([pos]), pos, None)[0], expected,
+                                       atol=1e-5, rtol=0)
+
+
 def test_static_step_equals_the_growing_step(tiny_model_dir, prompts):
     """The fixed-shape step (whole cache up front, unwritten slots masked) gives the growing-cache
     step's logits, step after step; its unwritten slots hold zeros -- a masked slot still multiplies its
@@ -337,6 +368,24 @@ def test_fast_decode_refuses_what_it_does_not_implement(tiny_model_dir):
     assert not fast_decode_ok(model)
     model.config.use_sliding_window = False
     model.config.model_type = "gemma3_text"
+    assert not fast_decode_ok(model)
+    model.config.model_type = "qwen3"
+
+    class LoRALike(torch.nn.Module):       # a wrapper whose forward is more than F.linear of .weight
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.weight = base, base.weight
+
+        def forward(self, x):
+            return self.base(x) * 2
+
+    attn = model.model.layers[1].self_attn
+    attn.v_proj = LoRALike(attn.v_proj)
+    assert not fast_decode_ok(model)
+    attn.v_proj = attn.v_proj.base
+    assert fast_decode_ok(model)
+    mlp = model.model.layers[0].mlp       # a packed integer (quantised) weight
+    mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight.data.to(torch.int8), requires_grad=False)
     assert not fast_decode_ok(model)
 
 

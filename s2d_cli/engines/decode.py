@@ -107,6 +107,11 @@ def fast_decode_ok(model) -> bool:
             return False
         if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj")):
             return False
+        # plain float weights: a LoRA wrapper, a quantised (packed integer) or offloaded (meta) weight
+        # computes something other than F.linear of `.weight`
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if type(proj) is not torch.nn.Linear or not proj.weight.is_floating_point() or proj.weight.is_meta:
+                return False
     return model.get_output_embeddings() is not None
 
 
@@ -203,9 +208,11 @@ class _FastDecoder:
             self.v.append(v)
 
         # cos/sin of every position this call can reach, once (per step: one gather instead of the
-        # rotary module); rope types that rescale with the sequence length ("dynamic") stay per step
+        # rotary module); rope types whose frequencies follow the sequence length so far ("dynamic",
+        # "longrope": short factors until the original context length) stay per step
         self.rope_table = None
-        if "dynamic" not in str(getattr(self.trunk.rotary_emb, "rope_type", "default")):
+        rope_type = str(getattr(self.trunk.rotary_emb, "rope_type", "default"))
+        if "dynamic" not in rope_type and "longrope" not in rope_type:
             w = self.trunk.embed_tokens.weight
             pos = torch.arange(positions, device=w.device)[None]
             cos, sin = self.trunk.rotary_emb(w.new_zeros((1, 1, 1)), pos)
