@@ -141,18 +141,15 @@ class _Layer:
     matrix and gate/up another: one GEMM instead of three and two, the same dot products (bit-identical
     on the CPUs measured, equal to float rounding in the tests). See `_fuse_ok` for when."""
 
-    def __init__(self, layer, fuse: bool):
+    def __init__(self, layer):
         a, m = layer.self_attn, layer.mlp
         self.head_dim, self.scaling = a.head_dim, a.scaling
         self.q_heads = a.q_proj.weight.shape[0] // a.head_dim
         self.kv_heads = a.k_proj.weight.shape[0] // a.head_dim
         self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
         self.ln2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
-        projections = (a.q_proj, a.k_proj, a.v_proj)
-        self.qkv = [(p.weight, p.bias) for p in projections]
+        self.qkv = [(p.weight, p.bias) for p in (a.q_proj, a.k_proj, a.v_proj)]
         self.gate_up = [(p.weight, p.bias) for p in (m.gate_proj, m.up_proj)]
-        if fuse:
-            self.qkv, self.gate_up = [_cat(self.qkv)], [_cat(self.gate_up)]
         self.inter = m.gate_proj.weight.shape[0]
         self.o = (a.o_proj.weight, a.o_proj.bias)
         self.down = (m.down_proj.weight, m.down_proj.bias)
@@ -162,21 +159,19 @@ class _Layer:
             self.qk_norm = torch.cat((a.q_norm.weight.expand(self.q_heads, -1), a.k_norm.weight.expand(self.kv_heads, -1)))
             self.qk_eps = a.q_norm.variance_epsilon
 
+    def fuse(self) -> None:
+        self.qkv, self.gate_up = [_cat(self.qkv)], [_cat(self.gate_up)]
+
 
 FUSE_MAX_BYTES = 64 << 20   # fused q/k/v and gate/up copies up to this size in all (small models)
 
 
-def _fuse_ok(model) -> bool:
+def _fuse_ok(layers: list[_Layer]) -> bool:
     """Fuse the projections of a small model on a CPU: there a decode step's GEMMs are a few microseconds
     of arithmetic each and their fixed cost matters; on a GPU a CUDA graph already removed the launches,
     and for a large model the copies would cost memory for nothing."""
-    w = model.model.embed_tokens.weight
-    if w.device.type != "cpu":
-        return False
-    copies = sum(p.numel() for layer in model.model.layers
-                 for p in (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight,
-                           layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight))
-    return copies * w.element_size() <= FUSE_MAX_BYTES
+    weights = [w for ly in layers for w, _ in ly.qkv + ly.gate_up]
+    return weights[0].device.type == "cpu" and sum(w.numel() * w.element_size() for w in weights) <= FUSE_MAX_BYTES
 
 
 def _cat(pairs):
@@ -190,8 +185,10 @@ class _FastDecoder:
 
     def __init__(self, model, dyn_cache, rows: int, repeat: int, capacity: int, positions: int):
         self.model, self.trunk = model, model.model
-        fuse = _fuse_ok(model)
-        self.layers = [_Layer(layer, fuse) for layer in self.trunk.layers]
+        self.layers = [_Layer(layer) for layer in self.trunk.layers]
+        if _fuse_ok(self.layers):
+            for ly in self.layers:
+                ly.fuse()
         self.final_norm = (self.trunk.norm.weight, self.trunk.norm.variance_epsilon)
         head = model.get_output_embeddings()
         self.head = (head.weight, getattr(head, "bias", None))
