@@ -151,6 +151,36 @@ def enable(model) -> None:
             c._attn_implementation = NAME
 
 
+def _no_packing(position_ids):
+    return None
+
+
+@contextlib.contextmanager
+def known_layout():
+    """Within this block, transformers' mask builder does not probe `position_ids` for packed sequences.
+
+    With no attention mask and no cache, `create_causal_mask` checks whether the position ids restart
+    inside a row (`masking_utils.find_packed_sequence_indices`), a `.all()` that makes the CPU wait until
+    the GPU has finished all queued work, at the start of every forward. The trainer's rows say what they
+    are: padded rows hold one sequence each, shared rows carry their own mask (`Segments`), and packed rows
+    pass flash-attention's varlen boundaries, which its mask ignores. So the probe's answer is never
+    needed there."""
+    try:
+        from transformers import masking_utils
+    except ImportError:                     # pragma: no cover - transformers is a dependency
+        yield
+        return
+    probe = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if probe is None or probe is _no_packing:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = _no_packing
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = probe
+
+
 @contextlib.contextmanager
 def active(layout: Segments):
     """Within this block, a forward of an `enable`d model builds `layout` as its attention mask."""

@@ -146,12 +146,13 @@ def check_loaded_rows(model, expected: int, who: str) -> None:
         raise UsageError(f"the {who} model's lm head has {rows} rows, its config says {expected}")
 
 
-def load_teacher(ref: str, *, dtype, device, trust_remote_code: bool = False):
+def load_teacher(ref: str, *, dtype, device, trust_remote_code: bool = False, attn_implementation: str | None = None):
     """The frozen teacher: eval mode and no parameter that requires a gradient, so autograd never stores
     a .grad for it (and it is never handed to an optimizer). Callers run it under torch.no_grad()."""
     from .models import load_model
 
-    teacher = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    teacher = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                         attn_implementation=attn_implementation)
     return teacher.eval().requires_grad_(False)
 
 

@@ -208,7 +208,8 @@ def run(cfg: GRPOConfig):
     if cfg.prompts_per_step % trainer.world:
         raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} must divide evenly over {trainer.world} processes")
     lm, tok = trainer.lm, trainer.tokenizer
-    ref = load_model(cfg.model, dtype=lm.dtype, device=trainer.device) if cfg.beta > 0 else None
+    ref = load_model(cfg.model, dtype=lm.dtype, device=trainer.device, trust_remote_code=cfg.trust_remote_code,
+                     attn_implementation=cfg.attn_implementation).requires_grad_(False) if cfg.beta > 0 else None
     if ref is not None:
         trainer.adopt(ref, "reference model")
     engine = None

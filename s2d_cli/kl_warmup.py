@@ -250,7 +250,7 @@ def run(cfg: KLWarmupConfig):
     teacher = None
     if cfg.targets == "full":
         teacher = load_teacher(teacher_ref, dtype=lm.dtype, device=trainer.device,
-                               trust_remote_code=cfg.trust_remote_code)
+                               trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
         check_loaded_rows(teacher, pair.teacher_rows, "teacher")
         trainer.adopt(teacher)
         teacher_weight = teacher.get_output_embeddings().weight

@@ -81,18 +81,25 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
 
 
 def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
-               trust_remote_code: bool = False):
-    """A causal LM from a local directory or hub id, safetensors only, in eval mode on `device`."""
+               trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """A causal LM from a local directory or hub id, safetensors only, in eval mode on `device`, with
+    transformers' default attention unless `attn_implementation` names one ("sdpa", "eager",
+    "flash_attention_2", ...)."""
     from transformers import AutoModelForCausalLM
 
     ref = check_model_ref(name)
     device = torch.device(device) if device is not None else default_device()
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             ref, dtype=resolve_dtype(dtype, device), use_safetensors=True,
-            trust_remote_code=trust_remote_code)
+            trust_remote_code=trust_remote_code, **extra)
     except OSError as e:
         raise UsageError(f"{name}: could not load model ({str(e).splitlines()[0]})") from e
+    except (ImportError, ValueError) as e:
+        if not attn_implementation:
+            raise
+        raise UsageError(f"attn_implementation={attn_implementation}: {str(e).strip().splitlines()[0]}") from None
     return model.to(device).eval()
 
 

@@ -163,7 +163,7 @@ def run(cfg: OPDConfig):
     lm, tok = trainer.lm, trainer.tokenizer
     check_loaded_rows(lm, pair.student_rows, "student")
     teacher = load_teacher(cfg.teacher, dtype=lm.dtype, device=trainer.device,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     check_loaded_rows(teacher, pair.teacher_rows, "teacher")
     trainer.adopt(teacher)
     teacher_weight = teacher.get_output_embeddings().weight

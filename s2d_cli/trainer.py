@@ -87,6 +87,10 @@ class TrainFields:
     resume: bool = False             # continue from the newest checkpoint (also automatic on a rerun)
     force: bool = False              # discard an existing run directory
     trust_remote_code: bool = False
+    # attention kernels of the trained model and the models scoring its micro-batches: transformers'
+    # default (sdpa) unless set; "flash_attention_2" / "flash_attention_3" (a GPU host with flash-attn)
+    # trains on packed rows, no padding at all
+    attn_implementation: str | None = None
 
     def check_training(self) -> None:
         if self.steps < 1:
@@ -144,6 +148,7 @@ class MicroBatch:
     token_data: dict[str, torch.Tensor]   # name -> [M, ...]
     sequences: list[Sequence]
     segments: Any = None           # "shared" layout: the row's `attention.Segments` (prompt groups)
+    varlen: dict[str, Any] | None = None  # "packed" layout: flash-attention's cu_seq_lens_q/k, max_length_q/k
 
     @property
     def num_seqs(self) -> int:
@@ -297,6 +302,14 @@ def _make_micro(seqs: list[Sequence], padded: bool, device) -> MicroBatch:
     pos_RW = None if padded else torch.zeros(rows, width, dtype=torch.long)
     pred = []
     offset = 0
+    varlen = None
+    if not padded:    # the sequence boundaries, as flash-attention's varlen kernels take them
+        cu = [0]
+        for s in seqs:
+            cu.append(cu[-1] + len(s))
+        longest = max(len(s) for s in seqs)
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        varlen = {"cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t, "max_length_q": longest, "max_length_k": longest}
     for s_i, s in enumerate(seqs):
         full = s.prompt_ids + s.completion_ids
         row, start = (s_i, 0) if padded else (0, offset)
@@ -306,7 +319,9 @@ def _make_micro(seqs: list[Sequence], padded: bool, device) -> MicroBatch:
         first = row * width + start + len(s.prompt_ids) - 1   # flattened position predicting completion token 0
         pred += range(first, first + len(s.completion_ids))
         offset += len(full)
-    return _micro(seqs, ids_RW, pos_RW, pred, None, device)
+    mb = _micro(seqs, ids_RW, pos_RW, pred, None, None)
+    mb.varlen = varlen
+    return _to(mb, device) if device is not None else mb
 
 
 def _make_shared(groups: list[list[Sequence]], device) -> MicroBatch:
@@ -369,6 +384,9 @@ def _to(mb: MicroBatch, device) -> MicroBatch:
             setattr(mb, name, v.to(device))
     mb.scalars = {k: v.to(device) for k, v in mb.scalars.items()}
     mb.token_data = {k: v.to(device) for k, v in mb.token_data.items()}
+    if mb.varlen is not None:
+        cu = mb.varlen["cu_seq_lens_q"].to(device)
+        mb.varlen = {**mb.varlen, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu}
     return mb
 
 
@@ -393,7 +411,14 @@ class Policy(nn.Module):
 
 
 def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """Final hidden states [M, H] at the positions that predict completion tokens."""
+    """Final hidden states [M, H] at the positions that predict completion tokens.
+
+    The forward never waits on the device: the layout is known on the host, so transformers' probe of the
+    position ids for packed sequences (a GPU-to-CPU sync per forward) is skipped (`attention.known_layout`),
+    and packed rows hand flash-attention their sequence boundaries (`mb.varlen`) instead of letting every
+    layer derive them from the position ids (two syncs per layer)."""
+    from .attention import known_layout
+
     layout = contextlib.nullcontext()
     if mb.segments is not None:           # "shared" layout: `lm` must be `attention.enable`d
         from .attention import NAME, active
@@ -401,9 +426,9 @@ def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
         if lm.config._attn_implementation != NAME:   # sdpa would read the row as separate sequences
             raise RuntimeError("a shared-prompt micro-batch needs a model with attention.enable(model) applied")
         layout = active(mb.segments)
-    with layout:
+    with layout, known_layout():
         out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
-                           use_cache=False)
+                           use_cache=False, **(mb.varlen or {}))
     return out.last_hidden_state.flatten(0, 1)[mb.pred_pos]
 
 
@@ -440,7 +465,7 @@ def seed_step(seed: int, step: int, rank: int = 0) -> None:
 
 # Settings that do not change what a run computes: rerunning with a different value resumes.
 VOLATILE = ("out", "force", "resume", "config", "workers", "save_every", "keep_checkpoints", "tensorboard",
-            "wandb_project")
+            "wandb_project", "attn_implementation")
 
 
 class Trainer:
@@ -465,7 +490,8 @@ class Trainer:
             return
         self.tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
         dtype = resolve_dtype(cfg.dtype, self.device)
-        self.lm = load_model(model, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code)
+        self.lm = load_model(model, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code,
+                             attn_implementation=cfg.attn_implementation)
         self.start_step = 0
         ckpt = self._latest_checkpoint()
         if cfg.resume and ckpt is None:
