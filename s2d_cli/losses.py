@@ -18,8 +18,10 @@ floats; per-position functions return a tensor and leave the reduction to the ca
 
 Memory. Nothing here materialises `[N, V]` logits for all positions. The `chunked_*` functions take the
 final hidden states and the lm-head weight, compute logits for `chunk_size` positions at a time in
-float32 (float64 stays float64), and wrap each chunk in `torch.utils.checkpoint` so backward recomputes
-the chunk's logits instead of storing them: activation memory is O(chunk_size * V), not O(N * V).
+float32 (float64 stays float64), and recompute a chunk's logits in backward instead of storing them:
+activation memory is O(chunk_size * V), not O(N * V). Token log-probs (`_TokenLogprobHead`) keep one
+log-normaliser per position for that; the KLs wrap each chunk in `torch.utils.checkpoint`, and the
+fused full-vocabulary KL (`_FusedKLHead`) computes its gradient in the forward pass.
 The weight is upcast inside the chunk, so a bf16 head never has a float32 copy kept alive; on a
 GPU, bf16/fp16 inputs skip the upcast (a half-precision GEMM with float32 accumulation and output).
 
@@ -123,27 +125,10 @@ def _rowdot_C(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a_CV.unsqueeze(1), b_CV.unsqueeze(2)).view(-1)
 
 
-# The three per-chunk kernels on the hot paths are autograd Functions with their closed-form
-# gradients, so backward needs one [C, V] buffer instead of the three or four that autograd's
-# log_softmax / gather / sub / mul chain allocates. Each is only ever called inside a checkpointed
-# chunk, so what they save lives for one chunk's backward.
-
-class _TokenLogprob(torch.autograd.Function):
-    """logp_c = z[c, y_c] - logsumexp_v z[c, v];   d logp_c / d z[c, v] = 1[v = y_c] - softmax(z_c)_v."""
-
-    @staticmethod
-    def forward(ctx, logits_CV, targets_C):
-        logz_C = logits_CV.logsumexp(-1)
-        ctx.save_for_backward(logits_CV, targets_C, logz_C)
-        return logits_CV.gather(-1, targets_C[:, None]).squeeze(-1) - logz_C
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_C):
-        logits_CV, targets_C, logz_C = ctx.saved_tensors
-        grad_CV = (logits_CV - logz_C[:, None]).exp_().mul_(-grad_C[:, None])
-        return grad_CV.scatter_add_(-1, targets_C[:, None], grad_C[:, None]), None
-
+# The per-chunk kernels of `chunked_kl` are autograd Functions with their closed-form gradients, so
+# backward needs one [C, V] buffer instead of the three or four that autograd's log_softmax / sub / mul
+# chain allocates. Each is only ever called inside a checkpointed chunk, so what they save lives for one
+# chunk's backward.
 
 class _ForwardKL(torch.autograd.Function):
     """kl_c = sum_v p_t (log p_t - log softmax(z)) ;  d kl_c / d z[c, v] = softmax(z)_v sum(p_t) - p_t,v."""
@@ -238,21 +223,71 @@ def chunked_token_logprobs(
     `hidden_NH` is the final hidden state at the position *before* each target (shift done by the
     caller). Returns float32 (float64 for float64 inputs) tensors of shape [N].
     """
-    def chunk_fn(h_CH, w_VH, t_C):
-        logits_CV = _logits_CV(h_CH, w_VH, temperature)
-        logp_C = _TokenLogprob.apply(logits_CV, t_C)
-        if not with_entropy:
-            return logp_C
-        with torch.no_grad():
-            logz_C = logits_CV.logsumexp(-1)
-            entropy_C = logz_C - _rowdot_C((logits_CV - logz_C[:, None]).exp_(), logits_CV)
-        return logp_C, entropy_C
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    logp_N, ent_N = _TokenLogprobHead.apply(hidden_NH, weight_VH, targets_N.long(), chunk_size, temperature,
+                                            with_entropy)
+    return logp_N, (ent_N if with_entropy else None)
 
-    outs = _chunked(chunk_fn, chunk_size, hidden_NH.shape[0],
-                    (hidden_NH, True), (weight_VH, False), (targets_N.long(), True))
-    if not with_entropy:
-        return _cat(outs, hidden_NH), None
-    return _cat([o[0] for o in outs], hidden_NH), _cat([o[1] for o in outs], hidden_NH).detach()
+
+class _TokenLogprobHead(torch.autograd.Function):
+    """`chunked_token_logprobs` over all N positions, chunk by chunk, keeping one number per position for
+    backward: its log-normaliser log Z_n.
+
+        forward   z = h W^T / T per chunk, shifted by its row max m; e = exp z; S = sum_v e (>= 1)
+                  logp_n = z[y_n] - log S,   log Z_n = m + log S,   entropy_n = log S - sum_v e z / S
+        backward  the chunk's logits again (one GEMM), p = exp(z - log Z) in place, and
+                  d logp_n / d z = 1[v = y_n] - p_v  ->  [C, H] hidden and [V, H] head gradients
+
+    Checkpointing a log_softmax / gather chunk under autograd instead runs the chunk's [C, V] passes three
+    times (forward, recomputation, backward) and the entropy twice; here the forward makes about eight
+    passes over the chunk's logits and backward four. The head gradient is summed over the chunks in
+    float32."""
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, targets_N, chunk_size, temperature, with_entropy):
+        N = hidden_NH.shape[0]
+        logp_N = torch.empty(N, dtype=_compute_dtype(hidden_NH.dtype), device=hidden_NH.device)
+        logz_N = torch.empty_like(logp_N)
+        ent_N = torch.empty_like(logp_N) if with_entropy else logp_N.new_empty(0)
+        for a in range(0, N, chunk_size):
+            b = min(a + chunk_size, N)
+            z_CV = _logits_CV(hidden_NH[a:b], weight_VH, temperature)
+            m_C1 = z_CV.amax(-1, keepdim=True)
+            z_CV -= m_C1
+            e_CV = z_CV.exp()
+            s_C1 = e_CV.sum(-1, keepdim=True)
+            log_s_C1 = s_C1.log()
+            logp_N[a:b] = (z_CV.gather(-1, targets_N[a:b, None]) - log_s_C1)[:, 0]
+            logz_N[a:b] = (m_C1 + log_s_C1)[:, 0]
+            if with_entropy:
+                ent_N[a:b] = log_s_C1[:, 0] - _rowdot_C(e_CV, z_CV) / s_C1[:, 0]
+            del z_CV, e_CV
+        ctx.save_for_backward(hidden_NH, weight_VH, targets_N, logz_N)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.mark_non_differentiable(ent_N)
+        return logp_N, ent_N
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_N, _grad_ent):
+        hidden_NH, weight_VH, targets_N, logz_N = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h_NH = torch.empty_like(hidden_NH) if need_h else None
+        grad_w_VH = (torch.zeros(weight_VH.shape, dtype=_compute_dtype(weight_VH.dtype), device=weight_VH.device)
+                     if need_w else None)
+        g_N = (grad_N / ctx.temperature).to(logz_N.dtype)     # z = h W^T / T: both products carry 1 / T
+        for a in range(0, hidden_NH.shape[0], ctx.chunk_size):
+            b = min(a + ctx.chunk_size, hidden_NH.shape[0])
+            h_CH, g_C1 = hidden_NH[a:b], g_N[a:b, None]
+            grad_CV = _logits_CV(h_CH, weight_VH, ctx.temperature).sub_(logz_N[a:b, None]).exp_().mul_(-g_C1)
+            grad_CV = _gemm_operand(grad_CV.scatter_add_(-1, targets_N[a:b, None], g_C1), weight_VH)
+            if need_h:
+                grad_h_NH[a:b] = _mm_f32(grad_CV, weight_VH).to(hidden_NH.dtype)
+            if need_w:
+                grad_w_VH += _mm_f32(grad_CV.t(), h_CH)
+            del grad_CV
+        return grad_h_NH, (grad_w_VH.to(weight_VH.dtype) if need_w else None), None, None, None, None
 
 
 def _cat(chunks: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -585,10 +620,20 @@ def chunked_kl(
     return _cat(outs, student_hidden_NH)
 
 
+def _half_mm(b: torch.Tensor) -> bool:
+    return HALF_MM_FP32_OUT and b.is_cuda and b.dtype in (torch.bfloat16, torch.float16)
+
+
+def _gemm_operand(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a` as `_mm_f32(a, b)` multiplies it: rounded to b's dtype on the half-precision path (do it once
+    for a tensor used in several products), else unchanged."""
+    return a.to(b.dtype) if _half_mm(b) else a
+
+
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in float32 or wider: a half-precision GEMM with float32 output for bf16/fp16 CUDA operands
     (`a` is cast to b's dtype), else an upcast product."""
-    if HALF_MM_FP32_OUT and b.is_cuda and b.dtype in (torch.bfloat16, torch.float16):
+    if _half_mm(b):
         try:
             return torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
         except RuntimeError:
@@ -620,30 +665,41 @@ class _FusedKLHead(torch.autograd.Function):
         for a in range(0, N, chunk_size):
             b = min(a + chunk_size, N)
             s_h, tgt = s_h_NH[a:b], targets_N[a:b, None]
-            s_logp = _logits_CV(s_h, s_w_VH, temperature)
-            s_logp -= s_logp.logsumexp(-1, keepdim=True)
-            t_logp = _logits_CV(t_h_NH2[a:b], t_w_VH2, temperature).to(s_logp.dtype)
-            t_logp -= t_logp.logsumexp(-1, keepdim=True)
-            s_lp_N[a:b] = s_logp.gather(-1, tgt)[:, 0]
-            t_lp_N[a:b] = t_logp.gather(-1, tgt)[:, 0]
-            if direction == "forward":          # kl = sum p_t (log p_t - log p_s); d/dz = p_s sum(p_t) - p_t
-                p_t = t_logp.exp()
-                kl = _rowdot_C(p_t, t_logp.sub_(s_logp))
-                grad = s_logp.exp_().mul_(p_t.sum(-1, keepdim=True)).sub_(p_t)
-                del p_t
-            else:                               # kl = sum p_s (log p_s - log p_t); d/dz = p_s (log p_s - log p_t - kl)
-                p_s = s_logp.exp()
-                kl = _rowdot_C(p_s, s_logp.sub_(t_logp))
-                grad = s_logp.sub_(kl[:, None]).mul_(p_s)
-                del p_s
-            del t_logp
+            # shifted logits z (row max 0), e = exp z, S = sum_v e >= 1: log p = z - log S, p = e / S
+            z_s = _logits_CV(s_h, s_w_VH, temperature)
+            z_s -= z_s.amax(-1, keepdim=True)
+            e_s = z_s.exp()
+            S_s = e_s.sum(-1, keepdim=True)
+            log_S_s = S_s.log()
+            s_lp_N[a:b] = (z_s.gather(-1, tgt) - log_S_s)[:, 0]
+            z_t = _logits_CV(t_h_NH2[a:b], t_w_VH2, temperature).to(z_s.dtype)
+            z_t -= z_t.amax(-1, keepdim=True)
+            e_t = z_t.exp()
+            S_t = e_t.sum(-1, keepdim=True)
+            log_S_t = S_t.log()
+            t_lp_N[a:b] = (z_t.gather(-1, tgt) - log_S_t)[:, 0]
+            scale = weight_N[a:b, None].to(z_s.dtype) / temperature
+            if direction == "forward":
+                # kl = sum p_t (log p_t - log p_s) = E_pt[z_t - z_s] - log S_t + log S_s;  d/dz_s = p_s - p_t
+                kl = _rowdot_C(e_t, z_t.sub_(z_s)) / S_t[:, 0] - log_S_t[:, 0] + log_S_s[:, 0]
+                grad = e_s.mul_(scale / S_s).addcmul_(e_t, -scale / S_t)
+                del e_t
+            else:
+                # with d = z_s - z_t: kl = sum p_s (log p_s - log p_t) = E_ps[d] - log S_s + log S_t;
+                # d/dz_s = p_s (d - E_ps[d])
+                del e_t
+                d = torch.sub(z_s, z_t, out=z_t)
+                mean_d = _rowdot_C(e_s, d) / S_s[:, 0]
+                kl = mean_d - log_S_s[:, 0] + log_S_t[:, 0]
+                grad = d.sub_(mean_d[:, None]).mul_(e_s).mul_(scale / S_s)
             kl_N[a:b] = kl
-            grad.mul_((weight_N[a:b].to(grad.dtype) / temperature)[:, None])
+            del z_s, z_t, e_s
+            grad = _gemm_operand(grad, s_w_VH)          # rounded to the head's dtype once, for both products
             if need_h:
                 grad_h_NH[a:b] = _mm_f32(grad, s_w_VH).to(s_h_NH.dtype)
             if need_w:
                 grad_w_VH += _mm_f32(grad.t(), s_h)
-            del grad, s_logp
+            del grad
         ctx.save_for_backward(grad_h_NH, grad_w_VH)
         ctx.w_dtype = s_w_VH.dtype
         loss = (kl_N * weight_N.to(kl_N.dtype)).sum()

@@ -193,6 +193,8 @@ MICRO_BATCH_OVERHEAD_TOKENS = 512
 # ~0.03 s of padding saved, about 0.16 s of launching per micro-batch of 28 layers. Meanwhile the
 # GPU trains at about 1.8e14 FLOP/s on that shape (TRL's step: 18,240 padded tokens x 6 x 0.6e9 params
 # in 0.36 s). Their product, in tokens, is the GPU overhead: ~8,400 tokens for 0.6B, ~800 for Qwen3-8B.
+# Measured while every forward still began with a host sync (transformers' packed-sequence probe, which
+# `hidden_at` now skips): a GPU run of `bench/gpu_probe.py update` should re-measure it.
 GPU_LAUNCH_S_PER_LAYER = 0.006
 GPU_TRAIN_FLOP_S = 1.8e14
 
