@@ -1,0 +1,168 @@
+"""Token log-probs + entropy from the lm head (the GRPO update's head): s2d against TRL's functions.
+
+    .venv/bin/python bench/bench_head.py --out bench/results/head.md
+    python bench/bench_head.py --device cuda --positions 16384 --hidden 1024 --dtype bfloat16   # a GPU host
+
+Both variants compute, for N positions with hidden states h and a V-row head W (default V = 151,936,
+Qwen3's), the log-prob of each position's target token and the entropy of its distribution at
+temperature 0.9, then backpropagate a weighted sum of the log-probs into h and W:
+
+  s2d   `losses.chunked_token_logprobs(..., with_entropy=True)`: chunks of positions, one log-normaliser
+        per position kept for backward (`losses._TokenLogprobHead`)
+  trl   what TRL's GRPOTrainer does after its forward: the [N, V] logits (`h @ W^T / T`, in the inputs'
+        dtype), then `trl.trainer.utils.selective_log_softmax` and, under no_grad, `entropy_from_logits`
+
+Each variant runs in a fresh subprocess (peak memory does not mix), `--repeats` times after one warm-up
+call; the table reports the median time and the peak: the process's max RSS on a CPU,
+`torch.cuda.max_memory_allocated` on CUDA, and "above inputs", the peak minus what the process held
+once its inputs were allocated. Both must give the same log-probs, entropies and gradients, or the
+script fails. A benchmark, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GIB = 1024**3
+TEMPERATURE = 0.9
+
+
+def _peak_bytes(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from s2d_cli.losses import chunked_token_logprobs
+
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    g = torch.Generator(device=dev).manual_seed(0)
+    n, v, hd = args.positions, args.vocab, args.hidden
+    h0 = torch.randn(n, hd, generator=g, device=dev).to(dtype)
+    w0 = (torch.randn(v, hd, generator=g, device=dev) * (2.0 / hd**0.5)).to(dtype)   # logits with std ~2
+    targets = torch.randint(0, v, (n,), generator=g, device=dev)
+    coef = torch.rand(n, generator=g, device=dev)
+
+    if args.child == "trl":
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+        def step(h, w):
+            logits = (h @ w.T) / TEMPERATURE          # in the model's dtype, as TRL's lm head returns them
+            logp = selective_log_softmax(logits, targets)
+            with torch.no_grad():
+                ent = entropy_from_logits(logits)
+            return logp, ent
+    else:
+        def step(h, w):
+            return chunked_token_logprobs(h, w, targets, chunk_size=args.chunk_size, temperature=TEMPERATURE,
+                                          with_entropy=True)
+
+    def once():
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        logp, ent = step(h, w)
+        (logp * coef).sum().backward()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, logp.detach(), ent, h.grad, w.grad
+
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _peak_bytes("cpu")
+    once()                                                   # warm-up (allocator, kernels)
+    runs = [once() for _ in range(args.repeats)]
+    _, logp, ent, gh, gw = runs[-1]
+    return {
+        "variant": args.child, "seconds": [r[0] for r in runs], "peak_bytes": _peak_bytes(args.device),
+        "base_bytes": base, "logp_sum": logp.double().sum().item(), "ent_mean": ent.double().mean().item(),
+        "grad_h_norm": gh.double().norm().item(), "grad_w_norm": gw.double().norm().item(),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--positions", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=151_936)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    p.add_argument("--child", choices=["s2d", "trl"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args)))
+        return 0
+
+    common = [f"--positions={args.positions}", f"--vocab={args.vocab}", f"--hidden={args.hidden}",
+              f"--chunk-size={args.chunk_size}", f"--dtype={args.dtype}", f"--repeats={args.repeats}",
+              f"--device={args.device}"]
+    results = {}
+    for variant in ("trl", "s2d"):
+        print(f"running {variant} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, *common, f"--child={variant}"], capture_output=True,
+                              text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0:
+            print(f"error: {variant} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}", file=sys.stderr)
+            return 1
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    trl, s2d = results["trl"], results["s2d"]
+    tol = 1e-3 if args.dtype == "float32" else 2e-2
+    for key in ("logp_sum", "ent_mean", "grad_h_norm", "grad_w_norm"):
+        if abs(s2d[key] - trl[key]) > tol * max(abs(trl[key]), 1e-6):
+            print(f"error: s2d {key} {s2d[key]} != trl {trl[key]}", file=sys.stderr)
+            return 1
+
+    what = "max RSS" if args.device == "cpu" else "max_memory_allocated"
+    med = {k: statistics.median(r["seconds"]) for k, r in results.items()}
+    extra = {k: r["peak_bytes"] - r["base_bytes"] for k, r in results.items()}
+    lines = [
+        f"Token log-probs + entropy (T = {TEMPERATURE}), forward + backward, N={args.positions:,} positions, "
+        f"V={args.vocab:,}, hidden={args.hidden}, {args.dtype}, {args.device} ({what}; one subprocess per "
+        f"variant; median of {args.repeats} after a warm-up).",
+        "",
+        "| variant | time (s) min / med / max | peak (GiB) | above inputs (GiB) |",
+        "|---|---|---:|---:|",
+    ]
+    names = {"trl": "TRL: [N, V] logits, selective_log_softmax, entropy_from_logits",
+             "s2d": f"s2d: chunked_token_logprobs, chunk_size={args.chunk_size}"}
+    for k in ("trl", "s2d"):
+        r = results[k]
+        lines.append(f"| {names[k]} | {min(r['seconds']):.2f} / {med[k]:.2f} / {max(r['seconds']):.2f} | "
+                     f"{r['peak_bytes'] / GIB:.2f} | {extra[k] / GIB:.2f} |")
+    lines += ["", f"s2d / TRL: throughput {med['trl'] / med['s2d']:.2f}x, memory above inputs "
+              f"{extra['s2d'] / max(extra['trl'], 1):.2f}. Same log-probs, entropies and gradients (relative "
+              f"tolerance {tol:g}); one [N, V] float32 tensor is {args.positions * args.vocab * 4 / GIB:.2f} GiB."]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(table)
+        tmp.replace(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
