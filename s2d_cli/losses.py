@@ -665,35 +665,45 @@ class _FusedKLHead(torch.autograd.Function):
         for a in range(0, N, chunk_size):
             b = min(a + chunk_size, N)
             s_h, tgt = s_h_NH[a:b], targets_N[a:b, None]
-            # shifted logits z (row max 0), e = exp z, S = sum_v e >= 1: log p = z - log S, p = e / S
-            z_s = _logits_CV(s_h, s_w_VH, temperature)
-            z_s -= z_s.amax(-1, keepdim=True)
-            e_s = z_s.exp()
-            S_s = e_s.sum(-1, keepdim=True)
-            log_S_s = S_s.log()
-            s_lp_N[a:b] = (z_s.gather(-1, tgt) - log_S_s)[:, 0]
-            z_t = _logits_CV(t_h_NH2[a:b], t_w_VH2, temperature).to(z_s.dtype)
+            # shifted logits z (row max 0), e = exp z, S = sum_v e >= 1: log p = z - log S, p = e / S.
+            # The teacher's side first, so at most three [C, V] buffers are alive at once.
+            z_t = _logits_CV(t_h_NH2[a:b], t_w_VH2, temperature).to(_compute_dtype(s_h.dtype))
             z_t -= z_t.amax(-1, keepdim=True)
             e_t = z_t.exp()
-            S_t = e_t.sum(-1, keepdim=True)
-            log_S_t = S_t.log()
-            t_lp_N[a:b] = (z_t.gather(-1, tgt) - log_S_t)[:, 0]
+            s_t = e_t.sum(-1, keepdim=True)
+            log_s_t = s_t.log()
+            t_lp_N[a:b] = (z_t.gather(-1, tgt) - log_s_t)[:, 0]
+            if direction == "reverse":
+                del e_t                                 # only its sum is needed
+            z_s = _logits_CV(s_h, s_w_VH, temperature)
+            z_s -= z_s.amax(-1, keepdim=True)
+            s_lp_N[a:b] = z_s.gather(-1, tgt)[:, 0]    # minus log S_s below
             scale = weight_N[a:b, None].to(z_s.dtype) / temperature
             if direction == "forward":
                 # kl = sum p_t (log p_t - log p_s) = E_pt[z_t - z_s] - log S_t + log S_s;  d/dz_s = p_s - p_t
-                kl = _rowdot_C(e_t, z_t.sub_(z_s)) / S_t[:, 0] - log_S_t[:, 0] + log_S_s[:, 0]
-                grad = e_s.mul_(scale / S_s).addcmul_(e_t, -scale / S_t)
+                mean_d = _rowdot_C(e_t, z_t.sub_(z_s)) / s_t[:, 0]
+                e_s = torch.exp(z_s, out=z_t)           # z_t is spent: its buffer takes exp(z_s)
+                del z_s
+                s_s = e_s.sum(-1, keepdim=True)
+                log_s_s = s_s.log()
+                kl = mean_d - log_s_t[:, 0] + log_s_s[:, 0]
+                grad = e_s.mul_(scale / s_s).addcmul_(e_t, -scale / s_t)
                 del e_t
             else:
                 # with d = z_s - z_t: kl = sum p_s (log p_s - log p_t) = E_ps[d] - log S_s + log S_t;
                 # d/dz_s = p_s (d - E_ps[d])
-                del e_t
+                e_s = z_s.exp()
+                s_s = e_s.sum(-1, keepdim=True)
+                log_s_s = s_s.log()
                 d = torch.sub(z_s, z_t, out=z_t)
-                mean_d = _rowdot_C(e_s, d) / S_s[:, 0]
-                kl = mean_d - log_S_s[:, 0] + log_S_t[:, 0]
-                grad = d.sub_(mean_d[:, None]).mul_(e_s).mul_(scale / S_s)
+                del z_s
+                mean_d = _rowdot_C(e_s, d) / s_s[:, 0]
+                kl = mean_d - log_s_s[:, 0] + log_s_t[:, 0]
+                grad = d.sub_(mean_d[:, None]).mul_(e_s).mul_(scale / s_s)
+                del e_s
+            s_lp_N[a:b] -= log_s_s[:, 0]
             kl_N[a:b] = kl
-            del z_s, z_t, e_s
+            del z_t
             grad = _gemm_operand(grad, s_w_VH)          # rounded to the head's dtype once, for both products
             if need_h:
                 grad_h_NH[a:b] = _mm_f32(grad, s_w_VH).to(s_h_NH.dtype)
