@@ -80,6 +80,24 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     return tok
 
 
+def check_attn_implementation(name: str | None) -> None:
+    """Refuse an attention implementation this machine cannot load, before a command writes anything."""
+    if not name or name == "eager" or "/" in name:     # eager: the model's own code; "org/repo": a hub kernel
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        raise UsageError(f"attn_implementation={name}: unknown; expected eager, sdpa, flex_attention, "
+                         "flash_attention_2, flash_attention_3 or a name registered with transformers' AttentionInterface")
+    if name.startswith("flash_attention_"):
+        from transformers import utils
+
+        available = getattr(utils, f"is_flash_attn_{name.rsplit('_', 1)[-1]}_available", None)
+        if available is not None and not available():
+            raise UsageError(f"attn_implementation={name}: needs a CUDA GPU and the package that provides it "
+                             "(flash_attention_2: pip install flash-attn)")
+
+
 def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | torch.device | None = None,
                trust_remote_code: bool = False, attn_implementation: str | None = None):
     """A causal LM from a local directory or hub id, safetensors only, in eval mode on `device`, with

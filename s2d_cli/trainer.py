@@ -101,6 +101,8 @@ class TrainFields:
             raise UsageError(f"lr_schedule: expected constant or cosine, got {self.lr_schedule!r}")
         if self.micro_batch_tokens < 8:
             raise UsageError(f"micro_batch_tokens: expected >= 8, got {self.micro_batch_tokens}")
+        from .models import check_attn_implementation
+        check_attn_implementation(self.attn_implementation)
 
 
 # ----------------------------------------------------------------------------------------------

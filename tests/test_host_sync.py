@@ -276,10 +276,17 @@ def test_packed_rows_give_the_padded_rows_logprobs_and_gradients(pair):
         torch.testing.assert_close(g_packed[name], g_pad[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_a_missing_attention_kernel_is_one_line(pair, tmp_path):
+@pytest.mark.parametrize("impl,says", [("no_such_kernel", "unknown"),
+                                        ("flash_attention_2", "needs a CUDA GPU and the package")])
+def test_an_attention_kernel_this_machine_lacks_is_one_line_and_writes_nothing(pair, tmp_path, monkeypatch,
+                                                                              impl, says):
+    from transformers import utils
+
+    monkeypatch.setattr(utils, "is_flash_attn_2_available", lambda: False)   # as here: no flash-attn, no GPU
     result = CliRunner().invoke(app, ["kl-warmup", "--student", str(pair[0]), "--rollouts", str(pair[2]),
                                       "--steps", 1, "--out", str(tmp_path / "run"),
-                                      "--set", "attn_implementation=no_such_kernel"])
+                                      "--set", f"attn_implementation={impl}"])
     assert result.exit_code == 2
-    assert "attn_implementation=no_such_kernel" in result.output
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"s2d: error: attn_implementation={impl}: {says}")
+    assert not (tmp_path / "run").exists()
