@@ -9,8 +9,9 @@ temperature 0.9, then backpropagate a weighted sum of the log-probs into h and W
 
   s2d   `losses.chunked_token_logprobs(..., with_entropy=True)`: chunks of positions, one log-normaliser
         per position kept for backward (`losses._TokenLogprobHead`)
-  trl   what TRL's GRPOTrainer does after its forward: the [N, V] logits (`h @ W^T / T`, in the inputs'
-        dtype), then `trl.trainer.utils.selective_log_softmax` and, under no_grad, `entropy_from_logits`
+  trl   what TRL's GRPOTrainer does after its forward: the logits (`h @ W^T / T`, in the inputs' dtype) as
+        [rows, N / rows, V] sequences, then `trl.trainer.utils.selective_log_softmax` and, under no_grad,
+        `entropy_from_logits`
 
 Each variant runs in a fresh subprocess (peak memory does not mix), `--repeats` times after one warm-up
 call; the table reports the median time and the peak: the process's max RSS on a CPU,
@@ -60,12 +61,15 @@ def run_child(args: argparse.Namespace) -> dict:
     if args.child == "trl":
         from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
+        rows = args.rows if n % args.rows == 0 else 1
+
         def step(h, w):
-            logits = (h @ w.T) / TEMPERATURE          # in the model's dtype, as TRL's lm head returns them
-            logp = selective_log_softmax(logits, targets)
+            # [B, T, V] in the model's dtype, as TRL's lm head returns them (its bf16 log-softmax loops over B)
+            logits = ((h @ w.T) / TEMPERATURE).view(rows, n // rows, v)
+            logp = selective_log_softmax(logits, targets.view(rows, -1))
             with torch.no_grad():
                 ent = entropy_from_logits(logits)
-            return logp, ent
+            return logp.reshape(-1), ent.reshape(-1)
     else:
         def step(h, w):
             return chunked_token_logprobs(h, w, targets, chunk_size=args.chunk_size, temperature=TEMPERATURE,
@@ -104,6 +108,7 @@ def main() -> int:
     p.add_argument("--vocab", type=int, default=151_936)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--chunk-size", type=int, default=1024)
+    p.add_argument("--rows", type=int, default=64, help="TRL side: the positions as [rows, N / rows] sequences")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -115,7 +120,7 @@ def main() -> int:
         return 0
 
     common = [f"--positions={args.positions}", f"--vocab={args.vocab}", f"--hidden={args.hidden}",
-              f"--chunk-size={args.chunk_size}", f"--dtype={args.dtype}", f"--repeats={args.repeats}",
+              f"--chunk-size={args.chunk_size}", f"--rows={args.rows}", f"--dtype={args.dtype}", f"--repeats={args.repeats}",
               f"--device={args.device}"]
     results = {}
     for variant in ("trl", "s2d"):
@@ -145,7 +150,7 @@ def main() -> int:
         "| variant | time (s) min / med / max | peak (GiB) | above inputs (GiB) |",
         "|---|---|---:|---:|",
     ]
-    names = {"trl": "TRL: [N, V] logits, selective_log_softmax, entropy_from_logits",
+    names = {"trl": f"TRL: [{args.rows}, N / {args.rows}, V] logits, selective_log_softmax, entropy_from_logits",
              "s2d": f"s2d: chunked_token_logprobs, chunk_size={args.chunk_size}"}
     for k in ("trl", "s2d"):
         r = results[k]
