@@ -31,6 +31,7 @@ across data-parallel ranks -- pass `num_sequences` / `num_tokens` to use a globa
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -62,6 +63,20 @@ def _metric(x: torch.Tensor) -> torch.Tensor:
     into floats with one host sync after the last micro-batch (a float() per metric would stall the
     CPU on the GPU in every micro-batch). Compares like a float (`m["clip_frac"] == 0.0`)."""
     return x.detach().float()
+
+
+def _no_autocast(fn: Callable) -> Callable:
+    """Run a head product with autocast off: the head computes in float32 by design, and under an outer
+    autocast (accelerate's mixed precision wraps the loss and its backward) F.linear, mm and bmm would
+    return bfloat16 logits, rowdots and gradients instead."""
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args, **kwargs):
+        kind = x.device.type
+        if kind in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(kind):
+            with torch.autocast(kind, enabled=False):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+    return wrapper
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,6 +113,7 @@ class _HalfLinearFP32Out(torch.autograd.Function):
         return grad_h, grad_w
 
 
+@_no_autocast
 def _logits_CV(hidden_CH: torch.Tensor, weight_VH: torch.Tensor, temperature: float) -> torch.Tensor:
     """(hidden / temperature) @ weight^T in float32 or wider, whatever the input dtype.
 
@@ -120,6 +136,7 @@ def _logits_CV(hidden_CH: torch.Tensor, weight_VH: torch.Tensor, temperature: fl
     return torch.nn.functional.linear(hidden_CH, weight_VH.to(hidden_CH.dtype))
 
 
+@_no_autocast
 def _rowdot_C(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
     """sum_v a[c, v] * b[c, v] without a [C, V] product buffer."""
     return torch.bmm(a_CV.unsqueeze(1), b_CV.unsqueeze(2)).view(-1)
@@ -285,7 +302,7 @@ class _TokenLogprobHead(torch.autograd.Function):
             if need_h:
                 grad_h_NH[a:b] = _mm_f32(grad_CV, weight_VH).to(hidden_NH.dtype)
             if need_w:
-                grad_w_VH += _mm_f32(grad_CV.t(), h_CH)
+                _addmm_f32_(grad_w_VH, grad_CV.t(), h_CH)
             del grad_CV
         return grad_h_NH, (grad_w_VH.to(weight_VH.dtype) if need_w else None), None, None, None, None
 
@@ -630,6 +647,17 @@ def _gemm_operand(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.to(b.dtype) if _half_mm(b) else a
 
 
+@_no_autocast
+def _addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b for a float32 (or float64) accumulator, the product as `_mm_f32` computes it; in place,
+    without a product-sized temporary, unless the operands take the half-precision GEMM."""
+    if _half_mm(b):
+        acc += _mm_f32(a, b)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+@_no_autocast
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in float32 or wider: a half-precision GEMM with float32 output for bf16/fp16 CUDA operands
     (`a` is cast to b's dtype), else an upcast product."""
@@ -708,7 +736,7 @@ class _FusedKLHead(torch.autograd.Function):
             if need_h:
                 grad_h_NH[a:b] = _mm_f32(grad, s_w_VH).to(s_h_NH.dtype)
             if need_w:
-                grad_w_VH += _mm_f32(grad.t(), s_h)
+                _addmm_f32_(grad_w_VH, grad.t(), s_h)
             del grad
         ctx.save_for_backward(grad_h_NH, grad_w_VH)
         ctx.w_dtype = s_w_VH.dtype

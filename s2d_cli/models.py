@@ -114,10 +114,11 @@ def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | to
             trust_remote_code=trust_remote_code, **extra)
     except OSError as e:
         raise UsageError(f"{name}: could not load model ({str(e).splitlines()[0]})") from e
-    except (ImportError, ValueError) as e:
-        if not attn_implementation:
+    except (ImportError, ValueError) as e:       # e.g. a model type without flash-attention support
+        first = (str(e).strip().splitlines() or [""])[0]
+        if not attn_implementation or not any(w in first.lower() for w in ("attention", "attn")):
             raise
-        raise UsageError(f"attn_implementation={attn_implementation}: {str(e).strip().splitlines()[0]}") from None
+        raise UsageError(f"attn_implementation={attn_implementation}: {first}") from None
     return model.to(device).eval()
 
 

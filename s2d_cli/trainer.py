@@ -718,8 +718,9 @@ class Trainer:
                     info = StepInfo(step, epoch, self.world, max(n_seq, 1e-8), max(n_tok, 1e-8))
                     for i, mb in enumerate(micro):
                         sync = contextlib.nullcontext() if i == len(micro) - 1 else self.acc.no_sync(self.policy)
-                        with sync, self.acc.autocast():
-                            loss, m = loss_fn(self.policy, mb, info)
+                        with sync:
+                            with self.acc.autocast():      # mixed precision: the forward only, not backward
+                                loss, m = loss_fn(self.policy, mb, info)
                             self.acc.backward(loss)
                         if epoch == 0:              # metrics stay on the device until the step ends
                             w = metric_tokens(mb)

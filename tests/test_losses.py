@@ -631,3 +631,38 @@ def test_discounted_future_sum_by_hand():
     # masked x = [1, 0, 4, 0]; discount 0.5: y3 = 0, y2 = 4, y1 = 0 + 0.5*4 = 2 (masked -> 0), y0 = 1 + 0.5*2 = 2
     assert L.discounted_future_sum(x, mask, 0.5).tolist() == [[2.0, 0.0, 4.0, 0.0]]
     assert L.discounted_future_sum(x, mask, 0.0).tolist() == [[1.0, 0.0, 4.0, 0.0]]
+
+
+@pytest.mark.parametrize("head,backward_too", [("token_logprobs", False), ("token_logprobs", True),
+                                               ("fused_kl", False), ("fused_kl", True), ("chunked_kl", False)])
+def test_heads_compute_in_float32_under_mixed_precision_autocast(head, backward_too):
+    """accelerate's mixed precision runs the loss under autocast, where F.linear, mm and bmm return
+    bfloat16. The heads turn it off for their products: values and gradients equal the float32 ones
+    exactly. The trainer runs backward outside autocast; the two heads with their own backward also get
+    it right inside (the token head's backward once failed there: a bfloat16 gradient buffer took a
+    float32 scatter). chunked_kl's backward is autograd's, which autocast would reach."""
+    g = torch.Generator().manual_seed(11)
+    h0, w0 = torch.randn(10, 8, generator=g), torch.randn(40, 8, generator=g)
+    t_h, t_w = torch.randn(10, 6, generator=g), torch.randn(40, 6, generator=g)
+    targets = torch.randint(0, 40, (10,), generator=g)
+
+    def run(autocast: bool):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if head == "token_logprobs":
+                out, ent = L.chunked_token_logprobs(h, w, targets, chunk_size=4, temperature=0.8, with_entropy=True)
+                assert ent.dtype == torch.float32
+                loss = (out * torch.linspace(-1, 1, 10)).sum()
+            elif head == "fused_kl":
+                loss, out, _, _ = L.fused_kl_loss(h, w, t_h, t_w, torch.full((10,), 0.1), targets, chunk_size=4,
+                                                  direction="reverse")
+            else:
+                out = L.chunked_kl(h, w, t_h, t_w, chunk_size=4)
+                loss = out.sum()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and backward_too):
+            loss.backward()
+        assert out.dtype == torch.float32
+        return out.detach(), h.grad, w.grad
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
