@@ -24,23 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import peak_bytes, write_atomic
+
 GIB = 1024**3
 TEMPERATURE = 0.9
 
-
-def _peak_bytes(device: str) -> int:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def run_child(args: argparse.Namespace) -> dict:
@@ -91,12 +85,12 @@ def run_child(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _peak_bytes("cpu")
+        base = peak_bytes("cpu")
     once()                                                   # warm-up (allocator, kernels)
     runs = [once() for _ in range(args.repeats)]
     _, logp, ent, gh, gw = runs[-1]
     return {
-        "variant": args.child, "seconds": [r[0] for r in runs], "peak_bytes": _peak_bytes(args.device),
+        "variant": args.child, "seconds": [r[0] for r in runs], "peak_bytes": peak_bytes(args.device),
         "base_bytes": base, "logp_sum": logp.double().sum().item(), "ent_mean": ent.double().mean().item(),
         "grad_h_norm": gh.double().norm().item(), "grad_w_norm": gw.double().norm().item(),
     }
@@ -162,10 +156,7 @@ def main() -> int:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(table)
-        tmp.replace(args.out)
+        write_atomic(args.out, table)
     return 0
 
 

@@ -19,21 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from common import peak_bytes, write_atomic
+
 GIB = 1024**3
 
-
-def _peak_bytes(device: str) -> int:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def run_child(args: argparse.Namespace) -> dict:
@@ -62,7 +56,7 @@ def run_child(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _peak_bytes("cpu")
+        base = peak_bytes("cpu")
 
     start = time.perf_counter()
     if args.child == "naive":
@@ -76,7 +70,7 @@ def run_child(args: argparse.Namespace) -> dict:
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = _peak_bytes(args.device)
+    peak = peak_bytes(args.device)
     return {
         "variant": args.child, "chunk_size": args.chunk_size if args.child == "chunked" else None,
         "peak_bytes": peak, "base_bytes": base, "seconds": seconds,
@@ -142,10 +136,7 @@ def main() -> int:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(table)
-        tmp.replace(args.out)
+        write_atomic(args.out, table)
     return 0
 
 

@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_atomic
+
 from s2d_cli.verifier import Verifier, last_boxed, verify_one
 
 DEFAULT_DATA = Path(os.environ.get("S2D_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
@@ -239,10 +241,7 @@ def main() -> None:
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(table)
-        tmp.replace(args.out)
+        write_atomic(args.out, table)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import write_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CHILD = REPO / "bench" / "child.py"
@@ -426,10 +428,7 @@ def main() -> int:
         if not final:
             text += f"\n(partial: {len(summaries)} of {len(rows)} rows done)\n"
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(args.out)
+            write_atomic(args.out, text)
         return text
 
     try:
