@@ -19,9 +19,10 @@ floats; per-position functions return a tensor and leave the reduction to the ca
 Memory. Nothing here materialises `[N, V]` logits for all positions. The `chunked_*` functions take the
 final hidden states and the lm-head weight, compute logits for `chunk_size` positions at a time in
 float32 (float64 stays float64), and recompute a chunk's logits in backward instead of storing them:
-activation memory is O(chunk_size * V), not O(N * V). Token log-probs (`_TokenLogprobHead`) keep one
-log-normaliser per position for that; the KLs wrap each chunk in `torch.utils.checkpoint`, and the
-fused full-vocabulary KL (`_FusedKLHead`) computes its gradient in the forward pass.
+activation memory is O(chunk_size * V), not O(N * V). Token log-probs (`_TokenLogprobHead`) and the
+top-K forward KL of kl-warmup (`_ForwardKLTopK`) keep one or two normalisers per position for that; the
+other KLs wrap each chunk in `torch.utils.checkpoint`, and the fused full-vocabulary KL (`_FusedKLHead`)
+computes its gradient in the forward pass.
 The weight is upcast inside the chunk, so a bf16 head never has a float32 copy kept alive; on a
 GPU, bf16/fp16 inputs skip the upcast (a half-precision GEMM with float32 accumulation and output).
 
@@ -557,21 +558,85 @@ def forward_kl_topk(
     K = V this is the exact forward KL. Returns kl_N (>= 0 up to float error), differentiable in the
     student's hidden states and weight; reduce with `masked_mean`.
     """
-    def chunk_fn(h_CH, w_VH, ids_CK, t_logp_CK):
-        logits_CV = _logits_CV(h_CH, w_VH, temperature)
-        logz_C1 = logits_CV.logsumexp(-1, keepdim=True)
-        s_logp_CK = logits_CV.gather(-1, ids_CK) - logz_C1
-        s_log_tail_C = _log_tail_C(logits_CV, ids_CK, logz_C1)
-        t_logp_CK = t_logp_CK.to(s_logp_CK.dtype)
-        p_t_CK = t_logp_CK.exp()
-        head_C = torch.where(p_t_CK > 0, p_t_CK * (t_logp_CK - s_logp_CK), 0.0).sum(-1)
-        p_t_tail_C = (1.0 - p_t_CK.sum(-1)).clamp_min(0.0)
-        return head_C + torch.xlogy(p_t_tail_C, p_t_tail_C) - p_t_tail_C * s_log_tail_C
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return _ForwardKLTopK.apply(student_hidden_NH, student_weight_VH, teacher_topk_ids_NK.long(),
+                                teacher_topk_logp_NK.detach(), chunk_size, temperature)
 
-    outs = _chunked(chunk_fn, chunk_size, student_hidden_NH.shape[0],
-                    (student_hidden_NH, True), (student_weight_VH, False),
-                    (teacher_topk_ids_NK.long(), True), (teacher_topk_logp_NK, True))
-    return _cat(outs, student_hidden_NH)
+
+class _ForwardKLTopK(torch.autograd.Function):
+    """`forward_kl_topk` over all N positions, chunk by chunk, keeping two numbers per position for backward:
+    log Z_n (the student's normaliser) and log R_n (its mass outside the top-K ids, as `_log_tail_C` floors it).
+
+        forward   z = h W^T / T shifted by its row max, e = exp z, S = sum e; the tail R sums e with the K ids
+                  set to the floor S TINY / K (a sum over the other ids: no cancellation when the top K hold
+                  almost all the mass)
+        backward  with p_s = exp(z - log Z), q = exp(z - log R) off the ids (the floor is a constant),
+                  c = sum_k p_t,k + p_t,tail:
+                  d kl / d z_v = c p_s,v - p_t,tail q_v        v not among the ids
+                               = c p_s,v - sum_{k: id_k = v} p_t,k     v among them
+
+    Against checkpointing the chunk under autograd (two logsumexps, a scattered copy, each run twice, then
+    their backward) this makes about nine passes over a chunk's logits forward and about six backward."""
+
+    @staticmethod
+    def forward(ctx, hidden_NH, weight_VH, ids_NK, t_logp_NK, chunk_size, temperature):
+        N, K = ids_NK.shape
+        kl_N = torch.empty(N, dtype=_compute_dtype(hidden_NH.dtype), device=hidden_NH.device)
+        logz_N, logr_N = torch.empty_like(kl_N), torch.empty_like(kl_N)
+        for a in range(0, N, chunk_size):
+            b = min(a + chunk_size, N)
+            ids_CK = ids_NK[a:b]
+            z_CV = _logits_CV(hidden_NH[a:b], weight_VH, temperature)
+            m_C1 = z_CV.amax(-1, keepdim=True)
+            z_CV -= m_C1
+            s_logp_CK = z_CV.gather(-1, ids_CK)
+            e_CV = z_CV.exp()
+            del z_CV
+            s_C1 = e_CV.sum(-1, keepdim=True)
+            log_s_C1 = s_C1.log()
+            s_logp_CK -= log_s_C1
+            e_CV.scatter_(-1, ids_CK, (s_C1 * (TINY / K)).expand(-1, K))
+            log_r_C1 = e_CV.sum(-1, keepdim=True).log()
+            del e_CV
+            t_logp_CK = t_logp_NK[a:b].to(kl_N.dtype)
+            p_t_CK = t_logp_CK.exp()
+            head_C = torch.where(p_t_CK > 0, p_t_CK * (t_logp_CK - s_logp_CK), 0.0).sum(-1)
+            p_t_tail_C = (1.0 - p_t_CK.sum(-1)).clamp_min(0.0)
+            s_log_tail_C = (log_r_C1 - log_s_C1)[:, 0]
+            kl_N[a:b] = head_C + torch.xlogy(p_t_tail_C, p_t_tail_C) - p_t_tail_C * s_log_tail_C
+            logz_N[a:b] = (m_C1 + log_s_C1)[:, 0]
+            logr_N[a:b] = (m_C1 + log_r_C1)[:, 0]
+        ctx.save_for_backward(hidden_NH, weight_VH, ids_NK, t_logp_NK, logz_N, logr_N)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return kl_N
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_N):
+        hidden_NH, weight_VH, ids_NK, t_logp_NK, logz_N, logr_N = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h_NH = torch.empty_like(hidden_NH) if need_h else None
+        grad_w_VH = (torch.zeros(weight_VH.shape, dtype=_compute_dtype(weight_VH.dtype), device=weight_VH.device)
+                     if need_w else None)
+        g_N = (grad_N / ctx.temperature).to(logz_N.dtype)     # z = h W^T / T: both products carry 1 / T
+        for a in range(0, hidden_NH.shape[0], ctx.chunk_size):
+            b = min(a + ctx.chunk_size, hidden_NH.shape[0])
+            h_CH, ids_CK, g_C1 = hidden_NH[a:b], ids_NK[a:b], g_N[a:b, None]
+            p_t_CK = t_logp_NK[a:b].to(logz_N.dtype).exp()
+            p_t_tail_C1 = (1.0 - p_t_CK.sum(-1, keepdim=True)).clamp_min(0.0)
+            c_C1 = p_t_CK.sum(-1, keepdim=True) + p_t_tail_C1
+            off_C1 = c_C1 - p_t_tail_C1 * (logz_N[a:b, None] - logr_N[a:b, None]).exp()   # c - p_t,tail Z / R
+            p_CV = _logits_CV(h_CH, weight_VH, ctx.temperature).sub_(logz_N[a:b, None]).exp_()
+            on_CK = p_CV.gather(-1, ids_CK).mul_(c_C1)
+            grad_CV = p_CV.mul_(off_C1).scatter_(-1, ids_CK, on_CK).scatter_add_(-1, ids_CK, -p_t_CK)
+            grad_CV = _gemm_operand(grad_CV.mul_(g_C1), weight_VH)
+            if need_h:
+                grad_h_NH[a:b] = _mm_f32(grad_CV, weight_VH).to(hidden_NH.dtype)
+            if need_w:
+                _addmm_f32_(grad_w_VH, grad_CV.t(), h_CH)
+            del grad_CV, p_CV
+        return grad_h_NH, (grad_w_VH.to(weight_VH.dtype) if need_w else None), None, None, None, None
 
 
 def _teacher_head(teacher_weight_VH2: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -522,6 +522,39 @@ def test_forward_kl_topk_matches_naive_tail_formula_and_gradcheck():
         lambda h, w: L.forward_kl_topk(h, w, ids_NK[:3], t_logp_NK[:3], chunk_size=2), (h, w))
 
 
+def test_forward_kl_topk_edge_cases_match_autograd_of_the_naive_formula():
+    """The closed-form backward (`_ForwardKLTopK`) against autograd of the formula on full float64 logits,
+    where it is fragile: a stored teacher log-prob of -inf (p_t = 0), an id listed twice (vLLM never does,
+    a hand-made file might; the tail floors it once, the teacher mass counts twice), and a student whose
+    top-K ids hold all but ~1e-9 of its mass (the tail's log and its 1 / R gradient)."""
+    s_h, s_w, t_h, t_w = _kl_case(seed=12, N=5, V=11)
+    t_logp_NK, ids_NK = (t_h @ t_w.T).log_softmax(-1).topk(4, dim=-1)
+    t_logp_NK, ids_NK = t_logp_NK.clone(), ids_NK.clone()
+    t_logp_NK[0, 3] = float("-inf")
+    ids_NK[1, 3] = ids_NK[1, 2]
+    with torch.no_grad():                  # row 2: the student's mass sits on the teacher's top-4 ids
+        s_h[2] = 0.0
+        s_h[2, 0] = 1.0
+        s_w[:, 0] = -10.0
+        s_w[ids_NK[2], 0] = 10.0
+    kl = L.forward_kl_topk(s_h, s_w, ids_NK, t_logp_NK, chunk_size=2, temperature=0.9)
+    ref_h, ref_w = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    s_logp_NV = (ref_h @ ref_w.T / 0.9).log_softmax(-1)
+    pt = t_logp_NK.exp()
+    head = torch.where(pt > 0, pt * (t_logp_NK - s_logp_NV.gather(-1, ids_NK)), 0.0).sum(-1)
+    in_top = torch.zeros_like(s_logp_NV, dtype=torch.bool).scatter_(-1, ids_NK, True)
+    ps_tail = torch.where(in_top, 0.0, s_logp_NV.exp()).sum(-1)       # each id once, however often listed
+    pt_tail = (1 - pt.sum(-1)).clamp_min(0)
+    ref = head + torch.xlogy(pt_tail, pt_tail) - pt_tail * ps_tail.log()
+    assert 1e-12 < float(ps_tail[2].detach()) < 1e-6
+    torch.testing.assert_close(kl, ref, rtol=1e-9, atol=1e-12)
+    weights = torch.linspace(0.5, 1.5, 5, dtype=F64)
+    (kl * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(s_h.grad, ref_h.grad, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(s_w.grad, ref_w.grad, rtol=1e-7, atol=1e-10)
+
+
 def test_reverse_kl_topk_by_hand():
     # p_s = [0.5, 0.25, 0.25], p_t = [0.25, 0.5, 0.25]; k = 1 keeps id 0, tails 0.5 and 0.75:
     # kl = 0.5 log(0.5 / 0.25) + 0.5 log(0.5 / 0.75) = 0.346574 - 0.202733 = 0.143841
