@@ -1,6 +1,7 @@
 """Token log-probs + entropy from the lm head (the GRPO update's head): s2d against TRL's functions.
 
     .venv/bin/python bench/bench_head.py --out bench/results/head.md
+    .venv/bin/python bench/bench_head.py --loss topk --out bench/results/head_topk.md   # kl-warmup's top-K KL
     python bench/bench_head.py --device cuda --positions 16384 --hidden 1024 --dtype bfloat16   # a GPU host
 
 Both variants compute, for N positions with hidden states h and a V-row head W (default V = 151,936,
@@ -12,6 +13,9 @@ temperature 0.9, then backpropagate a weighted sum of the log-probs into h and W
   trl   what TRL's GRPOTrainer does after its forward: the logits (`h @ W^T / T`, in the inputs' dtype) as
         [rows, N / rows, V] sequences, then `trl.trainer.utils.selective_log_softmax` and, under no_grad,
         `entropy_from_logits`
+
+With `--loss topk`: kl-warmup's forward KL against the teacher's stored top-K log-probs plus a tail
+bucket (`losses.forward_kl_topk`), against the same formula on the [N, V] logits under autograd.
 
 Each variant runs in a fresh subprocess (peak memory does not mix), `--repeats` times after one warm-up
 call; the table reports the median time and the peak: the process's max RSS on a CPU,
@@ -51,8 +55,23 @@ def run_child(args: argparse.Namespace) -> dict:
     w0 = (torch.randn(v, hd, generator=g, device=dev) * (2.0 / hd**0.5)).to(dtype)   # logits with std ~2
     targets = torch.randint(0, v, (n,), generator=g, device=dev)
     coef = torch.rand(n, generator=g, device=dev)
+    if args.loss == "topk":      # the teacher's stored top-K log-probs: K ids, K log-probs and a tail mass
+        ids = torch.randint(0, v, (n, args.k), generator=g, device=dev)
+        t_logp = (torch.randn(n, args.k + 1, generator=g, device=dev) * 3).log_softmax(-1)[:, :args.k]
 
-    if args.child == "trl":
+    if args.loss == "topk" and args.child == "naive":
+        def step(h, w):
+            s_logp = ((h @ w.T).float() / TEMPERATURE).log_softmax(-1).gather(-1, ids)
+            p_t, p_t_tail = t_logp.exp(), 1 - t_logp.exp().sum(-1)
+            kl = (p_t * (t_logp - s_logp)).sum(-1) + p_t_tail * (p_t_tail.log() - (1 - s_logp.exp().sum(-1)).log())
+            return kl, kl.detach()
+    elif args.loss == "topk":
+        from s2d_cli.losses import forward_kl_topk
+
+        def step(h, w):
+            kl = forward_kl_topk(h, w, ids, t_logp, chunk_size=args.chunk_size, temperature=TEMPERATURE)
+            return kl, kl.detach()
+    elif args.child == "trl":
         from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
         rows = args.rows if n % args.rows == 0 else 1
@@ -107,7 +126,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
-    p.add_argument("--child", choices=["s2d", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--loss", default="logprobs", choices=["logprobs", "topk"],
+                   help="logprobs: token log-probs + entropy against TRL's; topk: kl-warmup's top-K forward KL "
+                        "against the formula on [N, V] logits under autograd")
+    p.add_argument("--k", type=int, default=20, help="topk: teacher log-probs stored per position")
+    p.add_argument("--child", choices=["s2d", "trl", "naive"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(json.dumps(run_child(args)))
@@ -115,9 +138,10 @@ def main() -> int:
 
     common = [f"--positions={args.positions}", f"--vocab={args.vocab}", f"--hidden={args.hidden}",
               f"--chunk-size={args.chunk_size}", f"--rows={args.rows}", f"--dtype={args.dtype}", f"--repeats={args.repeats}",
-              f"--device={args.device}"]
+              f"--device={args.device}", f"--loss={args.loss}", f"--k={args.k}"]
+    peer = "trl" if args.loss == "logprobs" else "naive"
     results = {}
-    for variant in ("trl", "s2d"):
+    for variant in (peer, "s2d"):
         print(f"running {variant} ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, *common, f"--child={variant}"], capture_output=True,
                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -126,7 +150,7 @@ def main() -> int:
             return 1
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    trl, s2d = results["trl"], results["s2d"]
+    trl, s2d = results[peer], results["s2d"]
     tol = 1e-3 if args.dtype == "float32" else 2e-2
     for key in ("logp_sum", "ent_mean", "grad_h_norm", "grad_w_norm"):
         if abs(s2d[key] - trl[key]) > tol * max(abs(trl[key]), 1e-6):
@@ -136,8 +160,10 @@ def main() -> int:
     what = "max RSS" if args.device == "cpu" else "max_memory_allocated"
     med = {k: statistics.median(r["seconds"]) for k, r in results.items()}
     extra = {k: r["peak_bytes"] - r["base_bytes"] for k, r in results.items()}
+    what_ran = (f"Token log-probs + entropy (T = {TEMPERATURE})" if args.loss == "logprobs" else
+                f"Forward KL against the teacher's top-{args.k} log-probs + tail bucket (T = {TEMPERATURE})")
     lines = [
-        f"Token log-probs + entropy (T = {TEMPERATURE}), forward + backward, N={args.positions:,} positions, "
+        f"{what_ran}, forward + backward, N={args.positions:,} positions, "
         f"V={args.vocab:,}, hidden={args.hidden}, {args.dtype}, {args.device} ({what}; one subprocess per "
         f"variant; median of {args.repeats} after a warm-up).",
         "",
@@ -145,13 +171,16 @@ def main() -> int:
         "|---|---|---:|---:|",
     ]
     names = {"trl": f"TRL: [{args.rows}, N / {args.rows}, V] logits, selective_log_softmax, entropy_from_logits",
-             "s2d": f"s2d: chunked_token_logprobs, chunk_size={args.chunk_size}"}
-    for k in ("trl", "s2d"):
+             "naive": "[N, V] logits, log_softmax, gather, tail = 1 - sum, under autograd",
+             "s2d": f"s2d: {'chunked_token_logprobs' if args.loss == 'logprobs' else 'forward_kl_topk'}, "
+                    f"chunk_size={args.chunk_size}"}
+    for k in (peer, "s2d"):
         r = results[k]
         lines.append(f"| {names[k]} | {min(r['seconds']):.2f} / {med[k]:.2f} / {max(r['seconds']):.2f} | "
                      f"{r['peak_bytes'] / GIB:.2f} | {extra[k] / GIB:.2f} |")
-    lines += ["", f"s2d / TRL: throughput {med['trl'] / med['s2d']:.2f}x, memory above inputs "
-              f"{extra['s2d'] / max(extra['trl'], 1):.2f}. Same log-probs, entropies and gradients (relative "
+    same = "log-probs, entropies" if args.loss == "logprobs" else "KLs"
+    lines += ["", f"s2d / {'TRL' if peer == 'trl' else 'naive'}: throughput {med[peer] / med['s2d']:.2f}x, memory "
+              f"above inputs {extra['s2d'] / max(extra[peer], 1):.2f}. Same {same} and gradients (relative "
               f"tolerance {tol:g}); one [N, V] float32 tensor is {args.positions * args.vocab * 4 / GIB:.2f} GiB."]
     table = "\n".join(lines) + "\n"
     print(table)
