@@ -11,7 +11,7 @@
 # decode step, eager steps, transformers generate: bench/gpu_probe.py check + decode), and bench/run.py
 # --profile gpu: each row's sides in their own processes with a per-process timeout; a failing row is
 # reported in the table and the next one runs. Results: $OUT/gpu_results.md (table), $OUT/gpu_results.log
-# (children's stderr), $OUT/gpu_check.txt, $OUT/gpu_head.md, $OUT/gpu_decode.txt. OUT defaults to bench/gpu-out.
+# (children's stderr), $OUT/gpu_check.txt, $OUT/gpu_head*.md, $OUT/gpu_decode.txt. OUT defaults to bench/gpu-out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/gpu-out}"
@@ -47,6 +47,8 @@ timeout 150 "$PY" bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt" || echo "gp
 echo "== token log-prob head vs TRL's"
 timeout 150 "$PY" bench/bench_head.py --device cuda --positions 16384 --hidden 1024 --dtype bfloat16 \
     --out "$OUT/gpu_head.md" 2>&1 | tail -n 8 || echo "bench_head failed; continuing"
+timeout 120 "$PY" bench/bench_head.py --loss topk --device cuda --positions 16384 --hidden 1024 --dtype bfloat16 \
+    --out "$OUT/gpu_head_topk.md" 2>&1 | tail -n 8 || echo "bench_head --loss topk failed; continuing"
 
 echo "== hf engine samplers"
 { timeout 90 "$PY" bench/gpu_probe.py check && timeout 120 "$PY" bench/gpu_probe.py decode; } 2>&1 \
