@@ -243,6 +243,8 @@ def chunked_token_logprobs(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if targets_N.shape != hidden_NH.shape[:1]:
+        raise ValueError(f"targets {tuple(targets_N.shape)} must be [N] for N = {hidden_NH.shape[0]} hidden states")
     logp_N, ent_N = _TokenLogprobHead.apply(hidden_NH, weight_VH, targets_N.long(), chunk_size, temperature,
                                             with_entropy)
     return logp_N, (ent_N if with_entropy else None)
@@ -560,6 +562,10 @@ def forward_kl_topk(
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not (teacher_topk_ids_NK.shape == teacher_topk_logp_NK.shape
+            and teacher_topk_ids_NK.shape[0] == student_hidden_NH.shape[0]):
+        raise ValueError(f"teacher top-K ids {tuple(teacher_topk_ids_NK.shape)} and log-probs "
+                         f"{tuple(teacher_topk_logp_NK.shape)} must both be [N, K] for N = {student_hidden_NH.shape[0]}")
     return _ForwardKLTopK.apply(student_hidden_NH, student_weight_VH, teacher_topk_ids_NK.long(),
                                 teacher_topk_logp_NK.detach(), chunk_size, temperature)
 

@@ -699,3 +699,12 @@ def test_heads_compute_in_float32_under_mixed_precision_autocast(head, backward_
 
     for got, want in zip(run(True), run(False)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_heads_refuse_positions_that_do_not_line_up():
+    """A custom head loops over its own row count: one mismatched input must fail at once, not drop rows."""
+    h, w = torch.randn(7, 4), torch.randn(9, 4)
+    with pytest.raises(ValueError, match=r"must both be \[N, K\] for N = 7"):
+        L.forward_kl_topk(h, w, torch.zeros(5, 2, dtype=torch.long), torch.full((5, 2), -1.0))
+    with pytest.raises(ValueError, match=r"must be \[N\] for N = 7"):
+        L.chunked_token_logprobs(h, w, torch.zeros(5, dtype=torch.long))
