@@ -250,6 +250,27 @@ def chunked_token_logprobs(
     return logp_N, (ent_N if with_entropy else None)
 
 
+def _head_backward(ctx, hidden_NH: torch.Tensor, weight_VH: torch.Tensor,
+                   chunk_grad: Callable[[int, int, torch.Tensor], torch.Tensor]) -> tuple:
+    """The hidden-state and head gradients of a loss on the head's logits, chunk by chunk of `ctx.chunk_size`
+    positions: `chunk_grad(a, b, hidden[a:b])` gives the loss's gradient for those positions' [C, V] logits
+    (the 1 / T of the logits included). The head gradient is summed over the chunks in float32."""
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_h_NH = torch.empty_like(hidden_NH) if need_h else None
+    grad_w_VH = (torch.zeros(weight_VH.shape, dtype=_compute_dtype(weight_VH.dtype), device=weight_VH.device)
+                 if need_w else None)
+    for a in range(0, hidden_NH.shape[0], ctx.chunk_size):
+        b = min(a + ctx.chunk_size, hidden_NH.shape[0])
+        h_CH = hidden_NH[a:b]
+        grad_CV = _gemm_operand(chunk_grad(a, b, h_CH), weight_VH)   # rounded once for both products
+        if need_h:
+            grad_h_NH[a:b] = _mm_f32(grad_CV, weight_VH).to(hidden_NH.dtype)
+        if need_w:
+            _addmm_f32_(grad_w_VH, grad_CV.t(), h_CH)
+        del grad_CV
+    return grad_h_NH, (grad_w_VH.to(weight_VH.dtype) if need_w else None)
+
+
 class _TokenLogprobHead(torch.autograd.Function):
     """`chunked_token_logprobs` over all N positions, chunk by chunk, keeping one number per position for
     backward: its log-normaliser log Z_n.
@@ -292,22 +313,14 @@ class _TokenLogprobHead(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_N, _grad_ent):
         hidden_NH, weight_VH, targets_N, logz_N = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h_NH = torch.empty_like(hidden_NH) if need_h else None
-        grad_w_VH = (torch.zeros(weight_VH.shape, dtype=_compute_dtype(weight_VH.dtype), device=weight_VH.device)
-                     if need_w else None)
         g_N = (grad_N / ctx.temperature).to(logz_N.dtype)     # z = h W^T / T: both products carry 1 / T
-        for a in range(0, hidden_NH.shape[0], ctx.chunk_size):
-            b = min(a + ctx.chunk_size, hidden_NH.shape[0])
-            h_CH, g_C1 = hidden_NH[a:b], g_N[a:b, None]
+
+        def chunk_grad(a, b, h_CH):                            # g (1[v = y] - p_v)
+            g_C1 = g_N[a:b, None]
             grad_CV = _logits_CV(h_CH, weight_VH, ctx.temperature).sub_(logz_N[a:b, None]).exp_().mul_(-g_C1)
-            grad_CV = _gemm_operand(grad_CV.scatter_add_(-1, targets_N[a:b, None], g_C1), weight_VH)
-            if need_h:
-                grad_h_NH[a:b] = _mm_f32(grad_CV, weight_VH).to(hidden_NH.dtype)
-            if need_w:
-                _addmm_f32_(grad_w_VH, grad_CV.t(), h_CH)
-            del grad_CV
-        return grad_h_NH, (grad_w_VH.to(weight_VH.dtype) if need_w else None), None, None, None, None
+            return grad_CV.scatter_add_(-1, targets_N[a:b, None], g_C1)
+
+        return (*_head_backward(ctx, hidden_NH, weight_VH, chunk_grad), None, None, None, None)
 
 
 def _cat(chunks: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
@@ -621,14 +634,10 @@ class _ForwardKLTopK(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_N):
         hidden_NH, weight_VH, ids_NK, t_logp_NK, logz_N, logr_N = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h_NH = torch.empty_like(hidden_NH) if need_h else None
-        grad_w_VH = (torch.zeros(weight_VH.shape, dtype=_compute_dtype(weight_VH.dtype), device=weight_VH.device)
-                     if need_w else None)
         g_N = (grad_N / ctx.temperature).to(logz_N.dtype)     # z = h W^T / T: both products carry 1 / T
-        for a in range(0, hidden_NH.shape[0], ctx.chunk_size):
-            b = min(a + ctx.chunk_size, hidden_NH.shape[0])
-            h_CH, ids_CK, g_C1 = hidden_NH[a:b], ids_NK[a:b], g_N[a:b, None]
+
+        def chunk_grad(a, b, h_CH):
+            ids_CK = ids_NK[a:b]
             p_t_CK = t_logp_NK[a:b].to(logz_N.dtype).exp()
             p_t_tail_C1 = (1.0 - p_t_CK.sum(-1, keepdim=True)).clamp_min(0.0)
             c_C1 = p_t_CK.sum(-1, keepdim=True) + p_t_tail_C1
@@ -636,13 +645,9 @@ class _ForwardKLTopK(torch.autograd.Function):
             p_CV = _logits_CV(h_CH, weight_VH, ctx.temperature).sub_(logz_N[a:b, None]).exp_()
             on_CK = p_CV.gather(-1, ids_CK).mul_(c_C1)
             grad_CV = p_CV.mul_(off_C1).scatter_(-1, ids_CK, on_CK).scatter_add_(-1, ids_CK, -p_t_CK)
-            grad_CV = _gemm_operand(grad_CV.mul_(g_C1), weight_VH)
-            if need_h:
-                grad_h_NH[a:b] = _mm_f32(grad_CV, weight_VH).to(hidden_NH.dtype)
-            if need_w:
-                _addmm_f32_(grad_w_VH, grad_CV.t(), h_CH)
-            del grad_CV, p_CV
-        return grad_h_NH, (grad_w_VH.to(weight_VH.dtype) if need_w else None), None, None, None, None
+            return grad_CV.mul_(g_N[a:b, None])
+
+        return (*_head_backward(ctx, hidden_NH, weight_VH, chunk_grad), None, None, None, None)
 
 
 def _teacher_head(teacher_weight_VH2: torch.Tensor, vocab_size: int) -> torch.Tensor:
