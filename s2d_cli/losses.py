@@ -250,25 +250,37 @@ def chunked_token_logprobs(
     return logp_N, (ent_N if with_entropy else None)
 
 
+def _grad_buffers(ctx, hidden_NH: torch.Tensor, weight_VH: torch.Tensor) -> tuple:
+    """The hidden-state gradient and the float32 head-gradient accumulator a head Function fills chunk by
+    chunk (None for an input that needs no gradient)."""
+    grad_h_NH = torch.empty_like(hidden_NH) if ctx.needs_input_grad[0] else None
+    grad_w_VH = (torch.zeros(weight_VH.shape, dtype=_compute_dtype(weight_VH.dtype), device=weight_VH.device)
+                 if ctx.needs_input_grad[1] else None)
+    return grad_h_NH, grad_w_VH
+
+
+def _add_chunk_grads(grad_CV: torch.Tensor, a: int, b: int, h_CH: torch.Tensor, weight_VH: torch.Tensor,
+                     grad_h_NH: torch.Tensor | None, grad_w_VH: torch.Tensor | None) -> None:
+    """Turn positions a:b's [C, V] logits gradient into their hidden-state gradient and add its share of the
+    head gradient (the logits gradient rounded to the head's dtype once, for both products)."""
+    grad_CV = _gemm_operand(grad_CV, weight_VH)
+    if grad_h_NH is not None:
+        grad_h_NH[a:b] = _mm_f32(grad_CV, weight_VH).to(grad_h_NH.dtype)
+    if grad_w_VH is not None:
+        _addmm_f32_(grad_w_VH, grad_CV.t(), h_CH)
+
+
 def _head_backward(ctx, hidden_NH: torch.Tensor, weight_VH: torch.Tensor,
                    chunk_grad: Callable[[int, int, torch.Tensor], torch.Tensor]) -> tuple:
     """The hidden-state and head gradients of a loss on the head's logits, chunk by chunk of `ctx.chunk_size`
     positions: `chunk_grad(a, b, hidden[a:b])` gives the loss's gradient for those positions' [C, V] logits
     (the 1 / T of the logits included). The head gradient is summed over the chunks in float32."""
-    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_h_NH = torch.empty_like(hidden_NH) if need_h else None
-    grad_w_VH = (torch.zeros(weight_VH.shape, dtype=_compute_dtype(weight_VH.dtype), device=weight_VH.device)
-                 if need_w else None)
+    grad_h_NH, grad_w_VH = _grad_buffers(ctx, hidden_NH, weight_VH)
     for a in range(0, hidden_NH.shape[0], ctx.chunk_size):
         b = min(a + ctx.chunk_size, hidden_NH.shape[0])
         h_CH = hidden_NH[a:b]
-        grad_CV = _gemm_operand(chunk_grad(a, b, h_CH), weight_VH)   # rounded once for both products
-        if need_h:
-            grad_h_NH[a:b] = _mm_f32(grad_CV, weight_VH).to(hidden_NH.dtype)
-        if need_w:
-            _addmm_f32_(grad_w_VH, grad_CV.t(), h_CH)
-        del grad_CV
-    return grad_h_NH, (grad_w_VH.to(weight_VH.dtype) if need_w else None)
+        _add_chunk_grads(chunk_grad(a, b, h_CH), a, b, h_CH, weight_VH, grad_h_NH, grad_w_VH)
+    return grad_h_NH, (grad_w_VH.to(weight_VH.dtype) if grad_w_VH is not None else None)
 
 
 class _TokenLogprobHead(torch.autograd.Function):
@@ -760,10 +772,7 @@ class _FusedKLHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_h_NH, s_w_VH, t_h_NH2, t_w_VH2, weight_N, targets_N, direction, chunk_size, temperature):
         N = s_h_NH.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h_NH = torch.zeros_like(s_h_NH) if need_h else None
-        grad_w_VH = (torch.zeros(s_w_VH.shape, dtype=_compute_dtype(s_w_VH.dtype), device=s_w_VH.device)
-                     if need_w else None)
+        grad_h_NH, grad_w_VH = _grad_buffers(ctx, s_h_NH, s_w_VH)
         kl_N = torch.empty(N, dtype=_compute_dtype(s_h_NH.dtype), device=s_h_NH.device)
         s_lp_N, t_lp_N = torch.empty_like(kl_N), torch.empty_like(kl_N)
         for a in range(0, N, chunk_size):
@@ -808,11 +817,7 @@ class _FusedKLHead(torch.autograd.Function):
             s_lp_N[a:b] -= log_s_s[:, 0]
             kl_N[a:b] = kl
             del z_t
-            grad = _gemm_operand(grad, s_w_VH)          # rounded to the head's dtype once, for both products
-            if need_h:
-                grad_h_NH[a:b] = _mm_f32(grad, s_w_VH).to(s_h_NH.dtype)
-            if need_w:
-                _addmm_f32_(grad_w_VH, grad.t(), s_h)
+            _add_chunk_grads(grad, a, b, s_h, s_w_VH, grad_h_NH, grad_w_VH)
             del grad
         ctx.save_for_backward(grad_h_NH, grad_w_VH)
         ctx.w_dtype = s_w_VH.dtype

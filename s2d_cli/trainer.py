@@ -305,16 +305,9 @@ def _make_micro(seqs: list[Sequence], padded: bool, device) -> MicroBatch:
     ids_RW = torch.zeros(rows, width, dtype=torch.long)           # padding id 0: after every real token, never a target
     pos_RW = None if padded else torch.zeros(rows, width, dtype=torch.long)
     pred = []
-    offset = 0
-    varlen = None
-    if not padded:    # the sequence boundaries, as flash-attention's varlen kernels take them
-        cu = [0]
-        for s in seqs:
-            cu.append(cu[-1] + len(s))
-        longest = max(len(s) for s in seqs)
-        cu_t = torch.tensor(cu, dtype=torch.int32)
-        varlen = {"cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t, "max_length_q": longest, "max_length_k": longest}
+    cu = [0]                                  # packed: where each sequence starts in the row, then the row's end
     for s_i, s in enumerate(seqs):
+        offset = cu[-1]
         full = s.prompt_ids + s.completion_ids
         row, start = (s_i, 0) if padded else (0, offset)
         ids_RW[row, start:start + len(full)] = torch.tensor(full, dtype=torch.long)
@@ -322,10 +315,12 @@ def _make_micro(seqs: list[Sequence], padded: bool, device) -> MicroBatch:
             pos_RW[row, start:start + len(full)] = torch.arange(len(full))
         first = row * width + start + len(s.prompt_ids) - 1   # flattened position predicting completion token 0
         pred += range(first, first + len(s.completion_ids))
-        offset += len(full)
-    mb = _micro(seqs, ids_RW, pos_RW, pred, None, None)
-    mb.varlen = varlen
-    return _to(mb, device) if device is not None else mb
+        cu.append(offset + len(full))
+    varlen = None
+    if not padded:    # the sequence boundaries, as flash-attention's varlen kernels take them
+        cu_t, longest = torch.tensor(cu, dtype=torch.int32), max(len(s) for s in seqs)
+        varlen = {"cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t, "max_length_q": longest, "max_length_k": longest}
+    return _micro(seqs, ids_RW, pos_RW, pred, None, device, varlen)
 
 
 def _make_shared(groups: list[list[Sequence]], device) -> MicroBatch:
@@ -351,7 +346,7 @@ def _make_shared(groups: list[list[Sequence]], device) -> MicroBatch:
                   torch.tensor([pos], dtype=torch.long), pred, Segments(layout), device)
 
 
-def _micro(seqs: list[Sequence], ids, pos, pred: list[int], segments, device) -> MicroBatch:
+def _micro(seqs: list[Sequence], ids, pos, pred: list[int], segments, device, varlen=None) -> MicroBatch:
     """A MicroBatch of `seqs` laid out as `ids` / `pos` (the rows) and `pred` (per completion token, in
     sequence order, the flattened row position that predicts it): the per-token and per-sequence fields."""
     n = [len(s.completion_ids) for s in seqs]
@@ -365,7 +360,7 @@ def _micro(seqs: list[Sequence], ids, pos, pred: list[int], segments, device) ->
         lengths=torch.tensor(n),
         scalars={k: torch.tensor([float(s.scalars.get(k, 0.0)) for s in seqs]) for k in names},
         token_data={k: torch.cat([s.token_data[k] for s in seqs]) for k in tnames},
-        sequences=seqs, segments=segments,
+        sequences=seqs, segments=segments, varlen=varlen,
     )
     return _to(mb, device) if device is not None else mb
 
