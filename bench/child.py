@@ -90,7 +90,7 @@ def num_params(path: str) -> int:
 def result(tokens: list[float], seconds: list[float], cpu: list[float] | None = None, **extra) -> dict:
     """Per timed step: tokens, wall seconds, and (where known) CPU seconds of this process, all threads."""
     out = {"tokens": tokens, "seconds": seconds, "tok_per_s": [t / s for t, s in zip(tokens, seconds)],
-           "peak_mb": peak_mb(), **extra}
+           "peak_mb": peak_mb(), **S2D_LAYOUT, **extra}
     if cpu and not on_gpu():
         out["cpu_s"] = cpu
         out["tok_per_cpu_s"] = [t / c for t, c in zip(tokens, cpu)]
@@ -98,11 +98,13 @@ def result(tokens: list[float], seconds: list[float], cpu: list[float] | None = 
 
 
 CPU_MARKS: list[float] = []     # process CPU time at the end of each s2d step (Trainer.log runs once per step)
+S2D_LAYOUT: dict = {}           # s2d's micro-batch layout, and the tokens its timed steps computed (padding included)
 
 
 def s2d_steps(out: Path, tokens_of) -> tuple[list[float], list[float], list[float]]:
     """Timed steps (all but the first) from an s2d run's metrics.jsonl, and their CPU seconds."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    S2D_LAYOUT["tokens_computed"] = [m.get("tokens_computed") for m in rows[1:]]
     cpu = [b - a for a, b in zip(CPU_MARKS, CPU_MARKS[1:])]
     return [tokens_of(m) for m in rows[1:]], [m["step_time_s"] for m in rows[1:]], cpu
 
@@ -118,6 +120,7 @@ def s2d_quiet():
 
     def log_and_mark(self, metrics):
         CPU_MARKS.append(time.process_time())
+        S2D_LAYOUT["layout"] = self.layout
         log(self, metrics)
 
     T.Trainer.log = log_and_mark

@@ -7,6 +7,12 @@ At the Qwen3-0.6B head shape (V = 151,936, H = 1,024, bf16) it runs `chunked_tok
 default on a GPU) and off (hidden and head upcast to float32 inside each chunk, the code before the
 change). It prints the differences (max |logp| difference; relative L2 error of the gradients) and the
 median time of each over 5 runs after 2 warm-ups.
+
+Then packed rows on sdpa (`s2d_cli.attention.packed_attention`, torch's own flash-attention varlen
+kernel, which runs only on CUDA): whether `kernel_agrees` accepts the kernel at the Qwen3-0.6B head shape,
+and, on a random-init Qwen3-0.6B shape in bf16 with GRPO-update-like rows (64 sequences, 29-token
+prompts, completions of 40..256 tokens), the token log-probs of one packed row against those of padded
+rows (max |difference|) and the forward + backward time of each layout.
 """
 from __future__ import annotations
 
@@ -83,7 +89,54 @@ def main() -> int:
         assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all() and torch.isfinite(got[2]).all()
     L.HALF_MM_FP32_OUT = True
     print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    packed_check(dev)
     return 0
+
+
+def packed_check(dev: torch.device, layers: int = 28) -> None:
+    import random
+
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from s2d_cli import attention
+    from s2d_cli.trainer import Sequence, hidden_at, pack
+
+    agrees = attention.kernel_agrees(str(dev), torch.bfloat16, 16, 8, 128)
+    print(f"\npacked rows on sdpa: torch varlen kernel agrees with sdpa at 16/8 heads, head_dim 128: {agrees}")
+    if not agrees:
+        return
+    cfg = Qwen3Config(hidden_size=1024, num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=8,
+                      head_dim=128, intermediate_size=3072, vocab_size=151_936, tie_word_embeddings=True)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).to(dev)
+    attention.enable(lm)                   # padded rows still take sdpa; packed rows the varlen kernel
+    rng = random.Random(0)
+    seqs = []
+    for _ in range(8):
+        prompt = [rng.randrange(3, 150_000) for _ in range(29)]
+        seqs += [Sequence(prompt, [rng.randrange(3, 150_000) for _ in range(rng.randint(40, 256))]) for _ in range(8)]
+    head = lm.get_output_embeddings().weight
+    rows = {}
+    for layout in ("padded", "packed"):
+        (mb,) = pack(seqs, 1 << 30, layout=layout, device=dev, overhead_tokens=1 << 30)
+
+        def step(mb=mb):
+            lm.zero_grad(set_to_none=True)
+            logp, _ = L.chunked_token_logprobs(hidden_at(lm, mb), head, mb.targets, chunk_size=4096)
+            logp.sum().backward()
+            return logp.detach()
+
+        ms, logp = timed(step)
+        rows[layout] = (ms, mb.input_ids.numel(), {id(s): logp[mb.seq_idx == i] for i, s in enumerate(mb.sequences)})
+    diff = max(float((rows["packed"][2][id(s)] - rows["padded"][2][id(s)]).abs().max()) for s in seqs)
+    real = sum(len(s) for s in seqs)
+    print(f"Qwen3-0.6B shape, bf16, {len(seqs)} sequences, {real} real tokens; max |logp packed - padded| {diff:.2e}\n")
+    print("| layout | tokens computed | ms (fwd+bwd) | real tokens / s |")
+    print("|---|---|---|---|")
+    for layout, (ms, tokens, _) in rows.items():
+        print(f"| {layout} | {tokens} | {ms:.1f} | {real / ms * 1e3:,.0f} |")
+    print(f"| packed / padded | | {rows['padded'][0] / rows['packed'][0]:.2f}x faster | |")
 
 
 if __name__ == "__main__":

@@ -235,7 +235,8 @@ def summarize(results: list[dict]) -> dict | None:
     cpu = [statistics.median(r["tok_per_cpu_s"]) for r in ok if r.get("tok_per_cpu_s")]
     mem = [r["peak_mb"] for r in ok]
     return {"rates": rates, "cpu": cpu, "mem": mem, "n": len(ok), "errors": [r["error"] for r in results if "error" in r],
-            "params": ok[0].get("params"), "device": ok[0].get("device"), "threads": ok[0].get("threads")}
+            "params": ok[0].get("params"), "device": ok[0].get("device"), "threads": ok[0].get("threads"),
+            "layout": ok[0].get("layout"), "tokens_computed": ok[0].get("tokens_computed")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,6 +364,15 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
             lines.append(f"- {row}: {shown}")
     lines.append(f"- s2d micro_batch_tokens {prof['micro_batch_tokens']}, chunk_size default; "
                  "TRL: one micro-batch per step (per_device_train_batch_size = the whole batch), defaults otherwise")
+    layouts = []
+    for row in ROW_ORDER:
+        s2d_side = summaries.get(row, (None, None))[0]
+        if s2d_side and s2d_side.get("layout"):
+            computed = [t for t in s2d_side.get("tokens_computed") or [] if t]
+            layouts.append(f"{row} {s2d_side['layout']}" + (f" ({statistics.median(computed):,.0f} tokens computed "
+                                                            "a step)" if computed else ""))
+    if layouts:
+        lines.append("- s2d micro-batch layout (first process): " + "; ".join(layouts))
     gpu_file = REPO / "bench" / "RESULTS-gpu.md"
     if not gpu and gpu_file.is_file():
         lines += ["", "## GPU", "", "Copied verbatim from `bench/RESULTS-gpu.md` (the `$OUT/gpu_results.md` and "

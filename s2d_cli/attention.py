@@ -22,9 +22,17 @@ normal sdpa mask and runs transformers' sdpa attention unchanged. Gradient check
 layer with the arguments it saved, the layout included.
 
 Where it is used (`shared_ok`): CPU training with sdpa, on model types whose attention has no sliding
-window or logit soft-capping. On a GPU the per-block calls would be launch-bound (hundreds per layer), so
-GPUs keep padded micro-batches (sdpa) or packed rows (flash-attention varlen). `S2D_SHARED_PREFIX=0`
-turns it off.
+window or logit soft-capping. On a GPU the per-block calls would be launch-bound (hundreds per layer).
+`S2D_SHARED_PREFIX=0` turns it off.
+
+Packed rows on a GPU without the flash-attn package (`varlen_ok`): the same `enable`d attention runs a
+packed row [1, L] of whole sequences through torch's own flash-attention varlen kernel
+(`torch.nn.attention.varlen.varlen_attn`, torch >= 2.9), given the boundaries the trainer passes with
+every packed micro-batch (cu_seq_lens_q / max_length_q). No padding is computed: a GRPO batch of
+completions of 40..256 tokens costs its real tokens, where padded rows cost rows x longest. The kernel
+is tried once per device, dtype and head shape against sdpa (forward and backward) before a run uses it;
+a build where it fails, a float32 model or a model type not in SUPPORTED keeps padded rows.
+`S2D_VARLEN=0` turns it off.
 """
 from __future__ import annotations
 
@@ -77,6 +85,10 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
               **kwargs):
     """transformers' attention-function signature: query [1, Hq, L, D], key/value [1, Hkv, L, D] ->
     ([1, L, Hq, D], None)."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:                    # a packed row: the trainer passes its sequences' boundaries
+        return packed_attention(query, key, value, cu, kwargs["max_length_q"], scaling,
+                                dropout if module.training else 0.0), None
     if not isinstance(attention_mask, Segments):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -128,6 +140,12 @@ def shared_ok(model, device: torch.device | None) -> bool:
         return False
     if device is not None and torch.device(device).type != "cpu":
         return False
+    return _plain_attention(model)
+
+
+def _plain_attention(model) -> bool:
+    """sdpa (or `enable`d) attention of a SUPPORTED type: full causal self-attention in every layer, no
+    sliding window, no soft-capping."""
     cfg = model.config
     if (getattr(cfg, "_attn_implementation", None) or "sdpa") not in ("sdpa", NAME):
         return False
@@ -189,3 +207,107 @@ def active(layout: Segments):
         yield
     finally:
         _ACTIVE.pop()
+
+
+# ------------------------------------------------------------------------------------------------
+# packed rows through torch's flash-attention varlen kernel
+
+def varlen_kernel():
+    """`torch.nn.attention.varlen.varlen_attn` (torch >= 2.9; flash-attention on CUDA), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+@functools.cache
+def _params(fn) -> frozenset:
+    import inspect
+
+    try:
+        return frozenset(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def packed_attention(query, key, value, cu_seq_lens: torch.Tensor, max_length: int, scaling: float | None,
+                     dropout: float = 0.0) -> torch.Tensor:
+    """Causal attention within each sequence of a packed row: query [1, Hq, L, D], key/value [1, Hkv, L, D],
+    `cu_seq_lens` [n + 1] int32 (where each sequence starts, then L) -> [1, L, Hq, D].
+
+    torch's varlen_attn changed its keywords across releases (2.9: is_causal; 2.10: window_size and
+    scale; 2.12: enable_gqa): the call adapts to the signature it finds."""
+    if dropout:
+        raise NotImplementedError("packed rows run torch's varlen kernel, which has no attention dropout")
+    fn = varlen_kernel()
+    if fn is None:
+        raise RuntimeError("packed rows need torch.nn.attention.varlen (torch >= 2.9)")
+    params = _params(fn)
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)    # [L, H, D]
+    kw = {}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:                             # older builds: one key/value head per query head
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1, output_size=q.shape[1]), \
+                v.repeat_interleave(rep, dim=1, output_size=q.shape[1])
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0)       # causal
+    else:
+        kw["is_causal"] = True
+    if scaling is not None:
+        if "scale" in params:
+            kw["scale"] = scaling
+        else:                             # the kernel's default scale is D ** -0.5
+            q = q * (scaling * q.shape[-1] ** 0.5)
+    out = fn(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, **kw)
+    return out.unsqueeze(0)
+
+
+def varlen_ok(model, device: torch.device | None) -> bool:
+    """Whether `model` trains on this device with packed rows through `packed_attention` (see the module
+    docstring): a CUDA device, half-precision weights, plain attention without dropout, and a kernel that
+    agrees with sdpa on this head shape."""
+    if os.environ.get("S2D_VARLEN", "1") == "0" or device is None or torch.device(device).type != "cuda":
+        return False
+    if not _plain_attention(model) or getattr(model.config, "attention_dropout", 0.0):
+        return False
+    weight = model.get_input_embeddings().weight
+    if weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return kernel_agrees(str(weight.device), weight.dtype, heads, kv_heads, head_dim)
+
+
+@functools.cache
+def kernel_agrees(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """`packed_attention` on two sequences of a random packed row gives per-sequence causal sdpa's output
+    and gradients (float32 reference; 2 % relative error allowed in half precision). False where the
+    kernel is missing, refuses the shape, or disagrees."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 11]
+    L = sum(lengths)
+
+    def rand(h):
+        return torch.randn(1, h, L, head_dim, generator=gen).to(device, dtype).requires_grad_()
+
+    q, k, v = rand(heads), rand(kv_heads), rand(kv_heads)
+    grad = torch.randn(1, L, heads, head_dim, generator=gen).to(device, dtype)
+    cu = torch.tensor([0, lengths[0], L], dtype=torch.int32, device=device)
+    try:
+        out = packed_attention(q, k, v, cu, max(lengths), head_dim ** -0.5)
+        got = [out.detach().float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad))]
+    except Exception:                     # missing kernel, unsupported shape or dtype: padded rows instead
+        return False
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=heads != kv_heads)
+                     for a, b, c in zip(qf.split(lengths, 2), kf.split(lengths, 2), vf.split(lengths, 2))],
+                    2).transpose(1, 2)
+    want = [ref.detach(), *torch.autograd.grad(ref, (qf, kf, vf), grad.float())]
+    tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5     # relative, over the whole tensor
+    return all(g.shape == w.shape and float((g - w).norm()) <= tol * float(w.norm()) for g, w in zip(got, want))

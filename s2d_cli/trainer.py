@@ -19,16 +19,19 @@ and scaled by the world size, so DDP's gradient averaging yields exactly the ful
 processes produce the per-step losses of one process with the same global batch.
 
 Micro-batch layouts (`pack`):
-- packed (flash-attention): one row per micro-batch, position ids restarting per sequence (its varlen
-  kernel reads the boundaries from them), so no compute is spent on padding;
+- packed (flash-attention): one row per micro-batch, position ids restarting per sequence, the
+  sequences' boundaries handed to the varlen kernel (`MicroBatch.varlen`): no compute spent on padding;
 - shared (sdpa on a CPU, `s2d_cli.attention`): one row of prompt groups, each prompt once followed by
   its completions, attention run block by block: no padding, and a GRPO group's prompt is computed once
   instead of G times (the bench's update row: 2,651 tokens a step instead of 3,603 real, 4,152 padded);
-- padded (sdpa on a GPU, eager): length-sorted right-padded rows, cut into micro-batches of similar
-  lengths where that saves more padding than a micro-batch costs. A packed row there would need a
-  dense [L, L] block-diagonal mask, attention over it costing L^2 = (sum of lengths)^2 instead of
-  sum(length^2); per-block calls as in "shared" would be launch-bound on a GPU. Right padding needs no
-  attention mask at all (see MicroBatch), so sdpa runs its causal kernels.
+- packed on sdpa (a GPU without the flash-attn package, half-precision weights): the same packed rows,
+  run by torch's own flash-attention varlen kernel through `s2d_cli.attention` (`varlen_ok`);
+- padded (elsewhere: eager, float32 on a GPU, a torch without the varlen kernel): length-sorted
+  right-padded rows, cut into micro-batches of similar lengths where that saves more padding than a
+  micro-batch costs. A packed row there would need a dense [L, L] block-diagonal mask, attention over
+  it costing L^2 = (sum of lengths)^2 instead of sum(length^2); per-block calls as in "shared" would be
+  launch-bound on a GPU. Right padding needs no attention mask at all (see MicroBatch), so sdpa runs
+  its causal kernels.
 
 Log-probs and KLs come from the final hidden states through chunked, checkpointed lm-head
 products (`s2d_cli.losses`): no `[tokens, vocab]` float32 tensor is ever materialised.
@@ -425,6 +428,11 @@ def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
         if lm.config._attn_implementation != NAME:   # sdpa would read the row as separate sequences
             raise RuntimeError("a shared-prompt micro-batch needs a model with attention.enable(model) applied")
         layout = active(mb.segments)
+    elif mb.varlen is not None:
+        from .attention import NAME
+
+        if lm.config._attn_implementation not in (*PACKED_ATTENTION, NAME):   # sdpa would attend across the row
+            raise RuntimeError("a packed micro-batch needs a flash-attention model or attention.enable(model)")
     with layout, known_layout():
         out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
                            use_cache=False, **(mb.varlen or {}))
@@ -521,7 +529,8 @@ class Trainer:
 
     def _pick_layout(self) -> str:
         """Micro-batch layout: packed rows under flash-attention, shared-prompt rows where
-        `attention.shared_ok` (sdpa on a CPU), padded rows otherwise."""
+        `attention.shared_ok` (sdpa on a CPU), packed rows through torch's varlen kernel where
+        `attention.varlen_ok` (sdpa on a GPU), padded rows otherwise."""
         from . import attention
 
         if self.attn_impl in PACKED_ATTENTION:
@@ -529,6 +538,9 @@ class Trainer:
         if attention.shared_ok(self.lm, self.device):
             attention.enable(self.lm)
             return "shared"
+        if attention.varlen_ok(self.lm, self.device):
+            attention.enable(self.lm)
+            return "packed"
         return "padded"
 
     def adopt(self, other: nn.Module, role: str = "teacher") -> None:
@@ -537,6 +549,12 @@ class Trainer:
         from . import attention
 
         impl = getattr(other.config, "_attn_implementation", "sdpa") or "sdpa"
+        if self.layout == "packed" and self.attn_impl not in PACKED_ATTENTION:   # torch's varlen kernel
+            if attention.varlen_ok(other, self.device):
+                attention.enable(other)
+            else:
+                self.layout = "padded"
+            return
         if self.layout == "packed" and impl not in PACKED_ATTENTION:
             raise UsageError(f"the student trains on packed rows ({self.attn_impl}) but the {role} loads with {impl}; "
                              "both must use a flash-attention implementation")
@@ -735,15 +753,17 @@ class Trainer:
                     after_update(step)
                 keys = sorted(sums)
                 local_tok = sum(metric_tokens(mb) for mb in micro)
+                computed = sum(mb.input_ids.numel() for mb in micro)      # padding and shared prompts included
                 *host, grad_norm = _host_floats([sums[k] for k in keys] + [grad_norm])
-                totals = self.all_sum(host + [local_tok])
-                tok_total = max(totals[-1], 1.0)
+                *totals, tok_total, computed = self.all_sum(host + [local_tok, computed])
+                tok_total = max(tok_total, 1.0)
                 dt = time.perf_counter() - t0
                 metrics = {"step": step + 1}
-                for k, v in zip(keys, totals[:-1]):
+                for k, v in zip(keys, totals):
                     metrics[k] = v if k == "loss" else v / tok_total
                 metrics.update(batch.metrics)
                 metrics.update({"grad_norm": grad_norm, "lr": lr, "tokens": int(n_all_tok),
+                                "tokens_computed": int(computed), "micro_batches": len(micro),
                                 "tokens_per_s": n_all_tok / dt, "batch_time_s": t_batch, "step_time_s": dt})
                 self.log(metrics)
                 if bar:
@@ -785,7 +805,7 @@ class Trainer:
                 "schema_version": 1, "kind": self.kind, "s2d_version": __version__,
                 "command": " ".join(["s2d", *sys.argv[1:]]), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "config": self.config, "fingerprint": self.fingerprint, "inputs": self.inputs,
-                "steps": self.cfg.steps, "model": "model", "world_size": self.world,
+                "steps": self.cfg.steps, "model": "model", "world_size": self.world, "layout": self.layout,
                 "wall_time_s": time.time() - self.wall_start, "final_metrics": last, **(extra or {}),
             }
             _write_atomic(self.out / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())

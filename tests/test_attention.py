@@ -150,3 +150,114 @@ def test_shared_ok(tiny_model_dir, monkeypatch):
     eager = Fake()
     eager.config._attn_implementation = "eager"
     assert not attention.shared_ok(eager, None)
+
+
+# ------------------------------------------------------------------------------------------------
+# packed rows through torch's varlen kernel (`packed_attention`, `varlen_ok`)
+#
+# The kernel is flash-attention on CUDA only; here it is replaced by `fake_varlen`, which computes what
+# the kernel's documentation says it does, with each torch release's keywords (2.9: is_causal; 2.10:
+# window_size, scale; 2.12: enable_gqa, required for fewer key/value heads). bench/gpu_check.py runs the
+# real one on a GPU.
+
+def _per_sequence(q_THD, k_THD, v_THD, cu, causal, scale):
+    sizes = cu.diff().tolist()
+    outs = [torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=causal, scale=scale,
+        enable_gqa=q_THD.shape[1] != k_THD.shape[1]).transpose(0, 1)
+        for q, k, v in zip(q_THD.split(sizes), k_THD.split(sizes), v_THD.split(sizes))]
+    return torch.cat(outs)
+
+
+def varlen_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert query.shape[1] == key.shape[1], "no GQA in this release"
+    assert max(cu_seq_q.diff().tolist()) == max_q
+    return _per_sequence(query, key, value, cu_seq_q, is_causal, None)
+
+
+def varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1)):
+    assert query.shape[1] == key.shape[1], "no GQA in this release"
+    return _per_sequence(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
+
+
+def varlen_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    if not enable_gqa and query.shape[1] != key.shape[1]:
+        raise ValueError("Try setting enable_gqa=True for GQA.")
+    return _per_sequence(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
+
+
+def _packed_inputs(heads=4, kv_heads=2, lengths=(3, 7, 1, 5), dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = sum(lengths)
+    q = torch.randn(1, heads, L, dim, generator=g)
+    k, v = torch.randn(1, kv_heads, L, dim, generator=g), torch.randn(1, kv_heads, L, dim, generator=g)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu, list(lengths)
+
+
+@pytest.mark.parametrize("kernel", [varlen_2_9, varlen_2_10, varlen_2_13])
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_packed_attention_is_causal_attention_within_each_sequence(monkeypatch, kernel, scale):
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: kernel)
+    q, k, v, cu, lengths = _packed_inputs()
+    out = attention.packed_attention(q, k, v, cu, max(lengths), scale)
+    assert out.shape == (1, sum(lengths), 4, 8)
+    # by hand: sequence by sequence, each query attends to its own sequence's keys up to itself
+    s = 8 ** -0.5 if scale is None else scale
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        for t in range(a, b):
+            for h in range(4):
+                kh = h // 2                                          # GQA: query heads 0-1 read kv head 0
+                w = torch.softmax(k[0, kh, a:t + 1] @ q[0, h, t] * s, 0)
+                torch.testing.assert_close(out[0, t, h], w @ v[0, kh, a:t + 1], atol=1e-6, rtol=1e-5)
+
+
+def test_packed_attention_refuses_what_the_kernel_cannot_do(monkeypatch):
+    q, k, v, cu, lengths = _packed_inputs()
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: None)
+    with pytest.raises(RuntimeError, match="torch.nn.attention.varlen"):
+        attention.packed_attention(q, k, v, cu, max(lengths), None)
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: varlen_2_13)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        attention.packed_attention(q, k, v, cu, max(lengths), None, dropout=0.1)
+
+
+def test_kernel_agrees_only_with_a_kernel_that_computes_causal_attention(monkeypatch):
+    def non_causal(*args, **kwargs):
+        return varlen_2_13(*args, **{**kwargs, "window_size": (-1, -1)})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    for kernel, want in [(varlen_2_13, True), (varlen_2_9, True), (non_causal, False), (broken, False),
+                         (None, False)]:
+        monkeypatch.setattr(attention, "varlen_kernel", lambda kernel=kernel: kernel)
+        attention.kernel_agrees.cache_clear()
+        assert attention.kernel_agrees("cpu", torch.float32, 4, 2, 8) is want, kernel
+    attention.kernel_agrees.cache_clear()
+
+
+def test_varlen_ok(tiny_model_dir, monkeypatch):
+    asked = []
+    monkeypatch.setattr(attention, "kernel_agrees", lambda *a: asked.append(a) or True)
+    cuda = torch.device("cuda")
+    lm = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
+    assert not attention.varlen_ok(lm, cuda)                        # float32: flash kernels take half precision
+    assert not attention.varlen_ok(lm.to(torch.bfloat16), torch.device("cpu"))   # no kernel on a CPU
+    assert not attention.varlen_ok(lm, None)
+    assert asked == []
+    cfg = lm.config
+    assert attention.varlen_ok(lm, cuda)
+    assert asked == [("cpu", torch.bfloat16, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)]
+    attention.enable(lm)                                            # the trainer enables it: still fine
+    assert attention.varlen_ok(lm, cuda)
+    monkeypatch.setenv("S2D_VARLEN", "0")
+    assert not attention.varlen_ok(lm, cuda)
+    monkeypatch.delenv("S2D_VARLEN")
+    lm.config.attention_dropout = 0.1                               # the kernel has no dropout
+    assert not attention.varlen_ok(lm, cuda)
+    lm.config.attention_dropout = 0.0
+    lm.config._attn_implementation = "eager"
+    assert not attention.varlen_ok(lm, cuda)

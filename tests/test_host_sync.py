@@ -19,7 +19,9 @@ every forward; `attention.known_layout` skips it (the first test fails without i
 
 flash-attention does not run on a CPU, so "packed" rows run here on `varlen_attention`: transformers'
 flash mask function, and an attention that, like flash-attention's varlen kernel, reads the boundaries
-from cu_seq_lens_q and computes each sequence causally (sdpa per sequence).
+from cu_seq_lens_q and computes each sequence causally (sdpa per sequence). "packed-sdpa" rows are the
+trainer's choice on a GPU without flash-attn: sdpa models `attention.enable`d, their packed rows run by
+torch's varlen kernel (CUDA only), here `torch_varlen`, which computes the same per sequence.
 """
 from __future__ import annotations
 
@@ -73,6 +75,27 @@ def _varlen_attention(query, key, value, attention_mask, scaling, **kwargs):
     CALLS["other"] += 1
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2), None
+
+
+def torch_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1), enable_gqa=False, **_):
+    """Stands in for torch.nn.attention.varlen.varlen_attn (CUDA only): [T, H, D] packed inputs, one
+    causal block per sequence."""
+    with paused():
+        assert window_size == (-1, 0) and cu_seq_q is cu_seq_k and cu_seq_q.dtype == torch.int32
+        sizes = cu_seq_q.diff().tolist()
+        assert max(sizes) == max_q == max_k and sum(sizes) == query.shape[0]
+        CALLS["torch_varlen"] += 1
+        outs = [F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                               is_causal=True, scale=scale, enable_gqa=enable_gqa)
+                for q, k, v in zip(query.split(sizes), key.split(sizes), value.split(sizes))]
+        return torch.cat(outs, 1).transpose(0, 1)
+
+
+def use_torch_varlen(monkeypatch, ok=lambda model, device: True):
+    """Packed rows on sdpa, as `Trainer._pick_layout` chooses them on a GPU without flash-attn."""
+    monkeypatch.setattr(attention, "varlen_ok", ok)
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: torch_varlen)
 
 
 @pytest.fixture(autouse=True)
@@ -198,7 +221,7 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "packed-sdpa"])
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_training_step_never_waits_on_the_device(pair, tmp_path, monkeypatch, command, layout):
     monkeypatch.setattr(attention, "shared_ok", lambda *a, **k: False)   # padded rows, as sdpa on a GPU
@@ -206,13 +229,14 @@ def test_training_step_never_waits_on_the_device(pair, tmp_path, monkeypatch, co
             "--set", "micro_batch_tokens=64"]
     if layout == "packed":
         args += ["--set", f"attn_implementation={VARLEN}"]
+    if layout == "packed-sdpa":
+        use_torch_varlen(monkeypatch)
     seen, steps = record_step_syncs(monkeypatch, lambda: s2d(*args))
     assert steps == 2
     assert dict(seen) == {}
-    if layout == "packed":        # every training forward went through the varlen kernel, with boundaries
-        assert CALLS["varlen"] > 0
-    else:
-        assert CALLS["varlen"] == 0
+    # every training forward went through the varlen kernel, with boundaries
+    assert (CALLS["varlen"] > 0) == (layout == "packed")
+    assert (CALLS["torch_varlen"] > 0) == (layout == "packed-sdpa")
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
 
@@ -237,14 +261,25 @@ def test_the_recorder_sees_a_sync(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # varlen rows against padded rows
 
-def test_packed_rows_give_the_padded_rows_logprobs_and_gradients(pair):
+@pytest.mark.parametrize("kernel", ["flash", "torch-varlen"])
+def test_packed_rows_give_the_padded_rows_logprobs_and_gradients(pair, monkeypatch, kernel):
     student = str(pair[0])
     rng = random.Random(1)
     seqs = [Sequence(prompt_ids=[rng.randrange(3, 200) for _ in range(rng.randint(2, 9))],
                      completion_ids=[rng.randrange(3, 200) for _ in range(rng.randint(1, 14))]) for _ in range(7)]
+    if kernel == "torch-varlen":
+        use_torch_varlen(monkeypatch)
+    counted = "varlen" if kernel == "flash" else "torch_varlen"
+
+    def load(impl):
+        if impl == VARLEN and kernel == "torch-varlen":        # sdpa, `enable`d as the trainer does on a GPU
+            lm = load_model(student, device="cpu", dtype="float32")
+            attention.enable(lm)
+            return lm
+        return load_model(student, device="cpu", dtype="float32", attn_implementation=impl)
 
     def logprobs(impl, layout, budget):
-        lm = load_model(student, device="cpu", dtype="float32", attn_implementation=impl)
+        lm = load(impl)
         micro = pack(seqs, budget, layout=layout)
         by_seq = {}
         with torch.no_grad():
@@ -260,12 +295,12 @@ def test_packed_rows_give_the_padded_rows_logprobs_and_gradients(pair):
         assert n_micro == (1 if budget == 10_000 else len(pack(seqs, 40, layout="packed")))
         for a, b in zip(logp, ref_logp):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert CALLS["varlen"] == 2 * (1 + n_micro)           # 2 layers, every packed forward
+    assert CALLS[counted] == 2 * (1 + n_micro)           # 2 layers, every packed forward
     assert CALLS["other"] == 0
 
     # the gradient of one weighted sum over all tokens, both layouts, one micro-batch each
     def grads_of_sum(impl, layout):
-        lm = load_model(student, device="cpu", dtype="float32", attn_implementation=impl).train()
+        lm = load(impl).train()
         (mb,) = pack(seqs, 10_000, layout=layout)
         logp, _ = chunked_token_logprobs(hidden_at(lm, mb), lm.get_output_embeddings().weight, mb.targets)
         (logp * (1.0 + mb.tok_idx.float() / 10)).sum().backward()
@@ -290,3 +325,25 @@ def test_an_attention_kernel_this_machine_lacks_is_one_line_and_writes_nothing(p
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"s2d: error: attn_implementation={impl}: {says}")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_that_cannot_read_packed_rows_takes_the_run_back_to_padded_rows(pair, tmp_path, monkeypatch):
+    seen = []
+
+    def ok(model, device):                  # the student (asked first) could, the teacher could not
+        seen.append(model)
+        return len(seen) == 1
+
+    monkeypatch.setattr(attention, "shared_ok", lambda *a, **k: False)
+    use_torch_varlen(monkeypatch, ok)
+    s2d(*COMMANDS["kl-warmup"](*pair), "--steps", 1, "--out", tmp_path / "run", "--set", "micro_batch_tokens=64")
+    assert len(seen) == 2 and seen[0] is not seen[1]
+    assert CALLS["torch_varlen"] == 0 and CALLS["varlen"] == 0
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def test_a_packed_row_never_reaches_plain_sdpa(pair):
+    lm = load_model(str(pair[0]), device="cpu", dtype="float32")
+    (mb,) = pack([Sequence([5, 6, 7], [8, 9]), Sequence([5, 6], [10])], 100, layout="packed")
+    with pytest.raises(RuntimeError, match="packed micro-batch"):    # sdpa would attend across sequences
+        hidden_at(lm, mb)
