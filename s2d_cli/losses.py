@@ -759,10 +759,11 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedKLHead(torch.autograd.Function):
-    """sum_n w_n kl_n with the student head's gradient computed during the forward pass, chunk by chunk.
+    """sum_n w_n kl_n (+ sum_n c_n logp_s(y_n)) with the student head's gradient computed during the forward
+    pass, chunk by chunk.
 
-    The loss is linear in each kl_n, so d loss / d logits_n = w_n d kl_n / d logits_n is known as soon as
-    a chunk's logits are: forward computes it and turns it into the [C, H] hidden-state gradient and a
+    The loss is linear in each kl_n (and each log-prob), so d loss / d logits_n = w_n d kl_n / d logits_n
+    (+ c_n (1[v = y_n] - p_s,v)) is known as soon as a chunk's logits are: forward computes it and turns it into the [C, H] hidden-state gradient and a
     running [V, H] float32 head gradient right away, and nothing of size V outlives the chunk. Backward
     only scales those two by the incoming scalar. Against `chunked_kl` under autograd this saves the
     checkpoint's recomputation of both heads (student GEMMs 4 -> 3, teacher 2 -> 1) and the [C, V]
@@ -770,7 +771,8 @@ class _FusedKLHead(torch.autograd.Function):
     the callers otherwise spend two more head passes on."""
 
     @staticmethod
-    def forward(ctx, s_h_NH, s_w_VH, t_h_NH2, t_w_VH2, weight_N, targets_N, direction, chunk_size, temperature):
+    def forward(ctx, s_h_NH, s_w_VH, t_h_NH2, t_w_VH2, weight_N, targets_N, direction, chunk_size, temperature,
+                logp_weight_N):
         N = s_h_NH.shape[0]
         grad_h_NH, grad_w_VH = _grad_buffers(ctx, s_h_NH, s_w_VH)
         kl_N = torch.empty(N, dtype=_compute_dtype(s_h_NH.dtype), device=s_h_NH.device)
@@ -792,6 +794,7 @@ class _FusedKLHead(torch.autograd.Function):
             z_s -= z_s.amax(-1, keepdim=True)
             s_lp_N[a:b] = z_s.gather(-1, tgt)[:, 0]    # minus log S_s below
             scale = weight_N[a:b, None].to(z_s.dtype) / temperature
+            c = logp_weight_N[a:b, None].to(z_s.dtype) / temperature if logp_weight_N is not None else None
             if direction == "forward":
                 # kl = sum p_t (log p_t - log p_s) = E_pt[z_t - z_s] - log S_t + log S_s;  d/dz_s = p_s - p_t
                 mean_d = _rowdot_C(e_t, z_t.sub_(z_s)) / s_t[:, 0]
@@ -800,7 +803,7 @@ class _FusedKLHead(torch.autograd.Function):
                 s_s = e_s.sum(-1, keepdim=True)
                 log_s_s = s_s.log()
                 kl = mean_d - log_s_t[:, 0] + log_s_s[:, 0]
-                grad = e_s.mul_(scale / s_s).addcmul_(e_t, -scale / s_t)
+                grad = e_s.mul_((scale if c is None else scale - c) / s_s).addcmul_(e_t, -scale / s_t)
                 del e_t
             else:
                 # with d = z_s - z_t: kl = sum p_s (log p_s - log p_t) = E_ps[d] - log S_s + log S_t;
@@ -812,8 +815,13 @@ class _FusedKLHead(torch.autograd.Function):
                 del z_s
                 mean_d = _rowdot_C(e_s, d) / s_s[:, 0]
                 kl = mean_d - log_s_s[:, 0] + log_s_t[:, 0]
-                grad = d.sub_(mean_d[:, None]).mul_(e_s).mul_(scale / s_s)
+                if c is None:
+                    grad = d.sub_(mean_d[:, None]).mul_(e_s).mul_(scale / s_s)
+                else:                                   # p_s ((d - E_ps[d]) w - c): one more pass
+                    grad = d.sub_(mean_d[:, None]).mul_(scale).sub_(c).mul_(e_s).div_(s_s)
                 del e_s
+            if c is not None:                           # + c 1[v = y]
+                grad.scatter_add_(-1, tgt, c)
             s_lp_N[a:b] -= log_s_s[:, 0]
             kl_N[a:b] = kl
             del z_t
@@ -822,6 +830,8 @@ class _FusedKLHead(torch.autograd.Function):
         ctx.save_for_backward(grad_h_NH, grad_w_VH)
         ctx.w_dtype = s_w_VH.dtype
         loss = (kl_N * weight_N.to(kl_N.dtype)).sum()
+        if logp_weight_N is not None:
+            loss = loss + (s_lp_N * logp_weight_N.to(kl_N.dtype)).sum()
         ctx.mark_non_differentiable(kl_N, s_lp_N, t_lp_N)
         return loss, kl_N, s_lp_N, t_lp_N
 
@@ -831,7 +841,7 @@ class _FusedKLHead(torch.autograd.Function):
         grad_h_NH, grad_w_VH = ctx.saved_tensors
         grad_h = grad_h_NH * grad_loss.to(grad_h_NH.dtype) if grad_h_NH is not None else None
         grad_w = (grad_w_VH * grad_loss).to(ctx.w_dtype) if grad_w_VH is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def fused_kl_loss(
@@ -845,14 +855,17 @@ def fused_kl_loss(
     direction: str = "forward",
     chunk_size: int = 1024,
     temperature: float = 1.0,
+    logp_weight_N: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """loss = sum_n weight_n * kl_n with the full-vocabulary KL of `chunked_kl`, and its gradient for the
-    student's hidden states and head computed in the forward pass (`_FusedKLHead`).
+    """loss = sum_n weight_n * kl_n (+ sum_n logp_weight_n * log p_s(target_n)) with the full-vocabulary KL
+    of `chunked_kl`, and its gradient for the student's hidden states and head computed in the forward
+    pass (`_FusedKLHead`).
 
     Returns (loss, kl_N, student_logp_N, teacher_logp_N): the differentiable scalar, then detached
     per-position KLs and the two models' log-probs of `targets_N` (for metrics). Use it when the loss is
-    a fixed weighted sum of the KLs (kl-warmup `--targets full`, opd `--loss full` without a sparse
-    term); `chunked_kl` is the general per-position form. The teacher is never differentiated."""
+    a fixed weighted sum of the KLs and, optionally, of the sampled tokens' log-probs (kl-warmup
+    `--targets full`, opd `--loss full`, its sparse term included); `chunked_kl` is the general
+    per-position form. The teacher is never differentiated."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     teacher_weight_VH2 = _check_kl_args(direction, student_hidden_NH, student_weight_VH, teacher_hidden_NH2,
@@ -861,7 +874,8 @@ def fused_kl_loss(
         student_hidden_NH, student_weight_VH = student_hidden_NH.detach(), student_weight_VH.detach()
     return _FusedKLHead.apply(student_hidden_NH, student_weight_VH, teacher_hidden_NH2.detach(),
                               teacher_weight_VH2.detach(), weight_N.detach(), targets_N.long(), direction,
-                              chunk_size, temperature)
+                              chunk_size, temperature,
+                              None if logp_weight_N is None else logp_weight_N.detach())
 
 
 def reverse_kl_topk(
@@ -881,32 +895,86 @@ def reverse_kl_topk(
                + p_s,tail (log p_s,tail - log p_t,tail),   p_.,tail = mass outside S_n (+ TINY)
 
     This is the exact KL between the two distributions coarsened to K+1 buckets, so it is >= 0 and
-    <= the full reverse KL; with k = V it equals `chunked_kl(direction="reverse")`. Teacher under
-    no_grad, student checkpointed per chunk; teacher head handled as in `chunked_kl`.
+    <= the full reverse KL; with k = V it equals `chunked_kl(direction="reverse")`. The teacher is never
+    differentiated; its head is handled as in `chunked_kl`. Closed-form backward (`_ReverseKLTopK`).
     """
     v_s = student_weight_VH.shape[0]
     if not 1 <= k <= v_s:
         raise ValueError(f"k must be in [1, {v_s}], got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if teacher_hidden_NH2.shape[0] != student_hidden_NH.shape[0]:
+        raise ValueError("student and teacher must have the same number of positions")
     teacher_weight_VH2 = _teacher_head(teacher_weight_VH2, v_s)
+    if not torch.is_grad_enabled():
+        student_hidden_NH, student_weight_VH = student_hidden_NH.detach(), student_weight_VH.detach()
+    return _ReverseKLTopK.apply(student_hidden_NH, student_weight_VH, teacher_hidden_NH2.detach(),
+                                teacher_weight_VH2.detach(), k, chunk_size, temperature)
 
-    def chunk_fn(s_h_CH, s_w_VH, t_h_CH2, t_w_VH2):
-        s_logits_CV = _logits_CV(s_h_CH, s_w_VH, temperature)
-        s_logz_C1 = s_logits_CV.logsumexp(-1, keepdim=True)
-        with torch.no_grad():
-            ids_CK = s_logits_CV.topk(k, dim=-1).indices
-            t_logits_CV = _logits_CV(t_h_CH2, t_w_VH2, temperature).to(s_logits_CV.dtype)
-            t_logz_C1 = t_logits_CV.logsumexp(-1, keepdim=True)
-            t_logp_CK = t_logits_CV.gather(-1, ids_CK) - t_logz_C1
-            t_log_tail_C = _log_tail_C(t_logits_CV, ids_CK, t_logz_C1)
-        s_logp_CK = s_logits_CV.gather(-1, ids_CK) - s_logz_C1
-        s_log_tail_C = _log_tail_C(s_logits_CV, ids_CK, s_logz_C1)
-        head_C = (s_logp_CK.exp() * (s_logp_CK - t_logp_CK)).sum(-1)
-        return head_C + s_log_tail_C.exp() * (s_log_tail_C - t_log_tail_C)
 
-    outs = _chunked(chunk_fn, chunk_size, student_hidden_NH.shape[0],
-                    (student_hidden_NH, True), (student_weight_VH, False),
-                    (teacher_hidden_NH2.detach(), True), (teacher_weight_VH2.detach(), False))
-    return _cat(outs, student_hidden_NH)
+def _softmax_parts(z_CV: torch.Tensor, ids_CK: torch.Tensor | None, k: int) -> tuple:
+    """From logits z (shifted in place to row max 0, then spent): the top-k ids (when `ids_CK` is None),
+    log S = log sum_v exp z, the log-probs at the ids, and the log tail mass outside them, the ids' own
+    mass replaced by TINY: log((sum_{v not in ids} exp z + TINY S) / S), summed without cancellation."""
+    m_C1 = z_CV.amax(-1, keepdim=True)
+    z_CV -= m_C1
+    if ids_CK is None:
+        ids_CK = z_CV.topk(k, dim=-1).indices
+    z_CK = z_CV.gather(-1, ids_CK)                       # before exp: exact where exp(z) underflows
+    e_CV = z_CV.exp_()                                   # z is spent: its buffer takes exp(z)
+    log_s_C1 = e_CV.sum(-1, keepdim=True).log()
+    logp_CK = z_CK - log_s_C1
+    rest_C = e_CV.scatter_(-1, ids_CK, 0.0).sum(-1)
+    log_tail_C = (rest_C + TINY * log_s_C1[:, 0].exp()).log() - log_s_C1[:, 0]
+    return ids_CK, m_C1[:, 0] + log_s_C1[:, 0], logp_CK, log_tail_C
+
+
+class _ReverseKLTopK(torch.autograd.Function):
+    """`reverse_kl_topk` chunk by chunk, keeping for backward per position only the K ids, the K student
+    log-probs and log-ratios, the log-normaliser, the tail log-ratio and the KL.
+
+    Both distributions are coarsened to K + 1 buckets (the student's top-K ids, then the rest), and
+        kl = sum_b q_s,b r_b,   r_b = log q_s,b - log q_t,b
+        d kl / d z_v = p_s,v (r_b(v) - kl - TINY)   (the TINY: the tail's floor mass, see _log_tail_C)
+    so backward recomputes the chunk's student logits (one GEMM), turns them into p_s in place, scales
+    each row by its tail term and writes the K top-K entries over it. Checkpointing the chunk under
+    autograd instead ran its forward twice (teacher GEMM included) and backpropagated through two
+    logsumexps, a scattered copy and the gathers."""
+
+    @staticmethod
+    def forward(ctx, s_h_NH, s_w_VH, t_h_NH2, t_w_VH2, k, chunk_size, temperature):
+        N = s_h_NH.shape[0]
+        dtype = _compute_dtype(s_h_NH.dtype)
+        kl_N, logz_N, r_tail_N = (torch.empty(N, dtype=dtype, device=s_h_NH.device) for _ in range(3))
+        ids_NK = torch.empty(N, k, dtype=torch.long, device=s_h_NH.device)
+        s_logp_NK = torch.empty(N, k, dtype=dtype, device=s_h_NH.device)
+        r_NK = torch.empty_like(s_logp_NK)
+        for a in range(0, N, chunk_size):
+            b = min(a + chunk_size, N)
+            ids, logz, s_logp, s_tail = _softmax_parts(_logits_CV(s_h_NH[a:b], s_w_VH, temperature), None, k)
+            _, _, t_logp, t_tail = _softmax_parts(_logits_CV(t_h_NH2[a:b], t_w_VH2, temperature).to(dtype), ids, k)
+            r, r_tail = s_logp - t_logp, s_tail - t_tail
+            kl_N[a:b] = (s_logp.exp() * r).sum(-1) + s_tail.exp() * r_tail
+            ids_NK[a:b], logz_N[a:b], s_logp_NK[a:b], r_NK[a:b], r_tail_N[a:b] = ids, logz, s_logp, r, r_tail
+        ctx.save_for_backward(s_h_NH, s_w_VH, ids_NK, logz_N, s_logp_NK, r_NK, r_tail_N, kl_N)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        return kl_N
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_N):
+        s_h_NH, s_w_VH, ids_NK, logz_N, s_logp_NK, r_NK, r_tail_N, kl_N = ctx.saved_tensors
+        g_N = (grad_N / ctx.temperature).to(kl_N.dtype)       # z = h W^T / T: both products carry 1 / T
+        base_N = kl_N + TINY
+
+        def chunk_grad(a, b, h_CH):
+            g_C1 = g_N[a:b, None]
+            grad_CV = _logits_CV(h_CH, s_w_VH, ctx.temperature).sub_(logz_N[a:b, None]).exp_()
+            grad_CV.mul_(g_C1 * (r_tail_N[a:b] - base_N[a:b])[:, None])
+            top_CK = s_logp_NK[a:b].exp() * (r_NK[a:b] - base_N[a:b, None]) * g_C1
+            return grad_CV.scatter_(-1, ids_NK[a:b], top_CK)
+
+        return (*_head_backward(ctx, s_h_NH, s_w_VH, chunk_grad), None, None, None, None, None)
 
 
 def discounted_future_sum(x_BT: torch.Tensor, mask_BT: torch.Tensor, discount: float) -> torch.Tensor:

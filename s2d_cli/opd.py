@@ -133,6 +133,26 @@ def sparse_surrogate(logp_BT: torch.Tensor, alpha_adv_B: torch.Tensor, mask_BT: 
     return -L.masked_sum(ratio_BT * alpha_adv_B.to(ratio_BT.dtype)[:, None], mask_BT) / num_tokens
 
 
+def full_loss(hidden_MH: torch.Tensor, weight_VH: torch.Tensor, teacher_hidden_MH2: torch.Tensor,
+              teacher_weight_VH2: torch.Tensor, mb, alpha_adv_B: torch.Tensor | None, num_tokens: float,
+              chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """--loss full: sum_t KL_t(student || teacher) / #tokens (+ `sparse_surrogate`) in one fused head pass.
+
+    The surrogate -sum_t r_t alpha A_b / #tokens with r_t = exp(logp_t - sg(logp_t)) = 1 has the value
+    sum_t c_t and the gradient of sum_t c_t logp_t, c_t = -alpha A_b / #tokens: the fused head adds that
+    gradient (`logp_weight_N`), and the value is corrected here. Returns (loss, kl_M, logp_M,
+    teacher_logp_M), the last three detached."""
+    dtype = torch.promote_types(hidden_MH.dtype, torch.float32)     # the head's compute dtype
+    weight_M = torch.full_like(mb.targets, 1.0 / num_tokens, dtype=dtype)
+    c_M = None if alpha_adv_B is None else -alpha_adv_B.to(dtype)[mb.seq_idx] / num_tokens
+    loss, kl_M, logp_M, teacher_logp_M = L.fused_kl_loss(
+        hidden_MH, weight_VH, teacher_hidden_MH2, teacher_weight_VH2, weight_M, mb.targets, direction="reverse",
+        chunk_size=chunk_size, logp_weight_N=c_M)
+    if c_M is not None:
+        loss = loss + (c_M.to(logp_M.dtype) * (1.0 - logp_M)).sum()
+    return loss, kl_M, logp_M, teacher_logp_M
+
+
 # ----------------------------------------------------------------------------------------------
 
 def run(cfg: OPDConfig):
@@ -202,13 +222,11 @@ def run(cfg: OPDConfig):
         with torch.no_grad():                            # the teacher's one prefill for this micro-batch
             teacher_h_MH = hidden_at(teacher, mb)
         alpha_adv_B = mb.scalars["alpha_adv"] if cfg.alpha > 0 else None
-        if cfg.loss == "full" and alpha_adv_B is None:
-            # loss = sum(kl) / n_tok: one fused pass gives the gradient, the exact KL and both models'
-            # log-probs of the sampled tokens (no checkpoint recompute, no separate metric passes)
-            weight_M = torch.full_like(mb.targets, 1.0 / n_tok, dtype=torch.float32)
-            loss, kl_M, logp_M, teacher_logp_M = policy(mb, lambda h, w: L.fused_kl_loss(
-                h, w[:vocab], teacher_h_MH, teacher_weight, weight_M, mb.targets, direction="reverse",
-                chunk_size=cfg.chunk_size))
+        if cfg.loss == "full":
+            # one fused pass gives the gradient, the exact KL and both models' log-probs of the sampled
+            # tokens (no checkpoint recompute, no separate metric passes)
+            loss, kl_M, logp_M, teacher_logp_M = policy(mb, lambda h, w: full_loss(
+                h, w[:vocab], teacher_h_MH, teacher_weight, mb, alpha_adv_B, n_tok, cfg.chunk_size))
             return loss, {"reverse_kl": (logp_M - teacher_logp_M).mean().detach(),
                           "reverse_kl_exact": kl_M.mean().detach()}
         with torch.no_grad():
@@ -224,14 +242,10 @@ def run(cfg: OPDConfig):
                                          alpha_adv_B=alpha_adv_B, discount=cfg.discount, num_tokens=n_tok)
             return loss, {"reverse_kl": m["reverse_kl"]}
 
-        def head(h_MH, w_VH):
+        def head(h_MH, w_VH):                           # --loss topk
             w_VH = w_VH[:vocab]
-            if cfg.loss == "full":
-                kl_M = L.chunked_kl(h_MH, w_VH, teacher_h_MH, teacher_weight, direction="reverse",
-                                    chunk_size=cfg.chunk_size)
-            else:
-                kl_M = L.reverse_kl_topk(h_MH, w_VH, teacher_h_MH, teacher_weight, k=cfg.topk_k,
-                                         chunk_size=cfg.chunk_size)
+            kl_M = L.reverse_kl_topk(h_MH, w_VH, teacher_h_MH, teacher_weight, k=cfg.topk_k,
+                                     chunk_size=cfg.chunk_size)
             grad = contextlib.nullcontext() if alpha_adv_B is not None else torch.no_grad()
             with grad:   # the sampled tokens' log-probs: the surrogate's input when alpha > 0, else a metric
                 logp_M = L.chunked_token_logprobs(h_MH, w_VH, mb.targets, chunk_size=cfg.chunk_size)[0]
@@ -241,9 +255,8 @@ def run(cfg: OPDConfig):
         loss = kl_M.sum() / n_tok
         if alpha_adv_B is not None:
             loss = loss + sparse_surrogate(mb.to_BT(logp_M), alpha_adv_B, mask_BT, n_tok)
-        exact = "reverse_kl_exact" if cfg.loss == "full" else "reverse_kl_topk"
         return loss, {"reverse_kl": (logp_M.detach() - teacher_logp_M).mean(),
-                      exact: kl_M.detach().mean()}
+                      "reverse_kl_topk": kl_M.detach().mean()}
 
     def after_update(step: int) -> None:
         if engine.name == "vllm":

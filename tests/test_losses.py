@@ -390,6 +390,37 @@ def test_fused_kl_loss_equals_the_double_loop_and_autograd_of_the_naive_kl(direc
     torch.testing.assert_close(s_w.grad, ref_w.grad)
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fused_kl_loss_adds_a_weighted_log_prob_term(direction, temperature):
+    """opd's sparse term folded into the fused head: loss = sum w kl + sum c log p_s(y), value and
+    gradients against autograd through the naive formulas (c of both signs, one position with c = 0)."""
+    s_h, s_w, t_h, t_w = _kl_case(seed=9)
+    weights = torch.linspace(0.5, 2.0, s_h.shape[0], dtype=F64)
+    c = t64([0.3, -1.2, 0.0, 2.0, -0.4, 0.9])
+    targets = torch.tensor([2, 3, 8, 0, 3, 7])
+    loss, kl, s_lp, _ = L.fused_kl_loss(s_h, s_w, t_h, t_w, weights, targets, direction=direction, chunk_size=4,
+                                        temperature=temperature, logp_weight_N=c)
+    ref_h, ref_w = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    ref_logp = (ref_h @ ref_w.T / temperature).log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+    ref = (_naive_kl(ref_h, ref_w, t_h, t_w, direction, temperature) * weights).sum() + (c * ref_logp).sum()
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-12)
+    torch.testing.assert_close(s_lp, ref_logp.detach())
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(s_h.grad, ref_h.grad)
+    torch.testing.assert_close(s_w.grad, ref_w.grad)
+    # c = 0 is the plain fused loss
+    zero_h, zero_w = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    plain_h, plain_w = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    L.fused_kl_loss(zero_h, zero_w, t_h, t_w, weights, targets, direction=direction, chunk_size=4,
+                    temperature=temperature, logp_weight_N=torch.zeros_like(c))[0].backward()
+    L.fused_kl_loss(plain_h, plain_w, t_h, t_w, weights, targets, direction=direction, chunk_size=4,
+                    temperature=temperature)[0].backward()
+    torch.testing.assert_close(zero_h.grad, plain_h.grad)
+    torch.testing.assert_close(zero_w.grad, plain_w.grad)
+
+
 def test_fused_kl_loss_float32_matches_chunked_kl_and_skips_work_without_grad():
     g = torch.Generator().manual_seed(8)
     s_h = torch.randn(37, 16, generator=g, requires_grad=True)
@@ -597,6 +628,26 @@ def test_reverse_kl_topk_matches_naive_and_gradcheck():
     h, w = s_h.detach()[:3].clone().requires_grad_(), s_w.detach().clone().requires_grad_()
     assert torch.autograd.gradcheck(
         lambda h, w: L.reverse_kl_topk(h, w, t_h[:3], t_w, k=3, chunk_size=2), (h, w))
+
+
+def test_reverse_kl_topk_float32_where_probabilities_underflow():
+    """Top-K ids whose probability underflows float32 (logits 150 and 300 below the max): the KL and its
+    gradients stay finite and equal the float64 computation."""
+    s_w = t64([[0.0], [-150.0], [-300.0], [-1.0], [-2.0]])
+    t_w = t64([[-1.0], [0.0], [-250.0], [-0.5], [-400.0]])
+    one = t64([[1.0], [0.5]])
+    kl64 = L.reverse_kl_topk(one, s_w, one, t_w, k=3)
+    h32, w32 = one.float().requires_grad_(), s_w.float().requires_grad_()
+    kl32 = L.reverse_kl_topk(h32, w32, one.float(), t_w.float(), k=4)
+    kl64_4 = L.reverse_kl_topk(one, s_w, one, t_w, k=4)
+    assert torch.isfinite(kl64).all() and torch.isfinite(kl32).all()
+    torch.testing.assert_close(kl32.double(), kl64_4, atol=1e-6, rtol=1e-5)
+    kl32.sum().backward()
+    h64, w64 = one.clone().requires_grad_(), s_w.clone().requires_grad_()
+    L.reverse_kl_topk(h64, w64, one, t_w, k=4).sum().backward()
+    assert torch.isfinite(h32.grad).all() and torch.isfinite(w32.grad).all()
+    torch.testing.assert_close(w32.grad.double(), w64.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(h32.grad.double(), h64.grad, atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------

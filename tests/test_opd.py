@@ -219,6 +219,44 @@ def test_sparse_surrogate_by_hand():
     torch.testing.assert_close(logp_BT.grad, torch.tensor([[-2 / 3, -2 / 3], [1 / 3, 0.0]]))
 
 
+@pytest.mark.parametrize("alpha_adv", [None, [1.5, -0.5, 0.0]])
+def test_full_loss_is_the_exact_kl_plus_the_sparse_surrogate_in_one_pass(alpha_adv):
+    """--loss full folds the surrogate into the fused head: value and gradients equal chunked_kl's sum
+    plus `sparse_surrogate` of the token log-probs, under autograd (float64)."""
+    from s2d_cli import losses as L
+    from s2d_cli.opd import full_loss, sparse_surrogate
+    from s2d_cli.trainer import Sequence, pack
+
+    seqs = [Sequence([1, 2], [3, 4, 5]), Sequence([1], [6]), Sequence([2, 2, 2], [7, 8])]
+    adv = None if alpha_adv is None else torch.tensor(alpha_adv, dtype=torch.float64)
+    for i, s in enumerate(seqs):
+        s.scalars["alpha_adv"] = 0.0 if adv is None else float(adv[i])
+    (mb,) = pack(seqs, 1000)
+    g = torch.Generator().manual_seed(3)
+    M, H, V = mb.targets.shape[0], 5, 11
+    h = torch.randn(M, H, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    t_h, t_w = torch.randn(M, 4, generator=g, dtype=torch.float64), torch.randn(V, 4, generator=g, dtype=torch.float64)
+    n_tok = 7.0                                          # the global count: other micro-batches exist
+    alpha_adv_B = None if adv is None else mb.scalars["alpha_adv"].to(torch.float64)
+    loss, kl, logp, t_logp = full_loss(h, w, t_h, t_w, mb, alpha_adv_B, n_tok, chunk_size=2)
+
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref_kl = L.chunked_kl(ref_h, ref_w, t_h, t_w, direction="reverse", chunk_size=2)
+    ref = ref_kl.sum() / n_tok
+    ref_logp = L.chunked_token_logprobs(ref_h, ref_w, mb.targets)[0]
+    if adv is not None:
+        ref = ref + sparse_surrogate(mb.to_BT(ref_logp), alpha_adv_B, mb.mask_BT(), n_tok)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-12)
+    torch.testing.assert_close(kl, ref_kl.detach())
+    torch.testing.assert_close(logp, ref_logp.detach())
+    torch.testing.assert_close(t_logp, L.chunked_token_logprobs(t_h, t_w, mb.targets)[0])
+    (2.0 * loss).backward()
+    (2.0 * ref).backward()
+    torch.testing.assert_close(h.grad, ref_h.grad)
+    torch.testing.assert_close(w.grad, ref_w.grad)
+
+
 def test_alpha_spends_labels_and_reports_accuracy(world, tmp_path):
     labelled = "toy:split=train,n=6"
     out = tmp_path / "alpha"
