@@ -2,9 +2,11 @@
 
     python bench/gpu_probe.py decode                  # sampler timings + greedy agreement, Qwen3-0.6B shape
     python bench/gpu_probe.py check                   # float32: samplers vs generate and teacher forcing
-    python bench/gpu_probe.py fixtures DIR            # the gpu profile's "update" fixture -> DIR/spec.json
-    python bench/gpu_probe.py update s2d|trl DIR [k=v ...] [profile]   # 1 + 2 update steps (spec overrides
-                                                      # k=v, overhead=N: the trainer's per-micro-batch overhead in tokens)
+    python bench/gpu_probe.py fixtures DIR [ROWS]     # the gpu profile's fixtures (default: update) -> DIR/spec.json
+    python bench/gpu_probe.py row ROW s2d|trl DIR [k=v ...] [profile]   # 1 + 2 steps of one bench row (update,
+                                                      # kl, opd, grpo); spec overrides k=v; overhead=N: the
+                                                      # trainer's per-micro-batch overhead in tokens
+    python bench/gpu_probe.py update s2d|trl DIR ...  # = row update s2d|trl DIR ...
 """
 from __future__ import annotations
 
@@ -130,20 +132,20 @@ def check() -> None:
     D.CUDA_GRAPHS = True
 
 
-def fixtures(root: str) -> None:
+def fixtures(root: str, rows: str = "update") -> None:
     import run
 
-    spec = run.build_fixtures(run.PROFILES["gpu"], Path(root), ["update"], Path("/nonexistent"))["update"]
-    (Path(root) / "spec.json").write_text(json.dumps(spec))
+    specs = run.build_fixtures(run.PROFILES["gpu"], Path(root), rows.split(","), Path("/nonexistent"))
+    (Path(root) / "spec.json").write_text(json.dumps(specs))
 
 
-def update(side: str, root: str, overrides: list[str]) -> None:
+def one_row(row: str, side: str, root: str, overrides: list[str]) -> None:
     profiled = "profile" in overrides
     overrides = [x for x in overrides if x != "profile"]
     import child
     from torch.profiler import ProfilerActivity, profile
 
-    spec = json.loads((Path(root) / "spec.json").read_text())
+    spec = json.loads((Path(root) / "spec.json").read_text())[row]
     import s2d_cli.trainer as T
 
     for kv in overrides:
@@ -154,15 +156,16 @@ def update(side: str, root: str, overrides: list[str]) -> None:
             spec[k] = int(v)
     spec["steps"] = 2
     tmp = Path(tempfile.mkdtemp())
-    run = child.update_s2d if side == "s2d" else child.update_trl
+    run = child.ROWS[row][0 if side == "s2d" else 1]
     if not profiled:
         out = run(spec, tmp)
-        print(f"== update {side} {overrides}: step seconds {[round(x, 3) for x in out['seconds']]}, "
+        print(f"== {row} {side} {overrides}: layout {out.get('layout', '-')}, tokens computed "
+              f"{out.get('tokens_computed', '-')}, step seconds {[round(x, 3) for x in out['seconds']]}, "
               f"tok/s {[round(x) for x in out['tok_per_s']]}, peak {out['peak_mb']:.0f} MiB")
         return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         out = run(spec, tmp)
-    print(f"== update {side} {overrides} (profiled): step seconds {[round(x, 3) for x in out['seconds']]}, "
+    print(f"== {row} {side} {overrides} (profiled): layout {out.get('layout', '-')}, step seconds {[round(x, 3) for x in out['seconds']]}, "
           f"tok/s {[round(x) for x in out['tok_per_s']]}, peak {out['peak_mb']:.0f} MiB")
     events = prof.key_averages()
     print(events.table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70))
@@ -175,6 +178,8 @@ if __name__ == "__main__":
     elif what == "check":
         check()
     elif what == "fixtures":
-        fixtures(sys.argv[2])
+        fixtures(*sys.argv[2:4])
+    elif what == "row":
+        one_row(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
     else:
-        update(sys.argv[2], sys.argv[3], sys.argv[4:])
+        one_row("update", sys.argv[2], sys.argv[3], sys.argv[4:])
