@@ -91,6 +91,7 @@ def result(tokens: list[float], seconds: list[float], cpu: list[float] | None = 
     """Per timed step: tokens, wall seconds, and (where known) CPU seconds of this process, all threads."""
     out = {"tokens": tokens, "seconds": seconds, "tok_per_s": [t / s for t, s in zip(tokens, seconds)],
            "peak_mb": peak_mb(), **S2D_LAYOUT, **extra}
+    S2D_LAYOUT.clear()                  # one s2d run's, reported once
     if cpu and not on_gpu():
         out["cpu_s"] = cpu
         out["tok_per_cpu_s"] = [t / c for t, c in zip(tokens, cpu)]
