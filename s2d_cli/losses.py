@@ -8,7 +8,7 @@ The paper's regimes are one family that differs in reward density:
 - dense targets on teacher data (kl-warmup): `forward_kl_sampled`, `forward_kl_topk`, `chunked_kl`,
   and `fused_kl_loss` (the same full-vocabulary KL with its gradient computed in the forward pass);
 - dense per-token reward from the teacher on student samples (opd): `opd_sampled_loss` (sampled reverse
-  KL as an advantage), `chunked_kl(direction="reverse")` and `reverse_kl_topk` (exact / top-K).
+  KL as an advantage), `fused_kl_loss(direction="reverse")` and `reverse_kl_topk` (exact / top-K).
 
 Conventions. Shapes are suffixes: B sequences, T tokens, P prompts, G group size, N flattened positions,
 H hidden size, V vocabulary, K top-K, C chunk. `mask_BT` is 1 (or True) on completion tokens; every
@@ -19,9 +19,11 @@ floats; per-position functions return a tensor and leave the reduction to the ca
 Memory. Nothing here materialises `[N, V]` logits for all positions. The `chunked_*` functions take the
 final hidden states and the lm-head weight, compute logits for `chunk_size` positions at a time in
 float32 (float64 stays float64), and recompute a chunk's logits in backward instead of storing them:
-activation memory is O(chunk_size * V), not O(N * V). Token log-probs (`_TokenLogprobHead`) and the
-top-K forward KL of kl-warmup (`_ForwardKLTopK`) keep one or two normalisers per position for that; the
-other KLs wrap each chunk in `torch.utils.checkpoint`, and the fused full-vocabulary KL (`_FusedKLHead`)
+activation memory is O(chunk_size * V), not O(N * V). Token log-probs (`_TokenLogprobHead`), the top-K
+forward KL of kl-warmup (`_ForwardKLTopK`) and the top-K reverse KL of opd (`_ReverseKLTopK`) keep a
+few numbers per position for that (normalisers; K ids and log-ratios); `chunked_kl` wraps each chunk
+in `torch.utils.checkpoint` (the stages use it only for kl-warmup's held-out metric, without
+gradients), and the fused full-vocabulary KL (`_FusedKLHead`, kl-warmup and opd `--loss full`)
 computes its gradient in the forward pass.
 The weight is upcast inside the chunk, so a bf16 head never has a float32 copy kept alive; on a
 GPU, bf16/fp16 inputs skip the upcast (a half-precision GEMM with float32 accumulation and output).
