@@ -299,15 +299,16 @@ def kernel_agrees(device: str, dtype: torch.dtype, heads: int, kv_heads: int, he
     q, k, v = rand(heads), rand(kv_heads), rand(kv_heads)
     grad = torch.randn(1, L, heads, head_dim, generator=gen).to(device, dtype)
     cu = torch.tensor([0, lengths[0], L], dtype=torch.int32, device=device)
-    try:
-        out = packed_attention(q, k, v, cu, max(lengths), head_dim ** -0.5)
-        got = [out.detach().float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad))]
-    except Exception:                     # missing kernel, unsupported shape or dtype: padded rows instead
-        return False
-    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
-    ref = torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=heads != kv_heads)
-                     for a, b, c in zip(qf.split(lengths, 2), kf.split(lengths, 2), vf.split(lengths, 2))],
-                    2).transpose(1, 2)
-    want = [ref.detach(), *torch.autograd.grad(ref, (qf, kf, vf), grad.float())]
+    with torch.enable_grad():             # whatever the caller's grad mode: backward is part of the test
+        try:
+            out = packed_attention(q, k, v, cu, max(lengths), head_dim ** -0.5)
+            got = [out.detach().float(), *(g.float() for g in torch.autograd.grad(out, (q, k, v), grad))]
+        except Exception:                 # missing kernel, unsupported shape or dtype: padded rows instead
+            return False
+        qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+        ref = torch.cat([F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=heads != kv_heads)
+                         for a, b, c in zip(qf.split(lengths, 2), kf.split(lengths, 2), vf.split(lengths, 2))],
+                        2).transpose(1, 2)
+        want = [ref.detach(), *torch.autograd.grad(ref, (qf, kf, vf), grad.float())]
     tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5     # relative, over the whole tensor
     return all(g.shape == w.shape and float((g - w).norm()) <= tol * float(w.norm()) for g, w in zip(got, want))

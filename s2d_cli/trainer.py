@@ -33,8 +33,9 @@ Micro-batch layouts (`pack`):
   launch-bound on a GPU. Right padding needs no attention mask at all (see MicroBatch), so sdpa runs
   its causal kernels.
 
-Log-probs and KLs come from the final hidden states through chunked, checkpointed lm-head
-products (`s2d_cli.losses`): no `[tokens, vocab]` float32 tensor is ever materialised.
+Log-probs and KLs come from the final hidden states through chunked lm-head products that recompute
+a chunk's logits in backward (`s2d_cli.losses`): no `[tokens, vocab]` float32 tensor is ever
+materialised.
 
 Run directory:
     out/config.json, out/metrics.jsonl, out/checkpoints/step-000010/ (HF model + optimizer.pt +

@@ -236,6 +236,10 @@ def test_kernel_agrees_only_with_a_kernel_that_computes_causal_attention(monkeyp
         monkeypatch.setattr(attention, "varlen_kernel", lambda kernel=kernel: kernel)
         attention.kernel_agrees.cache_clear()
         assert attention.kernel_agrees("cpu", torch.float32, 4, 2, 8) is want, kernel
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: varlen_2_13)
+    attention.kernel_agrees.cache_clear()
+    with torch.no_grad():                   # the caller's grad mode does not matter: backward is tested
+        assert attention.kernel_agrees("cpu", torch.float32, 4, 4, 8)
     attention.kernel_agrees.cache_clear()
 
 
