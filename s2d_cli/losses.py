@@ -35,7 +35,6 @@ across data-parallel ranks -- pass `num_sequences` / `num_tokens` to use a globa
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import torch
@@ -189,18 +188,6 @@ class _ReverseKL(torch.autograd.Function):
         p_s_CV = s_logp_CV.exp()
         grad_CV = s_logp_CV.sub_(t_logp_CV).sub_(kl_C[:, None]).mul_(p_s_CV)
         return grad_CV.mul_(grad_C[:, None]), None
-
-
-def _log_tail_C(logits_CV: torch.Tensor, ids_CK: torch.Tensor, logz_C1: torch.Tensor) -> torch.Tensor:
-    """log(sum of softmax(logits) outside ids + TINY), computed without cancellation.
-
-    Equals log(1 - sum_k p(ids_k)) but is exact when the top-K mass is within float error of 1, and
-    keeps a gradient there (a clamped `1 - sum` would give exactly zero gradient). The K replaced
-    entries together carry mass TINY, so the log is finite (and its gradient defined) even when K = V.
-    """
-    floor_C1 = logz_C1.detach() + math.log(TINY / ids_CK.shape[-1])
-    rest_CV = logits_CV.scatter(-1, ids_CK, floor_C1.expand_as(ids_CK).to(logits_CV.dtype))
-    return rest_CV.logsumexp(-1) - logz_C1.squeeze(-1)
 
 
 def _chunked(fn: Callable, chunk_size: int, n: int, *per_position_and_shared) -> list:
@@ -567,6 +554,25 @@ def forward_kl_sampled(
     return loss, {"nll": nll, "ppl": nll.clamp_max(50.0).exp()}
 
 
+def _softmax_parts(z_CV: torch.Tensor, ids_CK: torch.Tensor | None, k: int) -> tuple:
+    """From logits z (shifted in place to row max 0, then spent): the top-k ids (when `ids_CK` is None),
+    log Z, the log-probs at the ids, and the log tail mass outside them plus a floor TINY,
+    log((sum_{v not in ids} exp z + TINY S) / S) with S = sum_v exp z. The tail is summed over the other
+    ids rather than taken as 1 - sum(top-K): exact when the top K hold all but a float error of the mass,
+    and finite (its gradient defined) even when the ids cover the whole vocabulary."""
+    m_C1 = z_CV.amax(-1, keepdim=True)
+    z_CV -= m_C1
+    if ids_CK is None:
+        ids_CK = z_CV.topk(k, dim=-1).indices
+    z_CK = z_CV.gather(-1, ids_CK)                       # before exp: exact where exp(z) underflows
+    e_CV = z_CV.exp_()                                   # z is spent: its buffer takes exp(z)
+    log_s_C1 = e_CV.sum(-1, keepdim=True).log()
+    logp_CK = z_CK - log_s_C1
+    rest_C = e_CV.scatter_(-1, ids_CK, 0.0).sum(-1)
+    log_tail_C = (rest_C + TINY * log_s_C1[:, 0].exp()).log() - log_s_C1[:, 0]
+    return ids_CK, m_C1[:, 0] + log_s_C1[:, 0], logp_CK, log_tail_C
+
+
 def forward_kl_topk(
     student_hidden_NH: torch.Tensor,
     student_weight_VH: torch.Tensor,
@@ -599,11 +605,11 @@ def forward_kl_topk(
 
 class _ForwardKLTopK(torch.autograd.Function):
     """`forward_kl_topk` over all N positions, chunk by chunk, keeping two numbers per position for backward:
-    log Z_n (the student's normaliser) and log R_n (its mass outside the top-K ids, as `_log_tail_C` floors it).
+    log Z_n (the student's normaliser) and log R_n (its mass outside the top-K ids plus the floor TINY Z,
+    `_softmax_parts`).
 
-        forward   z = h W^T / T shifted by its row max, e = exp z, S = sum e; the tail R sums e with the K ids
-                  set to the floor S TINY / K (a sum over the other ids: no cancellation when the top K hold
-                  almost all the mass)
+        forward   z = h W^T / T shifted by its row max, e = exp z, S = sum e; the tail R sums e over the ids
+                  other than the K, plus S TINY (no cancellation when the top K hold almost all the mass)
         backward  with p_s = exp(z - log Z), q = exp(z - log R) off the ids (the floor is a constant),
                   c = sum_k p_t,k + p_t,tail:
                   d kl / d z_v = c p_s,v - p_t,tail q_v        v not among the ids
@@ -619,27 +625,15 @@ class _ForwardKLTopK(torch.autograd.Function):
         logz_N, logr_N = torch.empty_like(kl_N), torch.empty_like(kl_N)
         for a in range(0, N, chunk_size):
             b = min(a + chunk_size, N)
-            ids_CK = ids_NK[a:b]
-            z_CV = _logits_CV(hidden_NH[a:b], weight_VH, temperature)
-            m_C1 = z_CV.amax(-1, keepdim=True)
-            z_CV -= m_C1
-            s_logp_CK = z_CV.gather(-1, ids_CK)
-            e_CV = z_CV.exp()
-            del z_CV
-            s_C1 = e_CV.sum(-1, keepdim=True)
-            log_s_C1 = s_C1.log()
-            s_logp_CK -= log_s_C1
-            e_CV.scatter_(-1, ids_CK, (s_C1 * (TINY / K)).expand(-1, K))
-            log_r_C1 = e_CV.sum(-1, keepdim=True).log()
-            del e_CV
+            _, logz_C, s_logp_CK, s_log_tail_C = _softmax_parts(_logits_CV(hidden_NH[a:b], weight_VH, temperature),
+                                                                ids_NK[a:b], K)
             t_logp_CK = t_logp_NK[a:b].to(kl_N.dtype)
             p_t_CK = t_logp_CK.exp()
             head_C = torch.where(p_t_CK > 0, p_t_CK * (t_logp_CK - s_logp_CK), 0.0).sum(-1)
             p_t_tail_C = (1.0 - p_t_CK.sum(-1)).clamp_min(0.0)
-            s_log_tail_C = (log_r_C1 - log_s_C1)[:, 0]
             kl_N[a:b] = head_C + torch.xlogy(p_t_tail_C, p_t_tail_C) - p_t_tail_C * s_log_tail_C
-            logz_N[a:b] = (m_C1 + log_s_C1)[:, 0]
-            logr_N[a:b] = (m_C1 + log_r_C1)[:, 0]
+            logz_N[a:b] = logz_C
+            logr_N[a:b] = logz_C + s_log_tail_C
         ctx.save_for_backward(hidden_NH, weight_VH, ids_NK, t_logp_NK, logz_N, logr_N)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
         return kl_N
@@ -905,30 +899,12 @@ def reverse_kl_topk(
         raise ValueError(f"k must be in [1, {v_s}], got {k}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if teacher_hidden_NH2.shape[0] != student_hidden_NH.shape[0]:
-        raise ValueError("student and teacher must have the same number of positions")
-    teacher_weight_VH2 = _teacher_head(teacher_weight_VH2, v_s)
+    teacher_weight_VH2 = _check_kl_args("reverse", student_hidden_NH, student_weight_VH, teacher_hidden_NH2,
+                                        teacher_weight_VH2)
     if not torch.is_grad_enabled():
         student_hidden_NH, student_weight_VH = student_hidden_NH.detach(), student_weight_VH.detach()
     return _ReverseKLTopK.apply(student_hidden_NH, student_weight_VH, teacher_hidden_NH2.detach(),
                                 teacher_weight_VH2.detach(), k, chunk_size, temperature)
-
-
-def _softmax_parts(z_CV: torch.Tensor, ids_CK: torch.Tensor | None, k: int) -> tuple:
-    """From logits z (shifted in place to row max 0, then spent): the top-k ids (when `ids_CK` is None),
-    log S = log sum_v exp z, the log-probs at the ids, and the log tail mass outside them, the ids' own
-    mass replaced by TINY: log((sum_{v not in ids} exp z + TINY S) / S), summed without cancellation."""
-    m_C1 = z_CV.amax(-1, keepdim=True)
-    z_CV -= m_C1
-    if ids_CK is None:
-        ids_CK = z_CV.topk(k, dim=-1).indices
-    z_CK = z_CV.gather(-1, ids_CK)                       # before exp: exact where exp(z) underflows
-    e_CV = z_CV.exp_()                                   # z is spent: its buffer takes exp(z)
-    log_s_C1 = e_CV.sum(-1, keepdim=True).log()
-    logp_CK = z_CK - log_s_C1
-    rest_C = e_CV.scatter_(-1, ids_CK, 0.0).sum(-1)
-    log_tail_C = (rest_C + TINY * log_s_C1[:, 0].exp()).log() - log_s_C1[:, 0]
-    return ids_CK, m_C1[:, 0] + log_s_C1[:, 0], logp_CK, log_tail_C
 
 
 class _ReverseKLTopK(torch.autograd.Function):
@@ -937,7 +913,7 @@ class _ReverseKLTopK(torch.autograd.Function):
 
     Both distributions are coarsened to K + 1 buckets (the student's top-K ids, then the rest), and
         kl = sum_b q_s,b r_b,   r_b = log q_s,b - log q_t,b
-        d kl / d z_v = p_s,v (r_b(v) - kl - TINY)   (the TINY: the tail's floor mass, see _log_tail_C)
+        d kl / d z_v = p_s,v (r_b(v) - kl - TINY)   (the TINY: the tail's floor mass, see _softmax_parts)
     so backward recomputes the chunk's student logits (one GEMM), turns them into p_s in place, scales
     each row by its tail term and writes the K top-K entries over it. Checkpointing the chunk under
     autograd instead ran its forward twice (teacher GEMM included) and backpropagated through two
