@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_head.py --out bench/results/head.md
     .venv/bin/python bench/bench_head.py --loss topk --out bench/results/head_topk.md   # kl-warmup's top-K KL
+    .venv/bin/python bench/bench_head.py --loss rtopk --k 64 --out bench/results/head_rtopk.md   # opd's
     python bench/bench_head.py --device cuda --positions 16384 --hidden 1024 --dtype bfloat16   # a GPU host
 
 Both variants compute, for N positions with hidden states h and a V-row head W (default V = 151,936,
@@ -15,7 +16,10 @@ temperature 0.9, then backpropagate a weighted sum of the log-probs into h and W
         `entropy_from_logits`
 
 With `--loss topk`: kl-warmup's forward KL against the teacher's stored top-K log-probs plus a tail
-bucket (`losses.forward_kl_topk`), against the same formula on the [N, V] logits under autograd.
+bucket (`losses.forward_kl_topk`), against the same formula on the [N, V] logits under autograd. With
+`--loss rtopk`: opd's reverse KL on the student's top-K ids plus a tail bucket, the teacher's head
+applied to its own hidden states (`losses.reverse_kl_topk`), against the same formula on both models'
+[N, V] logits under autograd.
 
 Each variant runs in a fresh subprocess (peak memory does not mix), `--repeats` times after one warm-up
 call; the table reports the median time and the peak: the process's max RSS on a CPU,
@@ -38,6 +42,7 @@ from common import peak_bytes, write_atomic
 
 GIB = 1024**3
 TEMPERATURE = 0.9
+S2D_FUNCTION = {"logprobs": "chunked_token_logprobs", "topk": "forward_kl_topk", "rtopk": "reverse_kl_topk"}
 
 
 
@@ -58,8 +63,29 @@ def run_child(args: argparse.Namespace) -> dict:
     if args.loss == "topk":      # the teacher's stored top-K log-probs: K ids, K log-probs and a tail mass
         ids = torch.randint(0, v, (n, args.k), generator=g, device=dev)
         t_logp = (torch.randn(n, args.k + 1, generator=g, device=dev) * 3).log_softmax(-1)[:, :args.k]
+    if args.loss == "rtopk":     # the teacher: its own hidden states and head
+        t_h = torch.randn(n, hd, generator=g, device=dev).to(dtype)
+        t_w = (torch.randn(v, hd, generator=g, device=dev) * (2.0 / hd**0.5)).to(dtype)
 
-    if args.loss == "topk" and args.child == "naive":
+    if args.loss == "rtopk" and args.child == "naive":
+        def step(h, w):
+            s_all = ((h @ w.T).float() / TEMPERATURE).log_softmax(-1)
+            with torch.no_grad():
+                t_all = ((t_h @ t_w.T).float() / TEMPERATURE).log_softmax(-1)
+                ids_k = s_all.topk(args.k, dim=-1).indices
+                t_k = t_all.gather(-1, ids_k)
+                del t_all
+            s_k = s_all.gather(-1, ids_k)
+            s_tail, t_tail = 1 - s_k.exp().sum(-1), 1 - t_k.exp().sum(-1)
+            kl = (s_k.exp() * (s_k - t_k)).sum(-1) + s_tail * (s_tail.log() - t_tail.log())
+            return kl, kl.detach()
+    elif args.loss == "rtopk":
+        from s2d_cli.losses import reverse_kl_topk
+
+        def step(h, w):
+            kl = reverse_kl_topk(h, w, t_h, t_w, k=args.k, chunk_size=args.chunk_size, temperature=TEMPERATURE)
+            return kl, kl.detach()
+    elif args.loss == "topk" and args.child == "naive":
         def step(h, w):
             s_logp = ((h @ w.T).float() / TEMPERATURE).log_softmax(-1).gather(-1, ids)
             p_t, p_t_tail = t_logp.exp(), 1 - t_logp.exp().sum(-1)
@@ -126,10 +152,11 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
-    p.add_argument("--loss", default="logprobs", choices=["logprobs", "topk"],
-                   help="logprobs: token log-probs + entropy against TRL's; topk: kl-warmup's top-K forward KL "
-                        "against the formula on [N, V] logits under autograd")
-    p.add_argument("--k", type=int, default=20, help="topk: teacher log-probs stored per position")
+    p.add_argument("--loss", default="logprobs", choices=["logprobs", "topk", "rtopk"],
+                   help="logprobs: token log-probs + entropy against TRL's; topk: kl-warmup's top-K forward KL, "
+                        "rtopk: opd's top-K reverse KL, each against its formula on [N, V] logits under autograd")
+    p.add_argument("--k", type=int, default=20, help="topk: teacher log-probs stored per position; rtopk: "
+                                                     "the student's top-K ids")
     p.add_argument("--child", choices=["s2d", "trl", "naive"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -160,8 +187,10 @@ def main() -> int:
     what = "max RSS" if args.device == "cpu" else "max_memory_allocated"
     med = {k: statistics.median(r["seconds"]) for k, r in results.items()}
     extra = {k: r["peak_bytes"] - r["base_bytes"] for k, r in results.items()}
-    what_ran = (f"Token log-probs + entropy (T = {TEMPERATURE})" if args.loss == "logprobs" else
-                f"Forward KL against the teacher's top-{args.k} log-probs + tail bucket (T = {TEMPERATURE})")
+    what_ran = {"logprobs": f"Token log-probs + entropy (T = {TEMPERATURE})",
+                "topk": f"Forward KL against the teacher's top-{args.k} log-probs + tail bucket (T = {TEMPERATURE})",
+                "rtopk": f"Reverse KL on the student's top-{args.k} ids + tail bucket, teacher head on its own "
+                         f"hidden states (T = {TEMPERATURE})"}[args.loss]
     lines = [
         f"{what_ran}, forward + backward, N={args.positions:,} positions, "
         f"V={args.vocab:,}, hidden={args.hidden}, {args.dtype}, {args.device} ({what}; one subprocess per "
@@ -172,8 +201,7 @@ def main() -> int:
     ]
     names = {"trl": f"TRL: [{args.rows}, N / {args.rows}, V] logits, selective_log_softmax, entropy_from_logits",
              "naive": "[N, V] logits, log_softmax, gather, tail = 1 - sum, under autograd",
-             "s2d": f"s2d: {'chunked_token_logprobs' if args.loss == 'logprobs' else 'forward_kl_topk'}, "
-                    f"chunk_size={args.chunk_size}"}
+             "s2d": f"s2d: {S2D_FUNCTION[args.loss]}, chunk_size={args.chunk_size}"}
     for k in (peer, "s2d"):
         r = results[k]
         lines.append(f"| {names[k]} | {min(r['seconds']):.2f} / {med[k]:.2f} / {max(r['seconds']):.2f} | "
