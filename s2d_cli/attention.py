@@ -287,8 +287,9 @@ def varlen_ok(model, device: torch.device | None) -> bool:
 @functools.cache
 def kernel_agrees(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
     """`packed_attention` on two sequences of a random packed row gives per-sequence causal sdpa's output
-    and gradients (float32 reference; 2 % relative error allowed in half precision). False where the
-    kernel is missing, refuses the shape, or disagrees."""
+    and gradients (float32 reference; 5 % relative error allowed in half precision, where bf16 rounding
+    gives 0.3 % and attention across the boundary 66 %, without the causal mask 80 %: random inputs). False
+    where the kernel is missing, refuses the shape, or disagrees."""
     gen = torch.Generator().manual_seed(0)
     lengths = [5, 11]
     L = sum(lengths)
@@ -310,5 +311,5 @@ def kernel_agrees(device: str, dtype: torch.dtype, heads: int, kv_heads: int, he
                          for a, b, c in zip(qf.split(lengths, 2), kf.split(lengths, 2), vf.split(lengths, 2))],
                         2).transpose(1, 2)
         want = [ref.detach(), *torch.autograd.grad(ref, (qf, kf, vf), grad.float())]
-    tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5     # relative, over the whole tensor
+    tol = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5     # relative, over the whole tensor
     return all(g.shape == w.shape and float((g - w).norm()) <= tol * float(w.norm()) for g, w in zip(got, want))
