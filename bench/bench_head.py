@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import peak_bytes, write_atomic
+from common import emit, peak_bytes
 
 GIB = 1024**3
 TEMPERATURE = 0.9
@@ -210,10 +210,7 @@ def main() -> int:
     lines += ["", f"s2d / {'TRL' if peer == 'trl' else 'naive'}: throughput {med[peer] / med['s2d']:.2f}x, memory "
               f"above inputs {extra['s2d'] / max(extra[peer], 1):.2f}. Same {same} and gradients (relative "
               f"tolerance {tol:g}); one [N, V] float32 tensor is {args.positions * args.vocab * 4 / GIB:.2f} GiB."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        write_atomic(args.out, table)
+    emit(lines, args.out)
     return 0
 
 

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import peak_bytes, write_atomic
+from common import emit, peak_bytes
 
 GIB = 1024**3
 
@@ -133,10 +133,7 @@ def main() -> int:
               f"hold {naive['base_bytes'] / GIB:.2f} GiB. The head's gradient is {args.vocab * args.hidden * 4 / GIB:.2f} "
               "GiB; chunked holds it twice while adding one chunk's contribution, a floor that does not "
               "shrink with chunk_size or grow with N."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        write_atomic(args.out, table)
+    emit(lines, args.out)
     return 0
 
 

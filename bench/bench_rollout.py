@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import emit
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -130,11 +132,7 @@ def main() -> None:
             rates = r["tok_per_s"]
             lines.append(f"| {shape} | {params / 1e6:.2f}M | {backend} | {r['startup_s']:.1f} | {min(rates):,.0f} | "
                          f"{medians[backend]:,.0f} | {max(rates):,.0f} | {ratio if backend == 'vllm' else ''} |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

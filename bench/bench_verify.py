@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import write_atomic
+from common import emit
 
 from s2d_cli.verifier import Verifier, last_boxed, verify_one
 
@@ -238,10 +238,7 @@ def main() -> None:
         f"{split_wall / statistics.median(r['wall'] for r in runs[pool_name]):.0%} of the independent "
         f"processes' speed-up.",
     ]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        write_atomic(args.out, table)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

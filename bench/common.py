@@ -20,3 +20,12 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def emit(lines: list[str], out: Path | None) -> str:
+    """A bench script's markdown table: printed to stdout and, with `out`, written there atomically."""
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if out:
+        write_atomic(out, table)
+    return table
