@@ -554,9 +554,11 @@ def forward_kl_sampled(
     return loss, {"nll": nll, "ppl": nll.clamp_max(50.0).exp()}
 
 
-def _softmax_parts(z_CV: torch.Tensor, ids_CK: torch.Tensor | None, k: int) -> tuple:
+def _softmax_parts(z_CV: torch.Tensor, ids_CK: torch.Tensor | None, k: int,
+                   targets_C1: torch.Tensor | None = None) -> tuple:
     """From logits z (shifted in place to row max 0, then spent): the top-k ids (when `ids_CK` is None),
-    log Z, the log-probs at the ids, and the log tail mass outside them plus a floor TINY,
+    log Z, the log-probs at the ids, the log-prob of each row's target (None without `targets_C1`), and
+    the log tail mass outside the ids plus a floor TINY,
     log((sum_{v not in ids} exp z + TINY S) / S) with S = sum_v exp z. The tail is summed over the other
     ids rather than taken as 1 - sum(top-K): exact when the top K hold all but a float error of the mass,
     and finite (its gradient defined) even when the ids cover the whole vocabulary."""
@@ -565,12 +567,14 @@ def _softmax_parts(z_CV: torch.Tensor, ids_CK: torch.Tensor | None, k: int) -> t
     if ids_CK is None:
         ids_CK = z_CV.topk(k, dim=-1).indices
     z_CK = z_CV.gather(-1, ids_CK)                       # before exp: exact where exp(z) underflows
+    z_C = z_CV.gather(-1, targets_C1)[:, 0] if targets_C1 is not None else None
     e_CV = z_CV.exp_()                                   # z is spent: its buffer takes exp(z)
     log_s_C1 = e_CV.sum(-1, keepdim=True).log()
     logp_CK = z_CK - log_s_C1
+    logp_C = z_C - log_s_C1[:, 0] if z_C is not None else None
     rest_C = e_CV.scatter_(-1, ids_CK, 0.0).sum(-1)
     log_tail_C = (rest_C + TINY * log_s_C1[:, 0].exp()).log() - log_s_C1[:, 0]
-    return ids_CK, m_C1[:, 0] + log_s_C1[:, 0], logp_CK, log_tail_C
+    return ids_CK, m_C1[:, 0] + log_s_C1[:, 0], logp_CK, logp_C, log_tail_C
 
 
 def forward_kl_topk(
@@ -625,8 +629,8 @@ class _ForwardKLTopK(torch.autograd.Function):
         logz_N, logr_N = torch.empty_like(kl_N), torch.empty_like(kl_N)
         for a in range(0, N, chunk_size):
             b = min(a + chunk_size, N)
-            _, logz_C, s_logp_CK, s_log_tail_C = _softmax_parts(_logits_CV(hidden_NH[a:b], weight_VH, temperature),
-                                                                ids_NK[a:b], K)
+            _, logz_C, s_logp_CK, _, s_log_tail_C = _softmax_parts(
+                _logits_CV(hidden_NH[a:b], weight_VH, temperature), ids_NK[a:b], K)
             t_logp_CK = t_logp_NK[a:b].to(kl_N.dtype)
             p_t_CK = t_logp_CK.exp()
             head_C = torch.where(p_t_CK > 0, p_t_CK * (t_logp_CK - s_logp_CK), 0.0).sum(-1)
@@ -883,7 +887,8 @@ def reverse_kl_topk(
     k: int,
     chunk_size: int = 1024,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    targets_N: torch.Tensor | None = None,
+):
     """Reverse KL on the student's top-K support plus one tail bucket per side, per position.
 
         S_n = top-K ids of the student's logits (chosen without gradient)
@@ -893,6 +898,7 @@ def reverse_kl_topk(
     This is the exact KL between the two distributions coarsened to K+1 buckets, so it is >= 0 and
     <= the full reverse KL; with k = V it equals `chunked_kl(direction="reverse")`. The teacher is never
     differentiated; its head is handled as in `chunked_kl`. Closed-form backward (`_ReverseKLTopK`).
+    Returns kl_N (with `targets_N`: see `reverse_kl_topk_and_logprobs`).
     """
     v_s = student_weight_VH.shape[0]
     if not 1 <= k <= v_s:
@@ -903,56 +909,97 @@ def reverse_kl_topk(
                                         teacher_weight_VH2)
     if not torch.is_grad_enabled():
         student_hidden_NH, student_weight_VH = student_hidden_NH.detach(), student_weight_VH.detach()
-    return _ReverseKLTopK.apply(student_hidden_NH, student_weight_VH, teacher_hidden_NH2.detach(),
-                                teacher_weight_VH2.detach(), k, chunk_size, temperature)
+    kl_N, logp_N, teacher_logp_N = _ReverseKLTopK.apply(student_hidden_NH, student_weight_VH,
+                                                        teacher_hidden_NH2.detach(), teacher_weight_VH2.detach(),
+                                                        targets_N, k, chunk_size, temperature)
+    return kl_N if targets_N is None else (kl_N, logp_N, teacher_logp_N)
+
+
+def reverse_kl_topk_and_logprobs(
+    student_hidden_NH: torch.Tensor,
+    student_weight_VH: torch.Tensor,
+    teacher_hidden_NH2: torch.Tensor,
+    teacher_weight_VH2: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    k: int,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`reverse_kl_topk`, and from the same head passes the student's and the teacher's log-probs of
+    `targets_N` (opd's sampled tokens): (kl_N, logp_N, teacher_logp_N). kl_N and logp_N are differentiable
+    in the student's hidden states and head; teacher_logp_N is not."""
+    if targets_N.shape != student_hidden_NH.shape[:1]:
+        raise ValueError(f"targets {tuple(targets_N.shape)} must be [N] for N = {student_hidden_NH.shape[0]}")
+    return reverse_kl_topk(student_hidden_NH, student_weight_VH, teacher_hidden_NH2, teacher_weight_VH2, k=k,
+                           chunk_size=chunk_size, temperature=temperature, targets_N=targets_N.long())
 
 
 class _ReverseKLTopK(torch.autograd.Function):
     """`reverse_kl_topk` chunk by chunk, keeping for backward per position only the K ids, the K student
-    log-probs and log-ratios, the log-normaliser, the tail log-ratio and the KL.
+    log-probs and log-ratios, the log-normaliser, the tail log-ratio and the KL. With targets it also
+    returns both models' log-probs of them, read off the same logits.
 
     Both distributions are coarsened to K + 1 buckets (the student's top-K ids, then the rest), and
         kl = sum_b q_s,b r_b,   r_b = log q_s,b - log q_t,b
         d kl / d z_v = p_s,v (r_b(v) - kl - TINY)   (the TINY: the tail's floor mass, see _softmax_parts)
+        d logp(y) / d z_v = 1[v = y] - p_s,v
     so backward recomputes the chunk's student logits (one GEMM), turns them into p_s in place, scales
-    each row by its tail term and writes the K top-K entries over it. Checkpointing the chunk under
-    autograd instead ran its forward twice (teacher GEMM included) and backpropagated through two
-    logsumexps, a scattered copy and the gathers."""
+    each row by its tail term, writes the K top-K entries over it and adds the targets' one-hot term.
+    Checkpointing the chunk under autograd instead ran its forward twice (teacher GEMM included) and
+    backpropagated through two logsumexps, a scattered copy and the gathers."""
 
     @staticmethod
-    def forward(ctx, s_h_NH, s_w_VH, t_h_NH2, t_w_VH2, k, chunk_size, temperature):
+    def forward(ctx, s_h_NH, s_w_VH, t_h_NH2, t_w_VH2, targets_N, k, chunk_size, temperature):
         N = s_h_NH.shape[0]
         dtype = _compute_dtype(s_h_NH.dtype)
         kl_N, logz_N, r_tail_N = (torch.empty(N, dtype=dtype, device=s_h_NH.device) for _ in range(3))
+        n_lp = N if targets_N is not None else 0
+        s_lp_N, t_lp_N = (torch.empty(n_lp, dtype=dtype, device=s_h_NH.device) for _ in range(2))
         ids_NK = torch.empty(N, k, dtype=torch.long, device=s_h_NH.device)
         s_logp_NK = torch.empty(N, k, dtype=dtype, device=s_h_NH.device)
         r_NK = torch.empty_like(s_logp_NK)
         for a in range(0, N, chunk_size):
             b = min(a + chunk_size, N)
-            ids, logz, s_logp, s_tail = _softmax_parts(_logits_CV(s_h_NH[a:b], s_w_VH, temperature), None, k)
-            _, _, t_logp, t_tail = _softmax_parts(_logits_CV(t_h_NH2[a:b], t_w_VH2, temperature).to(dtype), ids, k)
+            tgt = targets_N[a:b, None] if targets_N is not None else None
+            ids, logz, s_logp, s_lp, s_tail = _softmax_parts(_logits_CV(s_h_NH[a:b], s_w_VH, temperature), None, k,
+                                                             tgt)
+            _, _, t_logp, t_lp, t_tail = _softmax_parts(_logits_CV(t_h_NH2[a:b], t_w_VH2, temperature).to(dtype),
+                                                        ids, k, tgt)
             r, r_tail = s_logp - t_logp, s_tail - t_tail
             kl_N[a:b] = (s_logp.exp() * r).sum(-1) + s_tail.exp() * r_tail
             ids_NK[a:b], logz_N[a:b], s_logp_NK[a:b], r_NK[a:b], r_tail_N[a:b] = ids, logz, s_logp, r, r_tail
-        ctx.save_for_backward(s_h_NH, s_w_VH, ids_NK, logz_N, s_logp_NK, r_NK, r_tail_N, kl_N)
+            if tgt is not None:
+                s_lp_N[a:b], t_lp_N[a:b] = s_lp, t_lp
+        ctx.save_for_backward(s_h_NH, s_w_VH, ids_NK, logz_N, s_logp_NK, r_NK, r_tail_N, kl_N, targets_N)
         ctx.chunk_size, ctx.temperature = chunk_size, temperature
-        return kl_N
+        ctx.mark_non_differentiable(t_lp_N)
+        ctx.set_materialize_grads(False)
+        return kl_N, s_lp_N, t_lp_N
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_N):
-        s_h_NH, s_w_VH, ids_NK, logz_N, s_logp_NK, r_NK, r_tail_N, kl_N = ctx.saved_tensors
-        g_N = (grad_N / ctx.temperature).to(kl_N.dtype)       # z = h W^T / T: both products carry 1 / T
+    def backward(ctx, grad_kl_N, grad_lp_N, _grad_t):
+        s_h_NH, s_w_VH, ids_NK, logz_N, s_logp_NK, r_NK, r_tail_N, kl_N, targets_N = ctx.saved_tensors
+        # z = h W^T / T: both products carry 1 / T
+        g_N = (grad_kl_N / ctx.temperature).to(kl_N.dtype) if grad_kl_N is not None else torch.zeros_like(kl_N)
+        g_lp_N = (grad_lp_N / ctx.temperature).to(kl_N.dtype) if grad_lp_N is not None else None
         base_N = kl_N + TINY
 
         def chunk_grad(a, b, h_CH):
             g_C1 = g_N[a:b, None]
-            grad_CV = _logits_CV(h_CH, s_w_VH, ctx.temperature).sub_(logz_N[a:b, None]).exp_()
-            grad_CV.mul_(g_C1 * (r_tail_N[a:b] - base_N[a:b])[:, None])
+            row_C1 = g_C1 * (r_tail_N[a:b] - base_N[a:b])[:, None]
             top_CK = s_logp_NK[a:b].exp() * (r_NK[a:b] - base_N[a:b, None]) * g_C1
-            return grad_CV.scatter_(-1, ids_NK[a:b], top_CK)
+            if g_lp_N is not None:                             # + g (1[v = y] - p_s,v)
+                row_C1 = row_C1 - g_lp_N[a:b, None]
+                top_CK = top_CK - s_logp_NK[a:b].exp() * g_lp_N[a:b, None]
+            grad_CV = _logits_CV(h_CH, s_w_VH, ctx.temperature).sub_(logz_N[a:b, None]).exp_().mul_(row_C1)
+            grad_CV.scatter_(-1, ids_NK[a:b], top_CK)
+            if g_lp_N is not None:
+                grad_CV.scatter_add_(-1, targets_N[a:b, None], g_lp_N[a:b, None])
+            return grad_CV
 
-        return (*_head_backward(ctx, s_h_NH, s_w_VH, chunk_grad), None, None, None, None, None)
+        return (*_head_backward(ctx, s_h_NH, s_w_VH, chunk_grad), None, None, None, None, None, None)
 
 
 def discounted_future_sum(x_BT: torch.Tensor, mask_BT: torch.Tensor, discount: float) -> torch.Tensor:

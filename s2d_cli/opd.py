@@ -35,7 +35,6 @@ on a checkpoint to inspect them).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
@@ -229,29 +228,22 @@ def run(cfg: OPDConfig):
                 h, w[:vocab], teacher_h_MH, teacher_weight, mb, alpha_adv_B, n_tok, cfg.chunk_size))
             return loss, {"reverse_kl": (logp_M - teacher_logp_M).mean().detach(),
                           "reverse_kl_exact": kl_M.mean().detach()}
-        with torch.no_grad():
-            teacher_logp_M = L.chunked_token_logprobs(teacher_h_MH, teacher_weight[:vocab], mb.targets,
-                                                      chunk_size=cfg.chunk_size)[0]
-        teacher_logp_BT = mb.to_BT(teacher_logp_M)
         if cfg.loss == "sampled":
+            with torch.no_grad():
+                teacher_logp_M = L.chunked_token_logprobs(teacher_h_MH, teacher_weight[:vocab], mb.targets,
+                                                          chunk_size=cfg.chunk_size)[0]
             logp_M = policy(mb, lambda h, w: L.chunked_token_logprobs(h, w[:vocab], mb.targets,
                                                                       chunk_size=cfg.chunk_size)[0])
             logp_BT = mb.to_BT(logp_M)
             # on-policy, one update per batch: the sampling log-probs are this forward's, detached
-            loss, m = L.opd_sampled_loss(logp_BT, logp_BT.detach(), teacher_logp_BT, mask_BT,
+            loss, m = L.opd_sampled_loss(logp_BT, logp_BT.detach(), mb.to_BT(teacher_logp_M), mask_BT,
                                          alpha_adv_B=alpha_adv_B, discount=cfg.discount, num_tokens=n_tok)
             return loss, {"reverse_kl": m["reverse_kl"]}
 
-        def head(h_MH, w_VH):                           # --loss topk
-            w_VH = w_VH[:vocab]
-            kl_M = L.reverse_kl_topk(h_MH, w_VH, teacher_h_MH, teacher_weight, k=cfg.topk_k,
-                                     chunk_size=cfg.chunk_size)
-            grad = contextlib.nullcontext() if alpha_adv_B is not None else torch.no_grad()
-            with grad:   # the sampled tokens' log-probs: the surrogate's input when alpha > 0, else a metric
-                logp_M = L.chunked_token_logprobs(h_MH, w_VH, mb.targets, chunk_size=cfg.chunk_size)[0]
-            return kl_M, logp_M
-
-        kl_M, logp_M = policy(mb, head)
+        # --loss topk: the KL and both models' log-probs of the sampled tokens from the same head passes
+        # (the log-probs: the surrogate's input when alpha > 0, else a metric)
+        kl_M, logp_M, teacher_logp_M = policy(mb, lambda h, w: L.reverse_kl_topk_and_logprobs(
+            h, w[:vocab], teacher_h_MH, teacher_weight, mb.targets, k=cfg.topk_k, chunk_size=cfg.chunk_size))
         loss = kl_M.sum() / n_tok
         if alpha_adv_B is not None:
             loss = loss + sparse_surrogate(mb.to_BT(logp_M), alpha_adv_B, mask_BT, n_tok)

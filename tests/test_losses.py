@@ -630,6 +630,31 @@ def test_reverse_kl_topk_matches_naive_and_gradcheck():
         lambda h, w: L.reverse_kl_topk(h, w, t_h[:3], t_w, k=3, chunk_size=2), (h, w))
 
 
+@pytest.mark.parametrize("use", ["both", "kl", "logp"])
+def test_reverse_kl_topk_and_logprobs_equals_the_two_functions(use):
+    """opd --loss topk reads the sampled tokens' log-probs off the top-K KL's own head passes: values and
+    gradients equal reverse_kl_topk + chunked_token_logprobs (teacher padded past the student's V)."""
+    s_h, s_w, t_h, t_w = _kl_case(seed=12, N=7)
+    t_w_padded = torch.cat([t_w, torch.randn(2, t_w.shape[1], dtype=F64)])
+    targets = torch.tensor([0, 3, 8, 1, 1, 5, 2])
+    w_kl, w_lp = torch.linspace(0.5, 2.0, 7, dtype=F64), torch.linspace(-1.0, 1.5, 7, dtype=F64)
+    kl, lp, t_lp = L.reverse_kl_topk_and_logprobs(s_h, s_w, t_h, t_w_padded, targets, k=3, chunk_size=3,
+                                                  temperature=0.7)
+    ref_h, ref_w = s_h.detach().clone().requires_grad_(), s_w.detach().clone().requires_grad_()
+    ref_kl = L.reverse_kl_topk(ref_h, ref_w, t_h, t_w, k=3, chunk_size=3, temperature=0.7)
+    ref_lp = L.chunked_token_logprobs(ref_h, ref_w, targets, temperature=0.7)[0]
+    torch.testing.assert_close(kl, ref_kl)
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(t_lp, L.chunked_token_logprobs(t_h, t_w, targets, temperature=0.7)[0])
+    assert not t_lp.requires_grad
+    terms = {"kl": lambda a, b: (a * w_kl).sum(), "logp": lambda a, b: (b * w_lp).sum()}
+    chosen = ["kl", "logp"] if use == "both" else [use]
+    sum(terms[t](kl, lp) for t in chosen).backward()
+    sum(terms[t](ref_kl, ref_lp) for t in chosen).backward()
+    torch.testing.assert_close(s_h.grad, ref_h.grad)
+    torch.testing.assert_close(s_w.grad, ref_w.grad)
+
+
 def test_reverse_kl_topk_float32_where_probabilities_underflow():
     """Top-K ids whose probability underflows float32 (logits 150 and 300 below the max): the KL and its
     gradients stay finite and equal the float64 computation."""
