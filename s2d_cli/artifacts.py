@@ -69,11 +69,50 @@ def dumps_records(records: Iterable[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
 
+_STDIN_SHA: str | None = None       # sha256 of what this process read from stdin, once it has
+
+
+def _sha256_cached(path: Path) -> str:
+    """sha256 of a file, remembered in the user's cache by (real path, size, mtime): a model's weights are
+    hashed once, not on every command that names them."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "s2d" / "sha256.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if key not in known:
+        known[key] = sha256_file(path)
+        try:                 # a lost update (two processes at once) costs one more hash later, nothing else
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache)
+        except OSError:
+            pass
+    return known[key]
+
+
+MODEL_FILES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".tiktoken")
+
+
+def model_digest(path: Path) -> str:
+    """Content hash of a model directory: its weights, config and tokenizer files (top level)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file() and p.suffix in MODEL_FILES):
+        h.update(f"{f.name}\0{_sha256_cached(f)}\n".encode())
+    return h.hexdigest()
+
+
 def input_entry(path: str | Path | None) -> dict[str, Any]:
-    """What a manifest says about one input: the path and, for a bundled set, a local file or an artifact,
-    its sha256."""
+    """What a manifest says about one input: the path and, for stdin once read, a bundled set, a local
+    file, an artifact or a local model directory, its sha256 (so a changed input changes the fingerprint
+    of what is made from it)."""
     if path is None or str(path) == "-":
-        return {"path": "-" if path else None}
+        return {"path": "-" if path else None} | ({"sha256": _STDIN_SHA} if path and _STDIN_SHA else {})
     from .data import BUNDLED, BUNDLED_DIR
     if str(path) in BUNDLED:  # a bundled eval set (the name wins over a local file, as in load_examples)
         return {"path": str(path), "sha256": sha256_file(BUNDLED_DIR / BUNDLED[str(path)])}
@@ -82,6 +121,8 @@ def input_entry(path: str | Path | None) -> dict[str, Any]:
         return {"path": str(p), "sha256": sha256_file(p)}
     if (p / MANIFEST).is_file():
         return {"path": str(p), "sha256": sha256_file(p / MANIFEST)}
+    if (p / "config.json").is_file():
+        return {"path": str(p), "sha256": model_digest(p)}
     return {"path": str(path)}
 
 
@@ -127,7 +168,7 @@ class ArtifactWriter:
         if out.is_dir():
             manifest = out / MANIFEST
             if manifest.is_file():
-                old = json.loads(manifest.read_text())
+                old = read_manifest(out)
                 if old.get("fingerprint") == self.fingerprint and old.get("kind") == self.kind and not force:
                     self.complete = True
                     return
@@ -138,24 +179,40 @@ class ArtifactWriter:
             elif any(out.iterdir()) and not force:
                 raise UsageError(f"{out}: exists, is not empty and is not an s2d artifact; "
                                  "use --force to replace it or choose another --out")
-        if force and staging.exists():
-            shutil.rmtree(staging)
         info = staging / STAGING_INFO
         if staging.exists():
-            old = json.loads(info.read_text()) if info.is_file() else {}
-            if not old and (staging / MANIFEST).is_file():  # killed between writing the manifest and the rename
-                m = json.loads((staging / MANIFEST).read_text())
-                old = {"fingerprint": m.get("fingerprint"), "num_shards": len(m.get("shards", []))}
-            if old.get("fingerprint") != self.fingerprint or old.get("num_shards") != self.num_shards:
-                raise UsageError(f"{staging}: a partial run with a different config is in the way; "
+            try:
+                old = json.loads(info.read_text()) if info.is_file() else {}
+                if not old and (staging / MANIFEST).is_file():  # killed between the manifest and the rename
+                    m = json.loads((staging / MANIFEST).read_text())
+                    old = {"fingerprint": m.get("fingerprint"), "num_shards": len(m.get("shards", []))}
+            except (OSError, ValueError):
+                old = {}
+            same = old.get("fingerprint") == self.fingerprint and old.get("num_shards") == self.num_shards
+            # --force discards a partial run of another config; this command's own partial run resumes
+            # (so "rerun the same command" resumes a killed --force run too), and one that never
+            # finished a shard holds nothing to lose
+            if not same and (force or not any(staging.glob("data-*.jsonl"))):
+                shutil.rmtree(staging)
+            elif not same:
+                diff = f" ({_config_diff(old['config'], self.config)})" if "config" in old else ""
+                raise UsageError(f"{staging}: a partial run with a different config is in the way{diff}; "
                                  "use --force to discard it")
-        else:
+        if not staging.exists():
             try:
                 staging.mkdir(parents=True)
             except OSError as e:
                 raise UsageError(f"{out}: cannot create output ({e.strerror})") from None
+            from . import cliutil
+            cliutil.on_failure(self._discard_unstarted)
             _write_atomic(info, json.dumps({"fingerprint": self.fingerprint, "num_shards": self.num_shards,
-                                            "kind": self.kind}).encode())
+                                            "kind": self.kind, "config": self.config}, default=str).encode())
+
+    def _discard_unstarted(self) -> None:
+        """A staging directory this command made goes away again if the command fails before finishing a
+        shard: bad input leaves no partial output behind."""
+        if self.staging.is_dir() and not any(self.staging.glob("data-*.jsonl")):
+            shutil.rmtree(self.staging, ignore_errors=True)
 
     def done(self, index: int) -> bool:
         if self.stdout:
@@ -288,7 +345,10 @@ def _iter_jsonl(path: Path, stream: io.BufferedReader | None = None) -> Iterator
 def _iter_source(source: str | Path) -> Iterator[tuple[str, dict]]:
     """(file name for messages, record) pairs from stdin, a JSONL/JSON/Parquet file or an artifact dir."""
     if str(source) == "-":
-        for rec in _iter_jsonl(Path("<stdin>"), sys.stdin.buffer):
+        global _STDIN_SHA
+        data = sys.stdin.buffer.read()
+        _STDIN_SHA = hashlib.sha256(data).hexdigest()     # input_entry("-") names what was read
+        for rec in _iter_jsonl(Path("<stdin>"), io.BytesIO(data)):
             yield "<stdin>", rec
         return
     path = Path(source)
@@ -300,7 +360,7 @@ def _iter_source(source: str | Path) -> Iterator[tuple[str, dict]]:
         manifest = path / MANIFEST
         if not manifest.is_file():
             raise UsageError(f"{path}: not a complete s2d artifact (no {MANIFEST}){hint}")
-        for shard in json.loads(manifest.read_text())["shards"]:
+        for shard in record_shards(path):
             for rec in _iter_jsonl(path / shard["file"]):
                 yield str(path / shard["file"]), rec
         return
@@ -308,8 +368,13 @@ def _iter_source(source: str | Path) -> Iterator[tuple[str, dict]]:
         raise UsageError(f"{path}: no such file or directory{hint}")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        for i, rec in enumerate(pq.read_table(path).to_pylist(), 1):
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise UsageError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+        for i, rec in enumerate(rows, 1):
             rec["__line__"] = i
             yield str(path), rec
     elif suffix == ".json":
@@ -348,8 +413,31 @@ def read_records(source: str | Path, *, required: Sequence[str] = (), allow_empt
 
 
 def read_manifest(path: str | Path) -> dict | None:
+    """An artifact's or run's manifest.json (None when there is none); an unreadable one is a usage error."""
     p = Path(path) / MANIFEST
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{p}: not a valid manifest ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(m, dict):
+        raise UsageError(f"{p}: not a valid manifest (expected a JSON object)")
+    return m
+
+
+def record_shards(path: Path) -> list[dict]:
+    """The shard entries of a record artifact's manifest, each shard file present."""
+    manifest = read_manifest(path)
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(x, dict) and "file" in x for x in shards):
+        where = f"; its model is in {path / 'model'}" if (path / "model").is_dir() else ""
+        raise UsageError(f"{path}: a {manifest.get('kind', 'non-record')} output, not an artifact of records "
+                         f"(its {MANIFEST} lists no shards){where}")
+    for shard in shards:
+        if not (path / shard["file"]).is_file():
+            raise UsageError(f"{path / shard['file']}: shard listed in {MANIFEST} is missing")
+    return shards
 
 
 def iter_record_tensors(artifact: str | Path) -> Iterator[dict[str, torch.Tensor] | None]:
@@ -361,13 +449,18 @@ def iter_record_tensors(artifact: str | Path) -> Iterator[dict[str, torch.Tensor
     manifest = read_manifest(path)
     if manifest is None:
         raise UsageError(f"{path}: not a complete s2d artifact (no {MANIFEST})")
-    for shard in manifest["shards"]:
+    for shard in record_shards(path):
         if "tensors" not in shard:
             for _ in range(shard["records"]):
                 yield None
             continue
-        tensors = load_file(path / shard["tensors"]["file"])
+        tfile = path / shard["tensors"]["file"]
+        if not tfile.is_file():
+            raise UsageError(f"{tfile}: tensor shard listed in {MANIFEST} is missing")
+        tensors = load_file(tfile)
         offsets = tensors.pop("offsets").tolist()
+        if len(offsets) - 1 != shard.get("records", len(offsets) - 1):
+            raise UsageError(f"{tfile}: {len(offsets) - 1} records of tensors for {shard['records']} records")
         for i in range(len(offsets) - 1):
             yield {k: v[offsets[i]:offsets[i + 1]] for k, v in tensors.items()}
 

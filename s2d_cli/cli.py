@@ -52,7 +52,29 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def main() -> None:
-    app()
+    """The `s2d` console script: typer's own handling, except that a malformed command line (an unknown
+    option, a value of the wrong type) is one line on stderr like every other bad input, not a box."""
+    import sys
+
+    try:                            # typer >= 0.26 carries its own copy of click
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover
+        from click import exceptions as cx
+
+    try:
+        code = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError:
+        app()                       # the help, exactly as typer prints it
+    except cx.ClickException as e:
+        where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "s2d"
+        message = " ".join(e.format_message().split())
+        sys.stderr.write(f"s2d: error: {message} (see {where} --help)\n")
+        sys.exit(e.exit_code)
+    except cx.Abort:
+        sys.stderr.write("s2d: aborted\n")
+        sys.exit(1)
+    else:
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # `accelerate launch -m s2d_cli.cli ...` runs the module as a script

@@ -40,20 +40,45 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+_on_failure: list[Callable[[], None]] = []
+
+
+def on_failure(undo: Callable[[], None]) -> None:
+    """Run `undo` if the current command fails (not when it is interrupted): e.g. remove a run directory
+    this command made before anything in it was worth keeping, so that bad input leaves no partial output."""
+    _on_failure.append(undo)
+
+
+def _undo() -> None:
+    while _on_failure:
+        try:
+            _on_failure.pop()()
+        except Exception:  # pragma: no cover - cleaning up must not hide the real error
+            pass
+
+
 def execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
     """Build the config and run the command with s2d's error contract."""
+    _on_failure.clear()
     try:
         quiet_libraries()
         cfg = build_config()
         return run(cfg)
     except UsageError as e:
+        _undo()
         fail(str(e).splitlines()[0] if str(e) else "bad input", 2)
     except KeyboardInterrupt:
         sys.stderr.write("s2d: interrupted; rerun the same command to resume\n")
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # the reader of stdout went away (`s2d verify ... --out - | head`): stop quietly, as Unix filters
+        # do, with SIGPIPE's status; what is left to flush goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
     except typer.Exit:
         raise
     except Exception as e:
+        _undo()
         if os.environ.get("S2D_DEBUG"):
             raise
         first = (str(e).splitlines() or [""])[0][:300]

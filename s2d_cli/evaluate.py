@@ -128,7 +128,8 @@ def run(cfg: EvalConfig) -> dict:
     writer = None
     if cfg.out is not None:
         writer = ArtifactWriter(cfg.out, kind="eval", config=asdict(cfg), num_shards=len(slices),
-                                inputs=[cfg.rollouts or cfg.dataset], force=cfg.force)
+                                inputs=[cfg.rollouts] if cfg.rollouts else [cfg.dataset, cfg.model],
+                                force=cfg.force)
         if writer.complete:
             metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
             cu.console.print(metrics_table(metrics))

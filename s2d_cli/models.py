@@ -73,8 +73,8 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     ref = check_model_ref(name, expect=("config.json", "tokenizer_config.json", "tokenizer.json"))
     try:
         tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UsageError(f"{name}: could not load tokenizer ({str(e).splitlines()[0]})") from e
+    except (OSError, ValueError) as e:       # ValueError: no tokenizer file of a kind it knows
+        raise UsageError(f"{name}: could not load tokenizer ({(str(e).strip().splitlines() or [''])[0]})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -116,10 +116,34 @@ def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | to
         raise UsageError(f"{name}: could not load model ({str(e).splitlines()[0]})") from e
     except (ImportError, ValueError) as e:       # e.g. a model type without flash-attention support
         first = (str(e).strip().splitlines() or [""])[0]
-        if not attn_implementation or not any(w in first.lower() for w in ("attention", "attn")):
-            raise
-        raise UsageError(f"attn_implementation={attn_implementation}: {first}") from None
+        if attn_implementation and any(w in first.lower() for w in ("attention", "attn")):
+            raise UsageError(f"attn_implementation={attn_implementation}: {first}") from None
+        if isinstance(e, ValueError):            # e.g. a config.json with no model type transformers knows
+            raise UsageError(f"{name}: could not load model ({first[:200]})") from None
+        raise
     return model.to(device).eval()
+
+
+def check_plain_head(model, name: str) -> None:
+    """s2d's chunked log-prob and KL heads compute logits as hidden @ lm_head.weight^T (over temperature):
+    a head with a bias, a logit scale or a final soft-cap computes other numbers, so such a model is
+    refused rather than trained on log-probs that are not its own."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head = model.get_output_embeddings()
+    what = None
+    if head is None or not hasattr(head, "weight"):
+        what = "no linear output head"
+    elif getattr(head, "bias", None) is not None:
+        what = "a bias on its output head"
+    elif getattr(cfg, "final_logit_softcapping", None):
+        what = f"final_logit_softcapping={cfg.final_logit_softcapping}"
+    elif getattr(cfg, "logits_scaling", 1.0) not in (None, 1, 1.0):
+        what = f"logits_scaling={cfg.logits_scaling}"
+    elif getattr(cfg, "logit_scale", 1.0) not in (None, 1, 1.0):
+        what = f"logit_scale={cfg.logit_scale}"
+    if what:
+        raise UsageError(f"{name}: {cfg.model_type} has {what}, which s2d's training heads do not compute "
+                         "(they take logits = hidden @ lm_head.weight^T: Llama, Qwen, Mistral, Gemma 3 shapes)")
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[str, dict] | None = None) -> Path:

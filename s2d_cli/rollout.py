@@ -12,6 +12,7 @@ sampled with seed + i so a resumed run writes what an uninterrupted one would ha
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,6 +70,8 @@ class RolloutConfig(PromptFields, SamplingFields):
         if not self.dataset:
             raise UsageError("missing required option --dataset")
         check_sampling(self)
+        if self.shard_size < 1:
+            raise UsageError(f"shard_size: expected >= 1, got {self.shard_size}")
         if self.topk < 0:
             raise UsageError(f"--topk: expected >= 0, got {self.topk}")
         if self.topk and self.out == "-":
@@ -80,10 +83,17 @@ def check_sampling(cfg: SamplingFields) -> None:
         raise UsageError(f"--n: expected >= 1, got {cfg.n}")
     if cfg.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens: expected >= 1, got {cfg.max_new_tokens}")
-    if cfg.temperature < 0:
-        raise UsageError(f"--temperature: expected >= 0, got {cfg.temperature}")
+    if not 0 <= cfg.temperature < math.inf:
+        raise UsageError(f"--temperature: expected a finite value >= 0, got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
         raise UsageError(f"--top-p: expected a value in (0, 1], got {cfg.top_p}")
+    if cfg.top_k != -1 and cfg.top_k < 1:
+        raise UsageError(f"--top-k: expected -1 (off) or >= 1, got {cfg.top_k}")
+    if cfg.batch_size < 1:
+        raise UsageError(f"batch_size: expected >= 1, got {cfg.batch_size}")
+    limit = getattr(cfg, "limit", None)
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit: expected >= 1, got {limit}")
     if cfg.backend not in ("auto", "hf", "vllm"):
         raise UsageError(f"--backend: expected auto, hf or vllm, got {cfg.backend!r}")
 
@@ -155,7 +165,7 @@ def run(cfg: RolloutConfig) -> Path | None:
     check_model_ref(cfg.model)  # bad input fails before the output (or its staging dir) exists
     slices = shard_slices(len(examples), cfg.shard_size)
     writer = ArtifactWriter(cfg.out, kind="rollout", config=asdict(cfg), num_shards=len(slices),
-                            inputs=[cfg.dataset if cfg.dataset != "-" else "-"], force=cfg.force)
+                            inputs=[cfg.dataset, cfg.model], force=cfg.force)
     todo = writer.pending()
     if todo:
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)

@@ -111,12 +111,16 @@ def test_all_shards_but_no_manifest_is_still_incomplete(tmp_path):
     assert len(read_records(tmp_path / "out")) == 2
 
 
-def test_force_discards_a_partial_and_a_complete_output(tmp_path):
+def test_force_discards_another_config_and_a_complete_output_but_resumes_its_own_partial(tmp_path):
+    """A killed `--force` run is resumed by rerunning the same command, --force included; --force with
+    another config discards the partial run."""
     partial = tmp_path / "partial"
     w = ArtifactWriter(partial, kind="test", config=CONFIG, num_shards=2)
     w.write_shard(0, records_of(1, "old"))
     assert ArtifactWriter(partial, kind="test", config=CONFIG, num_shards=2).pending() == [1]
-    assert ArtifactWriter(partial, kind="test", config=CONFIG, num_shards=2, force=True).pending() == [0, 1]
+    assert ArtifactWriter(partial, kind="test", config=CONFIG, num_shards=2, force=True).pending() == [1]
+    other = {**CONFIG, "seed": 1}
+    assert ArtifactWriter(partial, kind="test", config=other, num_shards=2, force=True).pending() == [0, 1]
     out = tmp_path / "out"
     w = ArtifactWriter(out, kind="test", config=CONFIG, num_shards=1)
     w.write_shard(0, records_of(1, "old"))
@@ -144,6 +148,17 @@ def test_a_different_config_is_refused_not_mixed(tmp_path):
     assert "seed: 0 -> 1" in one_line(e)
     # where the output goes is not part of the fingerprint
     assert ArtifactWriter(out, kind="test", config={**CONFIG, "out": "elsewhere"}, num_shards=2).complete
+
+
+def test_a_partial_run_that_finished_no_shard_gives_way(tmp_path):
+    """A staging directory with no finished shard (a run that failed or was killed before its first)
+    holds nothing to lose: another config replaces it instead of being refused."""
+    ArtifactWriter(tmp_path / "out", kind="test", config=CONFIG, num_shards=2)
+    assert (tmp_path / ".out.partial").is_dir()
+    w = ArtifactWriter(tmp_path / "out", kind="test", config={**CONFIG, "seed": 1}, num_shards=3)
+    assert w.pending() == [0, 1, 2]
+    staged = json.loads((tmp_path / ".out.partial" / "staging.json").read_text())
+    assert staged["fingerprint"] == w.fingerprint and staged["config"]["seed"] == 1
 
 
 def test_an_edited_input_is_not_answered_with_stale_shards(tmp_path):
@@ -204,7 +219,8 @@ def test_manifest_fields(topk_rollout, tiny_model_dir):
     assert (cfg["n"], cfg["max_new_tokens"], cfg["shard_size"], cfg["topk"], cfg["seed"]) == (2, 6, 2, 4, 1)
     assert (cfg["model"], cfg["dataset"], cfg["limit"], cfg["logprobs"]) == (str(tiny_model_dir), "math500", 5, True)
     bundled = Path(artifacts.__file__).parent / "bundled" / "math500.jsonl"
-    assert m["inputs"] == [{"path": "math500", "sha256": hashlib.sha256(bundled.read_bytes()).hexdigest()}]
+    assert m["inputs"] == [{"path": "math500", "sha256": hashlib.sha256(bundled.read_bytes()).hexdigest()},
+                           {"path": str(tiny_model_dir), "sha256": artifacts.model_digest(tiny_model_dir)}]
     assert m["num_prompts"] == 5 and m["num_records"] == 10
     assert [s["file"] for s in m["shards"]] == [shard_name(i, 3) for i in range(3)]
     assert [s["records"] for s in m["shards"]] == [4, 4, 2]
@@ -343,3 +359,80 @@ def test_rollout_to_stdout_piped_into_verify(tmp_path, tiny_model_dir):
         assert rec["reward"] in (0.0, 1.0) and isinstance(rec["correct"], bool)
         assert rec["verdict"] in ("ok", "no_answer", "timeout", "error") and "extracted" in rec
     assert list(tmp_path.iterdir()) == []   # '-' writes no directory
+
+
+# ---------------------------------------------------------------------------------------------- inputs that changed
+
+def test_a_rollout_is_not_answered_from_a_changed_model(tmp_path, tokenizer_dir):
+    """The model is an input: its weights, config and tokenizer files are hashed (once, then cached by
+    size and mtime), so rerunning a rollout after the model was remade is refused, not answered with the
+    old records; a remade but identical model still finds its output complete."""
+    model, prompts = tmp_path / "m", tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                               for i in range(3)))
+    make = ["make-tiny", model, "--hidden-size", 32, "--layers", 1, "--tokenizer", tokenizer_dir]
+    rollout = ["rollout", "-m", model, "-d", prompts, "--max-new-tokens", 4, "--backend", "hf", "--out",
+               tmp_path / "r"]
+    assert invoke(*make, "--seed", 0).exit_code == 0
+    assert invoke(*rollout).exit_code == 0
+    first = read_records(tmp_path / "r")
+    assert read_manifest(tmp_path / "r")["inputs"][1]["sha256"] == artifacts.model_digest(model)
+    assert invoke(*make, "--seed", 0).exit_code == 0      # the same weights, written again
+    assert invoke(*rollout).exit_code == 0 and read_records(tmp_path / "r") == first
+    assert invoke(*make, "--seed", 5).exit_code == 0      # other weights
+    result = invoke(*rollout)
+    assert result.exit_code == 2 and f"(input {model} changed since)" in result.stderr
+    assert read_records(tmp_path / "r") == first
+
+
+def test_stdin_is_an_input_too(tmp_path):
+    """`verify - --out DIR`: what came in on stdin is hashed, so other records on a rerun are refused
+    rather than answered with the first run's output."""
+    a, b = records_of(2, "a"), records_of(3, "b")
+    out = tmp_path / "v"
+    run = lambda recs: CliRunner().invoke(app, ["verify", "-", "--out", str(out)],   # noqa: E731
+                                          input="".join(json.dumps(r) + "\n" for r in recs))
+    assert run(a).exit_code == 0
+    assert run(a).exit_code == 0 and [r["id"] for r in read_records(out)] == ["a0", "a1"]
+    result = run(b)
+    assert result.exit_code == 2 and "(input - changed since)" in result.stderr
+
+
+def test_a_failed_run_leaves_no_staging_directory(tmp_path):
+    """A model that cannot load fails the rollout after its output was staged: the staging directory
+    goes with it, and the corrected command then runs (it used to be refused as another config)."""
+    bad = tmp_path / "bad-model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n")
+    result = invoke("rollout", "-m", bad, "-d", prompts, "--backend", "hf", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / ".r.partial").exists() and not (tmp_path / "r").exists()
+
+
+def test_malformed_input_artifacts_are_one_line_errors(tmp_path):
+    """A corrupt manifest, a missing shard and a training run (no shards) given as records: exit 2, one
+    line naming the file."""
+    w = ArtifactWriter(tmp_path / "a", kind="test", config=CONFIG, num_shards=2)
+    w.write_shard(0, records_of(1))
+    w.write_shard(1, records_of(1))
+    w.commit()
+    (tmp_path / "a" / shard_name(1, 2)).unlink()
+    corrupt = tmp_path / "c"
+    corrupt.mkdir()
+    (corrupt / "manifest.json").write_text('{"kind": "verified", "shar')
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({"kind": "grpo", "config": {}}))
+    parquet = tmp_path / "bad.parquet"
+    parquet.write_bytes(b"not parquet at all")
+    for source, message in [(tmp_path / "a", f"{tmp_path / 'a' / shard_name(1, 2)}: shard listed in manifest.json is missing"),
+                            (corrupt, f"{corrupt / 'manifest.json'}: not a valid manifest (JSONDecodeError"),
+                            (run, f"{run}: a grpo output, not an artifact of records (its manifest.json lists no "
+                                  f"shards); its model is in {run / 'model'}"),
+                            (parquet, f"{parquet}: not a readable Parquet file")]:
+        result = invoke("verify", source, "--out", "-")
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (source, result.output)
+        assert result.stdout == ""

@@ -154,12 +154,21 @@ def _bad_inputs(tmp_path: Path, model: Path) -> dict[str, tuple[list, str]]:
         "eval_rollouts_missing_field": (["eval", "--rollouts", tmp_path / "no_id.jsonl"],
                                         "no_id.jsonl:1: missing field 'id'"),
         "eval_rollouts_empty": (["eval", "--rollouts", tmp_path / "empty.jsonl"], "empty (no records)"),
+        "temperature_nan": (["rollout", "--model", model, "--dataset", "math500", "--temperature", "nan"],
+                            "--temperature: expected a finite value >= 0, got nan"),
+        "top_k_0": (["rollout", "--model", model, "--dataset", "math500", "--top-k", "0"],
+                    "--top-k: expected -1 (off) or >= 1, got 0"),
+        "limit_negative": (["eval", "--model", model, "--dataset", "math500", "--limit", "-1"],
+                           "--limit: expected >= 1, got -1"),
+        "batch_size_0": (["rollout", "--model", model, "--dataset", "math500", "--set", "batch_size=0"],
+                         "batch_size: expected >= 1, got 0"),
     }
 
 
 BAD_INPUT_CASES = ["malformed_jsonl", "missing_field", "empty_gold", "empty_file", "non_utf8", "missing_input",
                    "missing_model", "unknown_dataset", "rollout_prompt_field", "rollout_malformed",
-                   "eval_missing_model", "eval_unknown_dataset", "eval_rollouts_missing_field", "eval_rollouts_empty"]
+                   "eval_missing_model", "eval_unknown_dataset", "eval_rollouts_missing_field", "eval_rollouts_empty",
+                   "temperature_nan", "top_k_0", "limit_negative", "batch_size_0"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)
@@ -190,3 +199,30 @@ def test_existing_non_artifact_output_is_refused(tmp_path):
     line = one_line_error(invoke("verify", records, "--out", tmp_path / "out"))
     assert "not an s2d artifact" in line and "--force" in line
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["rollout", "--n", "abc"], "s2d: error: Invalid value for '--n': Input should be a valid integer"),
+    (["verify", "--bogus", "1"], "s2d: error: No such option: --bogus"),
+    (["nosuch"], "s2d: error: No such command 'nosuch'."),
+])
+def test_a_malformed_command_line_is_one_line_too(args, message):
+    """typer draws a box of several lines for these; the `s2d` script says it in one, with exit 2."""
+    p = subprocess.run([S2D, *args], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert p.returncode == 2 and p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message) and lines[0].endswith("--help)"), p.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    """`s2d verify ... --out - | head`: when the reader closes the pipe, s2d stops with SIGPIPE's status
+    141 and says nothing (it used to report an internal BrokenPipeError)."""
+    source = tmp_path / "many.jsonl"
+    source.write_text("".join(json.dumps({"completion": f"\\boxed{{{i}}}", "answer": str(i)}) + "\n"
+                              for i in range(3000)))
+    p = subprocess.Popen([S2D, "verify", str(source), "--out", "-", "--set", "shard_size=100", "--workers", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert json.loads(p.stdout.readline())["correct"] is True
+    p.stdout.close()
+    assert p.wait(timeout=300) == 141
+    assert p.stderr.read().strip() == b""          # (a non-terminal progress display ends with a newline)
