@@ -149,11 +149,27 @@ def check_loaded_rows(model, expected: int, who: str) -> None:
 def load_teacher(ref: str, *, dtype, device, trust_remote_code: bool = False, attn_implementation: str | None = None):
     """The frozen teacher: eval mode and no parameter that requires a gradient, so autograd never stores
     a .grad for it (and it is never handed to an optimizer). Callers run it under torch.no_grad()."""
-    from .models import load_model
+    from .models import check_plain_head, load_model
 
     teacher = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
                          attn_implementation=attn_implementation)
+    check_plain_head(teacher, ref)
     return teacher.eval().requires_grad_(False)
+
+
+def token_ids(value, where: str, field: str, *, vocab: int | None = None, nonempty: bool = False) -> list[int]:
+    """A record's token-id list, checked: a list of non-negative integers (below `vocab` when given),
+    non-empty when `nonempty`. An empty prompt would make the first completion token be predicted from
+    another sequence's last position."""
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise UsageError(f"{where}: field {field!r}: expected a list of integer token ids")
+    if nonempty and not value:
+        raise UsageError(f"{where}: field {field!r}: expected at least one token id, got none")
+    bad = next((t for t in value if t < 0 or (vocab is not None and t >= vocab)), None)
+    if bad is not None:
+        raise UsageError(f"{where}: field {field!r}: token id {bad} is outside the model's "
+                         f"{'vocabulary' if vocab is None else f'{vocab} embedding rows'}")
+    return value
 
 
 def in_vocab_prefix(token_ids: list[int], vocab: int) -> int:

@@ -34,6 +34,7 @@ import typer
 from . import cliutil as cu
 from . import losses as L
 from .artifacts import ArtifactWriter, read_records
+from .compat import token_ids
 from .config import resolve
 from .data import Example
 from .errors import UsageError
@@ -173,6 +174,19 @@ def group_sequences(records: list[dict], rewards: list[float], group_size: int, 
     return seqs, stats
 
 
+def check_stored(records: list[dict], source: str, vocab: int) -> None:
+    """`--rollouts` records, before any training on them: non-empty prompts, token ids the model has,
+    finite numeric rewards."""
+    name = "<stdin>" if source == "-" else source
+    for i, rec in enumerate(records):
+        where = f"{name}: record {i + 1}"
+        token_ids(rec["prompt_ids"], where, "prompt_ids", vocab=vocab, nonempty=True)
+        token_ids(rec["completion_ids"], where, "completion_ids", vocab=vocab)
+        r = rec["reward"]
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+            raise UsageError(f"{where}: field 'reward': expected a finite number, got {r!r}")
+
+
 # ----------------------------------------------------------------------------------------------
 
 def run(cfg: GRPOConfig):
@@ -208,6 +222,8 @@ def run(cfg: GRPOConfig):
     if cfg.prompts_per_step % trainer.world:
         raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} must divide evenly over {trainer.world} processes")
     lm, tok = trainer.lm, trainer.tokenizer
+    if cfg.rollouts is not None:
+        check_stored(stored, cfg.rollouts, lm.get_input_embeddings().weight.shape[0])
     ref = load_model(cfg.model, dtype=lm.dtype, device=trainer.device, trust_remote_code=cfg.trust_remote_code,
                      attn_implementation=cfg.attn_implementation).requires_grad_(False) if cfg.beta > 0 else None
     if ref is not None:

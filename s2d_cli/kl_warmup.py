@@ -55,6 +55,7 @@ from .compat import (
     embedding_rows,
     in_vocab_prefix,
     load_teacher,
+    token_ids,
 )
 from .config import resolve
 from .data import DEFAULT_INSTRUCTION, encode_prompt, prompt_is_chat, render_prompt
@@ -123,7 +124,7 @@ def batch_indices(num: int, batch_size: int, step: int, seed: int) -> list[int]:
 def record_ids(rec: dict, tokenizer, cfg: KLWarmupConfig, where: str) -> tuple[list[int], list[int]]:
     """(prompt_ids, completion_ids) of one record, in the precedence the module docstring gives."""
     if "prompt_ids" in rec:
-        prompt_ids = [int(t) for t in rec["prompt_ids"]]
+        prompt_ids = token_ids(rec["prompt_ids"], where, "prompt_ids")
     elif "prompt" in rec or "problem" in rec:
         text = rec["prompt"] if "prompt" in rec else render_prompt(
             tokenizer, str(rec["problem"]), instruction=cfg.instruction, chat=cfg.chat,
@@ -132,7 +133,7 @@ def record_ids(rec: dict, tokenizer, cfg: KLWarmupConfig, where: str) -> tuple[l
     else:
         raise UsageError(f"{where}: no prompt (expected prompt_ids, prompt or problem)")
     if "completion_ids" in rec:
-        completion_ids = [int(t) for t in rec["completion_ids"]]
+        completion_ids = token_ids(rec["completion_ids"], where, "completion_ids")
     elif "completion" in rec:
         completion_ids = tokenizer(str(rec["completion"]), add_special_tokens=False)["input_ids"]
         if rec.get("finish_reason") != "length":

@@ -63,7 +63,7 @@ from torch import nn
 
 from . import __version__
 from . import cliutil as cu
-from .artifacts import MANIFEST, _config_diff, _write_atomic, fingerprint, input_entry
+from .artifacts import MANIFEST, _config_diff, _write_atomic, fingerprint, input_entry, read_manifest
 from .errors import UsageError
 
 
@@ -86,6 +86,10 @@ class TrainFields:
     keep_checkpoints: int = 2        # newest checkpoints kept
     seed: int = 0
     dtype: str = "auto"              # trained weights: fp32 on CPU; bf16 on GPU ("auto")
+    # half-precision weights keep an fp32 copy in the optimizer (AdamW steps it; the model gets it rounded
+    # back): at lr 1e-6 a step is far below bf16's resolution (~4e-3 relative), so stepping bf16 weights
+    # directly drops almost every update. 16 bytes a parameter instead of 8; false trains them directly
+    master_weights: bool = True
     tensorboard: bool = False        # also log to out/tb (needs the tensorboard package)
     wandb_project: str | None = None # also log to W&B (needs wandb)
     resume: bool = False             # continue from the newest checkpoint (also automatic on a rerun)
@@ -99,12 +103,24 @@ class TrainFields:
     def check_training(self) -> None:
         if self.steps < 1:
             raise UsageError(f"--steps: expected >= 1, got {self.steps}")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise UsageError(f"--lr: expected > 0, got {self.lr}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"lr_schedule: expected constant or cosine, got {self.lr_schedule!r}")
         if self.micro_batch_tokens < 8:
             raise UsageError(f"micro_batch_tokens: expected >= 8, got {self.micro_batch_tokens}")
+        for key, low in (("chunk_size", 1), ("save_every", 0), ("keep_checkpoints", 1), ("warmup_steps", 0)):
+            if getattr(self, key) < low:
+                raise UsageError(f"{key}: expected >= {low}, got {getattr(self, key)}")
+        for key in ("weight_decay", "max_grad_norm"):
+            if not getattr(self, key) >= 0:
+                raise UsageError(f"{key}: expected >= 0, got {getattr(self, key)}")
+        for key in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
+            if not 0 <= getattr(self, key) < 1 + (key == "min_lr_ratio"):
+                raise UsageError(f"{key}: expected a value in [0, 1{']' if key == 'min_lr_ratio' else ')'}, "
+                                 f"got {getattr(self, key)}")
+        from .models import resolve_dtype
+        resolve_dtype(self.dtype, torch.device("cpu"))   # a bad name fails before the run directory is made
         from .models import check_attn_implementation
         check_attn_implementation(self.attn_implementation)
 
@@ -185,6 +201,7 @@ class StepInfo:
     num_tokens: float        # global weighted completion-token count
 
 
+MASTER_FILE = "master_fp32.safetensors"   # a checkpoint's fp32 master weights (TrainFields.master_weights)
 PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3")   # varlen kernels: boundaries from position ids
 
 
@@ -454,6 +471,23 @@ def _host_floats(values: list) -> list[float]:
     return [float(v) for v in out]
 
 
+def _fingerprint_of(cfg_path: Path) -> str | None:
+    """The fingerprint a partial run's config.json records (None: none, or unreadable)."""
+    try:
+        return json.loads(cfg_path.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _metrics_step(line: str) -> float:
+    """The step of one metrics.jsonl line; a blank or torn one (a write cut short) ranks past every step,
+    so resuming drops it."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def lr_lambda(cfg: TrainFields) -> Callable[[int], float]:
     def f(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -480,14 +514,16 @@ class Trainer:
     def __init__(self, cfg: TrainFields, *, model: str, out: str, kind: str, config: dict[str, Any],
                  inputs: list[str | None] = (), volatile: tuple[str, ...] = None):
         volatile = VOLATILE if volatile is None else volatile
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedType
 
-        from .models import load_model, load_tokenizer, resolve_dtype
+        from .models import check_plain_head, load_model, load_tokenizer, resolve_dtype
 
         self.cfg, self.kind, self.config = cfg, kind, config
         self.out = Path(out)
-        self.fingerprint = fingerprint({k: v for k, v in config.items() if k not in volatile} | {"_kind": kind})
-        self.inputs = [input_entry(p) for p in inputs]
+        # the model and data it starts from are inputs: a rerun after either changed is not this run
+        self.inputs = [input_entry(p) for p in (model, *inputs)]
+        self.fingerprint = fingerprint({k: v for k, v in config.items() if k not in volatile} | {"_kind": kind}
+                                       | {"_inputs": [e.get("sha256") for e in self.inputs]})
         cuda = torch.cuda.is_available()
         self.acc = Accelerator(cpu=not cuda)
         self.device = self.acc.device
@@ -498,8 +534,11 @@ class Trainer:
             return
         self.tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
         dtype = resolve_dtype(cfg.dtype, self.device)
+        if cfg.dtype == "auto" and self.acc.distributed_type == DistributedType.FSDP:
+            dtype = torch.float32      # FSDP keeps the sharded fp32 weights and casts them for compute
         self.lm = load_model(model, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code,
                              attn_implementation=cfg.attn_implementation)
+        check_plain_head(self.lm, model)
         self.start_step = 0
         ckpt = self._latest_checkpoint()
         if cfg.resume and ckpt is None:
@@ -512,7 +551,18 @@ class Trainer:
         self.attn_impl = getattr(self.lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.layout = self._pick_layout()
         self.micro_overhead = micro_batch_overhead_tokens(self.lm, self.device)
-        params = [p for p in self.lm.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.lm.named_parameters() if p.requires_grad]
+        # fp32 master weights for half-precision ones (see TrainFields.master_weights). Not under FSDP,
+        # whose prepare() replaces the parameters (there "auto" loads fp32 and FSDP casts for compute).
+        self.masters: list[torch.Tensor] | None = None
+        if (cfg.master_weights and any(p.dtype in (torch.bfloat16, torch.float16) for _, p in named)
+                and self.acc.distributed_type != DistributedType.FSDP):
+            self.masters = [p.detach().float().clone().requires_grad_(True) for _, p in named]
+            self._trained = [p for _, p in named]
+            self._master_names = [n for n, _ in named]
+            params = self.masters
+        else:
+            params = [p for _, p in named]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
@@ -573,25 +623,30 @@ class Trainer:
         out, cfg = self.out, self.cfg
         manifest = out / MANIFEST
         if manifest.is_file():
-            old = json.loads(manifest.read_text())
+            old = read_manifest(out)
             if old.get("fingerprint") == self.fingerprint and not cfg.force:
                 return True
             if not cfg.force:
+                diff = _config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs)
                 raise UsageError(f"{out}: holds a finished {old.get('kind')} run with a different config "
-                                 f"({_config_diff(old.get('config', {}), self.config)}); use --force or another --out")
+                                 f"({diff}); use --force or another --out")
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out}: exists and is not a directory")
         from .models import check_model_ref
         check_model_ref(model)  # a mistyped model path fails before the run directory is made
         if self.acc.is_main_process:
-            if cfg.force and out.exists():
-                shutil.rmtree(out)
             cfg_path = out / "config.json"
+            if cfg.force and out.exists() and (manifest.is_file() or _fingerprint_of(cfg_path) != self.fingerprint):
+                shutil.rmtree(out)       # --force keeps only a partial run of this very config: it resumes
+            if not out.exists():
+                cu.on_failure(self._discard_unstarted)
             if cfg_path.is_file():
-                old = json.loads(cfg_path.read_text())
-                if old.get("fingerprint") != self.fingerprint:
-                    raise UsageError(f"{out}: a partial run with a different config is there "
-                                     f"({_config_diff(old.get('config', {}), self.config)}); use --force")
+                # a partial run with no checkpoint has nothing to lose: the new config takes its place
+                if _fingerprint_of(cfg_path) != self.fingerprint and self._latest_checkpoint() is not None:
+                    old = json.loads(cfg_path.read_text())
+                    diff = _config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs)
+                    raise UsageError(f"{out}: a partial run with a different config is there ({diff}); "
+                                     "use --force")
             elif out.exists() and any(out.iterdir()):
                 raise UsageError(f"{out}: exists, is not empty and is not an s2d run; use --force or another --out")
             try:
@@ -602,10 +657,17 @@ class Trainer:
             except OSError as e:
                 raise UsageError(f"{out}: cannot write there ({e.strerror})") from None
             _write_atomic(cfg_path, (json.dumps({"kind": self.kind, "fingerprint": self.fingerprint,
-                                                 "s2d_version": __version__, "config": self.config},
+                                                 "s2d_version": __version__, "config": self.config,
+                                                 "inputs": self.inputs},
                                                 indent=2, default=str) + "\n").encode())
         self.acc.wait_for_everyone()
         return False
+
+    def _discard_unstarted(self) -> None:
+        """A run directory this command made goes away again if the command fails before its first
+        checkpoint: bad input leaves nothing behind."""
+        if self._latest_checkpoint() is None:
+            shutil.rmtree(self.out, ignore_errors=True)
 
     def _latest_checkpoint(self) -> Path | None:
         root = self.out / "checkpoints"
@@ -616,7 +678,7 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = {}
-        for f in sorted(ckpt.glob("*.safetensors")):
+        for f in sorted(f for f in ckpt.glob("*.safetensors") if f.name != MASTER_FILE):
             state.update(load_file(f, device=str(self.device)))
         missing, unexpected = self.lm.load_state_dict(state, strict=False)
         missing = [m for m in missing if not (m == "lm_head.weight" and self.lm.config.tie_word_embeddings)]
@@ -627,6 +689,15 @@ class Trainer:
     def _load_state(self, ckpt: Path) -> None:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         opt = torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True)
+        if self.masters is not None:
+            if not (ckpt / MASTER_FILE).is_file():
+                raise UsageError(f"{ckpt}: no {MASTER_FILE} to resume the fp32 master weights from "
+                                 "(made with master_weights=false?)")
+            from safetensors.torch import load_file
+            saved = load_file(ckpt / MASTER_FILE, device=str(self.device))
+            with torch.no_grad():
+                for n, m in zip(self._master_names, self.masters):
+                    m.copy_(saved[n])
         self.optimizer.load_state_dict(opt)
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_step = state["step"]
@@ -635,7 +706,7 @@ class Trainer:
             cu.console.print(f"[dim]resuming {self.out} from {ckpt.name} (step {self.start_step})[/]")
             if self.metrics_path_exists():
                 lines = [line for line in (self.out / "metrics.jsonl").read_text().splitlines()
-                         if line.strip() and json.loads(line)["step"] <= self.start_step]
+                         if _metrics_step(line) <= self.start_step]
                 _write_atomic(self.out / "metrics.jsonl", "".join(x + "\n" for x in lines).encode())
 
     def metrics_path_exists(self) -> bool:
@@ -653,6 +724,10 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            if self.masters is not None:
+                from safetensors.torch import save_file
+                save_file({n: m.detach().contiguous() for n, m in zip(self._master_names, self.masters)},
+                          str(tmp / MASTER_FILE))
             state = {"step": step, "scheduler": self.scheduler.state_dict(), "fingerprint": self.fingerprint}
             _write_atomic(tmp / "trainer_state.json", json.dumps(state).encode())
             from .models import replace_dir
@@ -741,12 +816,15 @@ class Trainer:
                             sums["loss"] = sums.get("loss", 0.0) + loss.detach().float() / self.world
                             for k, v in m.items():
                                 sums[k] = sums.get(k, 0.0) + (v.detach().float() if torch.is_tensor(v) else v) * w
-                    if cfg.max_grad_norm > 0:
-                        grad_norm = self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                    if self.masters is not None:
+                        grad_norm = self._master_step()
                     else:
-                        grad_norm = torch.nn.utils.get_total_norm(
-                            [p.grad for p in self.policy.parameters() if p.grad is not None])
-                    self.optimizer.step()
+                        if cfg.max_grad_norm > 0:
+                            grad_norm = self.acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                        else:
+                            grad_norm = torch.nn.utils.get_total_norm(
+                                [p.grad for p in self.policy.parameters() if p.grad is not None])
+                        self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
@@ -772,6 +850,23 @@ class Trainer:
                     bar.update(task, advance=1, description=f"{self.kind} {shown}")
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                     self.save_checkpoint(step + 1)
+
+    def _master_step(self) -> torch.Tensor:
+        """One optimizer step on the fp32 masters: the model's half-precision gradients (already reduced
+        across processes) become the masters' fp32 ones, are clipped, AdamW steps the masters, and the
+        model's weights become the masters rounded to their dtype."""
+        for p, m in zip(self._trained, self.masters):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        grads = [m.grad for m in self.masters if m.grad is not None]
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.masters, self.cfg.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+        self.optimizer.step()
+        with torch.no_grad():
+            torch._foreach_copy_(self._trained, self.masters)
+        return grad_norm
 
     @torch.no_grad()
     def _store_old_logprobs(self, micro: list[MicroBatch]) -> None:

@@ -268,12 +268,31 @@ def test_bad_inputs(tiny_model_dir, tmp_path):
                           "model directory not found"),
         "output under a file": ([*ok, "--out", str(a_file / "run")], "cannot write there"),
     }
+    vocab = json.loads((Path(tiny_model_dir) / "config.json").read_text())["vocab_size"]   # embedding rows
+    for name, field, value, message in [
+        ("empty prompt", "prompt_ids", [], "record 1: field 'prompt_ids': expected at least one token id"),
+        ("id past the vocabulary", "completion_ids", [5, vocab], f"token id {vocab} is outside the model's"),
+        ("negative id", "prompt_ids", [5, -3], "token id -3 is outside"),
+        ("text ids", "completion_ids", ["5"], "expected a list of integer token ids"),
+        ("text reward", "reward", "1", "field 'reward': expected a finite number, got '1'"),
+    ]:
+        bad = tmp_path / f"{name.replace(' ', '-')}.jsonl"
+        records = write_rollouts(bad, vocab)
+        records[0][field] = value
+        bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+        cases[f"rollouts: {name}"] = (["--model", str(tiny_model_dir), "--rollouts", str(bad), "-G", str(G),
+                                       "-P", "2", "--steps", "1"], message)
+    for key, value, message in [("dtype", "fp64", "--dtype: expected auto, bf16, fp16 or fp32, got 'fp64'"),
+                                ("chunk_size", "0", "chunk_size: expected >= 1, got 0"),
+                                ("adam_beta2", "1.5", "adam_beta2: expected a value in [0, 1), got 1.5"),
+                                ("lr", "nan", "--lr: expected > 0, got nan")]:
+        cases[f"--set {key}"] = ([*ok, "--set", f"{key}={value}"], message)
     if os.geteuid() != 0:  # root writes into read-only directories anyway
         read_only = tmp_path / "read-only"
         read_only.mkdir(mode=0o555)
         cases["read-only parent"] = ([*ok, "--out", str(read_only / "run")], "cannot write there")
     for name, (args, message) in cases.items():
-        out = tmp_path / name.replace(" ", "-")
+        out = tmp_path / "runs" / name.replace(" ", "-").replace(":", "")
         if "--out" not in args:
             args = [*args, "--out", str(out)]
         result = grpo(*args, ok=False)
