@@ -145,7 +145,7 @@ def policy_loss(cfg: GRPOConfig, logp_BT, old_BT, adv_B, mask_BT, is_BT, n_seq: 
                               num_sequences=n_seq, **kw)
     if cfg.loss == "dapo":
         return L.dapo_loss(logp_BT, old_BT, adv_B, mask_BT, is_weight_BT=is_BT, num_tokens=n_tok, **kw)
-    return L.gspo_loss(logp_BT, old_BT, adv_B, mask_BT, num_sequences=n_seq, **kw)
+    return L.gspo_loss(logp_BT, old_BT, adv_B, mask_BT, is_weight_BT=is_BT, num_sequences=n_seq, **kw)
 
 
 def group_sequences(records: list[dict], rewards: list[float], group_size: int, cfg: GRPOConfig,
@@ -213,7 +213,8 @@ def run(cfg: GRPOConfig):
             raise UsageError(f"{cfg.rollouts}: prompt {bad[0]!r} has {len(groups[bad[0]])} samples, "
                              f"expected --group-size {cfg.group_size}")
         stored_groups = list(groups.values())
-        used = 0
+        # the stored rewards are the sparse signal (verified against labels): count the prompts read
+        used = labels_used(len(stored_groups), cfg.prompts_per_step, cfg.steps)
     trainer = Trainer(cfg, model=cfg.model, out=cfg.out, kind="grpo", config=asdict(cfg),
                       inputs=[cfg.rollouts or cfg.dataset])
     if trainer.complete:

@@ -507,6 +507,7 @@ def gspo_loss(
     *,
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
+    is_weight_BT: torch.Tensor | None = None,
     num_sequences: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GSPO: one importance ratio per sequence, the geometric mean of the token ratios.
@@ -514,15 +515,23 @@ def gspo_loss(
         s_b = exp((1 / |o_b|) sum_t (logp_t - old_logp_t))
         loss = -(1 / B) sum_b min(s_b A_b, clip(s_b, 1 - clip_low, 1 + clip_high) A_b)
 
-    Implemented at the sequence level. GSPO-token (s_b,t = sg[s_b] exp(logp_t - sg[logp_t]), token mean
-    per sequence) has the same value and, with one advantage per sequence, the same gradient:
-    d loss / d logp_t = -A_b s_b / (|o_b| B) while unclipped, 0 once clipped.
+    Computed as GSPO-token (s_b,t = sg[s_b] exp(logp_t - sg[logp_t]), token mean per sequence), which
+    has the same value and, with one advantage per sequence, the same gradient:
+    d loss / d logp_t = -A_b s_b / (|o_b| B) while unclipped, 0 once clipped. The token form is where a
+    truncated importance weight w_t (vLLM rollouts) multiplies each token's term, as in the other losses;
+    a sequence with no unmasked token (weight 0) adds nothing, to the value or the gradient.
     """
     m_BT = mask_BT.bool()
     log_s_B = masked_mean(logp_BT - old_logp_BT, m_BT, dim=-1)
     s_B = log_s_B.exp()
     adv_B = adv_B.to(s_B.dtype)
-    surrogate_B = torch.minimum(s_B * adv_B, s_B.clamp(1 - clip_low, 1 + clip_high) * adv_B)
+    lp_BT = torch.where(m_BT, logp_BT, torch.zeros((), dtype=logp_BT.dtype, device=logp_BT.device))
+    s_BT = s_B.detach()[:, None] * torch.exp(lp_BT - lp_BT.detach())
+    adv_BT = adv_B[:, None]
+    surrogate_BT = torch.minimum(s_BT * adv_BT, s_BT.clamp(1 - clip_low, 1 + clip_high) * adv_BT)
+    if is_weight_BT is not None:
+        surrogate_BT = surrogate_BT * is_weight_BT.to(surrogate_BT.dtype)
+    surrogate_B = masked_sum(surrogate_BT, m_BT, dim=-1) / m_BT.sum(-1).clamp_min(1).to(surrogate_BT.dtype)
     loss = -surrogate_B.sum() / (num_sequences or logp_BT.shape[0])
     with torch.no_grad():
         low_B = (s_B < 1 - clip_low) & (adv_B < 0)

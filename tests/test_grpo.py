@@ -341,6 +341,8 @@ def test_loss_variant_first_step_by_hand(tiny_model_dir, fixed_rollouts, tmp_pat
         assert abs(expected) > 1e-3
     assert m["ratio_mean"] == pytest.approx(1.0) and m["clip_frac"] == 0.0
     assert (run / "model" / "config.json").is_file()
+    # the stored rewards were verified against labels: the 4 prompts read count as labels spent
+    assert json.loads((run / "manifest.json").read_text())["labels_used"] == 4
 
 
 def test_beta_logs_kl_ref_zero_at_step_one(tiny_model_dir, tmp_path):

@@ -250,6 +250,24 @@ def test_gspo_unclipped_gradient_is_sequence_level():
     torch.testing.assert_close(logp.grad, expected)
 
 
+def test_gspo_importance_weights_and_empty_rows_by_hand():
+    """vLLM rollouts' truncated IS weights multiply each token's term (GSPO-token), and a sequence with
+    no unmasked token (dropped: weight 0) adds nothing to the value (it used to add -A_b / B)."""
+    old = torch.zeros(3, 2, dtype=F64)
+    logp = torch.zeros(3, 2, dtype=F64).requires_grad_()      # s = 1 everywhere: unclipped
+    adv = t64([2.0, -1.0, 5.0])
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0]])
+    w = t64([[0.5, 1.0], [0.25, 1.0], [1.0, 1.0]])
+    # seq 0: -(2 * 0.5 + 2 * 1.0) / 2 = -1.5; seq 1: -(-1 * 0.25) / 1 = 0.25; seq 2: nothing. B = 3
+    loss, _ = L.gspo_loss(logp, old, adv, mask, is_weight_BT=w)
+    assert loss.item() == pytest.approx((-1.5 + 0.25) / 3, abs=1e-12)
+    loss.backward()
+    # d/dlogp_t = -A_b s_b w_t / (|o_b| B)
+    assert_values(logp.grad, [[-2 * 0.5 / 6, -2 * 1.0 / 6], [0.25 / 3, 0], [0, 0]], atol=1e-12)
+    loss_unweighted, _ = L.gspo_loss(logp.detach(), old, adv, mask)
+    assert loss_unweighted.item() == pytest.approx((-2.0 + 1.0) / 3, abs=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------------
 # chunked log-probs
 # ----------------------------------------------------------------------------------------------------
