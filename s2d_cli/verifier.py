@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import math
 import os
 import pickle
 import re
@@ -44,6 +45,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing import connection
 from pathlib import Path
+
+from .errors import UsageError
 
 VERDICTS = ("ok", "no_answer", "timeout", "error")
 
@@ -472,6 +475,20 @@ def _wire_size(item: tuple) -> int:
     return 64 + sum(4 * len(x) if isinstance(x, str) else 64 for x in item)
 
 
+class PoolOptionError(UsageError, ValueError):
+    """A bad `workers` or `timeout`: a ValueError to Python callers, one line and exit 2 at the shell."""
+
+
+def check_pool_options(workers: int | None, timeout: float) -> None:
+    """`timeout`: finite seconds > 0 (NaN would remove every deadline, inf overflows the wait);
+    `workers`: None or 0 for every CPU this process may use, else a positive count."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            math.isfinite(timeout) and timeout > 0):
+        raise PoolOptionError(f"--timeout: expected > 0 seconds (a finite number), got {timeout!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise PoolOptionError(f"--workers: expected a process count >= 0 (0: every CPU), got {workers!r}")
+
+
 def _default_workers() -> int:
     try:
         return len(os.sched_getaffinity(0))  # the CPUs this process may use (containers, taskset)
@@ -483,6 +500,8 @@ class Verifier:
     """A pool of worker processes checking (completion, gold) pairs, with a wall-clock limit per item.
 
     Create it once and call `verify` as often as needed (every GRPO step); `close()` or `with` ends it.
+    `workers`: None or 0 for one process per CPU this process may use. `timeout`: finite seconds > 0.
+    Bad values raise `PoolOptionError` (a ValueError, and a UsageError at the shell).
     `memory_mb` caps each worker's address space, so a runaway item fails alone instead of exhausting RAM.
     `warm_up`: answers like the ones to come (a dataset's golds). math-verify's LaTeX parser learns as it
     goes and is ~2x slower on its first few hundred answers; parsing these once in the zygote (~3 ms each,
@@ -501,10 +520,8 @@ class Verifier:
         memory_mb: int | None = 4096,
         warm_up: Sequence[str] = (),
     ):
-
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.n_workers = max(1, workers or _default_workers())
+        check_pool_options(workers, timeout)
+        self.n_workers = workers or _default_workers()
         self.timeout = float(timeout)
         self._procs = _Processes(memory_mb, list(warm_up))
         self._lock = threading.Lock()

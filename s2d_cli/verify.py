@@ -20,13 +20,14 @@ from . import cliutil as cu
 from .artifacts import ArtifactWriter, read_records, shard_slices
 from .config import resolve
 from .errors import UsageError, located
+from .verifier import check_pool_options
 
 
 @dataclass
 class VerifyConfig:
     input: str = ""           # artifact directory, JSONL file, or '-'
     out: str = "-"            # artifact directory, or '-' for JSONL on stdout
-    workers: int | None = None  # verifier processes (default: CPU count)
+    workers: int | None = None  # verifier processes (default or 0: one per CPU)
     timeout: float = 5.0      # wall-clock seconds per item
     shard_size: int = 1024    # records per output shard
     force: bool = False
@@ -34,8 +35,10 @@ class VerifyConfig:
     def validate(self) -> None:
         if not self.input:
             raise UsageError("missing input: an artifact directory, a JSONL file or '-'")
-        if self.timeout <= 0:
-            raise UsageError(f"--timeout: expected > 0, got {self.timeout}")
+        check_pool_options(self.workers, self.timeout)
+
+
+WORKERS_HELP = "Verifier processes (default, or 0: one per CPU this process may use; negative is an error)."
 
 
 def check_golds(records: list[dict], source: str) -> None:
@@ -82,8 +85,8 @@ def run(cfg: VerifyConfig) -> Path | None:
 def command(
     input: str = typer.Argument(None, help="Artifact directory, JSONL file, or '-' for stdin."),
     out: cu.OutOpt = None,
-    workers: int = typer.Option(None, "--workers", help="Verifier processes (default: CPU count)."),
-    timeout: float = typer.Option(None, "--timeout", help="Wall-clock seconds per item (default 5)."),
+    workers: int = typer.Option(None, "--workers", help=WORKERS_HELP),
+    timeout: float = typer.Option(None, "--timeout", help="Wall-clock seconds per item, finite and > 0 (default 5)."),
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
     """Score completions against gold answers (reward, correct, extracted, verdict).

@@ -145,6 +145,20 @@ def test_rescore_rollouts_without_a_model(handmade_rollouts, tmp_path):
     assert [r["extracted"] for r in records[4:8]] == ["12", "7", "7", None]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--set", "timeout=0"], "--timeout: expected > 0"),
+    (["--set", "timeout=-1"], "--timeout: expected > 0"),
+    (["--set", "timeout=nan"], "--timeout: expected > 0"),
+    (["--set", "timeout=inf"], "--timeout: expected > 0"),
+    (["--workers", "-2"], "--workers: expected a process count >= 0"),
+])
+def test_rescore_refuses_bad_pool_options_in_one_line(handmade_rollouts, tmp_path, args, message):
+    result = invoke("eval", "--rollouts", handmade_rollouts, *args, "--out", tmp_path / "scored")
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rollouts.jsonl"]
+
+
 # ---------------------------------------------------------------------------------------------- protocols
 
 def test_protocol_resolves_the_paper_settings_and_flags_override_it():

@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from s2d_cli.cli import app
+from s2d_cli.errors import UsageError
 from s2d_cli.verifier import Verdict, Verifier, last_boxed, normalize_gold, verify_many, verify_one
 
 SHARED_DATA = Path(os.environ.get("S2D_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
@@ -276,3 +279,47 @@ def test_verify_many_preserves_order():
     verdicts = verify_many(pairs, workers=2, timeout=10.0)
     assert [v.correct for v in verdicts] == [i % 3 != 0 for i in range(30)]
     assert [v.extracted for v in verdicts] == [str(i) for i in range(30)]
+
+
+# --------------------------------------------------------------------------------------------- pool options
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    """The error contract: exit 2, exactly one line on stderr, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("s2d: error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_timeout_must_be_finite_and_positive(timeout):
+    # NaN compares false with everything: `timeout <= 0` let it through and every deadline vanished
+    with pytest.raises(ValueError, match="--timeout") as e:
+        Verifier(workers=1, timeout=timeout)
+    assert isinstance(e.value, UsageError)  # one line, exit 2, when a command passes it on
+
+
+def test_workers_zero_is_every_cpu_and_negative_is_refused():
+    with pytest.raises(ValueError, match="--workers"):
+        Verifier(workers=-1, timeout=1.0)
+    with Verifier(workers=0, timeout=1.0) as verifier:
+        assert verifier.n_workers == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--timeout", "nan"], "--timeout: expected > 0"),
+    (["--timeout", "inf"], "--timeout: expected > 0"),
+    (["--set", "timeout=nan"], "--timeout: expected > 0"),
+    (["--workers", "-1"], "--workers: expected a process count >= 0"),
+])
+def test_verify_refuses_bad_pool_options_in_one_line(tmp_path, args, message):
+    records = tmp_path / "in.jsonl"
+    records.write_text(json.dumps({"completion": r"\boxed{1}", "answer": "1"}) + "\n")
+    assert message in one_line_error(invoke("verify", records, *args, "--out", tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
