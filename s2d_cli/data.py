@@ -40,8 +40,9 @@ def gold_from_text(value: Any) -> str | None:
     """Gold answer as text: GSM8K `#### N` -> N; a worked solution -> its last \\boxed{}; else as is."""
     if value is None:
         return None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+    if isinstance(value, float):  # 27.0 -> "27", 5e-05 -> "0.00005" (str() would give "5e-05": e - 5)
+        from .verifier import format_float
+        return format_float(value)
     text = str(value)
     if "####" in text:
         return text.rsplit("####", 1)[1].strip().replace(",", "")

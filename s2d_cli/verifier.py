@@ -43,6 +43,7 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from multiprocessing import connection
 from pathlib import Path
 
@@ -112,11 +113,33 @@ def last_boxed(text: str) -> str | None:
 
 _INT_RE = re.compile(r"[+-]?\d+")
 _THOUSANDS_RE = re.compile(r"([+-]?)(\d{1,3}(?:,\d{3})+)(\.\d+)?")
+_SCIENTIFIC_RE = re.compile(r"([+-]?\d+(?:\.\d+)?)[eE]([+-]?\d+)")
+_MAX_POSITIONAL_EXPONENT = 1000  # 1e1000 is 1001 digits; a longer plain form would be a memory hazard
+
+
+def format_float(x: float) -> str:
+    """A finite float in positional notation, as a gold is written: 5e-05 -> '0.00005', 27.0 -> '27',
+    2.5e+20 -> '250000000000000000000'. str() would give '5e-05', which math-verify reads as e - 5."""
+    if not math.isfinite(x):
+        raise ValueError(f"gold answer must be a finite number, not {x!r}")
+    if x.is_integer():
+        return str(int(x))
+    return format(Decimal(repr(x)), "f")  # repr: the shortest digits that round-trip, so 0.1 stays 0.1
 
 
 def _plain_number(text: str) -> str:
-    """'025' -> '25', '1,000' -> '1000', '27.0' -> '27'; anything else unchanged."""
+    """'025' -> '25', '1,000' -> '1000', '27.0' -> '27', '2.5e6' -> '2500000', '5e-05' -> '0.00005';
+    anything else unchanged."""
     s = text.strip()
+    m = _SCIENTIFIC_RE.fullmatch(s)
+    if m:  # math-verify reads 5e-05 as e - 5 (Euler's number): write it out
+        mantissa, exponent = m.group(1), int(m.group(2))
+        if abs(exponent) <= _MAX_POSITIONAL_EXPONENT:
+            s = format(Decimal(mantissa).scaleb(exponent), "f")
+            if "." in s:
+                s = s.rstrip("0").rstrip(".")
+        else:
+            s = f"{mantissa}\\times10^{{{exponent}}}"
     m = _THOUSANDS_RE.fullmatch(s)
     if m:
         s = m.group(1) + m.group(2).replace(",", "") + (m.group(3) or "")
@@ -128,13 +151,14 @@ def _plain_number(text: str) -> str:
 
 
 def normalize_gold(answer) -> str:
-    """Gold answer as text: 27.0 -> '27', '025' -> '25', '... #### 1,234' -> '1234', a solution -> its last box."""
+    """Gold answer as text: 27.0 -> '27', 5e-05 -> '0.00005', '025' -> '25', '... #### 1,234' -> '1234',
+    a solution -> its last box."""
     if isinstance(answer, bool):
         raise TypeError(f"gold answer must be a number or a string, not {answer!r}")
     if isinstance(answer, int):
         return str(answer)
     if isinstance(answer, float):
-        return str(int(answer)) if answer.is_integer() else repr(answer)
+        return format_float(answer)
     if not isinstance(answer, str):
         raise TypeError(f"gold answer must be a number or a string, not {type(answer).__name__}")
     s = answer.strip()

@@ -50,8 +50,9 @@ def check_golds(records: list[dict], source: str) -> None:
 
 
 def score(records: list[dict], verifier) -> list[dict]:
-    """Records with reward, correct, extracted and verdict added (a new list; inputs untouched)."""
-    verdicts = verifier.verify([(r["completion"], str(r["answer"])) for r in records])
+    """Records with reward, correct, extracted and verdict added (a new list; inputs untouched). Golds go
+    to the verifier as they are: str() would write the float 0.00005 as "5e-05", which reads as e - 5."""
+    verdicts = verifier.verify([(r["completion"], r["answer"]) for r in records])
     return [{**r, **asdict(v)} for r, v in zip(records, verdicts)]
 
 

@@ -69,6 +69,8 @@ def test_gold_answer_mapping(bundled):
     ("the area is \\boxed{4\\sqrt{2}}", "4\\sqrt{2}"),
     (27.0, "27"),
     (-1.0, "-1"),
+    (5e-05, "0.00005"),  # not str()'s "5e-05", which math-verify reads as e - 5
+    (0.125, "0.125"),
     (70, "70"),
     ("025", "025"),
     ("  7 ", "7"),

@@ -64,6 +64,11 @@ def test_last_boxed(text, expected):
         ("Janet sells 9 eggs.\n#### 1,600", "1600"),
         (r"\frac{1}{2}", r"\frac{1}{2}"),
         (r"So the answer is $\boxed{\text{east}}$.", r"\text{east}"),
+        (5e-05, "0.00005"),  # str()/repr() give "5e-05", which math-verify reads as e - 5
+        (-1.5e-07, "-0.00000015"),
+        (2.5e20, "250000000000000000000"),
+        ("2.5e6", "2500000"),
+        ("5E-5", "0.00005"),
     ],
 )
 def test_normalize_gold(gold, expected):
@@ -93,6 +98,13 @@ EQUIVALENCES = [  # (completion, gold, correct?)
     (r"\boxed{27}", 27.0, True),  # AMC golds are floats
     (r"\boxed{-1}", -1.0, True),
     (r"\boxed{27.5}", 27.0, False),
+    (r"\boxed{0.00005}", 5e-05, True),  # float golds in scientific notation
+    (r"\boxed{5\times10^{-5}}", 5e-05, True),
+    (r"\boxed{0.00006}", 5e-05, False),
+    (r"\boxed{e-5}", 1e-05, False),  # Euler's number minus 5 is not 0.00001
+    (r"\boxed{2500000}", "2.5e6", True),
+    (r"\boxed{2.5e6}", "2500000", True),
+    (r"\boxed{2600000}", "2.5e6", False),
     (r"\boxed{1,600}", "#### 1,600", True),  # GSM8K: thousands separators on either side
     (r"\boxed{1600}", "She earns 5 * 320 = 1600\n#### 1,600", True),
     (r"\boxed{16000}", "#### 1,600", False),
@@ -323,3 +335,14 @@ def test_verify_refuses_bad_pool_options_in_one_line(tmp_path, args, message):
     records.write_text(json.dumps({"completion": r"\boxed{1}", "answer": "1"}) + "\n")
     assert message in one_line_error(invoke("verify", records, *args, "--out", tmp_path / "out"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_verify_passes_float_golds_as_numbers_not_as_their_str(tmp_path):
+    records = tmp_path / "in.jsonl"
+    rows = [(r"\boxed{0.00005}", 5e-05), (r"\boxed{e-5}", 1e-05), (r"\boxed{27}", 27.0), (r"\boxed{0.25}", 0.25)]
+    records.write_text("".join(json.dumps({"completion": c, "answer": a}) + "\n" for c, a in rows))
+    assert '"answer": 5e-05' in records.read_text()  # how json writes the float
+    result = invoke("verify", records, "--workers", 1, "--out", "-")
+    assert result.exit_code == 0, result.output
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["answer"], r["correct"]) for r in out] == [(5e-05, True), (1e-05, False), (27.0, True), (0.25, True)]
