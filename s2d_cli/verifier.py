@@ -150,6 +150,17 @@ def _plain_number(text: str) -> str:
     return s
 
 
+def gold_type_error(answer) -> str | None:
+    """What is wrong with `answer` as a gold (None if nothing): text, an int or a finite float only.
+    A list, true/false, an object or NaN would otherwise be graded silently ("['5']" never matches)."""
+    if isinstance(answer, str) or (isinstance(answer, int) and not isinstance(answer, bool)):
+        return None
+    if isinstance(answer, float):
+        return None if math.isfinite(answer) else f"expected a finite number, got {json.dumps(answer)}"
+    shown = json.dumps(answer, default=lambda o: type(o).__name__)
+    return f"expected text or a number, got {shown[:40] + '...' if len(shown) > 40 else shown}"
+
+
 def normalize_gold(answer) -> str:
     """Gold answer as text: 27.0 -> '27', 5e-05 -> '0.00005', '025' -> '25', '... #### 1,234' -> '1234',
     a solution -> its last box."""

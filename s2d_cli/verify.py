@@ -20,7 +20,7 @@ from . import cliutil as cu
 from .artifacts import ArtifactWriter, read_records, shard_slices
 from .config import resolve
 from .errors import UsageError, located
-from .verifier import check_pool_options
+from .verifier import check_pool_options, gold_type_error
 
 
 @dataclass
@@ -42,9 +42,14 @@ WORKERS_HELP = "Verifier processes (default, or 0: one per CPU this process may 
 
 
 def check_golds(records: list[dict], source: str) -> None:
+    """Every gold is non-empty text, an int or a finite float; every completion is text."""
     for i, rec in enumerate(records, 1):
-        if rec.get("answer") is None or str(rec["answer"]).strip() == "":
+        gold = rec.get("answer")
+        if gold is None or (isinstance(gold, str) and not gold.strip()):
             raise located(source, i, "field 'answer' is empty: no gold answer to verify against")
+        problem = gold_type_error(gold)
+        if problem:
+            raise located(source, i, f"field 'answer': {problem}")
         if not isinstance(rec.get("completion"), str):
             raise located(source, i, "field 'completion': expected text")
 

@@ -96,6 +96,14 @@ def test_math_train_record_with_only_a_solution_maps_to_its_last_boxed():
     assert to_examples([record], "x.jsonl")[0].answer == "\\dfrac{3}{4}"
 
 
+@pytest.mark.parametrize("answer, shown", [(["5"], '["5"]'), (False, "false"), (float("nan"), "NaN")])
+def test_a_gold_that_is_not_text_or_a_finite_number_is_refused(answer, shown):
+    records = [{"problem": "p", "answer": "4"}, {"problem": "q", "answer": answer}]
+    with pytest.raises(UsageError) as e:
+        to_examples(records, "x.jsonl", require_answer=True)
+    assert str(e.value).startswith("x.jsonl:2: field 'answer': expected ") and str(e.value).endswith(f"got {shown}")
+
+
 def test_prompt_answer_and_id_field_overrides(tmp_path):
     path = tmp_path / "custom.jsonl"
     rows = [{"task": "What is 2 + 2?", "final": "4", "answer": "not this", "key": "q1"},

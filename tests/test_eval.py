@@ -159,6 +159,15 @@ def test_rescore_refuses_bad_pool_options_in_one_line(handmade_rollouts, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rollouts.jsonl"]
 
 
+def test_rescore_refuses_a_gold_that_is_a_list(tmp_path):
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text(json.dumps({"id": "p1", "completion": "\\boxed{5}", "answer": ["5"]}) + "\n")
+    result = invoke("eval", "--rollouts", path, "--out", tmp_path / "scored")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f's2d: error: {path}:1: field \'answer\': expected text or a number, got ["5"]\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rollouts.jsonl"]
+
+
 # ---------------------------------------------------------------------------------------------- protocols
 
 def test_protocol_resolves_the_paper_settings_and_flags_override_it():

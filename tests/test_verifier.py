@@ -346,3 +346,20 @@ def test_verify_passes_float_golds_as_numbers_not_as_their_str(tmp_path):
     assert result.exit_code == 0, result.output
     out = [json.loads(line) for line in result.stdout.splitlines()]
     assert [(r["answer"], r["correct"]) for r in out] == [(5e-05, True), (1e-05, False), (27.0, True), (0.25, True)]
+
+
+@pytest.mark.parametrize("gold, message", [
+    (["5"], 'field \'answer\': expected text or a number, got ["5"]'),  # was graded correct against \boxed{5}
+    (True, "field 'answer': expected text or a number, got true"),  # was graded wrong whatever the answer
+    ({"a": 1}, 'field \'answer\': expected text or a number, got {"a": 1}'),
+    (float("nan"), "field 'answer': expected a finite number, got NaN"),  # the output then held invalid JSON
+    (float("inf"), "field 'answer': expected a finite number, got Infinity"),
+])
+def test_verify_refuses_golds_that_are_not_text_or_finite_numbers(tmp_path, gold, message):
+    records = tmp_path / "in.jsonl"
+    records.write_text(json.dumps({"completion": r"\boxed{5}", "answer": "5"}) + "\n"
+                       + json.dumps({"completion": r"\boxed{5}", "answer": gold}) + "\n")
+    line = one_line_error(invoke("verify", records, "--out", tmp_path / "out"))
+    assert line == f"s2d: error: {records}:2: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    assert verify_one(r"\boxed{5}", gold).verdict == "error"  # in-process: an error verdict, never a grade
