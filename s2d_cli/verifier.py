@@ -10,7 +10,9 @@ take it, read with math-verify. (math-verify on a whole text has its own rules: 
 \\boxed{5}" parses as the set {3, 5}, which matches neither 3 nor 5.) A completion without any box falls
 back to math-verify's own extraction over the whole text ("The answer is $5$.").
 Gold answers are normalised first (`normalize_gold`): numbers, zero-padded AIME strings, GSM8K's
-"#### N" tails, a solution's last boxed answer.
+"#### N" tails, a solution's last boxed answer. Two plain decimals ("0.0000672", "1,000", "\\$18.90")
+are compared exactly; where math-verify matched numbers through a float (it rounds floats to 6 decimal
+places), the two must also agree to a relative 5e-6 (`REL_TOL`), so 0.0000001 is not 0.0000002.
 
 math-verify's own timeouts use SIGALRM, which works only in a main thread and does not fire while a
 C-level big-integer operation holds the interpreter (`9^{9^{9^{9^9}}}` takes seconds, or forever). So
@@ -239,6 +241,47 @@ def _parse_answer_cached(cleaned: str) -> tuple:
     return tuple(parsed)  # sympy objects are immutable; the tuple keeps callers from changing the cache
 
 
+_DECIMAL_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+REL_TOL = 5e-6  # a float answer must agree with the gold to about 6 significant digits (1/3 ~ 0.333333)
+
+
+def _decimal(text: str) -> Decimal | None:
+    """The exact value of a plain decimal answer ('0.0000672', '\\$18.90', '1,000'); None for anything else."""
+    s = _clean_answer(text)
+    return Decimal(s) if _DECIMAL_RE.fullmatch(s) else None
+
+
+def _close_enough(gold_parsed, pred_parsed) -> bool:
+    """math-verify compares floats rounded to 6 decimal places, so 0.0000001 'equals' 0.0000002 and
+    6.7e-5 equals 0.0000672. Where a float took part in a match of two single numbers, also ask for a
+    relative error of at most REL_TOL. Anything else (sets, intervals, symbols) keeps math-verify's word."""
+    import sympy
+
+    gold, pred = gold_parsed[0], pred_parsed[0]
+    if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
+        return True
+    if not (gold.has(sympy.Float) or pred.has(sympy.Float)):
+        return True  # exact (symbolic) equality: no rounding was involved
+    try:
+        a, b = float(gold), float(pred)
+    except (TypeError, ValueError, OverflowError):  # not a real number, or too large for a float
+        return True
+    return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=0.0)
+
+
+def _same(gold_text: str, pred_text: str, pred_parsed: list) -> bool:
+    """Is the prediction (its text and math-verify's parse of it) equivalent to the gold text?"""
+    gold_value, pred_value = _decimal(gold_text), _decimal(pred_text)
+    if gold_value is not None and pred_value is not None:
+        return gold_value == pred_value  # two plain decimals: exact, whatever their magnitude
+    gold_parsed = _parse_answer(gold_text)
+    _, verify, _ = _math_verify()
+    if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
+        if _close_enough(gold_parsed, pred_parsed):
+            return True
+    return _canon(_clean_answer(pred_text)) == _canon(_clean_answer(gold_text)) != ""
+
+
 def verify_one(completion: str, gold) -> Verdict:
     """Check one completion against one gold answer, in this process, without a time limit. Never raises."""
     try:
@@ -255,11 +298,7 @@ def verify_one(completion: str, gold) -> Verdict:
             if not pred:
                 return _fail("no_answer")
             extracted = next((p for p in reversed(pred) if isinstance(p, str)), str(pred[0]))
-        gold_parsed = _parse_answer(gold_text)
-        _, verify, _ = _math_verify()
-        correct = bool(gold_parsed and pred and verify(gold_parsed, pred, timeout_seconds=None))
-        if not correct:
-            correct = _canon(_clean_answer(extracted)) == _canon(_clean_answer(gold_text)) != ""
+        correct = _same(gold_text, extracted, pred)
         return Verdict(reward=1.0 if correct else 0.0, correct=correct, extracted=extracted, verdict="ok")
     except Exception:  # a bad item is a verdict, never a crash of the caller
         return _fail("error")

@@ -105,6 +105,18 @@ EQUIVALENCES = [  # (completion, gold, correct?)
     (r"\boxed{2500000}", "2.5e6", True),
     (r"\boxed{2.5e6}", "2500000", True),
     (r"\boxed{2600000}", "2.5e6", False),
+    (r"\boxed{0.0000672}", ".0000672", True),  # small decimals: exact, not to 6 decimal places
+    (r"\boxed{0.0000673}", ".0000672", False),
+    (r"\boxed{0.000067}", ".0000672", False),
+    (r"\boxed{0.0000001}", "0.0000002", False),
+    (r"\boxed{6.72\times10^{-5}}", ".0000672", True),  # a float against a power of ten: relative 5e-6
+    (r"\boxed{6.7\times10^{-5}}", ".0000672", False),
+    (r"\boxed{10^{-7}}", "0.0000002", False),
+    (r"\boxed{0.333333}", r"\frac{1}{3}", True),  # six significant digits still match a fraction
+    (r"\boxed{0.33}", r"\frac{1}{3}", False),
+    (r"\boxed{1,000}", "1000", True),
+    (r"\boxed{1000.0}", "1,000", True),
+    (r"\boxed{2.50}", r"\$2.5", True),
     (r"\boxed{1,600}", "#### 1,600", True),  # GSM8K: thousands separators on either side
     (r"\boxed{1600}", "She earns 5 * 320 = 1600\n#### 1,600", True),
     (r"\boxed{16000}", "#### 1,600", False),
