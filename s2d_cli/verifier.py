@@ -13,6 +13,8 @@ Gold answers are normalised first (`normalize_gold`): numbers, zero-padded AIME 
 "#### N" tails, a solution's last boxed answer. Two plain decimals ("0.0000672", "1,000", "\\$18.90")
 are compared exactly; where math-verify matched numbers through a float (it rounds floats to 6 decimal
 places), the two must also agree to a relative 5e-6 (`REL_TOL`), so 0.0000001 is not 0.0000002.
+A bare "70,110" on either side may be the number or the list (MATH asks for lists "separated by
+commas"): a prediction that matches the gold in either reading is right.
 
 math-verify's own timeouts use SIGALRM, which works only in a main thread and does not fire while a
 C-level big-integer operation holds the interpreter (`9^{9^{9^{9^9}}}` takes seconds, or forever). So
@@ -115,6 +117,7 @@ def last_boxed(text: str) -> str | None:
 
 _INT_RE = re.compile(r"[+-]?\d+")
 _THOUSANDS_RE = re.compile(r"([+-]?)(\d{1,3}(?:,\d{3})+)(\.\d+)?")
+_BARE_THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+")
 _SCIENTIFIC_RE = re.compile(r"([+-]?\d+(?:\.\d+)?)[eE]([+-]?\d+)")
 _MAX_POSITIONAL_EXPONENT = 1000  # 1e1000 is 1001 digits; a longer plain form would be a memory hazard
 
@@ -165,7 +168,7 @@ def gold_type_error(answer) -> str | None:
 
 def normalize_gold(answer) -> str:
     """Gold answer as text: 27.0 -> '27', 5e-05 -> '0.00005', '025' -> '25', '... #### 1,234' -> '1234',
-    a solution -> its last box."""
+    a solution -> its last box. A bare '70,110' stays as it is: it may be a list (see `_readings`)."""
     if isinstance(answer, bool):
         raise TypeError(f"gold answer must be a number or a string, not {answer!r}")
     if isinstance(answer, int):
@@ -175,10 +178,12 @@ def normalize_gold(answer) -> str:
     if not isinstance(answer, str):
         raise TypeError(f"gold answer must be a number or a string, not {type(answer).__name__}")
     s = answer.strip()
-    if "####" in s:  # GSM8K: worked solution, then "#### <answer>"
-        s = s.rsplit("####", 1)[1].strip()
+    if "####" in s:  # GSM8K: worked solution, then "#### <answer>", always a number
+        return _plain_number(s.rsplit("####", 1)[1].strip())
     if _BOXED_RE.search(s):  # a full solution: the gold is its last boxed answer
         s = last_boxed(s) or s
+    if _BARE_THOUSANDS_RE.fullmatch(s):  # 70,110: a number or a list of two (see _readings)
+        return s
     return _plain_number(s)
 
 
@@ -269,11 +274,24 @@ def _close_enough(gold_parsed, pred_parsed) -> bool:
     return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=0.0)
 
 
-def _same(gold_text: str, pred_text: str, pred_parsed: list) -> bool:
-    """Is the prediction (its text and math-verify's parse of it) equivalent to the gold text?"""
+def _readings(text: str) -> list[str]:
+    """The ways to read an answer: one, except a bare d,ddd such as MATH's "70,110" ("Enter all the
+    solutions, separated by commas"), which is the number 70110 or the list 70, 110. LaTeX's own
+    thousands separators (10{,}080, 10,\\!080), money and decimals (\\$1,000, 1,000.5) are numbers."""
+    s = text.strip().strip("$").strip()
+    if _BARE_THOUSANDS_RE.fullmatch(s):
+        return [s, s.replace(",", ", ")]  # _clean_answer makes the first 70110; the space keeps the list
+    return [text]
+
+
+def _same(gold_text: str, pred_text: str, pred_parsed: list | None = None) -> bool:
+    """Is the prediction (its text, and math-verify's parse of it where there is one) equivalent to
+    the gold text?"""
     gold_value, pred_value = _decimal(gold_text), _decimal(pred_text)
     if gold_value is not None and pred_value is not None:
         return gold_value == pred_value  # two plain decimals: exact, whatever their magnitude
+    if pred_parsed is None:
+        pred_parsed = _parse_answer(pred_text)
     gold_parsed = _parse_answer(gold_text)
     _, verify, _ = _math_verify()
     if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
@@ -290,7 +308,8 @@ def verify_one(completion: str, gold) -> Verdict:
         if boxed is not None:
             if not boxed:
                 return _fail("no_answer", boxed)  # \boxed{}
-            extracted, pred = boxed, _parse_answer(boxed)
+            extracted = boxed
+            preds = [(reading, None) for reading in _readings(boxed)]  # parsed when needed
         elif _BOXED_RE.search(completion):
             return _fail("no_answer")  # the last box was never closed: a truncated answer
         else:  # no box at all: math-verify's own extraction ("the answer is $5$", "... is 18.")
@@ -298,7 +317,9 @@ def verify_one(completion: str, gold) -> Verdict:
             if not pred:
                 return _fail("no_answer")
             extracted = next((p for p in reversed(pred) if isinstance(p, str)), str(pred[0]))
-        correct = _same(gold_text, extracted, pred)
+            preds = [(extracted, pred)]
+        # 70,110 is a number or a list: a prediction that matches either reading is right
+        correct = any(_same(g, text, parsed) for g in _readings(gold_text) for text, parsed in preds)
         return Verdict(reward=1.0 if correct else 0.0, correct=correct, extracted=extracted, verdict="ok")
     except Exception:  # a bad item is a verdict, never a crash of the caller
         return _fail("error")

@@ -62,6 +62,7 @@ def test_last_boxed(text, expected):
         ("025", "25"),
         ("  073 ", "73"),
         ("Janet sells 9 eggs.\n#### 1,600", "1600"),
+        ("70,110", "70,110"),  # a number or a list: both readings are tried
         (r"\frac{1}{2}", r"\frac{1}{2}"),
         (r"So the answer is $\boxed{\text{east}}$.", r"\text{east}"),
         (5e-05, "0.00005"),  # str()/repr() give "5e-05", which math-verify reads as e - 5
@@ -123,6 +124,15 @@ EQUIVALENCES = [  # (completion, gold, correct?)
     (r"\boxed{\$32,348}", r"\$32,\!348", True),
     (r"\boxed{11111111100}", r"11,\! 111,\! 111,\! 100", True),
     (r"\boxed{18.9}", r"\$18.90", True),
+    (r"\boxed{70, 110}", "70,110", True),  # MATH's "Enter all the solutions, separated by commas"
+    (r"\boxed{110, 70}", "70,110", True),
+    (r"\boxed{70, 100}", "70,110", False),
+    (r"\boxed{70110}", "70,110", True),  # ... or the number: either reading counts
+    (r"\boxed{81,256}", "81, 256", True),  # the same on the prediction side
+    (r"\boxed{81,257}", "81, 256", False),
+    (r"\boxed{58500}", "58,500", True),
+    (r"\boxed{10{,}080}", "10, 80", False),  # LaTeX's thousands separators always make a number
+    (r"\boxed{10,\!080}", "10080", True),
     (r"\boxed{\text{Evelyn}}", r"\text{Evelyn}", True),
     (r"\boxed{Evelyn}", r"\text{Evelyn}", True),
     (r"\boxed{\text{Bob}}", r"\text{Evelyn}", False),
