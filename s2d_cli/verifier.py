@@ -202,6 +202,13 @@ def _canon(text: str) -> str:
     return s.lower() if re.fullmatch(r"[A-Za-z().,]+", s) else s  # words ignore case, symbols do not
 
 
+def answer_key(text: str) -> str:
+    """A normalised form of an answer, for grouping answers that are written alike (maj@n's votes):
+    spacing, `$`, `\\left`/`\\right`, `\\dfrac`, thousands separators, leading zeros and `.0` do not
+    matter. Equivalent answers written differently (0.5, \\frac12) still get different keys."""
+    return _canon(re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", _clean_answer(text)))
+
+
 # ---------------------------------------------------------------------------------------------
 # math-verify, in-process
 
