@@ -385,3 +385,37 @@ def test_verify_refuses_golds_that_are_not_text_or_finite_numbers(tmp_path, gold
     assert line == f"s2d: error: {records}:2: {message}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
     assert verify_one(r"\boxed{5}", gold).verdict == "error"  # in-process: an error verdict, never a grade
+
+
+# --------------------------------------------------------------------------------------------- --reward
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("def fn(completion, answer):\n    return 1.0 +\n", "cannot import module 's2d_reward_probe' (SyntaxError: "),
+    ("raise RuntimeError('no GPU here')\n", "cannot import module 's2d_reward_probe' (RuntimeError: no GPU here)"),
+    ("def other(completion, answer):\n    return 1.0\n", "module 's2d_reward_probe' has no attribute 'fn'"),
+    ("fn = 3\n", "not a function"),
+])
+def test_a_reward_module_that_fails_to_load_is_a_usage_error(tmp_path, monkeypatch, source, expected):
+    from s2d_cli.rewards import load_reward_fn
+
+    (tmp_path / "s2d_reward_probe.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "s2d_reward_probe", raising=False)
+    with pytest.raises(UsageError) as e:
+        load_reward_fn("s2d_reward_probe:fn")
+    message = str(e.value)
+    assert message.startswith("--reward s2d_reward_probe:fn: ") and expected in message, message
+    assert len(message.splitlines()) == 1
+    sys.modules.pop("s2d_reward_probe", None)
+
+
+def test_a_reward_module_that_loads_gives_its_function(tmp_path, monkeypatch):
+    from s2d_cli.rewards import load_reward_fn
+
+    (tmp_path / "s2d_reward_ok.py").write_text("def fn(completion, answer):\n    return float(answer == '5')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = load_reward_fn("s2d_reward_ok:fn")
+    assert (fn("x", "5"), fn("x", "6")) == (1.0, 0.0)
+    assert load_reward_fn("math") is None
+    sys.modules.pop("s2d_reward_ok", None)
