@@ -40,7 +40,7 @@ from .rollout import (
     sampling_config,
 )
 from .verifier import check_pool_options
-from .verify import WORKERS_HELP, check_golds, score
+from .verify import WORKERS_HELP, check_golds, score, warm_up_golds
 
 _QWEN3_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
 PROTOCOLS = {
@@ -136,7 +136,10 @@ def run(cfg: EvalConfig) -> dict:
             cu.console.print(metrics_table(metrics))
             print(cfg.out)
             return metrics
-    with Verifier(workers=cfg.workers, timeout=cfg.timeout) as verifier:
+    golds = warm_up_golds(r["answer"] for r in inputs) if cfg.rollouts is not None else \
+        warm_up_golds(ex.answer for ex in inputs)
+    # the zygote parses them while the model loads and samples; with --rollouts, before the first check
+    with Verifier(workers=cfg.workers, timeout=cfg.timeout, warm_up=golds) as verifier:
         if cfg.rollouts is not None:
             records = _rescore(inputs, slices, writer, verifier)
         else:

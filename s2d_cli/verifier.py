@@ -608,6 +608,7 @@ class Verifier:
     `warm_up`: answers like the ones to come (a dataset's golds). math-verify's LaTeX parser learns as it
     goes and is ~2x slower on its first few hundred answers; parsing these once in the zygote (~3 ms each,
     before the first `verify` can start) teaches every worker at once instead of each on its own.
+    `s2d verify` and `s2d eval` pass up to 500 of their distinct golds (`verify.warm_up_golds`).
     Calls from several threads are serialised.
     """
 

@@ -11,6 +11,7 @@ verdict "timeout"; model output is never evaluated as code.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +55,18 @@ def check_golds(records: list[dict], source: str) -> None:
             raise located(source, i, "field 'completion': expected text")
 
 
+WARM_UP_GOLDS = 500  # ~3 ms each in the zygote, before the first worker forks
+
+
+def warm_up_golds(golds) -> list:
+    """The first WARM_UP_GOLDS distinct golds, for `Verifier(warm_up=...)`: the zygote parses them once,
+    so every worker inherits the parses and math-verify's trained parser instead of paying both itself.
+    Measured on MATH-500 solutions, 2 workers, 2 cores: 500 and 1,500 items verified in 4.0-4.9 s with
+    the warm-up against 5.0-5.5 s without (pool start included). Capped: the warm-up is serial, and
+    the parser has learned most of what it will after a few hundred answers."""
+    return list(itertools.islice(dict.fromkeys(golds), WARM_UP_GOLDS))
+
+
 def score(records: list[dict], verifier) -> list[dict]:
     """Records with reward, correct, extracted and verdict added (a new list; inputs untouched). Golds go
     to the verifier as they are: str() would write the float 0.00005 as "5e-05", which reads as e - 5."""
@@ -72,7 +85,8 @@ def run(cfg: VerifyConfig) -> Path | None:
     todo = writer.pending()
     correct = total = 0
     if todo:
-        with Verifier(workers=cfg.workers, timeout=cfg.timeout) as verifier, cu.progress() as bar:
+        golds = warm_up_golds(records[j]["answer"] for i in todo for j in slices[i])
+        with Verifier(workers=cfg.workers, timeout=cfg.timeout, warm_up=golds) as verifier, cu.progress() as bar:
             task = bar.add_task("verify", total=sum(len(slices[i]) for i in todo))
             for i in todo:
                 scored = score([records[j] for j in slices[i]], verifier)

@@ -419,3 +419,43 @@ def test_a_reward_module_that_loads_gives_its_function(tmp_path, monkeypatch):
     assert (fn("x", "5"), fn("x", "6")) == (1.0, 0.0)
     assert load_reward_fn("math") is None
     sys.modules.pop("s2d_reward_ok", None)
+
+
+# --------------------------------------------------------------------------------------------- warm-up
+
+
+@pytest.fixture
+def pools(monkeypatch):
+    """Records the warm_up each Verifier is made with (the pools still run)."""
+    import s2d_cli.verifier as verifier_module
+
+    made = []
+
+    class Recording(verifier_module.Verifier):
+        def __init__(self, *args, warm_up=(), **kwargs):
+            made.append(list(warm_up))
+            super().__init__(*args, warm_up=warm_up, **kwargs)
+
+    monkeypatch.setattr(verifier_module, "Verifier", Recording)
+    return made
+
+
+def test_verify_and_eval_warm_the_pool_up_with_their_golds(tmp_path, pools):
+    path = tmp_path / "in.jsonl"
+    rows = [("a", r"\boxed{5}", "5"), ("a", r"\boxed{6}", "5"), ("b", r"\boxed{0.00005}", 5e-05), ("c", "x", "70,110")]
+    path.write_text("".join(json.dumps({"id": i, "completion": c, "answer": a}) + "\n" for i, c, a in rows))
+    result = invoke("verify", path, "--workers", 1, "--out", "-")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["correct"] for line in result.stdout.splitlines()] == [True, False, True, False]
+    result = invoke("eval", "--rollouts", path, "--workers", 1)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert pools == [["5", 5e-05, "70,110"]] * 2  # distinct, first seen first
+
+
+def test_warm_up_golds_are_distinct_and_capped():
+    from s2d_cli.verify import WARM_UP_GOLDS, warm_up_golds
+
+    golds = [str(i // 2) for i in range(2 * WARM_UP_GOLDS + 10)]  # every gold twice
+    assert warm_up_golds(golds) == [str(i) for i in range(WARM_UP_GOLDS)]
+    assert WARM_UP_GOLDS == 500
