@@ -115,7 +115,6 @@ def last_boxed(text: str) -> str | None:
     return token or None
 
 
-_INT_RE = re.compile(r"[+-]?\d+")
 _THOUSANDS_RE = re.compile(r"([+-]?)(\d{1,3}(?:,\d{3})+)(\.\d+)?")
 _BARE_THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+")
 _SCIENTIFIC_RE = re.compile(r"([+-]?\d+(?:\.\d+)?)[eE]([+-]?\d+)")
@@ -148,10 +147,9 @@ def _plain_number(text: str) -> str:
     m = _THOUSANDS_RE.fullmatch(s)
     if m:
         s = m.group(1) + m.group(2).replace(",", "") + (m.group(3) or "")
-    if _INT_RE.fullmatch(s):
-        return str(int(s))
-    if re.fullmatch(r"[+-]?\d+\.0*", s):
-        return str(int(s.split(".")[0]))
+    if re.fullmatch(r"[+-]?\d+(?:\.0*)?", s):  # an integer: no int(), which refuses 4,300+ digits
+        digits = s.split(".")[0].lstrip("+-").lstrip("0") or "0"
+        return "-" + digits if s.startswith("-") and digits != "0" else digits
     return s
 
 

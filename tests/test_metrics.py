@@ -71,6 +71,7 @@ def _s(extracted, correct):
     ([_s("1,000", False), _s("0.5", True), _s("1000", False), _s(r"\frac12", True)], False),
     ([_s(r"\dfrac{1}{3}", False), _s(r"\frac{1}{3}", False), _s("0.5", True)], False),  # 2:1
     ([_s("7", False), _s("8", False), _s("9", False), _s("0.5", True), _s("1/2", True)], True),  # 2:1:1:1
+    ([_s("9" * 5000, False), _s("9" * 5000, False), _s("1", True)], False),  # any length of answer votes
 ])
 def test_majority_correct_by_hand(samples, expected):
     assert majority_correct(samples) is expected

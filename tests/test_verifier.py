@@ -163,6 +163,13 @@ def test_no_answer(completion):
     assert v.extracted in (None, "")
 
 
+def test_integers_longer_than_pythons_int_str_limit_still_compare():
+    big = "9" * 5000  # int() refuses more than 4,300 digits: this was an "error" verdict
+    assert verify_one(rf"\boxed{{{big}}}", big) == Verdict(1.0, True, big, "ok")
+    assert not verify_one(rf"\boxed{{{big}}}", "8" + big[1:]).correct
+    assert normalize_gold("000" + big) == big
+
+
 def test_extracted_is_the_last_box_content():
     v = verify_one(r"maybe \boxed{4}? no: \boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}2")
     assert v == Verdict(1.0, True, r"\frac{\sqrt{3}}{2}", "ok")
