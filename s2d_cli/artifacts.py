@@ -66,7 +66,16 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def dumps_records(records: Iterable[dict]) -> bytes:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    """JSONL bytes, UTF-8. A record holding a lone surrogate (model output can: "\\ud800") cannot be
+    encoded as UTF-8; it is written with ASCII escapes instead, which json.loads reads back unchanged."""
+    lines = []
+    for r in records:
+        line = json.dumps(r, ensure_ascii=False) + "\n"
+        try:
+            lines.append(line.encode("utf-8"))
+        except UnicodeEncodeError:
+            lines.append((json.dumps(r) + "\n").encode("ascii"))
+    return b"".join(lines)
 
 
 _STDIN_SHA: str | None = None       # sha256 of what this process read from stdin, once it has

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, located
+from .verifier import gold_type_error
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
 BUNDLED = {
@@ -40,8 +41,9 @@ def gold_from_text(value: Any) -> str | None:
     """Gold answer as text: GSM8K `#### N` -> N; a worked solution -> its last \\boxed{}; else as is."""
     if value is None:
         return None
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
+    if isinstance(value, float):  # 27.0 -> "27", 5e-05 -> "0.00005" (str() would give "5e-05": e - 5)
+        from .verifier import format_float
+        return format_float(value)
     text = str(value)
     if "####" in text:
         return text.rsplit("####", 1)[1].strip().replace(",", "")
@@ -79,6 +81,10 @@ def to_examples(records: list[dict], source: str, *, prompt_field: str | None = 
         if not isinstance(rec[pf], str) or not rec[pf].strip():
             raise located(source, line, f"field {pf!r}: expected non-empty text")
         af = _pick(rec, answer_field, ANSWER_FIELDS)
+        if af and rec.get(af) is not None:
+            problem = gold_type_error(rec[af])
+            if problem:
+                raise located(source, line, f"field {af!r}: {problem}")
         answer = gold_from_text(rec.get(af)) if af else None
         if answer_field and answer_field not in rec:
             raise located(source, line, f"missing field {answer_field!r}")

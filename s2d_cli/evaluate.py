@@ -39,7 +39,8 @@ from .rollout import (
     open_engine,
     sampling_config,
 )
-from .verify import check_golds, score
+from .verifier import check_pool_options
+from .verify import WORKERS_HELP, check_golds, score, warm_up_golds
 
 _QWEN3_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
 PROTOCOLS = {
@@ -57,7 +58,7 @@ class EvalConfig(PromptFields, SamplingFields):
     rollouts: str | None = None      # re-score an existing rollout artifact / JSONL instead of sampling
     out: str | None = None           # output directory; none: metrics JSON on stdout, nothing written
     protocol: str | None = None      # a named protocol (see above); recorded in metrics.json
-    workers: int | None = None       # verifier processes
+    workers: int | None = None       # verifier processes (default or 0: one per CPU)
     timeout: float = 5.0             # verifier wall-clock seconds per item
     shard_size: int = 64             # prompts per shard (records per shard with --rollouts)
     force: bool = False
@@ -71,6 +72,7 @@ class EvalConfig(PromptFields, SamplingFields):
             check_sampling(self)
         if self.out == "-":
             raise UsageError("--out: eval writes a directory; omit --out to get metrics JSON on stdout")
+        check_pool_options(self.workers, self.timeout)
 
 
 def _sample_and_score(cfg: EvalConfig, examples: list[Example], slices: list[range], writer: ArtifactWriter | None,
@@ -135,7 +137,10 @@ def run(cfg: EvalConfig) -> dict:
             cu.console.print(metrics_table(metrics))
             print(cfg.out)
             return metrics
-    with Verifier(workers=cfg.workers, timeout=cfg.timeout) as verifier:
+    golds = warm_up_golds(r["answer"] for r in inputs) if cfg.rollouts is not None else \
+        warm_up_golds(ex.answer for ex in inputs)
+    # the zygote parses them while the model loads and samples; with --rollouts, before the first check
+    with Verifier(workers=cfg.workers, timeout=cfg.timeout, warm_up=golds) as verifier:
         if cfg.rollouts is not None:
             records = _rescore(inputs, slices, writer, verifier)
         else:
@@ -172,7 +177,7 @@ def command(
     prompt_field: cu.PromptFieldOpt = None, answer_field: cu.AnswerFieldOpt = None, id_field: cu.IdFieldOpt = None,
     rollouts: str = typer.Option(None, "--rollouts", help="Re-score existing rollouts instead of sampling."),
     protocol: str = typer.Option(None, "--protocol", help=f"Named protocol: {', '.join(PROTOCOLS)}."),
-    workers: int = typer.Option(None, "--workers", help="Verifier processes (default: CPU count)."),
+    workers: int = typer.Option(None, "--workers", help=WORKERS_HELP),
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
     """Evaluate a model on a math set: rollout + verify + metrics (avg@n, pass@k, maj@n).

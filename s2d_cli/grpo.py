@@ -268,7 +268,7 @@ def run(cfg: GRPOConfig):
                 for r, x in zip(records, rewards):
                     r["reward"], r["correct"] = x, x > 0
             else:
-                verdicts = verifier.verify([(r["completion"], str(r["answer"])) for r in records])
+                verdicts = verifier.verify([(r["completion"], r["answer"]) for r in records])
                 for r, v in zip(records, verdicts):
                     r.update(asdict(v))
                 rewards = [v.reward for v in verdicts]

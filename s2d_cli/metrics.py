@@ -26,19 +26,33 @@ def mean_ci95(per_prompt: list[float], num_samples: int) -> tuple[float, float, 
     return mean, max(0.0, mean - 1.96 * se), min(1.0, mean + 1.96 * se)
 
 
-def _normalise(extracted: str | None) -> str | None:
-    return None if extracted is None else "".join(extracted.split())
+_CORRECT = object()  # the vote of every correct sample (no text can equal it)
 
 
 def majority_correct(samples: list[dict]) -> bool:
-    """maj@n: the most frequent extracted answer (ties: the earliest) decides."""
-    votes = Counter(_normalise(s.get("extracted")) for s in samples if s.get("extracted") is not None)
-    if not votes:
+    """maj@n: is the most voted answer the right one?
+
+    Every correct sample is equivalent to the gold, so all of them are one answer (0.5, \\frac12 and
+    \\dfrac{1}{2} against gold 0.5 are three votes for it). Wrong answers are grouped by their
+    normalised text (`verifier.answer_key`: spacing, thousands separators, \\dfrac vs \\frac do not
+    split them). A sample without an extracted answer casts no vote. Ties go to the answer seen first
+    (the lowest sample index), so a tie between the right answer and a wrong one is right only when a
+    correct sample comes before every sample of that wrong answer."""
+    from .verifier import answer_key
+
+    votes: dict[object, list[int]] = {}  # answer -> [votes, index of its first sample]
+    for i, s in enumerate(samples):
+        if s.get("correct"):
+            key: object = _CORRECT
+        elif s.get("extracted") is None:
+            continue
+        else:
+            key = answer_key(s["extracted"])
+        votes.setdefault(key, [0, i])[0] += 1
+    if _CORRECT not in votes:
         return False
-    best = max(votes.values())
-    winner = next(_normalise(s["extracted"]) for s in samples
-                  if s.get("extracted") is not None and votes[_normalise(s["extracted"])] == best)
-    return any(s["correct"] for s in samples if _normalise(s.get("extracted")) == winner)
+    right, first = votes.pop(_CORRECT)
+    return all(n < right or (n == right and f > first) for n, f in votes.values())
 
 
 def summarize(records: list[dict], *, dataset: str, model: str | None) -> dict[str, Any]:

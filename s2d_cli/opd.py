@@ -199,7 +199,7 @@ def run(cfg: OPDConfig):
         records = completion_records(mine, texts, groups, cfg.student, logprobs=False, prompt_ids=ids)
         rewards, correct = [0.0] * len(records), [False] * len(records)
         if verifier is not None:   # answers exist: accuracy always, the reward only when alpha > 0
-            verdicts = verifier.verify([(r["completion"], str(r["answer"])) for r in records])
+            verdicts = verifier.verify([(r["completion"], r["answer"]) for r in records])
             rewards, correct = [v.reward for v in verdicts], [v.correct for v in verdicts]
         adv = sequence_advantages(rewards, cfg.n, cfg.alpha)
         seqs = []

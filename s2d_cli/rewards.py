@@ -21,9 +21,14 @@ def load_reward_fn(spec: str) -> Callable[[str, str | None], float] | None:
         raise UsageError(f"--reward: expected 'math' or 'module:function', got {spec!r}")
     module, name = spec.split(":", 1)
     try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"--reward {spec}: cannot import ({e})") from None
+        mod = importlib.import_module(module)
+    except Exception as e:  # not found, a SyntaxError, or anything the module raises while it loads
+        detail = (str(e).splitlines() or [""])[0]
+        raise UsageError(f"--reward {spec}: cannot import module {module!r} ({type(e).__name__}: {detail})") from None
+    try:
+        fn = getattr(mod, name)
+    except AttributeError:
+        raise UsageError(f"--reward {spec}: module {module!r} has no attribute {name!r}") from None
     if not callable(fn):
         raise UsageError(f"--reward {spec}: not a function")
     return fn

@@ -10,7 +10,11 @@ take it, read with math-verify. (math-verify on a whole text has its own rules: 
 \\boxed{5}" parses as the set {3, 5}, which matches neither 3 nor 5.) A completion without any box falls
 back to math-verify's own extraction over the whole text ("The answer is $5$.").
 Gold answers are normalised first (`normalize_gold`): numbers, zero-padded AIME strings, GSM8K's
-"#### N" tails, a solution's last boxed answer.
+"#### N" tails, a solution's last boxed answer. Two plain decimals ("0.0000672", "1,000", "\\$18.90")
+are compared exactly; where math-verify matched numbers through a float (it rounds floats to 6 decimal
+places), the two must also agree to a relative 5e-6 (`REL_TOL`), so 0.0000001 is not 0.0000002.
+A bare "70,110" on either side may be the number or the list (MATH asks for lists "separated by
+commas"): a prediction that matches the gold in either reading is right.
 
 math-verify's own timeouts use SIGALRM, which works only in a main thread and does not fire while a
 C-level big-integer operation holds the interpreter (`9^{9^{9^{9^9}}}` takes seconds, or forever). So
@@ -28,6 +32,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import math
 import os
 import pickle
 import re
@@ -42,8 +47,11 @@ import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from multiprocessing import connection
 from pathlib import Path
+
+from .errors import UsageError
 
 VERDICTS = ("ok", "no_answer", "timeout", "error")
 
@@ -107,38 +115,73 @@ def last_boxed(text: str) -> str | None:
     return token or None
 
 
-_INT_RE = re.compile(r"[+-]?\d+")
 _THOUSANDS_RE = re.compile(r"([+-]?)(\d{1,3}(?:,\d{3})+)(\.\d+)?")
+_BARE_THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+")
+_SCIENTIFIC_RE = re.compile(r"([+-]?\d+(?:\.\d+)?)[eE]([+-]?\d+)")
+_MAX_POSITIONAL_EXPONENT = 1000  # 1e1000 is 1001 digits; a longer plain form would be a memory hazard
+
+
+def format_float(x: float) -> str:
+    """A finite float in positional notation, as a gold is written: 5e-05 -> '0.00005', 27.0 -> '27',
+    2.5e+20 -> '250000000000000000000'. str() would give '5e-05', which math-verify reads as e - 5."""
+    if not math.isfinite(x):
+        raise ValueError(f"gold answer must be a finite number, not {x!r}")
+    if x.is_integer():
+        return str(int(x))
+    return format(Decimal(repr(x)), "f")  # repr: the shortest digits that round-trip, so 0.1 stays 0.1
 
 
 def _plain_number(text: str) -> str:
-    """'025' -> '25', '1,000' -> '1000', '27.0' -> '27'; anything else unchanged."""
+    """'025' -> '25', '1,000' -> '1000', '27.0' -> '27', '2.5e6' -> '2500000', '5e-05' -> '0.00005';
+    anything else unchanged."""
     s = text.strip()
+    m = _SCIENTIFIC_RE.fullmatch(s)
+    if m:  # math-verify reads 5e-05 as e - 5 (Euler's number): write it out
+        mantissa, exponent = m.group(1), int(m.group(2))
+        if abs(exponent) <= _MAX_POSITIONAL_EXPONENT:
+            s = format(Decimal(mantissa).scaleb(exponent), "f")
+            if "." in s:
+                s = s.rstrip("0").rstrip(".")
+        else:
+            s = f"{mantissa}\\times10^{{{exponent}}}"
     m = _THOUSANDS_RE.fullmatch(s)
     if m:
         s = m.group(1) + m.group(2).replace(",", "") + (m.group(3) or "")
-    if _INT_RE.fullmatch(s):
-        return str(int(s))
-    if re.fullmatch(r"[+-]?\d+\.0*", s):
-        return str(int(s.split(".")[0]))
+    if re.fullmatch(r"[+-]?\d+(?:\.0*)?", s):  # an integer: no int(), which refuses 4,300+ digits
+        digits = s.split(".")[0].lstrip("+-").lstrip("0") or "0"
+        return "-" + digits if s.startswith("-") and digits != "0" else digits
     return s
 
 
+def gold_type_error(answer) -> str | None:
+    """What is wrong with `answer` as a gold (None if nothing): text, an int or a finite float only.
+    A list, true/false, an object or NaN would otherwise be graded silently ("['5']" never matches)."""
+    if isinstance(answer, str) or (isinstance(answer, int) and not isinstance(answer, bool)):
+        return None
+    if isinstance(answer, float):
+        return None if math.isfinite(answer) else f"expected a finite number, got {json.dumps(answer)}"
+    shown = json.dumps(answer, default=lambda o: type(o).__name__)
+    return f"expected text or a number, got {shown[:40] + '...' if len(shown) > 40 else shown}"
+
+
 def normalize_gold(answer) -> str:
-    """Gold answer as text: 27.0 -> '27', '025' -> '25', '... #### 1,234' -> '1234', a solution -> its last box."""
+    """Gold answer as text: 27.0 -> '27', 5e-05 -> '0.00005', '025' -> '25', '... #### 1,234' -> '1234',
+    a solution -> its last box. A bare '70,110' stays as it is: it may be a list (see `_readings`)."""
     if isinstance(answer, bool):
         raise TypeError(f"gold answer must be a number or a string, not {answer!r}")
     if isinstance(answer, int):
         return str(answer)
     if isinstance(answer, float):
-        return str(int(answer)) if answer.is_integer() else repr(answer)
+        return format_float(answer)
     if not isinstance(answer, str):
         raise TypeError(f"gold answer must be a number or a string, not {type(answer).__name__}")
     s = answer.strip()
-    if "####" in s:  # GSM8K: worked solution, then "#### <answer>"
-        s = s.rsplit("####", 1)[1].strip()
+    if "####" in s:  # GSM8K: worked solution, then "#### <answer>", always a number
+        return _plain_number(s.rsplit("####", 1)[1].strip())
     if _BOXED_RE.search(s):  # a full solution: the gold is its last boxed answer
         s = last_boxed(s) or s
+    if _BARE_THOUSANDS_RE.fullmatch(s):  # 70,110: a number or a list of two (see _readings)
+        return s
     return _plain_number(s)
 
 
@@ -155,6 +198,13 @@ def _canon(text: str) -> str:
     s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", text)
     s = re.sub(r"\\(?:left|right|displaystyle|!|,|;|:)|\s+|\$", "", s).rstrip(".")
     return s.lower() if re.fullmatch(r"[A-Za-z().,]+", s) else s  # words ignore case, symbols do not
+
+
+def answer_key(text: str) -> str:
+    """A normalised form of an answer, for grouping answers that are written alike (maj@n's votes):
+    spacing, `$`, `\\left`/`\\right`, `\\dfrac`, thousands separators, leading zeros and `.0` do not
+    matter. Equivalent answers written differently (0.5, \\frac12) still get different keys."""
+    return _canon(re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", _clean_answer(text)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,6 +251,60 @@ def _parse_answer_cached(cleaned: str) -> tuple:
     return tuple(parsed)  # sympy objects are immutable; the tuple keeps callers from changing the cache
 
 
+_DECIMAL_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+REL_TOL = 5e-6  # a float answer must agree with the gold to about 6 significant digits (1/3 ~ 0.333333)
+
+
+def _decimal(text: str) -> Decimal | None:
+    """The exact value of a plain decimal answer ('0.0000672', '\\$18.90', '1,000'); None for anything else."""
+    s = _clean_answer(text)
+    return Decimal(s) if _DECIMAL_RE.fullmatch(s) else None
+
+
+def _close_enough(gold_parsed, pred_parsed) -> bool:
+    """math-verify compares floats rounded to 6 decimal places, so 0.0000001 'equals' 0.0000002 and
+    6.7e-5 equals 0.0000672. Where a float took part in a match of two single numbers, also ask for a
+    relative error of at most REL_TOL. Anything else (sets, intervals, symbols) keeps math-verify's word."""
+    import sympy
+
+    gold, pred = gold_parsed[0], pred_parsed[0]
+    if not (isinstance(gold, sympy.Expr) and isinstance(pred, sympy.Expr)):
+        return True
+    if not (gold.has(sympy.Float) or pred.has(sympy.Float)):
+        return True  # exact (symbolic) equality: no rounding was involved
+    try:
+        a, b = float(gold), float(pred)
+    except (TypeError, ValueError, OverflowError):  # not a real number, or too large for a float
+        return True
+    return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=0.0)
+
+
+def _readings(text: str) -> list[str]:
+    """The ways to read an answer: one, except a bare d,ddd such as MATH's "70,110" ("Enter all the
+    solutions, separated by commas"), which is the number 70110 or the list 70, 110. LaTeX's own
+    thousands separators (10{,}080, 10,\\!080), money and decimals (\\$1,000, 1,000.5) are numbers."""
+    s = text.strip().strip("$").strip()
+    if _BARE_THOUSANDS_RE.fullmatch(s):
+        return [s, s.replace(",", ", ")]  # _clean_answer makes the first 70110; the space keeps the list
+    return [text]
+
+
+def _same(gold_text: str, pred_text: str, pred_parsed: list | None = None) -> bool:
+    """Is the prediction (its text, and math-verify's parse of it where there is one) equivalent to
+    the gold text?"""
+    gold_value, pred_value = _decimal(gold_text), _decimal(pred_text)
+    if gold_value is not None and pred_value is not None:
+        return gold_value == pred_value  # two plain decimals: exact, whatever their magnitude
+    if pred_parsed is None:
+        pred_parsed = _parse_answer(pred_text)
+    gold_parsed = _parse_answer(gold_text)
+    _, verify, _ = _math_verify()
+    if gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None):
+        if _close_enough(gold_parsed, pred_parsed):
+            return True
+    return _canon(_clean_answer(pred_text)) == _canon(_clean_answer(gold_text)) != ""
+
+
 def verify_one(completion: str, gold) -> Verdict:
     """Check one completion against one gold answer, in this process, without a time limit. Never raises."""
     try:
@@ -209,7 +313,8 @@ def verify_one(completion: str, gold) -> Verdict:
         if boxed is not None:
             if not boxed:
                 return _fail("no_answer", boxed)  # \boxed{}
-            extracted, pred = boxed, _parse_answer(boxed)
+            extracted = boxed
+            preds = [(reading, None) for reading in _readings(boxed)]  # parsed when needed
         elif _BOXED_RE.search(completion):
             return _fail("no_answer")  # the last box was never closed: a truncated answer
         else:  # no box at all: math-verify's own extraction ("the answer is $5$", "... is 18.")
@@ -217,11 +322,9 @@ def verify_one(completion: str, gold) -> Verdict:
             if not pred:
                 return _fail("no_answer")
             extracted = next((p for p in reversed(pred) if isinstance(p, str)), str(pred[0]))
-        gold_parsed = _parse_answer(gold_text)
-        _, verify, _ = _math_verify()
-        correct = bool(gold_parsed and pred and verify(gold_parsed, pred, timeout_seconds=None))
-        if not correct:
-            correct = _canon(_clean_answer(extracted)) == _canon(_clean_answer(gold_text)) != ""
+            preds = [(extracted, pred)]
+        # 70,110 is a number or a list: a prediction that matches either reading is right
+        correct = any(_same(g, text, parsed) for g in _readings(gold_text) for text, parsed in preds)
         return Verdict(reward=1.0 if correct else 0.0, correct=correct, extracted=extracted, verdict="ok")
     except Exception:  # a bad item is a verdict, never a crash of the caller
         return _fail("error")
@@ -472,6 +575,20 @@ def _wire_size(item: tuple) -> int:
     return 64 + sum(4 * len(x) if isinstance(x, str) else 64 for x in item)
 
 
+class PoolOptionError(UsageError, ValueError):
+    """A bad `workers` or `timeout`: a ValueError to Python callers, one line and exit 2 at the shell."""
+
+
+def check_pool_options(workers: int | None, timeout: float) -> None:
+    """`timeout`: finite seconds > 0 (NaN would remove every deadline, inf overflows the wait);
+    `workers`: None or 0 for every CPU this process may use, else a positive count."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+            math.isfinite(timeout) and timeout > 0):
+        raise PoolOptionError(f"--timeout: expected > 0 seconds (a finite number), got {timeout!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise PoolOptionError(f"--workers: expected a process count >= 0 (0: every CPU), got {workers!r}")
+
+
 def _default_workers() -> int:
     try:
         return len(os.sched_getaffinity(0))  # the CPUs this process may use (containers, taskset)
@@ -483,10 +600,13 @@ class Verifier:
     """A pool of worker processes checking (completion, gold) pairs, with a wall-clock limit per item.
 
     Create it once and call `verify` as often as needed (every GRPO step); `close()` or `with` ends it.
+    `workers`: None or 0 for one process per CPU this process may use. `timeout`: finite seconds > 0.
+    Bad values raise `PoolOptionError` (a ValueError, and a UsageError at the shell).
     `memory_mb` caps each worker's address space, so a runaway item fails alone instead of exhausting RAM.
     `warm_up`: answers like the ones to come (a dataset's golds). math-verify's LaTeX parser learns as it
     goes and is ~2x slower on its first few hundred answers; parsing these once in the zygote (~3 ms each,
     before the first `verify` can start) teaches every worker at once instead of each on its own.
+    `s2d verify` and `s2d eval` pass up to 500 of their distinct golds (`verify.warm_up_golds`).
     Calls from several threads are serialised.
     """
 
@@ -501,10 +621,8 @@ class Verifier:
         memory_mb: int | None = 4096,
         warm_up: Sequence[str] = (),
     ):
-
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-        self.n_workers = max(1, workers or _default_workers())
+        check_pool_options(workers, timeout)
+        self.n_workers = workers or _default_workers()
         self.timeout = float(timeout)
         self._procs = _Processes(memory_mb, list(warm_up))
         self._lock = threading.Lock()

@@ -11,6 +11,7 @@ verdict "timeout"; model output is never evaluated as code.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,13 +21,14 @@ from . import cliutil as cu
 from .artifacts import ArtifactWriter, read_records, shard_slices
 from .config import resolve
 from .errors import UsageError, located
+from .verifier import check_pool_options, gold_type_error
 
 
 @dataclass
 class VerifyConfig:
     input: str = ""           # artifact directory, JSONL file, or '-'
     out: str = "-"            # artifact directory, or '-' for JSONL on stdout
-    workers: int | None = None  # verifier processes (default: CPU count)
+    workers: int | None = None  # verifier processes (default or 0: one per CPU)
     timeout: float = 5.0      # wall-clock seconds per item
     shard_size: int = 1024    # records per output shard
     force: bool = False
@@ -34,21 +36,41 @@ class VerifyConfig:
     def validate(self) -> None:
         if not self.input:
             raise UsageError("missing input: an artifact directory, a JSONL file or '-'")
-        if self.timeout <= 0:
-            raise UsageError(f"--timeout: expected > 0, got {self.timeout}")
+        check_pool_options(self.workers, self.timeout)
+
+
+WORKERS_HELP = "Verifier processes (default, or 0: one per CPU this process may use; negative is an error)."
 
 
 def check_golds(records: list[dict], source: str) -> None:
+    """Every gold is non-empty text, an int or a finite float; every completion is text."""
     for i, rec in enumerate(records, 1):
-        if rec.get("answer") is None or str(rec["answer"]).strip() == "":
+        gold = rec.get("answer")
+        if gold is None or (isinstance(gold, str) and not gold.strip()):
             raise located(source, i, "field 'answer' is empty: no gold answer to verify against")
+        problem = gold_type_error(gold)
+        if problem:
+            raise located(source, i, f"field 'answer': {problem}")
         if not isinstance(rec.get("completion"), str):
             raise located(source, i, "field 'completion': expected text")
 
 
+WARM_UP_GOLDS = 500  # ~3 ms each in the zygote, before the first worker forks
+
+
+def warm_up_golds(golds) -> list:
+    """The first WARM_UP_GOLDS distinct golds, for `Verifier(warm_up=...)`: the zygote parses them once,
+    so every worker inherits the parses and math-verify's trained parser instead of paying both itself.
+    Measured on MATH-500 solutions, 2 workers, 2 cores: 500 and 1,500 items verified in 4.0-4.9 s with
+    the warm-up against 5.0-5.5 s without (pool start included). Capped: the warm-up is serial, and
+    the parser has learned most of what it will after a few hundred answers."""
+    return list(itertools.islice(dict.fromkeys(golds), WARM_UP_GOLDS))
+
+
 def score(records: list[dict], verifier) -> list[dict]:
-    """Records with reward, correct, extracted and verdict added (a new list; inputs untouched)."""
-    verdicts = verifier.verify([(r["completion"], str(r["answer"])) for r in records])
+    """Records with reward, correct, extracted and verdict added (a new list; inputs untouched). Golds go
+    to the verifier as they are: str() would write the float 0.00005 as "5e-05", which reads as e - 5."""
+    verdicts = verifier.verify([(r["completion"], r["answer"]) for r in records])
     return [{**r, **asdict(v)} for r, v in zip(records, verdicts)]
 
 
@@ -63,7 +85,8 @@ def run(cfg: VerifyConfig) -> Path | None:
     todo = writer.pending()
     correct = total = 0
     if todo:
-        with Verifier(workers=cfg.workers, timeout=cfg.timeout) as verifier, cu.progress() as bar:
+        golds = warm_up_golds(records[j]["answer"] for i in todo for j in slices[i])
+        with Verifier(workers=cfg.workers, timeout=cfg.timeout, warm_up=golds) as verifier, cu.progress() as bar:
             task = bar.add_task("verify", total=sum(len(slices[i]) for i in todo))
             for i in todo:
                 scored = score([records[j] for j in slices[i]], verifier)
@@ -82,8 +105,8 @@ def run(cfg: VerifyConfig) -> Path | None:
 def command(
     input: str = typer.Argument(None, help="Artifact directory, JSONL file, or '-' for stdin."),
     out: cu.OutOpt = None,
-    workers: int = typer.Option(None, "--workers", help="Verifier processes (default: CPU count)."),
-    timeout: float = typer.Option(None, "--timeout", help="Wall-clock seconds per item (default 5)."),
+    workers: int = typer.Option(None, "--workers", help=WORKERS_HELP),
+    timeout: float = typer.Option(None, "--timeout", help="Wall-clock seconds per item, finite and > 0 (default 5)."),
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
     """Score completions against gold answers (reward, correct, extracted, verdict).

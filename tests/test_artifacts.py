@@ -436,3 +436,27 @@ def test_malformed_input_artifacts_are_one_line_errors(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (source, result.output)
         assert result.stdout == ""
+
+
+def test_a_record_with_a_lone_surrogate_is_written_with_escapes_and_reads_back_unchanged():
+    records = [{"completion": "caf\u00e9 \\boxed{5}\ud800", "n": 1}, {"completion": "caf\u00e9"}]
+    data = artifacts.dumps_records(records)
+    first, second = data.decode("utf-8").splitlines()
+    assert first == '{"completion": "caf\\u00e9 \\\\boxed{5}\\ud800", "n": 1}'  # only this record is escaped
+    assert second == '{"completion": "caf\u00e9"}'  # the others stay plain UTF-8
+    assert [json.loads(line) for line in (first, second)] == records
+
+
+def test_verify_keeps_a_completion_with_a_lone_surrogate(tmp_path):
+    # the writing used to fail with UnicodeEncodeError after every item was verified, losing them all
+    path = tmp_path / "in.jsonl"
+    rows = [{"completion": "\\boxed{5}\ud800", "answer": "5"}, {"completion": "\\boxed{4}", "answer": "5"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["verify", str(path), "--workers", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert [(r["completion"], r["correct"]) for r in read_records(out)] == [("\\boxed{5}\ud800", True),
+                                                                            ("\\boxed{4}", False)]
+    result = CliRunner().invoke(app, ["verify", str(path), "--workers", "1", "--out", "-"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["completion"] for line in result.stdout.splitlines()] == [r["completion"] for r in rows]

@@ -69,6 +69,8 @@ def test_gold_answer_mapping(bundled):
     ("the area is \\boxed{4\\sqrt{2}}", "4\\sqrt{2}"),
     (27.0, "27"),
     (-1.0, "-1"),
+    (5e-05, "0.00005"),  # not str()'s "5e-05", which math-verify reads as e - 5
+    (0.125, "0.125"),
     (70, "70"),
     ("025", "025"),
     ("  7 ", "7"),
@@ -92,6 +94,14 @@ def test_math_train_record_with_only_a_solution_maps_to_its_last_boxed():
     # a solution with two boxes: the last one is the answer, nested braces intact
     record = {"problem": "p", "solution": "First $\\boxed{1}$, finally $\\boxed{\\dfrac{3}{4}}$."}
     assert to_examples([record], "x.jsonl")[0].answer == "\\dfrac{3}{4}"
+
+
+@pytest.mark.parametrize("answer, shown", [(["5"], '["5"]'), (False, "false"), (float("nan"), "NaN")])
+def test_a_gold_that_is_not_text_or_a_finite_number_is_refused(answer, shown):
+    records = [{"problem": "p", "answer": "4"}, {"problem": "q", "answer": answer}]
+    with pytest.raises(UsageError) as e:
+        to_examples(records, "x.jsonl", require_answer=True)
+    assert str(e.value).startswith("x.jsonl:2: field 'answer': expected ") and str(e.value).endswith(f"got {shown}")
 
 
 def test_prompt_answer_and_id_field_overrides(tmp_path):

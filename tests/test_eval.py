@@ -145,6 +145,29 @@ def test_rescore_rollouts_without_a_model(handmade_rollouts, tmp_path):
     assert [r["extracted"] for r in records[4:8]] == ["12", "7", "7", None]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--set", "timeout=0"], "--timeout: expected > 0"),
+    (["--set", "timeout=-1"], "--timeout: expected > 0"),
+    (["--set", "timeout=nan"], "--timeout: expected > 0"),
+    (["--set", "timeout=inf"], "--timeout: expected > 0"),
+    (["--workers", "-2"], "--workers: expected a process count >= 0"),
+])
+def test_rescore_refuses_bad_pool_options_in_one_line(handmade_rollouts, tmp_path, args, message):
+    result = invoke("eval", "--rollouts", handmade_rollouts, *args, "--out", tmp_path / "scored")
+    assert result.exit_code == 2, result.output
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rollouts.jsonl"]
+
+
+def test_rescore_refuses_a_gold_that_is_a_list(tmp_path):
+    path = tmp_path / "rollouts.jsonl"
+    path.write_text(json.dumps({"id": "p1", "completion": "\\boxed{5}", "answer": ["5"]}) + "\n")
+    result = invoke("eval", "--rollouts", path, "--out", tmp_path / "scored")
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f's2d: error: {path}:1: field \'answer\': expected text or a number, got ["5"]\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rollouts.jsonl"]
+
+
 # ---------------------------------------------------------------------------------------------- protocols
 
 def test_protocol_resolves_the_paper_settings_and_flags_override_it():

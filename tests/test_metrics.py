@@ -63,6 +63,15 @@ def _s(extracted, correct):
     ([_s("1 / 2", True), _s("1/2", True), _s("3", False)], True),         # whitespace does not split votes
     ([_s(None, False), _s(None, False), _s("5", True)], True),            # no answer casts no vote
     ([_s(None, False), _s(None, False)], False),                          # nobody answered
+    # gold 0.5: every correct sample is one vote for the right answer, however it is written: 3:2
+    ([_s(r"\frac{1}{2}", True), _s("0.5", True), _s(r"\dfrac12", True), _s("3", False), _s("3", False)], True),
+    ([_s("3", False), _s("3", False), _s("0.5", True), _s(r"\frac12", True)], False),  # 2:2, "3" first
+    ([_s("0.5", True), _s("3", False), _s(r"\frac12", True), _s("3", False)], True),   # 2:2, right first
+    # wrong answers written alike are one answer: "1,000" and "1000" tie 2:2 with the right one, and come first
+    ([_s("1,000", False), _s("0.5", True), _s("1000", False), _s(r"\frac12", True)], False),
+    ([_s(r"\dfrac{1}{3}", False), _s(r"\frac{1}{3}", False), _s("0.5", True)], False),  # 2:1
+    ([_s("7", False), _s("8", False), _s("9", False), _s("0.5", True), _s("1/2", True)], True),  # 2:1:1:1
+    ([_s("9" * 5000, False), _s("9" * 5000, False), _s("1", True)], False),  # any length of answer votes
 ])
 def test_majority_correct_by_hand(samples, expected):
     assert majority_correct(samples) is expected

@@ -11,7 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from s2d_cli.cli import app
+from s2d_cli.errors import UsageError
 from s2d_cli.verifier import Verdict, Verifier, last_boxed, normalize_gold, verify_many, verify_one
 
 SHARED_DATA = Path(os.environ.get("S2D_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
@@ -59,8 +62,14 @@ def test_last_boxed(text, expected):
         ("025", "25"),
         ("  073 ", "73"),
         ("Janet sells 9 eggs.\n#### 1,600", "1600"),
+        ("70,110", "70,110"),  # a number or a list: both readings are tried
         (r"\frac{1}{2}", r"\frac{1}{2}"),
         (r"So the answer is $\boxed{\text{east}}$.", r"\text{east}"),
+        (5e-05, "0.00005"),  # str()/repr() give "5e-05", which math-verify reads as e - 5
+        (-1.5e-07, "-0.00000015"),
+        (2.5e20, "250000000000000000000"),
+        ("2.5e6", "2500000"),
+        ("5E-5", "0.00005"),
     ],
 )
 def test_normalize_gold(gold, expected):
@@ -90,12 +99,40 @@ EQUIVALENCES = [  # (completion, gold, correct?)
     (r"\boxed{27}", 27.0, True),  # AMC golds are floats
     (r"\boxed{-1}", -1.0, True),
     (r"\boxed{27.5}", 27.0, False),
+    (r"\boxed{0.00005}", 5e-05, True),  # float golds in scientific notation
+    (r"\boxed{5\times10^{-5}}", 5e-05, True),
+    (r"\boxed{0.00006}", 5e-05, False),
+    (r"\boxed{e-5}", 1e-05, False),  # Euler's number minus 5 is not 0.00001
+    (r"\boxed{2500000}", "2.5e6", True),
+    (r"\boxed{2.5e6}", "2500000", True),
+    (r"\boxed{2600000}", "2.5e6", False),
+    (r"\boxed{0.0000672}", ".0000672", True),  # small decimals: exact, not to 6 decimal places
+    (r"\boxed{0.0000673}", ".0000672", False),
+    (r"\boxed{0.000067}", ".0000672", False),
+    (r"\boxed{0.0000001}", "0.0000002", False),
+    (r"\boxed{6.72\times10^{-5}}", ".0000672", True),  # a float against a power of ten: relative 5e-6
+    (r"\boxed{6.7\times10^{-5}}", ".0000672", False),
+    (r"\boxed{10^{-7}}", "0.0000002", False),
+    (r"\boxed{0.333333}", r"\frac{1}{3}", True),  # six significant digits still match a fraction
+    (r"\boxed{0.33}", r"\frac{1}{3}", False),
+    (r"\boxed{1,000}", "1000", True),
+    (r"\boxed{1000.0}", "1,000", True),
+    (r"\boxed{2.50}", r"\$2.5", True),
     (r"\boxed{1,600}", "#### 1,600", True),  # GSM8K: thousands separators on either side
     (r"\boxed{1600}", "She earns 5 * 320 = 1600\n#### 1,600", True),
     (r"\boxed{16000}", "#### 1,600", False),
     (r"\boxed{\$32,348}", r"\$32,\!348", True),
     (r"\boxed{11111111100}", r"11,\! 111,\! 111,\! 100", True),
     (r"\boxed{18.9}", r"\$18.90", True),
+    (r"\boxed{70, 110}", "70,110", True),  # MATH's "Enter all the solutions, separated by commas"
+    (r"\boxed{110, 70}", "70,110", True),
+    (r"\boxed{70, 100}", "70,110", False),
+    (r"\boxed{70110}", "70,110", True),  # ... or the number: either reading counts
+    (r"\boxed{81,256}", "81, 256", True),  # the same on the prediction side
+    (r"\boxed{81,257}", "81, 256", False),
+    (r"\boxed{58500}", "58,500", True),
+    (r"\boxed{10{,}080}", "10, 80", False),  # LaTeX's thousands separators always make a number
+    (r"\boxed{10,\!080}", "10080", True),
     (r"\boxed{\text{Evelyn}}", r"\text{Evelyn}", True),
     (r"\boxed{Evelyn}", r"\text{Evelyn}", True),
     (r"\boxed{\text{Bob}}", r"\text{Evelyn}", False),
@@ -124,6 +161,13 @@ def test_no_answer(completion):
     v = verify_one(completion, "5")
     assert (v.verdict, v.correct, v.reward) == ("no_answer", False, 0.0)
     assert v.extracted in (None, "")
+
+
+def test_integers_longer_than_pythons_int_str_limit_still_compare():
+    big = "9" * 5000  # int() refuses more than 4,300 digits: this was an "error" verdict
+    assert verify_one(rf"\boxed{{{big}}}", big) == Verdict(1.0, True, big, "ok")
+    assert not verify_one(rf"\boxed{{{big}}}", "8" + big[1:]).correct
+    assert normalize_gold("000" + big) == big
 
 
 def test_extracted_is_the_last_box_content():
@@ -276,3 +320,149 @@ def test_verify_many_preserves_order():
     verdicts = verify_many(pairs, workers=2, timeout=10.0)
     assert [v.correct for v in verdicts] == [i % 3 != 0 for i in range(30)]
     assert [v.extracted for v in verdicts] == [str(i) for i in range(30)]
+
+
+# --------------------------------------------------------------------------------------------- pool options
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    """The error contract: exit 2, exactly one line on stderr, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("s2d: error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_timeout_must_be_finite_and_positive(timeout):
+    # NaN compares false with everything: `timeout <= 0` let it through and every deadline vanished
+    with pytest.raises(ValueError, match="--timeout") as e:
+        Verifier(workers=1, timeout=timeout)
+    assert isinstance(e.value, UsageError)  # one line, exit 2, when a command passes it on
+
+
+def test_workers_zero_is_every_cpu_and_negative_is_refused():
+    with pytest.raises(ValueError, match="--workers"):
+        Verifier(workers=-1, timeout=1.0)
+    with Verifier(workers=0, timeout=1.0) as verifier:
+        assert verifier.n_workers == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--timeout", "nan"], "--timeout: expected > 0"),
+    (["--timeout", "inf"], "--timeout: expected > 0"),
+    (["--set", "timeout=nan"], "--timeout: expected > 0"),
+    (["--workers", "-1"], "--workers: expected a process count >= 0"),
+])
+def test_verify_refuses_bad_pool_options_in_one_line(tmp_path, args, message):
+    records = tmp_path / "in.jsonl"
+    records.write_text(json.dumps({"completion": r"\boxed{1}", "answer": "1"}) + "\n")
+    assert message in one_line_error(invoke("verify", records, *args, "--out", tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_verify_passes_float_golds_as_numbers_not_as_their_str(tmp_path):
+    records = tmp_path / "in.jsonl"
+    rows = [(r"\boxed{0.00005}", 5e-05), (r"\boxed{e-5}", 1e-05), (r"\boxed{27}", 27.0), (r"\boxed{0.25}", 0.25)]
+    records.write_text("".join(json.dumps({"completion": c, "answer": a}) + "\n" for c, a in rows))
+    assert '"answer": 5e-05' in records.read_text()  # how json writes the float
+    result = invoke("verify", records, "--workers", 1, "--out", "-")
+    assert result.exit_code == 0, result.output
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["answer"], r["correct"]) for r in out] == [(5e-05, True), (1e-05, False), (27.0, True), (0.25, True)]
+
+
+@pytest.mark.parametrize("gold, message", [
+    (["5"], 'field \'answer\': expected text or a number, got ["5"]'),  # was graded correct against \boxed{5}
+    (True, "field 'answer': expected text or a number, got true"),  # was graded wrong whatever the answer
+    ({"a": 1}, 'field \'answer\': expected text or a number, got {"a": 1}'),
+    (float("nan"), "field 'answer': expected a finite number, got NaN"),  # the output then held invalid JSON
+    (float("inf"), "field 'answer': expected a finite number, got Infinity"),
+])
+def test_verify_refuses_golds_that_are_not_text_or_finite_numbers(tmp_path, gold, message):
+    records = tmp_path / "in.jsonl"
+    records.write_text(json.dumps({"completion": r"\boxed{5}", "answer": "5"}) + "\n"
+                       + json.dumps({"completion": r"\boxed{5}", "answer": gold}) + "\n")
+    line = one_line_error(invoke("verify", records, "--out", tmp_path / "out"))
+    assert line == f"s2d: error: {records}:2: {message}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    assert verify_one(r"\boxed{5}", gold).verdict == "error"  # in-process: an error verdict, never a grade
+
+
+# --------------------------------------------------------------------------------------------- --reward
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("def fn(completion, answer):\n    return 1.0 +\n", "cannot import module 's2d_reward_probe' (SyntaxError: "),
+    ("raise RuntimeError('no GPU here')\n", "cannot import module 's2d_reward_probe' (RuntimeError: no GPU here)"),
+    ("def other(completion, answer):\n    return 1.0\n", "module 's2d_reward_probe' has no attribute 'fn'"),
+    ("fn = 3\n", "not a function"),
+])
+def test_a_reward_module_that_fails_to_load_is_a_usage_error(tmp_path, monkeypatch, source, expected):
+    from s2d_cli.rewards import load_reward_fn
+
+    (tmp_path / "s2d_reward_probe.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "s2d_reward_probe", raising=False)
+    with pytest.raises(UsageError) as e:
+        load_reward_fn("s2d_reward_probe:fn")
+    message = str(e.value)
+    assert message.startswith("--reward s2d_reward_probe:fn: ") and expected in message, message
+    assert len(message.splitlines()) == 1
+    sys.modules.pop("s2d_reward_probe", None)
+
+
+def test_a_reward_module_that_loads_gives_its_function(tmp_path, monkeypatch):
+    from s2d_cli.rewards import load_reward_fn
+
+    (tmp_path / "s2d_reward_ok.py").write_text("def fn(completion, answer):\n    return float(answer == '5')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = load_reward_fn("s2d_reward_ok:fn")
+    assert (fn("x", "5"), fn("x", "6")) == (1.0, 0.0)
+    assert load_reward_fn("math") is None
+    sys.modules.pop("s2d_reward_ok", None)
+
+
+# --------------------------------------------------------------------------------------------- warm-up
+
+
+@pytest.fixture
+def pools(monkeypatch):
+    """Records the warm_up each Verifier is made with (the pools still run)."""
+    import s2d_cli.verifier as verifier_module
+
+    made = []
+
+    class Recording(verifier_module.Verifier):
+        def __init__(self, *args, warm_up=(), **kwargs):
+            made.append(list(warm_up))
+            super().__init__(*args, warm_up=warm_up, **kwargs)
+
+    monkeypatch.setattr(verifier_module, "Verifier", Recording)
+    return made
+
+
+def test_verify_and_eval_warm_the_pool_up_with_their_golds(tmp_path, pools):
+    path = tmp_path / "in.jsonl"
+    rows = [("a", r"\boxed{5}", "5"), ("a", r"\boxed{6}", "5"), ("b", r"\boxed{0.00005}", 5e-05), ("c", "x", "70,110")]
+    path.write_text("".join(json.dumps({"id": i, "completion": c, "answer": a}) + "\n" for i, c, a in rows))
+    result = invoke("verify", path, "--workers", 1, "--out", "-")
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["correct"] for line in result.stdout.splitlines()] == [True, False, True, False]
+    result = invoke("eval", "--rollouts", path, "--workers", 1)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["accuracy"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert pools == [["5", 5e-05, "70,110"]] * 2  # distinct, first seen first
+
+
+def test_warm_up_golds_are_distinct_and_capped():
+    from s2d_cli.verify import WARM_UP_GOLDS, warm_up_golds
+
+    golds = [str(i // 2) for i in range(2 * WARM_UP_GOLDS + 10)]  # every gold twice
+    assert warm_up_golds(golds) == [str(i) for i in range(WARM_UP_GOLDS)]
+    assert WARM_UP_GOLDS == 500
