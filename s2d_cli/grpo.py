@@ -70,7 +70,7 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
     overlong_buffer: int = 0         # DAPO soft overlong penalty over the last N tokens of the budget (0: off)
     max_labels: int | None = None    # cap on distinct labelled prompts used (the scarce-label budget)
     reward: str = "math"             # math (the verifier) | module:function
-    workers: int | None = None       # verifier processes
+    workers: int | None = None       # verifier processes (None or 0: one per CPU)
     timeout: float = 5.0             # verifier seconds per item
     temperature: float = 1.0
     max_new_tokens: int = 1024
@@ -97,6 +97,8 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
         if self.update_epochs < 1:
             raise UsageError(f"update_epochs: expected >= 1, got {self.update_epochs}")
         check_sampling(self)
+        from .verifier import check_pool_options
+        check_pool_options(self.workers, self.timeout)   # before the run directory exists
         self.check_training()
         lo, hi = CLIP_DEFAULTS[self.loss]
         self.clip_low = lo if self.clip_low is None else self.clip_low
@@ -242,7 +244,9 @@ def run(cfg: GRPOConfig):
     verifier = None
     if cfg.rollouts is None and reward_fn is None:
         from .verifier import Verifier
-        verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout)
+        from .verify import warm_up_golds
+        verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout,
+                            warm_up=warm_up_golds(ex.answer for ex in examples if ex.answer is not None))
     writer = ArtifactWriter(trainer.out / "rollouts", kind="grpo-rollouts", config=asdict(cfg), volatile=VOLATILE,
                             num_shards=cfg.steps) if (trainer.acc.is_main_process and cfg.rollouts is None) else None
     local_p = cfg.prompts_per_step // trainer.world

@@ -80,7 +80,7 @@ class OPDConfig(PromptFields, SamplingFields, TrainFields):
     discount: float = 0.0            # sampled loss: A_t sums future per-token advantages with this discount
     topk_k: int = 64                 # topk loss: K of the student's support
     allow_vocab_size_mismatch: bool = False  # teacher/student embedding rows may differ (tokenizers must agree)
-    workers: int | None = None       # verifier processes
+    workers: int | None = None       # verifier processes (None or 0: one per CPU)
     timeout: float = 5.0             # verifier seconds per item
     temperature: float = 1.0         # sampling temperature (1: exactly on-policy)
     max_new_tokens: int = 1024
@@ -110,6 +110,8 @@ class OPDConfig(PromptFields, SamplingFields, TrainFields):
         if self.topk_k < 1:
             raise UsageError(f"--topk-k: expected >= 1, got {self.topk_k}")
         check_sampling(self)
+        from .verifier import check_pool_options
+        check_pool_options(self.workers, self.timeout)   # before the run directory exists
         self.check_training()
 
 
@@ -270,8 +272,10 @@ def run(cfg: OPDConfig):
             engine = HFEngine(lm, tokenizer=tok, seed=cfg.seed, batch_size=cfg.batch_size)
         if has_answers:
             from .verifier import Verifier
+            from .verify import warm_up_golds
 
-            verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout)
+            verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout,
+                                warm_up=warm_up_golds(ex.answer for ex in examples if ex.answer is not None))
         trainer.fit(make_batch, loss_fn, after_update=after_update,
                     display=("reverse_kl", "accuracy", "loss") if has_answers else ("reverse_kl", "loss"))
         out = trainer.finish(extra={"loss": cfg.loss, "teacher": cfg.teacher, "vocab": vocab, "alpha": cfg.alpha,
