@@ -409,16 +409,24 @@ def _iter_source(source: str | Path) -> Iterator[tuple[str, dict]]:
 def read_records(source: str | Path, *, required: Sequence[str] = (), allow_empty: bool = False) -> list[dict]:
     """All records of `source`, validated before anything is returned (so a bad line late in a file
     fails the command before it writes anything). Each missing required field names file and line."""
-    records = []
+    return read_located(source, required=required, allow_empty=allow_empty)[0]
+
+
+def read_located(source: str | Path, *, required: Sequence[str] = (),
+                 allow_empty: bool = False) -> tuple[list[dict], list[tuple[str, int | None]]]:
+    """`read_records`, plus where each record came from: (file, line) — the shard file of an artifact, the
+    line counting blank ones — for later checks to name the line a bad value is on."""
+    records, where = [], []
     for name, rec in _iter_source(source):
         line = rec.pop("__line__", None)
         for field in required:
             if field not in rec:
                 raise located(name, line, f"missing field {field!r}")
         records.append(rec)
+        where.append((name, line))
     if not records and not allow_empty:
         raise UsageError(f"{'<stdin>' if str(source) == '-' else source}: empty (no records)")
-    return records
+    return records, where
 
 
 def read_manifest(path: str | Path) -> dict | None:

@@ -70,10 +70,13 @@ def _pick(rec: dict, explicit: str | None, candidates: tuple[str, ...]) -> str |
 
 def to_examples(records: list[dict], source: str, *, prompt_field: str | None = None,
                 answer_field: str | None = None, id_field: str | None = None,
-                require_answer: bool = False) -> list[Example]:
+                require_answer: bool = False, where: list[tuple[str, int | None]] | None = None) -> list[Example]:
+    """Examples from records; `where` is each record's (file, line) (else source and position). Ids are
+    unique: the id field's value, else the record's position."""
     examples = []
+    seen: dict[str, int] = {}
     for i, rec in enumerate(records):
-        line = i + 1
+        source, line = where[i] if where else (source, i + 1)
         pf = _pick(rec, prompt_field, PROMPT_FIELDS)
         if pf is None or pf not in rec:
             want = prompt_field or " or ".join(PROMPT_FIELDS)
@@ -91,8 +94,14 @@ def to_examples(records: list[dict], source: str, *, prompt_field: str | None = 
         if require_answer and not answer:
             raise located(source, line, f"no gold answer (expected one of {', '.join(ANSWER_FIELDS)}; "
                                         "set --answer-field)")
+        if id_field and rec.get(id_field) is None:
+            raise located(source, line, f"missing field {id_field!r} (--id-field)")
         idf = _pick(rec, id_field, ID_FIELDS)
         ex_id = str(rec[idf]) if idf and rec.get(idf) is not None else str(i)
+        if ex_id in seen:   # one id, two prompts: their samples would pool into one group of the metrics
+            raise located(source, line, f"id {ex_id!r} again (first at record {seen[ex_id] + 1}): prompt ids "
+                                        "must be unique (set --id-field, or leave ids out to number records)")
+        seen[ex_id] = i
         meta = {}
         if "subject" in rec or "type" in rec:
             meta["subject"] = rec.get("subject", rec.get("type"))
@@ -107,17 +116,20 @@ def load_examples(dataset: str, *, split: str = "test", limit: int | None = None
                   id_field: str | None = None, require_answer: bool = False) -> list[Example]:
     """`dataset`: a bundled name, `toy:...` (the synthetic task), a local JSONL/JSON/Parquet file or
     artifact directory, `-` for stdin, or a Hugging Face dataset id (loaded with `datasets`)."""
-    from .artifacts import read_records
+    from .artifacts import read_located
 
+    where = None
     if dataset in BUNDLED:
         source = str(BUNDLED_DIR / BUNDLED[dataset])
-        records = read_records(source)
+        records, where = read_located(source)
     elif dataset == "toy" or dataset.startswith("toy:"):
         from .toy import toy_records
         source, records = dataset, toy_records(dataset)
     elif dataset == "-" or Path(dataset).exists():
         source = dataset if dataset != "-" else "<stdin>"
-        records = read_records(dataset)
+        records, where = read_located(dataset)
+    elif Path(dataset).suffix.lower() in (".jsonl", ".json", ".parquet"):   # a file name, not a hub id
+        raise UsageError(f"{dataset}: no such file")
     elif dataset.count("/") == 1 and not dataset.startswith((".", "/")):
         source, records = dataset, _load_hub(dataset, split)
     else:
@@ -126,10 +138,11 @@ def load_examples(dataset: str, *, split: str = "test", limit: int | None = None
                          "or a hub id")
     if limit is not None:
         records = records[:limit]
+        where = where[:limit] if where else None
     if not records:
         raise UsageError(f"{source}: empty (no records)")
     return to_examples(records, source, prompt_field=prompt_field, answer_field=answer_field,
-                       id_field=id_field, require_answer=require_answer)
+                       id_field=id_field, require_answer=require_answer, where=where)
 
 
 def _load_hub(name: str, split: str) -> list[dict]:  # pragma: no cover - needs the hub

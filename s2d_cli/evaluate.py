@@ -24,7 +24,7 @@ from pathlib import Path
 import typer
 
 from . import cliutil as cu
-from .artifacts import ArtifactWriter, read_records, shard_slices
+from .artifacts import ArtifactWriter, read_located, read_manifest, shard_slices
 from .config import resolve
 from .data import Example
 from .errors import UsageError
@@ -120,8 +120,8 @@ def run(cfg: EvalConfig) -> dict:
 
     # Every input is read and checked before the output (or its staging dir) exists.
     if cfg.rollouts is not None:
-        inputs = read_records(cfg.rollouts, required=("id", "completion", "answer"))
-        check_golds(inputs, cfg.rollouts)
+        inputs, where = read_located(cfg.rollouts, required=("id", "completion", "answer"))
+        check_golds(inputs, cfg.rollouts, where)
         slices = shard_slices(len(inputs), cfg.shard_size * 16)
     else:
         inputs = load_prompts(cfg, require_answer=True)
@@ -145,12 +145,18 @@ def run(cfg: EvalConfig) -> dict:
             records = _rescore(inputs, slices, writer, verifier)
         else:
             records = _sample_and_score(cfg, inputs, slices, writer, verifier)
-    dataset = cfg.dataset or (records[0].get("dataset") if records else "") or str(cfg.rollouts)
+    keys = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
+    made = _made_with(cfg.rollouts) if cfg.rollouts is not None else {}
+    dataset = (made.get("dataset") if cfg.rollouts is not None else cfg.dataset) \
+        or (records[0].get("dataset") if records else "") or str(cfg.rollouts)
     model = cfg.model or (records[0].get("model") if records else None)
     metrics = summarize(records, dataset=dataset, model=model)
     if cfg.protocol:
         metrics["protocol"] = cfg.protocol
-    metrics["sampling"] = {k: getattr(cfg, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}
+    # re-scored rollouts were sampled as their rollout's manifest says (unknown for a bare file), not
+    # with this command's defaults
+    metrics["sampling"] = ({k: made[k] for k in keys if k in made} or None) if cfg.rollouts is not None \
+        else {k: getattr(cfg, k) for k in keys}
     cu.console.print(metrics_table(metrics))
     if writer is None:
         print(json.dumps(metrics, indent=2))
@@ -159,6 +165,23 @@ def run(cfg: EvalConfig) -> dict:
     writer.commit(extra={"accuracy": metrics["accuracy"], "num_prompts": metrics["num_prompts"]})
     print(cfg.out)
     return metrics
+
+
+def _made_with(source: str) -> dict:
+    """The config of the rollout or eval that sampled `source`, following a verified artifact back to its
+    input; {} when that is unknown (a plain file, stdin)."""
+    path = Path(source) if source != "-" else None
+    for _ in range(4):
+        if path is None or not path.is_dir():
+            return {}
+        manifest = read_manifest(path) or {}
+        config = manifest.get("config") or {}
+        if "temperature" in config:
+            return config
+        inputs = manifest.get("inputs") or []
+        up = inputs[0].get("path") if inputs and isinstance(inputs[0], dict) else None
+        path = Path(up) if up and up != "-" else None
+    return {}
 
 
 def build_config(protocol: str | None, config: str | None, sets: list[str] | None, flags: dict) -> EvalConfig:

@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 
 from . import cliutil as cu
-from .artifacts import ArtifactWriter, read_records, shard_slices
+from .artifacts import ArtifactWriter, read_located, shard_slices
 from .config import resolve
 from .errors import UsageError, located
 from .verifier import check_pool_options, gold_type_error
@@ -42,17 +42,19 @@ class VerifyConfig:
 WORKERS_HELP = "Verifier processes (default, or 0: one per CPU this process may use; negative is an error)."
 
 
-def check_golds(records: list[dict], source: str) -> None:
-    """Every gold is non-empty text, an int or a finite float; every completion is text."""
+def check_golds(records: list[dict], source: str, where: list[tuple[str, int | None]] | None = None) -> None:
+    """Every gold is non-empty text, an int or a finite float; every completion is text. `where`: each
+    record's (file, line) from `read_located` (else the source and the record's position)."""
     for i, rec in enumerate(records, 1):
+        at = where[i - 1] if where else (source, i)
         gold = rec.get("answer")
         if gold is None or (isinstance(gold, str) and not gold.strip()):
-            raise located(source, i, "field 'answer' is empty: no gold answer to verify against")
+            raise located(*at, "field 'answer' is empty: no gold answer to verify against")
         problem = gold_type_error(gold)
         if problem:
-            raise located(source, i, f"field 'answer': {problem}")
+            raise located(*at, f"field 'answer': {problem}")
         if not isinstance(rec.get("completion"), str):
-            raise located(source, i, "field 'completion': expected text")
+            raise located(*at, "field 'completion': expected text")
 
 
 WARM_UP_GOLDS = 500  # ~3 ms each in the zygote, before the first worker forks
@@ -77,8 +79,8 @@ def score(records: list[dict], verifier) -> list[dict]:
 def run(cfg: VerifyConfig) -> Path | None:
     from .verifier import Verifier
 
-    records = read_records(cfg.input, required=("completion", "answer"))
-    check_golds(records, cfg.input)
+    records, where = read_located(cfg.input, required=("completion", "answer"))
+    check_golds(records, cfg.input, where)
     slices = shard_slices(len(records), cfg.shard_size)
     writer = ArtifactWriter(cfg.out, kind="verified", config=asdict(cfg), num_shards=len(slices),
                             inputs=[cfg.input], force=cfg.force)

@@ -134,6 +134,14 @@ def _bad_inputs(tmp_path: Path, model: Path) -> dict[str, tuple[list, str]]:
     write_jsonl(tmp_path / "no_prompt.jsonl", [{"question": "1 + 1?", "answer": "2"}, {"text": "hi"}])
     write_jsonl(tmp_path / "no_id.jsonl", [{"completion": "x", "answer": "1"}])
     missing_model = tmp_path / "no-such-model"
+    write_jsonl(tmp_path / "dup.jsonl", [{"id": 1, "problem": "1 + 1?", "answer": "2"},
+                                         {"id": 1, "problem": "2 + 2?", "answer": "4"}])
+    write_jsonl(tmp_path / "no_key.jsonl", [{"key": "a", "problem": "1 + 1?", "answer": "2"},
+                                            {"problem": "2 + 2?", "answer": "4"}])
+    (tmp_path / "blank_then_bad.jsonl").write_text('{"problem": "1 + 1?", "answer": "2"}\n\n'
+                                                   '{"problem": 5, "answer": "4"}\n')
+    (tmp_path / "blank_then_list.jsonl").write_text('{"completion": "x", "answer": "1"}\n\n'
+                                                    '{"completion": "x", "answer": ["1"]}\n')
     return {
         "malformed_jsonl": (["verify", tmp_path / "malformed.jsonl"], "malformed.jsonl:3: invalid JSON"),
         "missing_field": (["verify", tmp_path / "no_answer.jsonl"], "no_answer.jsonl:2: missing field 'answer'"),
@@ -154,6 +162,16 @@ def _bad_inputs(tmp_path: Path, model: Path) -> dict[str, tuple[list, str]]:
         "eval_rollouts_missing_field": (["eval", "--rollouts", tmp_path / "no_id.jsonl"],
                                         "no_id.jsonl:1: missing field 'id'"),
         "eval_rollouts_empty": (["eval", "--rollouts", tmp_path / "empty.jsonl"], "empty (no records)"),
+        "duplicate_ids": (["eval", "--model", model, "--dataset", tmp_path / "dup.jsonl"],
+                          "dup.jsonl:2: id '1' again (first at record 1)"),
+        "id_field_missing": (["rollout", "--model", model, "--dataset", tmp_path / "no_key.jsonl", "--set",
+                              "id_field=key"], "no_key.jsonl:2: missing field 'key' (--id-field)"),
+        "line_after_a_blank": (["rollout", "--model", model, "--dataset", tmp_path / "blank_then_bad.jsonl"],
+                               "blank_then_bad.jsonl:3: field 'problem': expected non-empty text"),
+        "gold_line_after_a_blank": (["verify", tmp_path / "blank_then_list.jsonl"],
+                                    "blank_then_list.jsonl:3: field 'answer': expected text or a number"),
+        "missing_file_like_a_hub_id": (["rollout", "--model", model, "--dataset", "data/missing.jsonl"],
+                                       "data/missing.jsonl: no such file"),
         "temperature_nan": (["rollout", "--model", model, "--dataset", "math500", "--temperature", "nan"],
                             "--temperature: expected a finite value >= 0, got nan"),
         "top_k_0": (["rollout", "--model", model, "--dataset", "math500", "--top-k", "0"],
@@ -168,7 +186,8 @@ def _bad_inputs(tmp_path: Path, model: Path) -> dict[str, tuple[list, str]]:
 BAD_INPUT_CASES = ["malformed_jsonl", "missing_field", "empty_gold", "empty_file", "non_utf8", "missing_input",
                    "missing_model", "unknown_dataset", "rollout_prompt_field", "rollout_malformed",
                    "eval_missing_model", "eval_unknown_dataset", "eval_rollouts_missing_field", "eval_rollouts_empty",
-                   "temperature_nan", "top_k_0", "limit_negative", "batch_size_0"]
+                   "temperature_nan", "top_k_0", "limit_negative", "batch_size_0", "duplicate_ids",
+                   "id_field_missing", "line_after_a_blank", "gold_line_after_a_blank", "missing_file_like_a_hub_id"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)

@@ -69,6 +69,18 @@ def test_eval_writes_metrics_and_per_sample_records(hf_eval, tiny_model_dir):
     assert manifest["config"]["n"] == 2 and manifest["config"]["backend"] == "hf"
 
 
+def test_rescoring_an_eval_reports_how_its_rollouts_were_sampled(hf_eval, tmp_path):
+    """`eval --rollouts DIR` takes sampling and dataset from the artifact that sampled them (it used to
+    report its own defaults, temperature 1.0 and 1,024 tokens); a bare file's sampling is unknown."""
+    out, _, _ = hf_eval
+    m = json.loads(invoke("eval", "--rollouts", out, "--workers", 1).stdout)
+    assert m["dataset"] == "math500"
+    assert m["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 8, "seed": 0}
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("".join(json.dumps(r) + "\n" for r in read_records(out)))
+    assert json.loads(invoke("eval", "--rollouts", flat, "--workers", 1).stdout)["sampling"] is None
+
+
 def test_a_second_eval_is_a_no_op(hf_eval, monkeypatch):
     out, args, first = hf_eval
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
