@@ -66,6 +66,18 @@ def first_vocab_difference(student_tok, teacher_tok) -> tuple[int, str | None, s
     return None
 
 
+def tokenizer_digest(tok) -> str:
+    """What `check_tokenizers` compares, as one hash: the id -> token table, eos and pad, the chat
+    template. A rollout artifact records it, so kl-warmup can check the student against the model that
+    sampled its targets even when that model is not at hand."""
+    import hashlib
+    import json
+
+    parts = [id_to_token(tok), [tok.eos_token, tok.eos_token_id, tok.pad_token, tok.pad_token_id],
+             getattr(tok, "chat_template", None)]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
 def embedding_rows(model_ref: str, *, trust_remote_code: bool = False) -> int:
     """Rows of the model's embedding / lm head, read from its config (no weights loaded)."""
     from transformers import AutoConfig

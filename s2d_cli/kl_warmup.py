@@ -52,6 +52,7 @@ from .compat import (
     TeacherOpt,
     check_loaded_rows,
     check_pair,
+    check_tokenizers,
     embedding_rows,
     in_vocab_prefix,
     load_teacher,
@@ -189,6 +190,31 @@ def teacher_of(cfg: KLWarmupConfig) -> str | None:
     return model if model and Path(model, "config.json").is_file() else None
 
 
+def check_sampler(cfg: KLWarmupConfig, student_tok) -> None:
+    """The sampled and top-K targets are token ids of the model that made the rollouts, whatever
+    --teacher says: a rollout artifact records its tokenizer's digest, and the student's must match it
+    (for the full target the KL is the --teacher's, checked in `check_pair`)."""
+    from .compat import tokenizer_digest
+    from .models import load_tokenizer
+
+    for src in (cfg.rollouts, cfg.eval_rollouts):
+        if src is None or src == "-" or not Path(src).is_dir():
+            continue
+        manifest = read_manifest(src) or {}
+        recorded = manifest.get("tokenizer")
+        if recorded is None or recorded == tokenizer_digest(student_tok):
+            continue
+        producer = (manifest.get("config") or {}).get("model")
+        if producer and Path(producer, "config.json").is_file():   # name the first difference
+            try:
+                check_tokenizers(student_tok, load_tokenizer(producer, trust_remote_code=cfg.trust_remote_code))
+            except UsageError as e:
+                raise UsageError(f"{src}: sampled by {producer}, whose tokenizer is not the student's: "
+                                 f"{str(e).replace('teacher', 'sampler')}") from None
+        raise UsageError(f"{src}: sampled with another tokenizer than the student's (digest {recorded}, the "
+                         f"student's {tokenizer_digest(student_tok)}); its token ids are not the student's")
+
+
 @torch.no_grad()
 def token_kl_sum(policy, sequences: list[Sequence], cfg: KLWarmupConfig, *, vocab: int, teacher=None,
                  layout: str = "padded", device=None) -> tuple[float, int]:
@@ -228,6 +254,7 @@ def run(cfg: KLWarmupConfig):
                 raise UsageError(f"--targets topk: {src} has no top-K tensors; rerun s2d rollout with --topk K"
                                  + ("" if flag == "--rollouts" else f" (for {flag})"))
     tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    check_sampler(cfg, tok)
     teacher_ref = teacher_of(cfg)
     if teacher_ref is not None:
         pair = check_pair(cfg.student, teacher_ref, student_tok=tok,

@@ -21,6 +21,7 @@ import typer
 
 from . import cliutil as cu
 from .artifacts import ArtifactWriter, pack_token_tensors, shard_slices
+from .compat import embedding_rows, tokenizer_digest
 from .config import resolve
 from .data import DEFAULT_INSTRUCTION, Example, encode_prompt, load_examples, prompt_is_chat, render_prompt
 from .engines import Completion, SamplingConfig
@@ -151,11 +152,22 @@ def topk_tensors(groups: list[list[Completion]]) -> dict[str, torch.Tensor]:
     return pack_token_tensors(per_record)
 
 
-def open_engine(cfg: SamplingFields, model: str, tokenizer):
+VLLM_MAX_LOGPROBS = 64     # vLLM's default cap on logprobs per token; --topk above it raises the cap
+
+
+def resolved_backend(backend: str) -> str:
+    from .engines import vllm_available
+    return ("vllm" if vllm_available() else "hf") if backend == "auto" else backend
+
+
+def open_engine(cfg: SamplingFields, model: str, tokenizer, *, topk: int = 0):
+    """The engine `cfg.backend` names ("auto": vLLM when importable), with the options of that backend:
+    batch_size for hf (it used to be dropped when "auto" chose hf), a logprobs cap for --topk on vLLM."""
     from .engines import make_engine
-    return make_engine(cfg.backend, model, tokenizer=tokenizer, seed=cfg.seed, dtype=cfg.dtype,
-                       trust_remote_code=cfg.trust_remote_code,
-                       **({"batch_size": cfg.batch_size} if cfg.backend == "hf" else {}))
+    backend = resolved_backend(cfg.backend)
+    extra = {"batch_size": cfg.batch_size} if backend == "hf" else {"max_logprobs": max(VLLM_MAX_LOGPROBS, topk)}
+    return make_engine(backend, model, tokenizer=tokenizer, seed=cfg.seed, dtype=cfg.dtype,
+                       trust_remote_code=cfg.trust_remote_code, **extra)
 
 
 def run(cfg: RolloutConfig) -> Path | None:
@@ -163,13 +175,17 @@ def run(cfg: RolloutConfig) -> Path | None:
 
     examples = load_prompts(cfg)
     check_model_ref(cfg.model)  # bad input fails before the output (or its staging dir) exists
+    if cfg.topk:
+        rows = embedding_rows(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        if cfg.topk > rows:
+            raise UsageError(f"--topk: expected at most the model's {rows} vocabulary rows, got {cfg.topk}")
     slices = shard_slices(len(examples), cfg.shard_size)
     writer = ArtifactWriter(cfg.out, kind="rollout", config=asdict(cfg), num_shards=len(slices),
                             inputs=[cfg.dataset, cfg.model], force=cfg.force)
     todo = writer.pending()
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if todo:
-        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        engine = open_engine(cfg, cfg.model, tokenizer)
+        engine = open_engine(cfg, cfg.model, tokenizer, topk=cfg.topk)
         if writer.num_done():
             cu.console.print(f"[dim]resuming: {writer.num_done()}/{len(slices)} shards already written[/]")
         with cu.progress() as bar:
@@ -183,7 +199,8 @@ def run(cfg: RolloutConfig) -> Path | None:
                 writer.write_shard(i, records, topk_tensors(groups) if cfg.topk else None)
                 bar.advance(task, len(shard))
         engine.close()
-    out = writer.commit(extra={"num_prompts": len(examples)})
+    # the tokenizer's digest: kl-warmup checks a student against the model that sampled these targets
+    out = writer.commit(extra={"num_prompts": len(examples), "tokenizer": tokenizer_digest(tokenizer)})
     if out is not None:
         print(out)
     return out

@@ -330,10 +330,16 @@ def test_filter_logits_matches_transformers_warpers():
 
     from s2d_cli.engines.decode import filter_logits
 
-    # by hand: p = (.5, .3, .15, .05), top-p .7 keeps the tokens whose preceding mass is <= .7: .5 and .3
+    # by hand: p = (.5, .3, .15, .05), top-p .7 keeps the tokens whose preceding mass is < .7: .5 and .3
     logits = torch.tensor([[.5, .3, .15, .05]]).log()
     kept = torch.isfinite(filter_logits(logits, 1.0, -1, 0.7))
     assert kept.tolist() == [[True, True, False, False]]
+    # exact boundaries: once the tokens kept hold p, the next one goes (as in transformers and vLLM)
+    for probs, top_p, n_kept in [((.5, .25, .25), .75, 2), ((.5, .5), .5, 1), ((.25,) * 4, .5, 2)]:
+        edge = torch.tensor([probs]).log()
+        kept = torch.isfinite(filter_logits(edge, 1.0, -1, top_p))
+        reference = torch.isfinite(TopPLogitsWarper(top_p)(torch.zeros(1, 1, dtype=torch.long), edge.clone()))
+        assert int(kept.sum()) == n_kept == int(reference.sum()), (probs, top_p)
     assert torch.isfinite(filter_logits(logits, 1.0, 3, 1.0)).tolist() == [[True, True, True, False]]
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(6, 50, generator=gen) * 3
@@ -511,3 +517,47 @@ def test_vllm_update_weights_tied_head(vllm_engine_cls, vllm_models, prompts):
         _assert_samples_from(engine, model_b, prompts)
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
+def test_vllm_auto_dtype_is_s2d_auto_not_vllm_auto(monkeypatch, tiny_model_dir):
+    """vLLM's own "auto" runs an fp32 checkpoint in bf16 on a CPU, so the stored log-probs were off by
+    ~2e-2 from the fp32 model the hf backend and the trainer use; s2d's "auto" is fp32 on a CPU."""
+    import types
+
+    import vllm
+
+    from s2d_cli.engines.vllm import VLLMEngine
+
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+            config = types.SimpleNamespace(hf_text_config=types.SimpleNamespace(tie_word_embeddings=False))
+            self.llm_engine = types.SimpleNamespace(model_config=config)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setattr(vllm, "LLM", FakeLLM)
+    VLLMEngine(str(tiny_model_dir), dtype="auto")
+    assert seen["dtype"] == ("bfloat16" if torch.cuda.is_available() else "float32")
+    VLLMEngine(str(tiny_model_dir), dtype="bf16")
+    assert seen["dtype"] == "bfloat16"
+    VLLMEngine(str(tiny_model_dir), dtype="auto", max_logprobs=100)
+    assert seen["max_logprobs"] == 100
+
+
+def test_auto_backend_that_resolves_to_hf_keeps_batch_size(monkeypatch, tiny_model_dir):
+    """--backend auto on a host without vLLM (the GPU image) is the hf engine with the user's batch_size;
+    it used to get the default 64, as if `--set batch_size` were not there."""
+    import s2d_cli.engines as engines
+    from s2d_cli.models import load_tokenizer
+    from s2d_cli.rollout import RolloutConfig, open_engine
+
+    monkeypatch.setattr(engines, "vllm_available", lambda: False)
+    cfg = RolloutConfig(model=str(tiny_model_dir), dataset="math500", backend="auto", batch_size=4)
+    engine = open_engine(cfg, cfg.model, load_tokenizer(str(tiny_model_dir)))
+    assert engine.name == "hf" and engine.batch_size == 4
+    engine.close()

@@ -396,3 +396,40 @@ def test_bad_token_ids_and_a_torn_metrics_line(world, tmp_path):
     assert steps == [1, 2, 3, 4]
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_targets_sampled_by_another_tokenizer_are_refused_whatever_the_teacher(world, tmp_path):
+    """The top-K and sampled targets are the ids of the model that sampled them: the rollout artifact
+    records its tokenizer's digest, and a student with another tokenizer is refused even when --teacher
+    names a compatible model, or when the sampler's directory is gone."""
+    from s2d_cli.compat import tokenizer_digest
+    from s2d_cli.models import build_tokenizer
+
+    other_tok = build_tokenizer(vocab_size=400)
+    other = build_tiny_model(tmp_path / "other", tokenizer=other_tok, seed=3, hidden_size=32, num_layers=1)
+    s2d("rollout", "--model", other, "--dataset", "toy:split=pool,n=4", "--n", 2, "--max-new-tokens", 8,
+        "--topk", 4, "--backend", "hf", "--out", tmp_path / "foreign")
+    manifest = json.loads((tmp_path / "foreign" / "manifest.json").read_text())
+    assert manifest["tokenizer"] == tokenizer_digest(load_tokenizer(str(other)))
+    assert json.loads((Path(world.train) / "manifest.json").read_text())["tokenizer"] == tokenizer_digest(world.tok)
+    common = ["--student", world.student, "--rollouts", tmp_path / "foreign", "--targets", "topk", "--steps", 1,
+              "--batch-size", 4]
+    result = s2d("kl-warmup", *common, "--teacher", world.teacher, "--out", tmp_path / "a", ok=False)
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'foreign'}: sampled by {other}, whose tokenizer is not the student's: student and " \
+           "sampler tokenizers differ at token id" in result.stderr
+    import shutil
+    shutil.rmtree(other)                       # the sampler is gone: the digest still tells
+    result = s2d("kl-warmup", *common, "--out", tmp_path / "b", ok=False)
+    assert result.exit_code == 2 and "sampled with another tokenizer than the student's (digest" in result.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_rollout_topk_past_the_vocabulary_is_one_line(world, tmp_path):
+    rows = json.loads((Path(world.teacher) / "config.json").read_text())["vocab_size"]
+    result = s2d("rollout", "--model", world.teacher, "--dataset", "toy:split=test,n=1", "--max-new-tokens", 2,
+                 "--topk", rows + 1, "--backend", "hf", "--out", tmp_path / "r", ok=False)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"s2d: error: --topk: expected at most the model's {rows} vocabulary rows, " \
+                                    f"got {rows + 1}"
+    assert not any(tmp_path.iterdir())

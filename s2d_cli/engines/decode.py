@@ -62,7 +62,7 @@ def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p
     if top_p < 1.0:
         sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
         cum_BV = sorted_BV.softmax(-1).cumsum(-1)
-        drop_BV = (cum_BV - sorted_BV.softmax(-1)) > top_p     # mass before this token already exceeds p
+        drop_BV = (cum_BV - sorted_BV.softmax(-1)) >= top_p    # the tokens before it already hold p
         drop_BV[:, 0] = False
         logits_BV = logits_BV.masked_fill(drop_BV.scatter(-1, order_BV, drop_BV), float("-inf"))
     return logits_BV
@@ -379,7 +379,10 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop
         if static:
             full_B11S = attend_B11S if attend_B11S is not None else torch.ones((B, 1, 1, limit), dtype=torch.bool,
                                                                                 device=device)
-            stepper = _StaticStep(decoder, full_B11S, graph=device.type == "cuda" and CUDA_GRAPHS)
+            # no graph for per-step rope ("dynamic", "longrope"): transformers picks their frequencies by a
+            # host-side test on the positions, which a captured graph would freeze at capture time
+            stepper = _StaticStep(decoder, full_B11S, graph=device.type == "cuda" and CUDA_GRAPHS
+                                  and decoder.rope_table is not None)
     else:
         cache.batch_repeat_interleave(n)
         mask_BS = torch.cat([mask_PL.repeat_interleave(n, dim=0),

@@ -123,6 +123,8 @@ class VLLMEngine:
             path = getattr(tokenizer, "name_or_path", "")
             tokenizer = path if path and Path(path).is_dir() else None
         self.max_blob_bytes = max_blob_bytes
+        if dtype == "auto":   # s2d's "auto" (fp32 on a CPU, bf16 on a GPU), not vLLM's (bf16 on a CPU): the
+            dtype = "fp32" if on_cpu else "bf16"    # stored log-probs are then the trained model's
         self.llm = LLM(
             model=str(model), tokenizer=str(tokenizer) if tokenizer is not None else None, seed=seed,
             dtype=_DTYPES.get(dtype, dtype), trust_remote_code=trust_remote_code,
