@@ -20,7 +20,11 @@ Row counts differ between members of a family that pad their embedding matrix to
 151,669 tokens to 151,936). The rows past the tokenizer are never produced by it, so with the flag
 every KL uses the first V = min(V_student, V_teacher) rows of both heads and renormalises over them
 (`losses.chunked_kl` slices the teacher's head; the commands slice the student's); a sampled or stored
-token id >= V (possible only from an untrained padding row) ends that completion there.
+token id >= V (possible only from an untrained padding row) ends that completion there. One exception:
+kl-warmup's `--targets topk` reads top-K log-probs stored by `s2d rollout`, normalised over all the
+teacher's rows, so the teacher's mass on its rows past V counts in the tail bucket rather than being
+renormalised away (about 0 for trained checkpoints, whose padding rows are never likely; use
+`--targets full` where it is not).
 
 `load_teacher` loads the teacher frozen (eval mode, requires_grad False) for both commands.
 
