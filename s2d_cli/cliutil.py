@@ -93,7 +93,7 @@ def given(**flags) -> dict[str, Any]:
 # Shared option types: defined once, used by every command that takes them.
 ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML file of config keys.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set key=value (repeatable).")]
-ForceOpt = Annotated[bool | None, typer.Option("--force", help="Discard an existing or partial output and start over.")]
+ForceOpt = Annotated[bool | None, typer.Option("--force", help="Replace a finished output, or a partial one of another config (a partial run of this config resumes).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Local checkpoint directory or hub id.")]
 DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help="math500, aime24, aime25, amc23, gsm8k, toy, a JSONL/JSON/Parquet file, '-' or a hub id.")]
 OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Output directory ('-' streams JSONL to stdout).")]
@@ -107,7 +107,7 @@ LimitOpt = Annotated[int | None, typer.Option("--limit", help="Use only the firs
 PromptFieldOpt = Annotated[str | None, typer.Option("--prompt-field", help="Record field holding the problem (default: problem/question/prompt/input).")]
 AnswerFieldOpt = Annotated[str | None, typer.Option("--answer-field", help="Record field holding the gold answer (default: answer/gold/target/solution).")]
 IdFieldOpt = Annotated[str | None, typer.Option("--id-field", help="Record field holding the prompt id (default: unique_id/id/idx/line number).")]
-BackendOpt = Annotated[str | None, typer.Option("--backend", help="auto (vllm when installed), hf or vllm.")]
+BackendOpt = Annotated[str | None, typer.Option("--backend", help="auto (vllm on a GPU host that has it, else hf), hf or vllm.")]
 # trainers: a run directory (never '-'), and auto rollouts run on the policy in process (hf) unless vllm is asked
 RunOutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory (config, metrics.jsonl, checkpoints, model).")]
 TrainBackendOpt = Annotated[str | None, typer.Option("--backend", help="Rollout engine: hf (the policy itself; what auto picks) or vllm (weights pushed after every update).")]

@@ -70,11 +70,14 @@ def _pick(rec: dict, explicit: str | None, candidates: tuple[str, ...]) -> str |
 
 def to_examples(records: list[dict], source: str, *, prompt_field: str | None = None,
                 answer_field: str | None = None, id_field: str | None = None,
-                require_answer: bool = False, where: list[tuple[str, int | None]] | None = None) -> list[Example]:
+                require_answer: bool = False, where: list[tuple[str, int | None]] | None = None,
+                skip_missing_answers: bool = False) -> list[Example]:
     """Examples from records; `where` is each record's (file, line) (else source and position). Ids are
-    unique: the id field's value, else the record's position."""
+    unique: the id field's value, else the record's position. With `require_answer`, a record without a
+    gold answer is an error, or left out (with a count on stderr) when `skip_missing_answers`."""
     examples = []
     seen: dict[str, int] = {}
+    skipped = 0
     for i, rec in enumerate(records):
         source, line = where[i] if where else (source, i + 1)
         pf = _pick(rec, prompt_field, PROMPT_FIELDS)
@@ -92,8 +95,11 @@ def to_examples(records: list[dict], source: str, *, prompt_field: str | None = 
         if answer_field and answer_field not in rec:
             raise located(source, line, f"missing field {answer_field!r}")
         if require_answer and not answer:
+            if skip_missing_answers:
+                skipped += 1
+                continue
             raise located(source, line, f"no gold answer (expected one of {', '.join(ANSWER_FIELDS)}; "
-                                        "set --answer-field)")
+                                        "set --answer-field, or --set missing_answer=skip)")
         if id_field and rec.get(id_field) is None:
             raise located(source, line, f"missing field {id_field!r} (--id-field)")
         idf = _pick(rec, id_field, ID_FIELDS)
@@ -108,12 +114,19 @@ def to_examples(records: list[dict], source: str, *, prompt_field: str | None = 
         if "level" in rec:
             meta["level"] = _level(rec["level"])
         examples.append(Example(ex_id, rec[pf], answer, meta))
+    if skipped:
+        from .cliutil import console
+        console.print(f"[yellow]{source}: left out {skipped} of {len(records)} records with no gold answer "
+                      "(missing_answer=skip)[/]")
+    if not examples:
+        raise UsageError(f"{source}: no record has a gold answer")
     return examples
 
 
 def load_examples(dataset: str, *, split: str = "test", limit: int | None = None,
                   prompt_field: str | None = None, answer_field: str | None = None,
-                  id_field: str | None = None, require_answer: bool = False) -> list[Example]:
+                  id_field: str | None = None, require_answer: bool = False,
+                  skip_missing_answers: bool = False) -> list[Example]:
     """`dataset`: a bundled name, `toy:...` (the synthetic task), a local JSONL/JSON/Parquet file or
     artifact directory, `-` for stdin, or a Hugging Face dataset id (loaded with `datasets`)."""
     from .artifacts import read_located
@@ -142,7 +155,8 @@ def load_examples(dataset: str, *, split: str = "test", limit: int | None = None
     if not records:
         raise UsageError(f"{source}: empty (no records)")
     return to_examples(records, source, prompt_field=prompt_field, answer_field=answer_field,
-                       id_field=id_field, require_answer=require_answer, where=where)
+                       id_field=id_field, require_answer=require_answer, where=where,
+                       skip_missing_answers=skip_missing_answers)
 
 
 def _load_hub(name: str, split: str) -> list[dict]:  # pragma: no cover - needs the hub

@@ -236,7 +236,8 @@ def run(cfg: GRPOConfig):
         if cfg.backend in ("vllm", "auto") and _vllm_ok(cfg, trainer):
             from .engines import make_engine
             engine = make_engine("vllm", cfg.model, tokenizer=tok, seed=cfg.seed, dtype=cfg.dtype,
-                                 trust_remote_code=cfg.trust_remote_code)
+                                 trust_remote_code=cfg.trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,
+                                 gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
             engine.update_weights(lm.state_dict().items())  # resumed runs: the engine starts from our weights
         else:
             from .engines.hf import HFEngine

@@ -264,7 +264,8 @@ def run(cfg: OPDConfig):
                 raise UsageError("--backend vllm runs with one training process; use --backend hf under "
                                  "accelerate launch")
             engine = make_engine("vllm", cfg.student, tokenizer=tok, seed=cfg.seed, dtype=cfg.dtype,
-                                 trust_remote_code=cfg.trust_remote_code)
+                                 trust_remote_code=cfg.trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,
+                                 gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
             engine.update_weights(lm.state_dict().items())  # a resumed run: the engine starts from our weights
         else:  # auto: the live hf model needs no weight sync and is exact; vllm is opt-in for training
             from .engines.hf import HFEngine

@@ -40,6 +40,9 @@ class PromptFields:
     chat: str = "auto"                      # auto | chat | plain (base models)
     instruction: str = DEFAULT_INSTRUCTION  # appended to every problem
     enable_thinking: bool | None = None     # Qwen3 thinking mode on/off (None: the template's default)
+    # where a gold answer is needed (grpo, eval, opd --alpha): "error" refuses a record without one,
+    # "skip" leaves it out and says how many (MATH train has two solutions with an empty \boxed{})
+    missing_answer: str = "error"
 
 
 @dataclass
@@ -53,6 +56,9 @@ class SamplingFields:
     backend: str = "auto"            # auto | hf | vllm
     dtype: str = "auto"              # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     batch_size: int = 64             # hf backend: sequences per generate call
+    tensor_parallel_size: int = 1    # vllm backend: GPUs one engine shards the model over
+    gpu_memory_utilization: float = 0.85   # vllm backend: share of each GPU's memory the engine takes
+    max_model_len: int | None = None # vllm backend: longest prompt + completion (default: the model's)
     trust_remote_code: bool = False
 
 
@@ -92,6 +98,10 @@ def check_sampling(cfg: SamplingFields) -> None:
         raise UsageError(f"--top-k: expected -1 (off) or >= 1, got {cfg.top_k}")
     if cfg.batch_size < 1:
         raise UsageError(f"batch_size: expected >= 1, got {cfg.batch_size}")
+    if cfg.tensor_parallel_size < 1:
+        raise UsageError(f"tensor_parallel_size: expected >= 1, got {cfg.tensor_parallel_size}")
+    if not 0 < cfg.gpu_memory_utilization <= 1:
+        raise UsageError(f"gpu_memory_utilization: expected a value in (0, 1], got {cfg.gpu_memory_utilization}")
     limit = getattr(cfg, "limit", None)
     if limit is not None and limit < 1:
         raise UsageError(f"--limit: expected >= 1, got {limit}")
@@ -106,8 +116,11 @@ def sampling_config(cfg: SamplingFields, *, seed: int, logprobs: bool = False, t
 
 
 def load_prompts(cfg: PromptFields, *, require_answer: bool = False) -> list[Example]:
+    if cfg.missing_answer not in ("error", "skip"):
+        raise UsageError(f"missing_answer: expected error or skip, got {cfg.missing_answer!r}")
     return load_examples(cfg.dataset, split=cfg.split, limit=cfg.limit, prompt_field=cfg.prompt_field,
-                         answer_field=cfg.answer_field, id_field=cfg.id_field, require_answer=require_answer)
+                         answer_field=cfg.answer_field, id_field=cfg.id_field, require_answer=require_answer,
+                         skip_missing_answers=cfg.missing_answer == "skip")
 
 
 def encode_examples(tokenizer, examples: list[Example], cfg: PromptFields,
@@ -156,8 +169,8 @@ VLLM_MAX_LOGPROBS = 64     # vLLM's default cap on logprobs per token; --topk ab
 
 
 def resolved_backend(backend: str) -> str:
-    from .engines import vllm_available
-    return ("vllm" if vllm_available() else "hf") if backend == "auto" else backend
+    from .engines import auto_backend
+    return auto_backend() if backend == "auto" else backend
 
 
 def open_engine(cfg: SamplingFields, model: str, tokenizer, *, topk: int = 0):
@@ -165,7 +178,9 @@ def open_engine(cfg: SamplingFields, model: str, tokenizer, *, topk: int = 0):
     batch_size for hf (it used to be dropped when "auto" chose hf), a logprobs cap for --topk on vLLM."""
     from .engines import make_engine
     backend = resolved_backend(cfg.backend)
-    extra = {"batch_size": cfg.batch_size} if backend == "hf" else {"max_logprobs": max(VLLM_MAX_LOGPROBS, topk)}
+    extra = {"batch_size": cfg.batch_size} if backend == "hf" else {
+        "max_logprobs": max(VLLM_MAX_LOGPROBS, topk), "tensor_parallel_size": cfg.tensor_parallel_size,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization, "max_model_len": cfg.max_model_len}
     return make_engine(backend, model, tokenizer=tokenizer, seed=cfg.seed, dtype=cfg.dtype,
                        trust_remote_code=cfg.trust_remote_code, **extra)
 

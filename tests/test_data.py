@@ -180,3 +180,20 @@ def test_bundled_files_are_byte_identical_to_shared_data():
         bundled = hashlib.sha256((BUNDLED_DIR / BUNDLED[name]).read_bytes()).hexdigest()
         shared = hashlib.sha256((root / rel).read_bytes()).hexdigest()
         assert bundled == shared == sums[rel], name
+
+
+def test_records_without_a_gold_are_refused_or_left_out_on_request(tmp_path, capsys):
+    """MATH train has two solutions whose last box is empty: the stage configs' `missing_answer: skip`
+    leaves such records out (and says how many); by default they are refused, naming the line."""
+    from s2d_cli.data import load_examples
+    from s2d_cli.errors import UsageError
+
+    path = tmp_path / "train.jsonl"
+    rows = [{"problem": "1 + 1?", "solution": "so \\boxed{2}"}, {"problem": "2 + 2?", "solution": "\\boxed{}"},
+            {"problem": "3 + 3?", "solution": "thus \\boxed{6}"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UsageError, match=r"train.jsonl:2: no gold answer .*--set missing_answer=skip"):
+        load_examples(str(path), require_answer=True)
+    kept = load_examples(str(path), require_answer=True, skip_missing_answers=True)
+    assert [(e.id, e.answer) for e in kept] == [("0", "2"), ("2", "6")]
+    assert "left out 1 of 3 records with no gold answer" in " ".join(capsys.readouterr().err.split())

