@@ -40,9 +40,10 @@ endif
 	touch $@
 
 # outputs in runs/toy/seed-N (table.md, report/results.md); SEEDS="0 1 2" for mean +- std, SMALL=1 for
-# the reduced setting CI runs; a second `make demo` redoes nothing
+# the reduced setting CI runs (in runs/toy-small: Make cannot tell the two settings' artifacts apart);
+# a second `make demo` redoes nothing
 demo: install
-	$(MAKE) -C examples/toy demo S2D=$(abspath $(S2D)) PY=$(abspath $(PY)) OUT=$(abspath runs/toy)
+	$(MAKE) -C examples/toy demo S2D=$(abspath $(S2D)) PY=$(abspath $(PY)) OUT=$(abspath runs/toy$(if $(filter 1,$(SMALL)),-small))
 
 test: install install-vllm
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -199,7 +199,10 @@ def command(
     top_k: cu.TopKOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None, backend: cu.BackendOpt = None,
     prompt_field: cu.PromptFieldOpt = None, answer_field: cu.AnswerFieldOpt = None, id_field: cu.IdFieldOpt = None,
     rollouts: str = typer.Option(None, "--rollouts", help="Re-score existing rollouts instead of sampling."),
-    protocol: str = typer.Option(None, "--protocol", help=f"Named protocol: {', '.join(PROTOCOLS)}."),
+    protocol: str = typer.Option(None, "--protocol", help="Named protocol (flags override its settings): " + "; ".join(
+        f"{name}: {p['dataset']}, avg@{p['n']}, " + (f"temperature {p['temperature']}" if p.get("temperature") == 0.0
+                                                     else f"temperature {p['temperature']}, top-p {p['top_p']}, top-k {p['top_k']}")
+        + f", {p['max_new_tokens']:,} new tokens" for name, p in PROTOCOLS.items()) + "."),
     workers: int = typer.Option(None, "--workers", help=WORKERS_HELP),
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):

@@ -248,6 +248,9 @@ def run(cfg: KLWarmupConfig):
     from .models import load_tokenizer
 
     # Everything that can refuse the run happens before the trainer creates the run directory.
+    for src in (cfg.rollouts, cfg.eval_rollouts):
+        if src is not None and src != "-" and not Path(src).exists():
+            raise UsageError(f"{src}: no such file or directory")
     if cfg.targets == "topk":
         for flag, src in (("--rollouts", cfg.rollouts), ("--eval-rollouts", cfg.eval_rollouts)):
             if src is not None and not (src != "-" and Path(src).is_dir() and has_tensors(src, "topk_ids")):

@@ -185,10 +185,19 @@ def read_arms(path: str) -> list[tuple[str, Path, list[Path], int | None]]:
     return arms
 
 
+def _color(i: int, n: int):
+    """The i-th of n distinct colours: matplotlib's 10-colour cycle while it suffices, tab20 up to 20 (the
+    demo has 11 training runs; C0 and C10 were one colour), then evenly spaced hues."""
+    if n <= 10:
+        return f"C{i}"
+    from matplotlib import colormaps
+    return colormaps["tab20"](i) if n <= 20 else colormaps["hsv"](i / n)
+
+
 def _unique_names(paths: list[Path]) -> list[str]:
     """Directory names, with the parent prepended where two runs share a name (a/eval, b/eval)."""
-    names = [p.name for p in paths]
-    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+    names = [p.resolve().name for p in paths]        # "." and "runs/x/" have names too
+    return [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
 
 
 def collect(cfg: ReportConfig) -> tuple[list[Arm], list[TrainRun]]:
@@ -373,7 +382,7 @@ def plot_accuracy(arms: list[Arm], path: Path, title: str) -> None:
     hi = [a_.eval.metrics["accuracy_ci95"][1] - a for a, a_ in zip(acc, arms)]
     xs = list(range(len(arms)))
     ax.bar(xs, acc, yerr=[[max(0.0, v) for v in lo], [max(0.0, v) for v in hi]], capsize=4,
-           color=[f"C{i % 10}" for i in xs])
+           color=[_color(i, len(xs)) for i in xs])
     for x, a in zip(xs, acc):
         ax.annotate(f"{a:.3f}", (x, a), textcoords="offset points", xytext=(6, 3), fontsize=8)
     ax.set_xticks(xs, [a.name for a in arms], rotation=20 if len(arms) > 3 else 0,
@@ -406,9 +415,9 @@ def plot_curves(runs: list[TrainRun], path: Path) -> bool:
                 xs, ys = [p[0] for p in pts], [p[1] for p in pts]
                 label = run.name if len(keys) == 1 else f"{run.name} {key}"
                 if len(pts) > 20:  # noisy RL curves: faint raw values under a moving average
-                    ax.plot(xs, ys, style, color=f"C{i % 10}", alpha=0.25, linewidth=0.8)
+                    ax.plot(xs, ys, style, color=_color(i, len(runs)), alpha=0.25, linewidth=0.8)
                     ys = moving_average(ys, max(2, len(pts) // 20))
-                ax.plot(xs, ys, style, color=f"C{i % 10}", label=label, linewidth=1.5)
+                ax.plot(xs, ys, style, color=_color(i, len(runs)), label=label, linewidth=1.5)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -381,6 +381,9 @@ def test_bad_token_ids_and_a_torn_metrics_line(world, tmp_path):
     assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
         f"s2d: error: {bad}: record 3: field 'completion_ids': token id -3 is outside the model's vocabulary"]
     assert not (tmp_path / "bad-run").exists()
+    result = s2d("kl-warmup", "--student", world.student, "--rollouts", tmp_path / "nope", "--targets", "topk",
+                 "--steps", 1, "--out", tmp_path / "bad-run", ok=False)    # not "has no top-K tensors"
+    assert result.exit_code == 2 and result.stderr.strip() == f"s2d: error: {tmp_path / 'nope'}: no such file or directory"
 
     def run(out):
         s2d("kl-warmup", "--student", world.student, "--rollouts", world.train, "--targets", "sampled",

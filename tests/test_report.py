@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -155,3 +156,20 @@ def test_formatting_helpers():
     assert fmt_accuracy(0.625, 0.5, 0.75) == "0.625 ± 0.125"
     assert [fmt_duration(s) for s in (None, 42.4, 395, 9000)] == ["—", "42 s", "6.6 min", "2.5 h"]
     assert moving_average([1, 2, 3, 4], 2) == [1, 1.5, 2.5, 3.5]
+
+
+def test_run_names_from_relative_paths_and_eleven_distinct_colours(tmp_path, monkeypatch):
+    """`s2d report teacher-grpo ...` named the run "/teacher-grpo" (a relative path's parent has no name);
+    with 11 runs the 11th took the 1st's colour."""
+    from matplotlib.colors import to_rgba
+
+    from s2d_cli.report import _color, _unique_names
+
+    monkeypatch.chdir(tmp_path)
+    for d in ("a/eval", "b/eval", "teacher-grpo"):
+        (tmp_path / d).mkdir(parents=True)
+    assert _unique_names([Path("teacher-grpo"), Path("a/eval"), Path("b/eval/")]) == ["teacher-grpo", "a/eval",
+                                                                                       "b/eval"]
+    assert _unique_names([Path(".")]) == [tmp_path.name]
+    assert len({to_rgba(_color(i, 11)) for i in range(11)}) == 11
+    assert [_color(i, 3) for i in range(3)] == ["C0", "C1", "C2"]
