@@ -298,12 +298,16 @@ def run(cfg: KLWarmupConfig):
         return total / max(count, 1)
 
     start_file = trainer.out / HELDOUT_START
-    if trainer.start_step == 0 or not start_file.is_file():
+    if trainer.start_step == 0:
         heldout_start = heldout_mean()
         if trainer.acc.is_main_process:
             _write_atomic(start_file, json.dumps({"heldout_kl_start": heldout_start}).encode())
-    else:
+    elif start_file.is_file():
         heldout_start = json.loads(start_file.read_text())["heldout_kl_start"]
+    else:   # evaluating the resumed weights would report them as the start
+        heldout_start = None
+        if heldout is not None and trainer.acc.is_main_process:
+            cu.console.print(f"[yellow]{start_file} is missing: the start-of-run held-out value is unknown[/]")
 
     def make_batch(step: int) -> Batch:
         idx = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
@@ -340,7 +344,8 @@ def run(cfg: KLWarmupConfig):
         "heldout_metric": metric if heldout is not None else None, "heldout_sequences": len(heldout or []),
         "heldout_kl_start": heldout_start, "heldout_kl_end": heldout_end})
     if heldout is not None and trainer.acc.is_main_process:
-        cu.console.print(f"held-out {metric}: {heldout_start:.4f} -> {heldout_end:.4f}")
+        start = "unknown" if heldout_start is None else f"{heldout_start:.4f}"
+        cu.console.print(f"held-out {metric}: {start} -> {heldout_end:.4f}")
     print(out)
 
 

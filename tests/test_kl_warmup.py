@@ -280,6 +280,13 @@ def test_resumed_run_equals_an_uninterrupted_one(world, tmp_path):
     assert steps == [1, 2, 3, 4]
     m_a, m_b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("straight", "resumed"))
     assert m_a["heldout_kl_start"] == m_b["heldout_kl_start"] and m_a["heldout_kl_end"] == m_b["heldout_kl_end"]
+    # without its record of the start, a resumed run says the start is unknown (it used to evaluate the
+    # resumed weights and report them as the start)
+    cut_back_to_step_2(tmp_path / "resumed")
+    (tmp_path / "resumed" / "heldout_start.json").unlink()
+    run(tmp_path / "resumed")
+    m_c = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert m_c["heldout_kl_start"] is None and m_c["heldout_kl_end"] == m_a["heldout_kl_end"]
 
 
 # ------------------------------------------------------------------------------------------------
