@@ -793,9 +793,13 @@ class Trainer:
                     on_batch(step, batch)
                 t_batch = time.perf_counter() - t0
                 weights = [s.scalars.get("weight", 1.0) for s in batch.sequences]
-                n_seq, n_tok, n_all_tok = self.all_sum([sum(weights), sum(w * len(s.completion_ids) for w, s in
-                                                                          zip(weights, batch.sequences)),
-                                                        sum(len(s) for s in batch.sequences)])
+                n_seq, n_tok, n_all_tok, n_empty = self.all_sum([
+                    sum(weights), sum(w * len(s.completion_ids) for w, s in zip(weights, batch.sequences)),
+                    sum(len(s) for s in batch.sequences), float(not batch.sequences)])
+                if n_empty and self.world > 1:
+                    # a process with nothing to train on would skip the backward its peers wait in
+                    raise UsageError(f"step {step + 1}: {int(n_empty)} of {self.world} processes got no sequence "
+                                     "with a completion token; every process needs one each step")
                 micro = pack(batch.sequences, cfg.micro_batch_tokens, layout=self.layout, device=self.device,
                              overhead_tokens=self.micro_overhead)
                 if update_epochs > 1:

@@ -281,6 +281,23 @@ def test_two_processes_train_bf16_weights_through_the_same_fp32_masters(tiny_mod
     assert float(a @ b / (a.norm() * b.norm())) > 0.999 and float(a.norm()) > 0
 
 
+def test_a_process_with_nothing_to_train_on_stops_every_process(tiny_model_dir, fixed_rollouts, tmp_path):
+    """Rank 1's prompts of step 1 have only empty completions: it would skip the backward rank 0 waits
+    in (a hang under DDP); both processes stop at once with one clear line instead."""
+    path, records = fixed_rollouts
+    for r in records:
+        if r["id"] in ("p2", "p3"):                # rank 1's share of step 1 (prompts [2, 4) of 4)
+            r["completion_ids"] = []
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+              "-m", "s2d_cli.cli", "grpo", "--model", str(tiny_model_dir), "--rollouts", str(path), "--steps", "1",
+              "-G", str(G), "-P", "4", "--out", str(tmp_path / "run")]
+    proc = subprocess.run(launch, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "step 1: 1 of 2 processes got no sequence with a completion token" in proc.stderr
+
+
 # ------------------------------------------------------------------------------------------------
 # 4. bad input
 
