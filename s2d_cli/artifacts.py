@@ -86,16 +86,18 @@ def _sha256_cached(path: Path) -> str:
     hashed once, not on every command that names them."""
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "s2d" / "sha256.json"
     try:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "s2d" / "sha256.json"
         known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
+    except (OSError, ValueError, RuntimeError):     # RuntimeError: no home directory to be found
+        cache, known = None, {}
     if not isinstance(known, dict):
         known = {}
     if key not in known:
         known[key] = sha256_file(path)
         try:                 # a lost update (two processes at once) costs one more hash later, nothing else
+            if cache is None:
+                raise OSError("no cache directory")
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(known))
@@ -105,7 +107,7 @@ def _sha256_cached(path: Path) -> str:
     return known[key]
 
 
-MODEL_FILES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".tiktoken")
+MODEL_FILES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".jinja", ".model", ".txt", ".tiktoken", ".py")
 
 
 def model_digest(path: Path) -> str:

@@ -57,6 +57,17 @@ def _undo() -> None:
             pass
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
+    import select
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
     """Build the config and run the command with s2d's error contract."""
     _on_failure.clear()
@@ -70,7 +81,10 @@ def execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         sys.stderr.write("s2d: interrupted; rerun the same command to resume\n")
         raise typer.Exit(130) from None
-    except BrokenPipeError:
+    except BrokenPipeError as e:
+        if not _stdout_closed():       # some other pipe (a reward server, a subprocess): a real failure
+            _undo()
+            fail(f"internal error: BrokenPipeError: {e} (set S2D_DEBUG=1 for the traceback)", 1)
         # the reader of stdout went away (`s2d verify ... --out - | head`): stop quietly, as Unix filters
         # do, with SIGPIPE's status; what is left to flush goes nowhere
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

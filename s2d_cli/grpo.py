@@ -227,7 +227,7 @@ def run(cfg: GRPOConfig):
     lm, tok = trainer.lm, trainer.tokenizer
     if cfg.rollouts is not None:
         check_stored(stored, cfg.rollouts, lm.get_input_embeddings().weight.shape[0])
-    ref = load_model(cfg.model, dtype=lm.dtype, device=trainer.device, trust_remote_code=cfg.trust_remote_code,
+    ref = load_model(cfg.model, dtype=trainer.frozen_dtype, device=trainer.device, trust_remote_code=cfg.trust_remote_code,
                      attn_implementation=cfg.attn_implementation).requires_grad_(False) if cfg.beta > 0 else None
     if ref is not None:
         trainer.adopt(ref, "reference model")

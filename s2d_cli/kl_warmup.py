@@ -280,7 +280,7 @@ def run(cfg: KLWarmupConfig):
     check_loaded_rows(lm, student_rows, "student")
     teacher = None
     if cfg.targets == "full":
-        teacher = load_teacher(teacher_ref, dtype=lm.dtype, device=trainer.device,
+        teacher = load_teacher(teacher_ref, dtype=trainer.frozen_dtype, device=trainer.device,
                                trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
         check_loaded_rows(teacher, pair.teacher_rows, "teacher")
         trainer.adopt(teacher)

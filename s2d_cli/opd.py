@@ -183,7 +183,7 @@ def run(cfg: OPDConfig):
         raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} must divide evenly over {trainer.world} processes")
     lm, tok = trainer.lm, trainer.tokenizer
     check_loaded_rows(lm, pair.student_rows, "student")
-    teacher = load_teacher(cfg.teacher, dtype=lm.dtype, device=trainer.device,
+    teacher = load_teacher(cfg.teacher, dtype=trainer.frozen_dtype, device=trainer.device,
                            trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
     check_loaded_rows(teacher, pair.teacher_rows, "teacher")
     trainer.adopt(teacher)

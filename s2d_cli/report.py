@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -196,8 +197,9 @@ def _color(i: int, n: int):
 
 def _unique_names(paths: list[Path]) -> list[str]:
     """Directory names, with the parent prepended where two runs share a name (a/eval, b/eval)."""
-    names = [p.resolve().name for p in paths]        # "." and "runs/x/" have names too
-    return [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
+    full = [Path(os.path.abspath(p)) for p in paths]  # "." and "runs/x/" have names too; symlinks keep theirs
+    names = [p.name for p in full]
+    return [f"{p.parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(full, names)]
 
 
 def collect(cfg: ReportConfig) -> tuple[list[Arm], list[TrainRun]]:

@@ -88,12 +88,13 @@ class TrainFields:
     dtype: str = "auto"              # trained weights: fp32 on CPU; bf16 on GPU ("auto")
     # half-precision weights keep an fp32 copy in the optimizer (AdamW steps it; the model gets it rounded
     # back): at lr 1e-6 a step is far below bf16's resolution (~4e-3 relative), so stepping bf16 weights
-    # directly drops almost every update. 16 bytes a parameter instead of 8; false trains them directly
+    # directly drops almost every update. 16 bytes a parameter instead of 8 (18 during the step); false trains them directly
     master_weights: bool = True
     tensorboard: bool = False        # also log to out/tb (needs the tensorboard package)
     wandb_project: str | None = None # also log to W&B (needs wandb)
     resume: bool = False             # continue from the newest checkpoint (also automatic on a rerun)
-    force: bool = False              # discard an existing run directory
+    force: bool = False              # replace a finished run, or a partial one of another config (a partial
+                                     # run of this config resumes; delete it by hand to restart it)
     trust_remote_code: bool = False
     # attention kernels of the trained model and the models scoring its micro-batches: transformers'
     # default (sdpa) unless set; "flash_attention_2" / "flash_attention_3" (a GPU host with flash-attn)
@@ -471,6 +472,16 @@ def _host_floats(values: list) -> list[float]:
     return [float(v) for v in out]
 
 
+def _is_run_config(cfg_path: Path) -> bool:
+    """Whether `cfg_path` is the config.json an s2d training run writes (kind and fingerprint), not, say,
+    a model's."""
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "fingerprint" in cfg and "kind" in cfg and "config" in cfg
+
+
 def _fingerprint_of(cfg_path: Path) -> str | None:
     """The fingerprint a partial run's config.json records (None: none, or unreadable)."""
     try:
@@ -534,6 +545,7 @@ class Trainer:
             return
         self.tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
         dtype = resolve_dtype(cfg.dtype, self.device)
+        self.frozen_dtype = dtype   # teachers and reference models: not trained, never sharded, no masters
         if cfg.dtype == "auto" and self.acc.distributed_type == DistributedType.FSDP:
             dtype = torch.float32      # FSDP keeps the sharded fp32 weights and casts them for compute
         self.lm = load_model(model, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code,
@@ -634,20 +646,25 @@ class Trainer:
             raise UsageError(f"{out}: exists and is not a directory")
         from .models import check_model_ref
         check_model_ref(model)  # a mistyped model path fails before the run directory is made
+        if Path(model).exists() and (out.resolve() == Path(model).resolve()
+                                     or out.resolve() in Path(model).resolve().parents):
+            raise UsageError(f"--out {out}: is the model directory {model} (or holds it); choose another --out")
         if self.acc.is_main_process:
             cfg_path = out / "config.json"
-            if cfg.force and out.exists() and (manifest.is_file() or _fingerprint_of(cfg_path) != self.fingerprint):
+            ours = _is_run_config(cfg_path)     # a model directory's config.json is not a partial run
+            if cfg.force and out.exists() and (manifest.is_file() or not ours
+                                               or _fingerprint_of(cfg_path) != self.fingerprint):
                 shutil.rmtree(out)       # --force keeps only a partial run of this very config: it resumes
-            if not out.exists():
-                cu.on_failure(self._discard_unstarted)
-            if cfg_path.is_file():
-                # a partial run with no checkpoint has nothing to lose: the new config takes its place
-                if _fingerprint_of(cfg_path) != self.fingerprint and self._latest_checkpoint() is not None:
+            if ours and _fingerprint_of(cfg_path) != self.fingerprint:
+                if self._latest_checkpoint() is not None:
                     old = json.loads(cfg_path.read_text())
                     diff = _config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs)
                     raise UsageError(f"{out}: a partial run with a different config is there ({diff}); "
                                      "use --force")
-            elif out.exists() and any(out.iterdir()):
+                shutil.rmtree(out)       # a partial run with no checkpoint has nothing to lose: it makes way
+            if not out.exists():
+                cu.on_failure(self._discard_unstarted)
+            elif not ours and any(out.iterdir()):
                 raise UsageError(f"{out}: exists, is not empty and is not an s2d run; use --force or another --out")
             try:
                 out.mkdir(parents=True, exist_ok=True)
@@ -664,9 +681,10 @@ class Trainer:
         return False
 
     def _discard_unstarted(self) -> None:
-        """A run directory this command made goes away again if the command fails before its first
-        checkpoint: bad input leaves nothing behind."""
-        if self._latest_checkpoint() is None:
+        """A run directory this command made goes away again if the command fails before its first step
+        (bad input, a model that cannot load): nothing is left behind. Once a step is logged the run
+        directory stays, metrics and all."""
+        if self._latest_checkpoint() is None and not (self.out / "metrics.jsonl").exists():
             shutil.rmtree(self.out, ignore_errors=True)
 
     def _latest_checkpoint(self) -> Path | None:
@@ -862,6 +880,7 @@ class Trainer:
         for p, m in zip(self._trained, self.masters):
             m.grad = None if p.grad is None else p.grad.float()
             p.grad = None
+        self.acc.unscale_gradients()           # fp16 loss scaling (accelerate's GradScaler), else nothing
         grads = [m.grad for m in self.masters if m.grad is not None]
         if self.cfg.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.masters, self.cfg.max_grad_norm)

@@ -460,3 +460,13 @@ def test_verify_keeps_a_completion_with_a_lone_surrogate(tmp_path):
     result = CliRunner().invoke(app, ["verify", str(path), "--workers", "1", "--out", "-"])
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["completion"] for line in result.stdout.splitlines()] == [r["completion"] for r in rows]
+
+
+def test_model_digest_covers_pytorch_bin_weights(tmp_path):
+    """A model directory with .bin weights (s2d never loads them, but a digest that skipped them would
+    call a retrained model unchanged)."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"old weights")
+    before = artifacts.model_digest(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"new weights")
+    assert artifacts.model_digest(tmp_path) != before

@@ -301,6 +301,54 @@ def test_a_process_with_nothing_to_train_on_stops_every_process(tiny_model_dir, 
 # ------------------------------------------------------------------------------------------------
 # 4. bad input
 
+def test_a_run_that_fails_after_its_first_steps_keeps_its_directory(tiny_model_dir, tmp_path):
+    """A reward that crashes at step 3 fails the command, but steps 1-2's metrics stay (the directory
+    is only removed when a command fails before its first step: bad input)."""
+    import rewards_for_tests
+
+    rewards_for_tests._calls[0] = 0
+    run = tmp_path / "run"
+    result = grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--reward",
+                  "rewards_for_tests:fails_on_call_17", "--steps", 4, "-G", 4, "-P", 2, "--max-new-tokens", 3,
+                  "--backend", "hf", "--out", run, ok=False)
+    assert result.exit_code == 1 and "reward backend went away" in result.stderr
+    assert [m["step"] for m in metrics(run)] == [1, 2]          # 8 reward calls a step: the 17th is step 3's
+    assert (run / ".rollouts.partial").is_dir()
+    # no checkpoint yet: another config takes the directory over whole, its staged rollouts included
+    # (the rollouts writer used to refuse them as another config's)
+    grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 4, "-G", 4,
+         "-P", 2, "--max-new-tokens", 3, "--backend", "hf", "--out", run)
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4] and len(read_records(run / "rollouts")) == 32
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_an_error(tiny_model_dir, tmp_path):
+    """Only a closed stdout ends the command quietly with 141 (`... --out - | head`); a reward's own
+    broken pipe is a failure, said in one line with exit 1."""
+    result = grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--reward",
+                  "rewards_for_tests:broken_pipe", "--steps", 1, "-G", 4, "-P", 2, "--max-new-tokens", 3,
+                  "--backend", "hf", "--out", tmp_path / "run", ok=False)
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        "s2d: error: internal error: BrokenPipeError: [Errno 32] Broken pipe (set S2D_DEBUG=1 for the traceback)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_never_takes_over_a_model_directory(tiny_model_dir, tmp_path):
+    """A model directory holds a config.json too: it is not a partial run to take over (its config was
+    overwritten), and --out equal to --model is refused before anything is written."""
+    import shutil
+
+    copy = tmp_path / "my-model"
+    shutil.copytree(tiny_model_dir, copy)
+    before = (copy / "config.json").read_text()
+    common = ["--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 1, "-G", 4, "-P", 2,
+              "--max-new-tokens", 3, "--backend", "hf"]
+    result = grpo("--model", tiny_model_dir, *common, "--out", copy, ok=False)
+    assert result.exit_code == 2 and "exists, is not empty and is not an s2d run" in result.stderr
+    result = grpo("--model", copy, *common, "--out", copy, "--force", ok=False)
+    assert result.exit_code == 2 and f"--out {copy}: is the model directory" in result.stderr
+    assert (copy / "config.json").read_text() == before and not (copy / "checkpoints").exists()
+
 def test_bad_inputs(tiny_model_dir, tmp_path):
     """Each: exit 2, one line `s2d: error: ...` on stderr, no traceback, and no run directory."""
     no_answers = tmp_path / "problems.jsonl"
