@@ -211,6 +211,13 @@ def fixed_rollouts(tmp_path, tiny_model_dir):
 # ------------------------------------------------------------------------------------------------
 # 3. two processes == one process
 
+def two_processes(*args: str) -> list[str]:
+    """`accelerate launch` of `s2d_cli.cli *args` as two torch.distributed CPU processes (gloo)."""
+    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            "-m", "s2d_cli.cli", *args]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -229,9 +236,7 @@ def test_two_processes_match_one(tiny_model_dir, fixed_rollouts, tmp_path):
     common = ["grpo", "--model", str(tiny_model_dir), "--rollouts", str(path), "--steps", "3", "-G", str(G),
               "-P", "4", "--loss", "dapo", "--beta", "0.1", "--lr", "1e-3", "--set", "micro_batch_tokens=40"]
     one, two = tmp_path / "one", tmp_path / "two"
-    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-              "-m", "s2d_cli.cli", *common, "--out", str(two)]
+    launch = two_processes(*common, "--out", str(two))
     proc = subprocess.Popen(launch, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     grpo(*common[1:], "--out", one)               # the one-process run, meanwhile
@@ -261,9 +266,7 @@ def test_two_processes_train_bf16_weights_through_the_same_fp32_masters(tiny_mod
     common = ["grpo", "--model", str(tiny_model_dir), "--rollouts", str(path), "--steps", "3", "-G", str(G),
               "-P", "4", "--loss", "dapo", "--lr", "1e-5", "--set", "micro_batch_tokens=40", "--set", "dtype=bf16"]
     one, two = tmp_path / "one", tmp_path / "two"
-    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-              "-m", "s2d_cli.cli", *common, "--out", str(two)]
+    launch = two_processes(*common, "--out", str(two))
     proc = subprocess.Popen(launch, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     grpo(*common[1:], "--out", one)
@@ -289,10 +292,8 @@ def test_a_process_with_nothing_to_train_on_stops_every_process(tiny_model_dir, 
         if r["id"] in ("p2", "p3"):                # rank 1's share of step 1 (prompts [2, 4) of 4)
             r["completion_ids"] = []
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-              "-m", "s2d_cli.cli", "grpo", "--model", str(tiny_model_dir), "--rollouts", str(path), "--steps", "1",
-              "-G", str(G), "-P", "4", "--out", str(tmp_path / "run")]
+    launch = two_processes("grpo", "--model", str(tiny_model_dir), "--rollouts", str(path), "--steps", "1",
+                           "-G", str(G), "-P", "4", "--out", str(tmp_path / "run"))
     proc = subprocess.run(launch, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     assert "step 1: 1 of 2 processes got no sequence with a completion token" in proc.stderr
