@@ -168,6 +168,10 @@ class ArtifactWriter:
         if self.stdout:
             return
         self.out = Path(out)
+        for src in inputs:          # the commit replaces `out`: it must not be (or hold) what is read
+            if src is not None and str(src) != "-" and Path(src).exists() and (
+                    self.out.resolve() == Path(src).resolve() or self.out.resolve() in Path(src).resolve().parents):
+                raise UsageError(f"--out {out}: is the input {src} (or holds it); choose another --out")
         self.staging = self.out.parent / f".{self.out.name}.partial"
         self._prepare(force)
 

@@ -470,3 +470,16 @@ def test_model_digest_covers_pytorch_bin_weights(tmp_path):
     before = artifacts.model_digest(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"new weights")
     assert artifacts.model_digest(tmp_path) != before
+
+
+def test_out_cannot_be_an_input(tmp_path):
+    """`--out` is replaced whole at commit: pointing it at the input (or a folder holding it) is refused,
+    --force or not, before anything is written."""
+    w = ArtifactWriter(tmp_path / "a", kind="test", config=CONFIG, num_shards=1)
+    w.write_shard(0, records_of(1))
+    w.commit()
+    result = invoke("verify", tmp_path / "a", "--out", tmp_path / "a", "--force")
+    assert result.exit_code == 2 and f"--out {tmp_path / 'a'}: is the input {tmp_path / 'a'}" in result.stderr
+    result = invoke("verify", tmp_path / "a", "--out", tmp_path, "--force")
+    assert result.exit_code == 2 and "(or holds it)" in result.stderr
+    assert [r["id"] for r in read_records(tmp_path / "a")] == ["r0"]
