@@ -168,6 +168,10 @@ class ArtifactWriter:
         if self.stdout:
             return
         self.out = Path(out)
+        here = Path.cwd().resolve()
+        if self.out.resolve() == here or self.out.resolve() in here.parents:
+            raise UsageError(f"--out {out}: is the current directory (or holds it), which the commit would "
+                             "replace whole; choose a new directory")
         for src in inputs:          # the commit replaces `out`: it must not be (or hold) what is read
             if src is not None and str(src) != "-" and Path(src).exists() and (
                     self.out.resolve() == Path(src).resolve() or self.out.resolve() in Path(src).resolve().parents):

@@ -483,3 +483,17 @@ def test_out_cannot_be_an_input(tmp_path):
     result = invoke("verify", tmp_path / "a", "--out", tmp_path, "--force")
     assert result.exit_code == 2 and "(or holds it)" in result.stderr
     assert [r["id"] for r in read_records(tmp_path / "a")] == ["r0"]
+
+
+def test_out_cannot_be_the_current_directory(tmp_path, monkeypatch):
+    """`--out .` made a staging directory named `..partial` and then failed to rename the working
+    directory (an internal error): it is refused in one line, and nothing is written."""
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps(records_of(1)[0]) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", str(work), str(tmp_path)):
+        result = invoke("verify", source, "--out", out)
+        assert result.exit_code == 2 and f"--out {out}: is the current directory" in result.stderr, out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "work"] and not any(work.iterdir())
