@@ -118,6 +118,13 @@ def model_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def holds(outer: Path, path: Path) -> bool:
+    """Whether directory `outer` is `path` or one of its ancestors (symlinks resolved): replacing or
+    removing `outer` would take `path` with it."""
+    outer, path = outer.resolve(), path.resolve()
+    return outer == path or outer in path.parents
+
+
 def input_entry(path: str | Path | None) -> dict[str, Any]:
     """What a manifest says about one input: the path and, for stdin once read, a bundled set, a local
     file, an artifact or a local model directory, its sha256 (so a changed input changes the fingerprint
@@ -168,13 +175,11 @@ class ArtifactWriter:
         if self.stdout:
             return
         self.out = Path(out)
-        here = Path.cwd().resolve()
-        if self.out.resolve() == here or self.out.resolve() in here.parents:
+        if holds(self.out, Path.cwd()):
             raise UsageError(f"--out {out}: is the current directory (or holds it), which the commit would "
                              "replace whole; choose a new directory")
         for src in inputs:          # the commit replaces `out`: it must not be (or hold) what is read
-            if src is not None and str(src) != "-" and Path(src).exists() and (
-                    self.out.resolve() == Path(src).resolve() or self.out.resolve() in Path(src).resolve().parents):
+            if src is not None and str(src) != "-" and Path(src).exists() and holds(self.out, Path(src)):
                 raise UsageError(f"--out {out}: is the input {src} (or holds it); choose another --out")
         self.staging = self.out.parent / f".{self.out.name}.partial"
         self._prepare(force)

@@ -63,7 +63,7 @@ from torch import nn
 
 from . import __version__
 from . import cliutil as cu
-from .artifacts import MANIFEST, _config_diff, _write_atomic, fingerprint, input_entry, read_manifest
+from .artifacts import MANIFEST, _config_diff, _write_atomic, fingerprint, holds, input_entry, read_manifest
 from .errors import UsageError
 
 
@@ -646,8 +646,7 @@ class Trainer:
             raise UsageError(f"{out}: exists and is not a directory")
         from .models import check_model_ref
         check_model_ref(model)  # a mistyped model path fails before the run directory is made
-        if Path(model).exists() and (out.resolve() == Path(model).resolve()
-                                     or out.resolve() in Path(model).resolve().parents):
+        if Path(model).exists() and holds(out, Path(model)):
             raise UsageError(f"--out {out}: is the model directory {model} (or holds it); choose another --out")
         if self.acc.is_main_process:
             cfg_path = out / "config.json"

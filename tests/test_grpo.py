@@ -211,6 +211,18 @@ def fixed_rollouts(tmp_path, tiny_model_dir):
 # ------------------------------------------------------------------------------------------------
 # 3. two processes == one process
 
+def one_and_two_processes(args: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """The grpo command `args` run as one process (tmp_path/one) and, meanwhile, as two (tmp_path/two)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch = two_processes("grpo", *args, "--out", str(two))
+    proc = subprocess.Popen(launch, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    grpo(*args, "--out", one)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, shlex.join(launch) + "\n" + output[-3000:]
+    return one, two
+
+
 def two_processes(*args: str) -> list[str]:
     """`accelerate launch` of `s2d_cli.cli *args` as two torch.distributed CPU processes (gloo)."""
     return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -233,15 +245,9 @@ def test_two_processes_match_one(tiny_model_dir, fixed_rollouts, tmp_path):
     its single-process launcher; multi-CPU needs mpirun); --multi_gpu starts two torch.distributed
     processes, and s2d's Accelerator(cpu=True) makes them a gloo MULTI_CPU group on a CPU host."""
     path, records = fixed_rollouts
-    common = ["grpo", "--model", str(tiny_model_dir), "--rollouts", str(path), "--steps", "3", "-G", str(G),
-              "-P", "4", "--loss", "dapo", "--beta", "0.1", "--lr", "1e-3", "--set", "micro_batch_tokens=40"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    launch = two_processes(*common, "--out", str(two))
-    proc = subprocess.Popen(launch, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    grpo(*common[1:], "--out", one)               # the one-process run, meanwhile
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, shlex.join(launch) + "\n" + output[-3000:]
+    one, two = one_and_two_processes(
+        ["--model", str(tiny_model_dir), "--rollouts", str(path), "--steps", "3", "-G", str(G), "-P", "4",
+         "--loss", "dapo", "--beta", "0.1", "--lr", "1e-3", "--set", "micro_batch_tokens=40"], tmp_path)
     assert json.loads((two / "manifest.json").read_text())["world_size"] == 2
     assert json.loads((one / "manifest.json").read_text())["world_size"] == 1
 
@@ -263,15 +269,9 @@ def test_two_processes_train_bf16_weights_through_the_same_fp32_masters(tiny_mod
     from safetensors.torch import load_file
 
     path, _ = fixed_rollouts
-    common = ["grpo", "--model", str(tiny_model_dir), "--rollouts", str(path), "--steps", "3", "-G", str(G),
-              "-P", "4", "--loss", "dapo", "--lr", "1e-5", "--set", "micro_batch_tokens=40", "--set", "dtype=bf16"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    launch = two_processes(*common, "--out", str(two))
-    proc = subprocess.Popen(launch, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    grpo(*common[1:], "--out", one)
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, shlex.join(launch) + "\n" + output[-3000:]
+    one, two = one_and_two_processes(
+        ["--model", str(tiny_model_dir), "--rollouts", str(path), "--steps", "3", "-G", str(G), "-P", "4",
+         "--loss", "dapo", "--lr", "1e-5", "--set", "micro_batch_tokens=40", "--set", "dtype=bf16"], tmp_path)
     m1, m2 = metrics(one), metrics(two)
     assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
     start = load_file(Path(tiny_model_dir) / "model.safetensors")
