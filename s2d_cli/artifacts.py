@@ -18,6 +18,8 @@ Per-token tensors of a shard are stored flat: `offsets` (int64, records + 1) and
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -125,6 +127,56 @@ def holds(outer: Path, path: Path) -> bool:
     return outer == path or outer in path.parents
 
 
+_locks: dict[str, tuple[int, Path]] = {}
+
+
+def lock_output(out: Path) -> None:
+    """One command at a time writes `out`: an exclusive flock on `.NAME.lock` beside it, held until the
+    command ends (`release_locks`, or the process's exit). A second command on the same `--out` (a
+    doubled Make target, a rerun while the first still loads its model) stops at once with a clear line,
+    instead of taking over, deleting or interleaving the first one's staging and checkpoints."""
+    key = os.path.abspath(out)
+    if key in _locks:
+        return
+    lock = Path(key).parent / f".{Path(key).name}.lock"
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"{out}: cannot create output ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
+                raise UsageError(f"{out}: cannot lock {lock} ({e.strerror})") from None
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(f"{out}: another s2d command (pid {holder}) is writing it now; wait for it to "
+                             "finish or choose another --out") from None
+        try:                      # the holder before us may have unlinked the file we opened: retry
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _locks[key] = (fd, lock)
+
+
+def release_locks() -> None:
+    """Drop the output locks this process holds (unlink first, so that no lock file is left behind)."""
+    while _locks:
+        _, (fd, lock) = _locks.popitem()
+        try:
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
 def input_entry(path: str | Path | None) -> dict[str, Any]:
     """What a manifest says about one input: the path and, for stdin once read, a bundled set, a local
     file, an artifact or a local model directory, its sha256 (so a changed input changes the fingerprint
@@ -182,6 +234,7 @@ class ArtifactWriter:
             if src is not None and str(src) != "-" and Path(src).exists() and holds(self.out, Path(src)):
                 raise UsageError(f"--out {out}: is the input {src} (or holds it); choose another --out")
         self.staging = self.out.parent / f".{self.out.name}.partial"
+        lock_output(self.out)
         self._prepare(force)
 
     # -- set-up and resume

@@ -72,6 +72,14 @@ def execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
     """Build the config and run the command with s2d's error contract."""
     _on_failure.clear()
     try:
+        return _execute(run, build_config)
+    finally:
+        from .artifacts import release_locks
+        release_locks()
+
+
+def _execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
+    try:
         quiet_libraries()
         cfg = build_config()
         return run(cfg)

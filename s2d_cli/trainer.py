@@ -644,11 +644,13 @@ class Trainer:
                                  f"({diff}); use --force or another --out")
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out}: exists and is not a directory")
+        from .artifacts import lock_output
         from .models import check_model_ref
         check_model_ref(model)  # a mistyped model path fails before the run directory is made
         if Path(model).exists() and holds(out, Path(model)):
             raise UsageError(f"--out {out}: is the model directory {model} (or holds it); choose another --out")
         if self.acc.is_main_process:
+            lock_output(out)         # one command at a time writes a run directory
             cfg_path = out / "config.json"
             ours = _is_run_config(cfg_path)     # a model directory's config.json is not a partial run
             if cfg.force and out.exists() and (manifest.is_file() or not ours

@@ -17,6 +17,15 @@ def shared_data_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _release_output_locks():
+    """A test that builds writers or trainers directly (not through a command) holds their output locks
+    until the process ends; drop them after each test, as a command does when it ends."""
+    yield
+    from s2d_cli.artifacts import release_locks
+    release_locks()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     from s2d_cli.models import build_tokenizer

@@ -161,6 +161,56 @@ def test_a_partial_run_that_finished_no_shard_gives_way(tmp_path):
     assert staged["fingerprint"] == w.fingerprint and staged["config"]["seed"] == 1
 
 
+HOLD = """
+import sys, time
+from s2d_cli.artifacts import ArtifactWriter
+ArtifactWriter(sys.argv[1], kind="test", config={"dataset": "toy", "n": 2, "seed": 0, "out": "x"}, num_shards=2)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_command_on_the_same_out_stops_instead_of_taking_over(tmp_path):
+    """While one command writes `out` (here: staged, no shard finished yet, e.g. still loading its model),
+    another command on the same --out, even of another config, stops with one line naming the first
+    one's pid and leaves its staging alone; once the first is gone, the same command runs."""
+    out = tmp_path / "out"
+    first = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert first.stdout.readline().strip() == "ready"
+        staged = (tmp_path / ".out.partial" / "staging.json").read_text()
+        with pytest.raises(UsageError) as e:
+            ArtifactWriter(out, kind="test", config={**CONFIG, "seed": 1}, num_shards=3)
+        assert f"another s2d command (pid {first.pid}) is writing it now" in one_line(e)
+        assert (tmp_path / ".out.partial" / "staging.json").read_text() == staged
+        source = tmp_path / "in.jsonl"
+        source.write_text(json.dumps(records_of(1)[0]) + "\n")
+        result = invoke("verify", source, "--out", out)
+        assert result.exit_code == 2 and f"(pid {first.pid}) is writing it now" in result.output
+        assert (tmp_path / ".out.partial" / "staging.json").read_text() == staged
+    finally:
+        first.kill()
+        first.wait()
+    result = invoke("verify", source, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert len(read_records(out)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out"]  # no lock file left behind
+
+
+def test_the_output_lock_is_one_per_path_and_released(tmp_path):
+    artifacts.lock_output(tmp_path / "a")
+    artifacts.lock_output(tmp_path / "a")          # the same command asking again: already held
+    artifacts.lock_output(tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock", ".b.lock"]
+    assert (tmp_path / ".a.lock").read_text() == f"{os.getpid()}\n"
+    probe = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n" \
+            "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\nexcept OSError: print('held')"
+    held = subprocess.run([sys.executable, "-c", probe, tmp_path / ".a.lock"], capture_output=True, text=True)
+    assert held.stdout.strip() == "held"
+    artifacts.release_locks()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_edited_input_is_not_answered_with_stale_shards(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps(records_of(1)[0]) + "\n")

@@ -350,6 +350,34 @@ def test_out_never_takes_over_a_model_directory(tiny_model_dir, tmp_path):
     assert result.exit_code == 2 and f"--out {copy}: is the model directory" in result.stderr
     assert (copy / "config.json").read_text() == before and not (copy / "checkpoints").exists()
 
+
+def test_a_run_directory_in_use_is_not_taken_over(tiny_model_dir, tmp_path):
+    """While another command holds the run directory (here: a partial run of another config with no
+    checkpoint yet, which an idle leftover would make way for), grpo stops with one line naming its pid
+    and leaves the directory as it was."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"kind": "grpo", "fingerprint": "another", "config": {}}))
+    hold = "import sys, time; from s2d_cli.artifacts import lock_output; from pathlib import Path\n" \
+           "lock_output(Path(sys.argv[1])); print('ready', flush=True); time.sleep(120)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, run], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        result = grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 1,
+                      "-G", 4, "-P", 2, "--max-new-tokens", 3, "--backend", "hf", "--out", run, ok=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"s2d: error: {run}: another s2d command (pid {holder.pid}) is writing it "
+                                     "now; wait for it to finish or choose another --out")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    assert json.loads((run / "config.json").read_text())["fingerprint"] == "another"
+
+
 def test_bad_inputs(tiny_model_dir, tmp_path):
     """Each: exit 2, one line `s2d: error: ...` on stderr, no traceback, and no run directory."""
     no_answers = tmp_path / "problems.jsonl"
