@@ -144,7 +144,10 @@ def lock_output(out: Path) -> None:
             lock.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise UsageError(f"{out}: cannot create output ({e.strerror})") from None
+            why = e.strerror
+            if isinstance(e, (FileExistsError, NotADirectoryError)):
+                why = f"{next(p for p in lock.parents if p.exists())} is not a directory"
+            raise UsageError(f"{out}: cannot write there ({why})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -279,7 +282,7 @@ class ArtifactWriter:
             try:
                 staging.mkdir(parents=True)
             except OSError as e:
-                raise UsageError(f"{out}: cannot create output ({e.strerror})") from None
+                raise UsageError(f"{out}: cannot write there ({e.strerror})") from None
             from . import cliutil
             cliutil.on_failure(self._discard_unstarted)
             _write_atomic(info, json.dumps({"fingerprint": self.fingerprint, "num_shards": self.num_shards,
