@@ -9,7 +9,8 @@ Tiny models (no hub needed):
     s2d make-tiny runs/tiny --arch qwen3          # or: python -c "from s2d_cli.models import build_tiny_model; ..."
 
 builds a byte-level BPE tokenizer trained locally (ChatML chat template, eos `<|im_end|>`, pad
-`<|endoftext|>`, digits split one by one) and a random-init Qwen3 or Llama model on top of it.
+`<|endoftext|>`, digits split one by one) and a random-init Qwen3, Llama, Granite or Cohere model on top
+of it.
 """
 from __future__ import annotations
 
@@ -218,8 +219,9 @@ def tiny_config(arch: str, *, vocab_size: int, hidden_size: int = 64, num_layers
                 num_kv_heads: int = 2, intermediate_size: int | None = None, tie_word_embeddings: bool = False,
                 eos_token_id: int | None = None, pad_token_id: int | None = None, max_position_embeddings: int = 2048,
                 **extra):
-    """A small config of `arch`; `extra` sets any other field of the transformers config (attention_bias=True)."""
-    from transformers import LlamaConfig, Qwen3Config
+    """A small config of `arch`; `extra` sets any other field of the transformers config (attention_bias=True,
+    Granite's logits_scaling=4.0, Cohere's logit_scale=0.5)."""
+    from transformers import CohereConfig, GraniteConfig, LlamaConfig, Qwen3Config
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -227,11 +229,10 @@ def tiny_config(arch: str, *, vocab_size: int, hidden_size: int = 64, num_layers
                   max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None)
     common.update(extra)
-    if arch == "qwen3":
-        return Qwen3Config(**common)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    raise UsageError(f"--arch: expected qwen3 or llama, got {arch!r}")
+    classes = {"qwen3": Qwen3Config, "llama": LlamaConfig, "granite": GraniteConfig, "cohere": CohereConfig}
+    if arch not in classes:
+        raise UsageError(f"--arch: expected qwen3, llama, granite or cohere, got {arch!r}")
+    return classes[arch](**common)
 
 
 def build_tiny_model(out_dir: str | Path, *, arch: str = "qwen3", tokenizer=None, seed: int = 0,
