@@ -125,12 +125,47 @@ def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | to
     return model.to(device).eval()
 
 
+# Causal LMs whose logits are hidden @ lm_head.weight^T times a constant from their config:
+# model_type -> (config field, "multiply" or "divide" as transformers applies it). s2d's chunked heads
+# take the hidden states with the constant folded in (`trainer.hidden_at`): (c * hidden) @ W^T.
+LOGIT_SCALES = {
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa",
+                     "granitemoe_swa", "minicpm3"), ("logits_scaling", "divide")),
+    "hyperclovax": ("logits_scaling", "multiply"),        # same field as Granite, the other way round
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), ("logit_scale", "multiply")),
+    "falcon_h1": ("lm_head_multiplier", "multiply"),
+}
+# config fields that scale the logits in some transformers model: set on a model type that is not in
+# LOGIT_SCALES (or not the field listed there), such a model is refused
+SCALE_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier",
+                "logits_mup_width_multiplier")
+
+
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def head_scale(model) -> float:
+    """The constant c with logits = c * (hidden @ lm_head.weight^T): 1 / logits_scaling for Granite,
+    logit_scale for Cohere (see LOGIT_SCALES), 1.0 for a plain head."""
+    cfg = _text_config(model)
+    field, how = LOGIT_SCALES.get(getattr(cfg, "model_type", None), (None, None))
+    value = getattr(cfg, field, None) if field else None
+    if value is None:
+        return 1.0
+    return 1.0 / float(value) if how == "divide" else float(value)
+
+
 def check_plain_head(model, name: str) -> None:
-    """s2d's chunked log-prob and KL heads compute logits as hidden @ lm_head.weight^T (over temperature):
-    a head with a bias, a logit scale or a final soft-cap computes other numbers, so such a model is
-    refused rather than trained on log-probs that are not its own."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    """s2d's chunked log-prob and KL heads compute logits as (c * hidden) @ lm_head.weight^T (over
+    temperature), c = `head_scale(model)`: a constant logit scale (Granite's logits_scaling, Cohere's
+    logit_scale) is folded into the hidden states. A head with a bias, a final soft-cap or a scale of a
+    model type not in LOGIT_SCALES computes other numbers, so such a model is refused rather than trained
+    on log-probs that are not its own."""
+    cfg = _text_config(model)
     head = model.get_output_embeddings()
+    known = LOGIT_SCALES.get(getattr(cfg, "model_type", None), (None,))[0]
     what = None
     if head is None or not hasattr(head, "weight"):
         what = "no linear output head"
@@ -138,13 +173,13 @@ def check_plain_head(model, name: str) -> None:
         what = "a bias on its output head"
     elif getattr(cfg, "final_logit_softcapping", None):
         what = f"final_logit_softcapping={cfg.final_logit_softcapping}"
-    elif getattr(cfg, "logits_scaling", 1.0) not in (None, 1, 1.0):
-        what = f"logits_scaling={cfg.logits_scaling}"
-    elif getattr(cfg, "logit_scale", 1.0) not in (None, 1, 1.0):
-        what = f"logit_scale={cfg.logit_scale}"
+    else:
+        what = next((f"{f}={getattr(cfg, f)}" for f in SCALE_FIELDS
+                     if f != known and getattr(cfg, f, None) not in (None, 1, 1.0)), None)
     if what:
         raise UsageError(f"{name}: {cfg.model_type} has {what}, which s2d's training heads do not compute "
-                         "(they take logits = hidden @ lm_head.weight^T: Llama, Qwen, Mistral, Gemma 3 shapes)")
+                         "(they take logits = c * hidden @ lm_head.weight^T, c a constant: Llama, Qwen, "
+                         "Mistral, Gemma 3, Granite, Cohere shapes)")
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[str, dict] | None = None) -> Path:
