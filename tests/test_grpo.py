@@ -479,11 +479,13 @@ def test_stage_configs_resolve(stage, model):
 
 @pytest.mark.vllm
 @pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
-def test_vllm_backend_trains_and_syncs_weights(tokenizer_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["qwen3", "granite", "cohere"])
+def test_vllm_backend_trains_and_syncs_weights(tokenizer_dir, scaled_head_dirs, tmp_path, monkeypatch, arch):
     """Two steps at lr 5e-2 with --backend vllm. In-run sync: the trainer's log-probs of the tokens
     vLLM sampled at step 2 match vLLM's own (mismatch_kl ~ 0), which only holds if step 1's update
     reached the engine. After the run the engine (kept open here) decodes greedily exactly what HF
-    decodes from out/model, and not what the starting model decodes."""
+    decodes from out/model, and not what the starting model decodes. Granite and Cohere: vLLM applies
+    their logit scale as transformers does, and takes their weights by the same names."""
     from s2d_cli.engines import SamplingConfig
     from s2d_cli.engines.hf import HFEngine
     from s2d_cli.engines.vllm import VLLMEngine
@@ -492,7 +494,7 @@ def test_vllm_backend_trains_and_syncs_weights(tokenizer_dir, tmp_path, monkeypa
     tok = load_tokenizer(str(tokenizer_dir))
     # vLLM's CPU attention wants head_dim 32 or more: 2 heads of 32
     start = build_tiny_model(tmp_path / "start", arch="qwen3", tokenizer=tok, seed=0, hidden_size=64,
-                             num_heads=2, num_kv_heads=1)
+                             num_heads=2, num_kv_heads=1) if arch == "qwen3" else scaled_head_dirs[arch]
     engines: list[VLLMEngine] = []
     close = VLLMEngine.close
     monkeypatch.setattr(VLLMEngine, "close", lambda self: engines.append(self))
