@@ -9,7 +9,8 @@ Tiny models (no hub needed):
     s2d make-tiny runs/tiny --arch qwen3          # or: python -c "from s2d_cli.models import build_tiny_model; ..."
 
 builds a byte-level BPE tokenizer trained locally (ChatML chat template, eos `<|im_end|>`, pad
-`<|endoftext|>`, digits split one by one) and a random-init Qwen3 or Llama model on top of it.
+`<|endoftext|>`, digits split one by one) and a random-init Qwen3, Llama, Granite or Cohere model on top
+of it.
 """
 from __future__ import annotations
 
@@ -124,12 +125,47 @@ def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | to
     return model.to(device).eval()
 
 
+# Causal LMs whose logits are hidden @ lm_head.weight^T times a constant from their config:
+# model_type -> (config field, "multiply" or "divide" as transformers applies it). s2d's chunked heads
+# take the hidden states with the constant folded in (`trainer.hidden_at`): (c * hidden) @ W^T.
+LOGIT_SCALES = {
+    **dict.fromkeys(("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa",
+                     "granitemoe_swa", "minicpm3"), ("logits_scaling", "divide")),
+    "hyperclovax": ("logits_scaling", "multiply"),        # same field as Granite, the other way round
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), ("logit_scale", "multiply")),
+    "falcon_h1": ("lm_head_multiplier", "multiply"),
+}
+# config fields that scale the logits in some transformers model: set on a model type that is not in
+# LOGIT_SCALES (or not the field listed there), such a model is refused
+SCALE_FIELDS = ("logits_scaling", "logit_scale", "lm_head_multiplier", "output_multiplier",
+                "logits_mup_width_multiplier")
+
+
+def _text_config(model):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def head_scale(model) -> float:
+    """The constant c with logits = c * (hidden @ lm_head.weight^T): 1 / logits_scaling for Granite,
+    logit_scale for Cohere (see LOGIT_SCALES), 1.0 for a plain head."""
+    cfg = _text_config(model)
+    field, how = LOGIT_SCALES.get(getattr(cfg, "model_type", None), (None, None))
+    value = getattr(cfg, field, None) if field else None
+    if value is None:
+        return 1.0
+    return 1.0 / float(value) if how == "divide" else float(value)
+
+
 def check_plain_head(model, name: str) -> None:
-    """s2d's chunked log-prob and KL heads compute logits as hidden @ lm_head.weight^T (over temperature):
-    a head with a bias, a logit scale or a final soft-cap computes other numbers, so such a model is
-    refused rather than trained on log-probs that are not its own."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    """s2d's chunked log-prob and KL heads compute logits as (c * hidden) @ lm_head.weight^T (over
+    temperature), c = `head_scale(model)`: a constant logit scale (Granite's logits_scaling, Cohere's
+    logit_scale) is folded into the hidden states. A head with a bias, a final soft-cap or a scale of a
+    model type not in LOGIT_SCALES computes other numbers, so such a model is refused rather than trained
+    on log-probs that are not its own."""
+    cfg = _text_config(model)
     head = model.get_output_embeddings()
+    known = LOGIT_SCALES.get(getattr(cfg, "model_type", None), (None,))[0]
     what = None
     if head is None or not hasattr(head, "weight"):
         what = "no linear output head"
@@ -137,13 +173,13 @@ def check_plain_head(model, name: str) -> None:
         what = "a bias on its output head"
     elif getattr(cfg, "final_logit_softcapping", None):
         what = f"final_logit_softcapping={cfg.final_logit_softcapping}"
-    elif getattr(cfg, "logits_scaling", 1.0) not in (None, 1, 1.0):
-        what = f"logits_scaling={cfg.logits_scaling}"
-    elif getattr(cfg, "logit_scale", 1.0) not in (None, 1, 1.0):
-        what = f"logit_scale={cfg.logit_scale}"
+    else:
+        what = next((f"{f}={getattr(cfg, f)}" for f in SCALE_FIELDS
+                     if f != known and getattr(cfg, f, None) not in (None, 1, 1.0)), None)
     if what:
         raise UsageError(f"{name}: {cfg.model_type} has {what}, which s2d's training heads do not compute "
-                         "(they take logits = hidden @ lm_head.weight^T: Llama, Qwen, Mistral, Gemma 3 shapes)")
+                         "(they take logits = c * hidden @ lm_head.weight^T, c a constant: Llama, Qwen, "
+                         "Mistral, Gemma 3, Granite, Cohere shapes)")
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[str, dict] | None = None) -> Path:
@@ -218,8 +254,9 @@ def tiny_config(arch: str, *, vocab_size: int, hidden_size: int = 64, num_layers
                 num_kv_heads: int = 2, intermediate_size: int | None = None, tie_word_embeddings: bool = False,
                 eos_token_id: int | None = None, pad_token_id: int | None = None, max_position_embeddings: int = 2048,
                 **extra):
-    """A small config of `arch`; `extra` sets any other field of the transformers config (attention_bias=True)."""
-    from transformers import LlamaConfig, Qwen3Config
+    """A small config of `arch`; `extra` sets any other field of the transformers config (attention_bias=True,
+    Granite's logits_scaling=4.0, Cohere's logit_scale=0.5)."""
+    from transformers import CohereConfig, GraniteConfig, LlamaConfig, Qwen3Config
 
     common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                   num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -227,11 +264,10 @@ def tiny_config(arch: str, *, vocab_size: int, hidden_size: int = 64, num_layers
                   max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
                   eos_token_id=eos_token_id, pad_token_id=pad_token_id, bos_token_id=None)
     common.update(extra)
-    if arch == "qwen3":
-        return Qwen3Config(**common)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    raise UsageError(f"--arch: expected qwen3 or llama, got {arch!r}")
+    classes = {"qwen3": Qwen3Config, "llama": LlamaConfig, "granite": GraniteConfig, "cohere": CohereConfig}
+    if arch not in classes:
+        raise UsageError(f"--arch: expected qwen3, llama, granite or cohere, got {arch!r}")
+    return classes[arch](**common)
 
 
 def build_tiny_model(out_dir: str | Path, *, arch: str = "qwen3", tokenizer=None, seed: int = 0,

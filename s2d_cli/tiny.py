@@ -21,7 +21,7 @@ from .errors import UsageError
 @dataclass
 class TinyConfig:
     out: str = ""
-    arch: str = "qwen3"           # qwen3 | llama
+    arch: str = "qwen3"           # qwen3 | llama | granite | cohere
     hidden_size: int = 64
     layers: int = 2
     heads: int = 4
@@ -51,7 +51,7 @@ def run(cfg: TinyConfig):
 
 def command(
     out: str = typer.Argument(None, help="Output checkpoint directory."),
-    arch: str = typer.Option(None, "--arch", help="qwen3 or llama."),
+    arch: str = typer.Option(None, "--arch", help="qwen3, llama, granite or cohere."),
     hidden_size: int = typer.Option(None, "--hidden-size"),
     layers: int = typer.Option(None, "--layers"),
     heads: int = typer.Option(None, "--heads"),
@@ -60,7 +60,7 @@ def command(
     tokenizer: str = typer.Option(None, "--tokenizer", help="Reuse this checkpoint's tokenizer."),
     seed: cu.SeedOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
-    """Build a tiny random-init Qwen3/Llama model with a local tokenizer.
+    """Build a tiny random-init Qwen3/Llama/Granite/Cohere model with a local tokenizer.
 
     Example: s2d make-tiny runs/tiny --arch qwen3 --hidden-size 64 --layers 2
     """

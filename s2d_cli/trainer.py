@@ -437,8 +437,13 @@ def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
     The forward never waits on the device: the layout is known on the host, so transformers' probe of the
     position ids for packed sequences (a GPU-to-CPU sync per forward) is skipped (`attention.known_layout`),
     and packed rows hand flash-attention their sequence boundaries (`mb.varlen`) instead of letting every
-    layer derive them from the position ids (two syncs per layer)."""
+    layer derive them from the position ids (two syncs per layer).
+
+    A model whose logits carry a constant scale (Granite divides them by `logits_scaling`, Cohere
+    multiplies them by `logit_scale`) gets it folded in here, `models.head_scale`: every chunked head
+    then computes the model's own logits as hidden @ lm_head.weight^T."""
     from .attention import known_layout
+    from .models import head_scale
 
     layout = contextlib.nullcontext()
     if mb.segments is not None:           # "shared" layout: `lm` must be `attention.enable`d
@@ -455,7 +460,9 @@ def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
     with layout, known_layout():
         out = trunk_of(lm)(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
                            use_cache=False, **(mb.varlen or {}))
-    return out.last_hidden_state.flatten(0, 1)[mb.pred_pos]
+    hidden_MH = out.last_hidden_state.flatten(0, 1)[mb.pred_pos]
+    scale = head_scale(lm)
+    return hidden_MH if scale == 1.0 else hidden_MH * scale
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,3 +50,22 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
 
     return build_tiny_model(tmp_path_factory.mktemp("m") / "llama", arch="llama",
                             tokenizer=load_tokenizer(str(tokenizer_dir)), seed=1, tie_word_embeddings=True)
+
+
+# Logits that are hidden @ W^T times a constant: Granite divides by logits_scaling (and scales its
+# embeddings, residuals and attention too), Cohere multiplies by logit_scale (tied head). Hidden 64 in
+# 2 heads of 32, what vLLM's CPU attention accepts.
+SCALED_HEADS = {
+    "granite": dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1),
+    "cohere": dict(logit_scale=2.0, tie_word_embeddings=True),
+}
+
+
+@pytest.fixture(scope="session")
+def scaled_head_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """A tiny Granite and a tiny Cohere checkpoint on the test tokenizer (see SCALED_HEADS)."""
+    from s2d_cli.models import build_tiny_model, load_tokenizer
+
+    root, tok = tmp_path_factory.mktemp("scaled"), load_tokenizer(str(tokenizer_dir))
+    return {arch: build_tiny_model(root / arch, arch=arch, tokenizer=tok, seed=2, num_heads=2, num_kv_heads=1, **extra)
+            for arch, extra in SCALED_HEADS.items()}

@@ -112,6 +112,27 @@ def test_hf_logprobs_and_topk_are_raw_teacher_forced(hf_engine, ref_model, promp
             torch.testing.assert_close(torch.tensor(c.topk_logprobs), top_values, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("arch", ["granite", "cohere"])
+def test_hf_scaled_head_logprobs_are_the_models_own(scaled_head_dirs, prompts, arch):
+    """Granite (logits / 4) and Cohere (logits x 2) sample through their own forward, which applies the
+    scale (neither is a fast-decode type): the sampled log-probs and top-K are the teacher-forced
+    log_softmax of the model's logits, in the decode loop and in `generate`."""
+    from s2d_cli.engines.decode import fast_decode_ok
+
+    model = load_model(str(scaled_head_dirs[arch]), dtype="fp32", device="cpu")
+    assert not fast_decode_ok(model)
+    sampling = SamplingConfig(n=2, max_new_tokens=6, seed=3, temperature=0.9, logprobs=True, topk=4)
+    for decoder in ("auto", "generate"):
+        engine = HFEngine(model, tokenizer=load_tokenizer(str(scaled_head_dirs[arch])), decoder=decoder)
+        for prompt, group in zip(prompts, engine.generate(prompts, sampling)):
+            for c in group:
+                logprobs_TV = teacher_forced_logprobs(model, prompt, c.token_ids)
+                expected = logprobs_TV.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+                torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
+                torch.testing.assert_close(torch.tensor(c.topk_logprobs), logprobs_TV.topk(4).values,
+                                           atol=1e-5, rtol=0)
+
+
 def test_hf_length_and_stop(hf_engine, prompts):
     greedy = hf_engine.generate(prompts[:1], SamplingConfig(n=1, max_new_tokens=10, temperature=0))[0][0]
     assert greedy.finish_reason == "length" and len(greedy.token_ids) == 10

@@ -507,11 +507,13 @@ def test_stage_configs_resolve(stage, model):
 
 @pytest.mark.vllm
 @pytest.mark.skipif(not vllm_available(), reason="vllm is not installed")
-def test_vllm_backend_trains_and_syncs_weights(tokenizer_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["qwen3", "granite", "cohere"])
+def test_vllm_backend_trains_and_syncs_weights(tokenizer_dir, scaled_head_dirs, tmp_path, monkeypatch, arch):
     """Two steps at lr 5e-2 with --backend vllm. In-run sync: the trainer's log-probs of the tokens
     vLLM sampled at step 2 match vLLM's own (mismatch_kl ~ 0), which only holds if step 1's update
     reached the engine. After the run the engine (kept open here) decodes greedily exactly what HF
-    decodes from out/model, and not what the starting model decodes."""
+    decodes from out/model, and not what the starting model decodes. Granite and Cohere: vLLM applies
+    their logit scale as transformers does, and takes their weights by the same names."""
     from s2d_cli.engines import SamplingConfig
     from s2d_cli.engines.hf import HFEngine
     from s2d_cli.engines.vllm import VLLMEngine
@@ -520,7 +522,7 @@ def test_vllm_backend_trains_and_syncs_weights(tokenizer_dir, tmp_path, monkeypa
     tok = load_tokenizer(str(tokenizer_dir))
     # vLLM's CPU attention wants head_dim 32 or more: 2 heads of 32
     start = build_tiny_model(tmp_path / "start", arch="qwen3", tokenizer=tok, seed=0, hidden_size=64,
-                             num_heads=2, num_kv_heads=1)
+                             num_heads=2, num_kv_heads=1) if arch == "qwen3" else scaled_head_dirs[arch]
     engines: list[VLLMEngine] = []
     close = VLLMEngine.close
     monkeypatch.setattr(VLLMEngine, "close", lambda self: engines.append(self))
@@ -546,6 +548,119 @@ def test_vllm_backend_trains_and_syncs_weights(tokenizer_dir, tmp_path, monkeypa
 
     assert from_engine == hf_greedy(run / "model")
     assert from_engine != hf_greedy(start)
+
+
+# ----------------------------------------------------------------------------------------------
+# heads with a constant logit scale (Granite, Cohere)
+
+@pytest.mark.parametrize("arch", ["granite", "cohere"])
+def test_scaled_heads_give_the_trainer_the_models_own_logprobs(scaled_head_dirs, arch):
+    """Granite divides its logits by logits_scaling (4), Cohere multiplies them by logit_scale (2): the
+    trainer's chunked token log-probs (`Policy` over `hidden_at`, chunks of 3; grpo's reference model
+    and old log-probs take the same path) and their gradient equal log_softmax of transformers' own
+    forward, gathered at the targets. Without the scale they are off by more than 0.05."""
+    from s2d_cli.losses import chunked_token_logprobs
+    from s2d_cli.models import check_plain_head, head_scale, load_model
+    from s2d_cli.trainer import Policy, Sequence, hidden_at, pack
+
+    lm = load_model(str(scaled_head_dirs[arch]), dtype="fp32", device="cpu")
+    check_plain_head(lm, arch)                                # accepted, no longer refused
+    assert head_scale(lm) == {"granite": 0.25, "cohere": 2.0}[arch]
+    g = torch.Generator().manual_seed(0)
+    seqs = [Sequence(torch.randint(3, lm.config.vocab_size, (p,), generator=g).tolist(),
+                     torch.randint(3, lm.config.vocab_size, (c,), generator=g).tolist())
+            for p, c in ((5, 7), (9, 3), (2, 6))]
+
+    direct = {}
+    for s in seqs:
+        ids, p, c = torch.tensor([s.prompt_ids + s.completion_ids]), len(s.prompt_ids), len(s.completion_ids)
+        logp_TV = lm(ids).logits[0, p - 1:p - 1 + c].float().log_softmax(-1)
+        direct[id(s)] = logp_TV.gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
+    torch.cat(list(direct.values())).sum().backward()
+    direct_grads = {n: q.grad.clone() for n, q in lm.named_parameters()}
+    lm.zero_grad(set_to_none=True)
+
+    (mb,) = pack(seqs, 10_000)
+    logp_M = Policy(lm)(mb, lambda h, w: chunked_token_logprobs(h, w, mb.targets, chunk_size=3)[0])
+    logp_M.sum().backward()
+    for k, s in enumerate(mb.sequences):
+        torch.testing.assert_close(logp_M.detach()[mb.seq_idx == k], direct[id(s)].detach(), atol=1e-5, rtol=0)
+    for n, q in lm.named_parameters():
+        torch.testing.assert_close(q.grad, direct_grads[n], atol=1e-5, rtol=1e-4)
+
+    with torch.no_grad():                                     # the scale matters at these sizes
+        unscaled_M, _ = chunked_token_logprobs(hidden_at(lm, mb) / head_scale(lm),
+                                               lm.get_output_embeddings().weight, mb.targets)
+    assert (unscaled_M - logp_M.detach()).abs().max() > 0.05
+
+
+# every model type of models.LOGIT_SCALES, with its scale away from 1 (and what its config needs to be tiny)
+SCALED_TYPES = {
+    "granite": {"logits_scaling": 4.0}, "granite_swa": {"logits_scaling": 4.0},
+    "granitemoe": {"logits_scaling": 4.0, "num_local_experts": 2, "num_experts_per_tok": 1},
+    "granitemoe_swa": {"logits_scaling": 4.0, "num_local_experts": 2, "num_experts_per_tok": 1},
+    "granitemoeshared": {"logits_scaling": 4.0, "num_local_experts": 2, "num_experts_per_tok": 1,
+                         "shared_intermediate_size": 32},
+    "granitemoehybrid": {"logits_scaling": 4.0, "layer_types": ["attention"], "num_local_experts": 2,
+                         "num_experts_per_tok": 1, "mamba_n_heads": 2, "mamba_d_head": 32},
+    "minicpm3": {"dim_model_base": 8},                        # logits_scaling = hidden_size / dim_model_base
+    "hyperclovax": {"logits_scaling": 3.0},                   # multiplies
+    "cohere": {"logit_scale": 2.0}, "cohere2": {"logit_scale": 2.0}, "cohere2_moe": {"logit_scale": 2.0},
+    "falcon_h1": {"lm_head_multiplier": 3.0},
+}
+
+
+def test_scaled_types_are_the_table_and_other_scales_are_refused(tiny_model_dir):
+    """The test below covers every type s2d folds a scale in for; a scale field on any other type (a
+    remote-code model, say) is refused, since which way it applies is not known."""
+    from s2d_cli.errors import UsageError
+    from s2d_cli.models import LOGIT_SCALES, check_plain_head, load_model
+
+    assert set(SCALED_TYPES) == set(LOGIT_SCALES)
+    lm = load_model(str(tiny_model_dir), dtype="fp32", device="cpu")
+    check_plain_head(lm, "m")
+    lm.config.output_multiplier = 0.2
+    with pytest.raises(UsageError, match="m: qwen3 has output_multiplier=0.2, which s2d's training heads"):
+        check_plain_head(lm, "m")
+
+
+@pytest.mark.parametrize("model_type", sorted(SCALED_TYPES))
+def test_every_logit_scale_the_heads_fold_in_is_the_models_own(model_type):
+    """For each model type with a constant logit scale, hidden_at + the chunked head give log_softmax of
+    transformers' own forward (which multiplies or divides, each type its own way) at the targets."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from s2d_cli.losses import chunked_token_logprobs
+    from s2d_cli.models import check_plain_head, head_scale
+    from s2d_cli.trainer import Sequence, hidden_at, pack
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=2, head_dim=16, **SCALED_TYPES[model_type])
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(cfg).eval()
+    check_plain_head(lm, model_type)
+    assert head_scale(lm) != 1.0
+    seqs = [Sequence([5, 6, 7], [8, 9, 10, 11]), Sequence([12, 13], [14, 15, 16])]
+    with torch.no_grad():
+        (mb,) = pack(seqs, 10_000)
+        logp_M, _ = chunked_token_logprobs(hidden_at(lm, mb), lm.get_output_embeddings().weight, mb.targets)
+        for k, s in enumerate(mb.sequences):
+            ids, p, c = torch.tensor([s.prompt_ids + s.completion_ids]), len(s.prompt_ids), len(s.completion_ids)
+            logp_TV = lm(ids).logits[0, p - 1:p - 1 + c].float().log_softmax(-1)
+            expected = logp_TV.gather(-1, torch.tensor(s.completion_ids)[:, None])[:, 0]
+            torch.testing.assert_close(logp_M[mb.seq_idx == k], expected, atol=1e-5, rtol=0)
+
+
+def test_grpo_trains_granite_on_its_own_sampled_logprobs(scaled_head_dirs, tmp_path):
+    """grpo on a Granite model (refused before: logits_scaling 4): the log-probs the hf engine sampled
+    with (the model's own forward) and the trainer's recomputed ones agree, mismatch_kl ~ 0 at both
+    steps (with the scale left out of the trainer's head it is ~1e-2)."""
+    run = tmp_path / "run"
+    grpo("--model", scaled_head_dirs["granite"], "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 2,
+         "-G", 4, "-P", 2, "--max-new-tokens", 6, "--lr", 1e-2, "--backend", "hf", "--out", run)
+    ms = metrics(run)
+    assert [m["step"] for m in ms] == [1, 2]
+    assert all(0 <= m["mismatch_kl"] < 1e-6 for m in ms), [m["mismatch_kl"] for m in ms]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,10 +63,10 @@ def make_teacher(out: Path, tokenizer, *, seed: int = 1, scale: float = 20.0) ->
 
 
 @torch.no_grad()
-def exact_kl(student: Path, teacher: Path, records: list[dict], direction: str = "forward") -> float:
+def exact_kl(student, teacher, records: list[dict], direction: str = "forward") -> float:
     """Mean per completion token of KL(teacher || student) (forward) or KL(student || teacher) (reverse),
-    from full-vocabulary logits of one unpacked forward per sequence."""
-    s, t = load_model(str(student), device="cpu"), load_model(str(teacher), device="cpu")
+    from full-vocabulary logits of one unpacked forward per sequence (of models, or checkpoint paths)."""
+    s, t = (m if isinstance(m, torch.nn.Module) else load_model(str(m), device="cpu") for m in (student, teacher))
     total, count = 0.0, 0
     for r in records:
         ids = torch.tensor([r["prompt_ids"] + r["completion_ids"]])
@@ -349,14 +349,14 @@ def test_bf16_run_resumes_its_masters(world, tmp_path):
 
 
 @pytest.mark.parametrize("arch,extra,what", [
-    ("granite", {"logits_scaling": 8.0}, "logits_scaling=8.0"),
     ("phi", {}, "a bias on its output head"),
     ("gemma2", {"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),
 ])
 def test_heads_the_chunked_losses_do_not_compute_are_refused(world, tmp_path, arch, extra, what):
-    """Granite divides its logits by logits_scaling, Phi's head has a bias, Gemma 2 soft-caps its logits:
-    hidden @ W^T is not their log-probs (off by up to 43 nats on such tiny models), so training one is
-    refused in one line, as student and as teacher, and no run directory is left."""
+    """Phi's head has a bias, Gemma 2 soft-caps its logits: no constant scale of hidden @ W^T gives their
+    log-probs (off by up to 43 nats on such tiny models), so training one is refused in one line, as
+    student and as teacher, and no run directory is left. (A constant scale, Granite's or Cohere's, is
+    trained: test_scaled_heads_kl_is_the_models_own.)"""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(arch, vocab_size=len(world.tok), hidden_size=32, intermediate_size=64,
@@ -374,6 +374,30 @@ def test_heads_the_chunked_losses_do_not_compute_are_refused(world, tmp_path, ar
         assert result.exit_code == 2 and len(lines) == 1, result.output
         assert f"{model_dir}: {arch} has {what}" in lines[0]
         assert not out.exists()
+
+
+def test_scaled_heads_kl_is_the_models_own(world, scaled_head_dirs, tmp_path):
+    """kl-warmup --targets full from a Granite student (logits / 4, refused before) to a Cohere teacher
+    (logits x 2): the held-out KL before and after training (the chunked KL over `hidden_at`, packed) is
+    the exact KL of transformers' own forwards, and training lowers it. With the two scales left out of
+    the heads the KL would be another number."""
+    student, teacher = scaled_head_dirs["granite"], scaled_head_dirs["cohere"]
+    out = tmp_path / "run"
+    s2d("kl-warmup", "--student", student, "--teacher", teacher, "--rollouts", world.train,
+        "--eval-rollouts", world.heldout, "--targets", "full", "--steps", 3, "--lr", 1e-2, "--batch-size", 16,
+        "--set", "micro_batch_tokens=1024", "--out", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    before = exact_kl(student, teacher, world.heldout_records)
+    after = exact_kl(out / "model", teacher, world.heldout_records)
+    assert manifest["heldout_kl_start"] == pytest.approx(before, rel=1e-4)
+    assert manifest["heldout_kl_end"] == pytest.approx(after, rel=1e-4)
+    assert after < before
+    trained = load_model(str(out / "model"), device="cpu")
+    assert trained.config.logits_scaling == 4.0                     # saved with the scale it trained under
+
+    s, t = load_model(str(student), device="cpu"), load_model(str(teacher), device="cpu")
+    s.config.logits_scaling, t.config.logit_scale = 1.0, 1.0        # logits = hidden @ W^T
+    assert abs(exact_kl(s, t, world.heldout_records) - before) > 0.1 * before
 
 
 def test_bad_token_ids_and_a_torn_metrics_line(world, tmp_path):
