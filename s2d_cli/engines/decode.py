@@ -31,6 +31,7 @@ prompt and compaction). Positions follow training: a left-padded row's first rea
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -321,6 +322,40 @@ class _StaticStep:
         return self.out_BV
 
 
+# A CPU decode step of at most this many multiply-adds (rows x the weights a token passes through) runs on
+# one intra-op thread. Its ops are microseconds each (the bench's 2-layer CPU shape: 16 rows x 0.36M weights,
+# 6M a step); with more threads each one that torch or MKL parallelises pays an OpenMP fork / join, and
+# afterwards the idle worker spins on a core -- on a loaded machine it takes that core from the thread doing
+# the work, and a step can take ten times longer (measured: 2 threads 0.4-3.6 s a `generate` call where one
+# thread took 0.06 s; `make bench` rows 1 and 3).
+SINGLE_THREAD_STEP_MACS = 1 << 24
+
+
+def _step_macs(model, rows: int) -> int:
+    """Multiply-adds of one decode step, roughly: rows x the parameters a token's forward multiplies (all
+    but the input embedding, a lookup; a tied head counts once, as the head)."""
+    params = sum(p.numel() for p in model.parameters())
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is not None and (head is None or head.weight is not embed.weight):
+        params -= embed.weight.numel()
+    return rows * params
+
+
+@contextlib.contextmanager
+def cpu_threads(model, rows: int, device: torch.device):
+    """One intra-op thread for a small CPU decode (`SINGLE_THREAD_STEP_MACS`); the caller's setting
+    afterwards. Elsewhere (a GPU, a large step, already one thread) nothing changes."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or _step_macs(model, rows) > SINGLE_THREAD_STEP_MACS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def static_cache_fits(model, rows: int, slots: int, device: torch.device) -> bool:
     """A CUDA device with room for the whole-call KV cache in a quarter of its free memory."""
     if device.type != "cuda":
@@ -346,10 +381,18 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop
     fast: None picks the straight-line step when `fast_decode_ok(model)`; False always uses the model's
     forward. static (fast steps only): the fixed-shape step of `_StaticStep`, a CUDA graph on a GPU;
     None picks it on a GPU with room for the whole-call KV cache (`static_cache_fits`). The model must
-    be in eval mode."""
+    be in eval mode. A small decode on a CPU runs on one intra-op thread (`cpu_threads`)."""
+    device = next(model.parameters()).device
+    with cpu_threads(model, len(prompts) * n, device):
+        return _sample(model, prompts, n=n, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                       temperature=temperature, top_p=top_p, top_k=top_k, logprobs=logprobs, topk=topk,
+                       generator=generator, fast=fast, static=static, device=device)
+
+
+def _sample(model, prompts, *, n, max_new_tokens, stop_ids, pad_id, temperature, top_p, top_k, logprobs, topk,
+            generator, fast, static, device) -> list[Sampled]:
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
     P, L = len(prompts), max(len(p) for p in prompts)
     ids_PL = torch.full((P, L), pad_id, dtype=torch.long)
     mask_PL = torch.zeros((P, L), dtype=torch.long)
