@@ -386,6 +386,67 @@ def test_draw_samples_the_softmax():
     torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)      # 3 sd of a binomial over 20,000 draws
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_with_premade_scalars_is_transformers_rmsnorm_bit_for_bit(dtype):
+    """The decode step's norm, given eps and size as 0-d tensors made once (`_norm`), is bit-identical
+    to transformers' RMSNorm and to `_rms` with a Python eps."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from s2d_cli.engines.decode import _norm, _rms
+
+    torch.manual_seed(0)
+    for shape in [(16, 1, 128), (16, 6, 32), (3, 7, 1000)]:
+        norm = Qwen3RMSNorm(shape[-1], eps=1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.normal_()
+        x = (torch.randn(*shape) * 3).to(dtype)
+        with torch.inference_mode():
+            expected = norm(x)
+            assert torch.equal(_rms(x, norm.weight, 1e-6), expected)
+            assert torch.equal(_rms(x, *_norm(norm.weight, 1e-6)), expected)
+
+
+def test_small_cpu_decode_runs_on_one_thread_and_gives_the_setting_back(tiny_model_dir, prompts, monkeypatch):
+    """A CPU decode step of few multiply-adds runs on one intra-op thread (the sampled rows are the same as
+    with one thread set by the caller); a larger one, or a GPU, keeps the caller's threads; the setting
+    comes back afterwards, also when the decode fails."""
+    from s2d_cli.engines import decode
+
+    model = load_model(str(tiny_model_dir), dtype="fp32", device="cpu").eval()
+    cpu = torch.device("cpu")
+    seen = []
+    step = decode._FastDecoder.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(decode._FastDecoder, "step", spy)
+    kwargs = dict(n=2, max_new_tokens=4, stop_ids=[0], pad_id=0, temperature=1.0, logprobs=True)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = decode.sample(model, prompts, generator=torch.Generator().manual_seed(3), **kwargs)
+        torch.set_num_threads(2)
+        assert decode._step_macs(model, 2 * len(prompts)) <= decode.SINGLE_THREAD_STEP_MACS
+        two = decode.sample(model, prompts, generator=torch.Generator().manual_seed(3), **kwargs)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        assert two == one
+        seen.clear()
+        monkeypatch.setattr(decode, "SINGLE_THREAD_STEP_MACS", 0)       # a large step: the caller's threads
+        decode.sample(model, prompts, generator=torch.Generator().manual_seed(3), **kwargs)
+        assert set(seen) == {2}
+        monkeypatch.setattr(decode, "SINGLE_THREAD_STEP_MACS", 1 << 24)
+        with decode.cpu_threads(model, 1, torch.device("meta")):          # not a CPU: untouched
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), decode.cpu_threads(model, 1, cpu):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("decode failed")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_fast_decode_refuses_what_it_does_not_implement(tiny_model_dir):
     from s2d_cli.engines.decode import fast_decode_ok
 

@@ -31,6 +31,7 @@ prompt and compaction). Positions follow training: a left-padded row's first rea
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -115,13 +116,27 @@ def fast_decode_ok(model) -> bool:
     return model.get_output_embeddings() is not None
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float | torch.Tensor,
+         size: torch.Tensor | None = None) -> torch.Tensor:
     """transformers' LlamaRMSNorm / Qwen3RMSNorm: float32 statistics, the weight applied in the input
     dtype; the same kernels in the same order (bit-identical), five of them. (`F.rms_norm` is no single
-    kernel on a CPU: a composite of ten small ones, twice the time at decode sizes.)"""
+    kernel on a CPU: a composite of ten small ones, twice the time at decode sizes.)
+
+    `eps` and `size` (x's last dimension) as 0-d float32 tensors made once (`_norm`): the mean is then
+    written as what `mean` runs on a CPU, a sum divided by the size, and neither number becomes a fresh
+    0-d tensor (a kernel and a copy each) on every call: a quarter less time per norm at decode sizes,
+    the same bits."""
     x32 = x.float()                                            # no copy for float32
-    y = (x32 * x32.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()).to(x.dtype)
+    ms = x32.pow(2).mean(-1, keepdim=True) if size is None else x32.pow(2).sum(-1, keepdim=True).div_(size)
+    y = (x32 * ms.add_(eps).rsqrt_()).to(x.dtype)
     return y if weight is None else weight * y
+
+
+def _norm(weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A norm's arguments for `_rms`: its weight, eps and size as 0-d float32 tensors on its device."""
+    def scalar(v):
+        return torch.tensor(float(v), dtype=torch.float32, device=weight.device)
+    return weight, scalar(eps), scalar(weight.shape[-1])
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -146,8 +161,8 @@ class _Layer:
         self.head_dim, self.scaling = a.head_dim, a.scaling
         self.q_heads = a.q_proj.weight.shape[0] // a.head_dim
         self.kv_heads = a.k_proj.weight.shape[0] // a.head_dim
-        self.ln1, self.eps1 = layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon
-        self.ln2, self.eps2 = layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon
+        self.ln1 = _norm(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        self.ln2 = _norm(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
         self.qkv = [(p.weight, p.bias) for p in (a.q_proj, a.k_proj, a.v_proj)]
         self.gate_up = [(p.weight, p.bias) for p in (m.gate_proj, m.up_proj)]
         self.inter = m.gate_proj.weight.shape[0]
@@ -156,8 +171,8 @@ class _Layer:
         # Qwen3's per-head q / k norms as one norm over the q and k heads together, with each head's weight
         self.qk_norm = None
         if hasattr(a, "q_norm"):
-            self.qk_norm = torch.cat((a.q_norm.weight.expand(self.q_heads, -1), a.k_norm.weight.expand(self.kv_heads, -1)))
-            self.qk_eps = a.q_norm.variance_epsilon
+            self.qk_norm = _norm(torch.cat((a.q_norm.weight.expand(self.q_heads, -1),
+                                            a.k_norm.weight.expand(self.kv_heads, -1))), a.q_norm.variance_epsilon)
 
     def fuse(self) -> None:
         self.qkv, self.gate_up = [_cat(self.qkv)], [_cat(self.gate_up)]
@@ -189,7 +204,7 @@ class _FastDecoder:
         if _fuse_ok(self.layers):
             for ly in self.layers:
                 ly.fuse()
-        self.final_norm = (self.trunk.norm.weight, self.trunk.norm.variance_epsilon)
+        self.final_norm = _norm(self.trunk.norm.weight, self.trunk.norm.variance_epsilon)
         head = model.get_output_embeddings()
         self.head = (head.weight, getattr(head, "bias", None))
         self.k, self.v = [], []
@@ -249,14 +264,14 @@ class _FastDecoder:
             cos_B1D, sin_B1D = cos, _signed(sin)
         for i, ly in enumerate(self.layers):
             hd, nq, nkv = ly.head_dim, ly.q_heads, ly.kv_heads
-            h = _rms(x, ly.ln1, ly.eps1)
+            h = _rms(x, *ly.ln1)
             if len(ly.qkv) == 1:                                                     # [B, nq + 2 nkv, hd]
                 qk, v = F.linear(h, *ly.qkv[0]).view(B, -1, hd).split((nq + nkv, nkv), dim=1)
             else:
                 q, k, v = (F.linear(h, w, b).view(B, -1, hd) for w, b in ly.qkv)
                 qk = torch.cat((q, k), dim=1)
             if ly.qk_norm is not None:
-                qk = _rms(qk, ly.qk_norm, ly.qk_eps)
+                qk = _rms(qk, *ly.qk_norm)
             q, k = _rotate(qk, cos_B1D, sin_B1D).split((nq, nkv), dim=1)            # [B, heads, hd]
             if static:
                 self.k[i].index_copy_(2, slot, k[:, :, None])
@@ -269,7 +284,7 @@ class _FastDecoder:
             o = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask_B11S, scale=ly.scaling,
                                                enable_gqa=True)                      # [B, nq, 1, hd]
             x = x + F.linear(o.transpose(1, 2).reshape(B, 1, -1), *ly.o)
-            h = _rms(x, ly.ln2, ly.eps2)
+            h = _rms(x, *ly.ln2)
             if len(ly.gate_up) == 1:
                 gate, up = F.linear(h, *ly.gate_up[0]).split((ly.inter, ly.inter), dim=-1)
             else:
@@ -321,6 +336,40 @@ class _StaticStep:
         return self.out_BV
 
 
+# A CPU decode step of at most this many multiply-adds (rows x the weights a token passes through) runs on
+# one intra-op thread. Its ops are microseconds each (the bench's 2-layer CPU shape: 16 rows x 0.36M weights,
+# 6M a step); with more threads each one that torch or MKL parallelises pays an OpenMP fork / join, and
+# afterwards the idle worker spins on a core -- on a loaded machine it takes that core from the thread doing
+# the work, and a step can take ten times longer (measured: 2 threads 0.4-3.6 s a `generate` call where one
+# thread took 0.06 s; `make bench` rows 1 and 3).
+SINGLE_THREAD_STEP_MACS = 1 << 24
+
+
+def _step_macs(model, rows: int) -> int:
+    """Multiply-adds of one decode step, roughly: rows x the parameters a token's forward multiplies (all
+    but the input embedding, a lookup; a tied head counts once, as the head)."""
+    params = sum(p.numel() for p in model.parameters())
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed is not None and (head is None or head.weight is not embed.weight):
+        params -= embed.weight.numel()
+    return rows * params
+
+
+@contextlib.contextmanager
+def cpu_threads(model, rows: int, device: torch.device):
+    """One intra-op thread for a small CPU decode (`SINGLE_THREAD_STEP_MACS`); the caller's setting
+    afterwards. Elsewhere (a GPU, a large step, already one thread) nothing changes."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or _step_macs(model, rows) > SINGLE_THREAD_STEP_MACS:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def static_cache_fits(model, rows: int, slots: int, device: torch.device) -> bool:
     """A CUDA device with room for the whole-call KV cache in a quarter of its free memory."""
     if device.type != "cuda":
@@ -346,10 +395,18 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop
     fast: None picks the straight-line step when `fast_decode_ok(model)`; False always uses the model's
     forward. static (fast steps only): the fixed-shape step of `_StaticStep`, a CUDA graph on a GPU;
     None picks it on a GPU with room for the whole-call KV cache (`static_cache_fits`). The model must
-    be in eval mode."""
+    be in eval mode. A small decode on a CPU runs on one intra-op thread (`cpu_threads`)."""
+    device = next(model.parameters()).device
+    with cpu_threads(model, len(prompts) * n, device):
+        return _sample(model, prompts, n=n, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                       temperature=temperature, top_p=top_p, top_k=top_k, logprobs=logprobs, topk=topk,
+                       generator=generator, fast=fast, static=static, device=device)
+
+
+def _sample(model, prompts, *, n, max_new_tokens, stop_ids, pad_id, temperature, top_p, top_k, logprobs, topk,
+            generator, fast, static, device) -> list[Sampled]:
     from transformers import DynamicCache
 
-    device = next(model.parameters()).device
     P, L = len(prompts), max(len(p) for p in prompts)
     ids_PL = torch.full((P, L), pad_id, dtype=torch.long)
     mask_PL = torch.zeros((P, L), dtype=torch.long)
@@ -383,6 +440,12 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop
             # host-side test on the positions, which a captured graph would freeze at capture time
             stepper = _StaticStep(decoder, full_B11S, graph=device.type == "cuda" and CUDA_GRAPHS
                                   and decoder.rope_table is not None)
+        elif attend_B11S is not None:
+            # the growing step's mask as sdpa's additive form (0 / -inf in the model's dtype), made once:
+            # given a boolean mask, sdpa builds exactly this tensor in every layer of every step
+            dtype = model.get_input_embeddings().weight.dtype
+            attend_B11S = torch.zeros(attend_B11S.shape, dtype=dtype, device=device).masked_fill_(~attend_B11S,
+                                                                                                 float("-inf"))
     else:
         cache.batch_repeat_interleave(n)
         mask_BS = torch.cat([mask_PL.repeat_interleave(n, dim=0),
