@@ -32,6 +32,17 @@ def teacher_forced_logprobs(model, prompt: list[int], completion: list[int]) -> 
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def assert_own_logprobs(model, prompt: list[int], c, *, atol: float, topk: int = 0) -> torch.Tensor:
+    """A sample's log-probs (and its top-`topk` values) are `model`'s own teacher-forced ones; returns
+    the [T, V] teacher-forced log-probs."""
+    logprobs_TV = teacher_forced_logprobs(model, prompt, c.token_ids)
+    expected = logprobs_TV.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=atol, rtol=0)
+    if topk:
+        torch.testing.assert_close(torch.tensor(c.topk_logprobs), logprobs_TV.topk(topk).values, atol=atol, rtol=0)
+    return logprobs_TV
+
+
 @torch.inference_mode()
 def manual_greedy(model, prompt: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
     """Argmax continuation, one full forward per token, no cache, no padding."""
@@ -126,11 +137,7 @@ def test_hf_scaled_head_logprobs_are_the_models_own(scaled_head_dirs, prompts, a
         engine = HFEngine(model, tokenizer=load_tokenizer(str(scaled_head_dirs[arch])), decoder=decoder)
         for prompt, group in zip(prompts, engine.generate(prompts, sampling)):
             for c in group:
-                logprobs_TV = teacher_forced_logprobs(model, prompt, c.token_ids)
-                expected = logprobs_TV.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-                torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
-                torch.testing.assert_close(torch.tensor(c.topk_logprobs), logprobs_TV.topk(4).values,
-                                           atol=1e-5, rtol=0)
+                assert_own_logprobs(model, prompt, c, atol=1e-5, topk=4)
 
 
 def test_hf_length_and_stop(hf_engine, prompts):
@@ -541,12 +548,8 @@ def test_vllm_matches_hf(vllm_engine, vllm_models, prompts):
     sampling = SamplingConfig(n=2, max_new_tokens=8, temperature=0.8, top_k=50, logprobs=True, topk=5)
     for prompt, group in zip(prompts, vllm_engine.generate(prompts, sampling)):
         for c in group:
-            logprobs_TV = teacher_forced_logprobs(model, prompt, c.token_ids)
-            expected = logprobs_TV.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-3, rtol=0)
             # compare values, and the values at vLLM's ids: robust to near-ties swapping two ids
-            torch.testing.assert_close(torch.tensor(c.topk_logprobs), logprobs_TV.topk(5).values,
-                                       atol=1e-3, rtol=0)
+            logprobs_TV = assert_own_logprobs(model, prompt, c, atol=1e-3, topk=5)
             at_ids = logprobs_TV.gather(-1, torch.tensor(c.topk_ids))
             torch.testing.assert_close(torch.tensor(c.topk_logprobs), at_ids, atol=1e-3, rtol=0)
 
@@ -563,9 +566,7 @@ def _assert_samples_from(engine, model, prompts):
     sampling = SamplingConfig(n=2, max_new_tokens=6, seed=1, logprobs=True)
     for prompt, group in zip(prompts, engine.generate(prompts, sampling)):
         for c in group:
-            expected = teacher_forced_logprobs(model, prompt, c.token_ids)
-            expected = expected.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
-            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-3, rtol=0)
+            assert_own_logprobs(model, prompt, c, atol=1e-3)
 
 
 @pytest.mark.vllm
