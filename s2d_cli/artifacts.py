@@ -135,7 +135,7 @@ def lock_output(out: Path) -> None:
     command ends (`release_locks`, or the process's exit). A second command on the same `--out` (a
     doubled Make target, a rerun while the first still loads its model) stops at once with a clear line,
     instead of taking over, deleting or interleaving the first one's staging and checkpoints."""
-    key = os.path.abspath(out)
+    key = os.path.realpath(out)   # one lock per directory, however it is spelled (a symlink, `..`)
     if key in _locks:
         return
     lock = Path(key).parent / f".{Path(key).name}.lock"
@@ -176,6 +176,8 @@ def release_locks() -> None:
         _, (fd, lock) = _locks.popitem()
         try:
             lock.unlink(missing_ok=True)
+        except OSError:           # a directory that became read-only: the file stays, unlocked, and the
+            pass                  # command's own outcome stands (this runs in `execute`'s finally)
         finally:
             os.close(fd)
 
@@ -237,10 +239,21 @@ class ArtifactWriter:
             if src is not None and str(src) != "-" and Path(src).exists() and holds(self.out, Path(src)):
                 raise UsageError(f"--out {out}: is the input {src} (or holds it); choose another --out")
         self.staging = self.out.parent / f".{self.out.name}.partial"
+        if not force and self._finished():  # nothing to write: a finished output is read, even read-only
+            self.complete = True
+            return
         lock_output(self.out)
         self._prepare(force)
 
     # -- set-up and resume
+    def _finished(self) -> bool:
+        """`out` holds this very artifact, finished (its manifest is written last and the directory
+        renamed into place whole, so it is read safely without the output lock)."""
+        if not (self.out / MANIFEST).is_file():
+            return False
+        old = read_manifest(self.out)
+        return old.get("fingerprint") == self.fingerprint and old.get("kind") == self.kind
+
     def _prepare(self, force: bool) -> None:
         out, staging = self.out, self.staging
         if out.exists() and not out.is_dir():

@@ -211,6 +211,58 @@ def test_the_output_lock_is_one_per_path_and_released(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_finished_output_is_read_without_the_lock(tmp_path, monkeypatch):
+    """Rerunning a finished command answers from its output without writing beside it: a results
+    directory made read-only since (where no lock file can be made) still answers."""
+    w = ArtifactWriter(tmp_path / "out", kind="eval", config={"a": 1}, num_shards=1)
+    w.write_shard(0, [{"id": "x"}])
+    w.commit()
+    artifacts.release_locks()
+
+    def cannot(out):
+        raise UsageError(f"{out}: cannot write there (Permission denied)")
+    monkeypatch.setattr(artifacts, "lock_output", cannot)
+    again = ArtifactWriter(tmp_path / "out", kind="eval", config={"a": 1}, num_shards=1)
+    assert again.complete and again.pending() == []
+    with pytest.raises(UsageError, match="cannot write there"):      # anything to write still locks
+        ArtifactWriter(tmp_path / "out", kind="eval", config={"a": 2}, num_shards=1, force=True)
+
+
+def test_releasing_a_lock_never_fails_the_command(tmp_path, monkeypatch):
+    """A lock file that cannot be removed (its directory made read-only meanwhile) is left, unlocked;
+    release_locks runs in `execute`'s finally and must not turn a finished command into a traceback."""
+    artifacts.lock_output(tmp_path / "a")
+    artifacts.lock_output(tmp_path / "b")
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name == ".a.lock":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, missing_ok=missing_ok)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    artifacts.release_locks()
+    assert artifacts._locks == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock"]
+    probe = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR)\n" \
+            "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\nexcept OSError: print('held')"
+    held = subprocess.run([sys.executable, "-c", probe, tmp_path / ".a.lock"], capture_output=True, text=True)
+    assert held.stdout.strip() == "free"
+
+
+def test_the_output_lock_is_one_per_directory_however_spelled(tmp_path):
+    """--out through a symlink and --out the directory itself are one output: one lock."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    artifacts.lock_output(tmp_path / "real")
+    hold = "import sys; from pathlib import Path; from s2d_cli.artifacts import lock_output\n" \
+           "from s2d_cli.errors import UsageError\n" \
+           "try: lock_output(Path(sys.argv[1])); print('got it')\nexcept UsageError as e: print(e)"
+    other = subprocess.run([sys.executable, "-c", hold, tmp_path / "link"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(Path(artifacts.__file__).parents[1])})
+    assert "another s2d command" in other.stdout, other.stdout + other.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".real.lock", "link", "real"]
+
+
 def test_an_edited_input_is_not_answered_with_stale_shards(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps(records_of(1)[0]) + "\n")
