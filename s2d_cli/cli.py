@@ -70,7 +70,7 @@ def main() -> None:
         message = " ".join(e.format_message().split())
         sys.stderr.write(f"s2d: error: {message} (see {where} --help)\n")
         sys.exit(e.exit_code)
-    except cx.Abort:
+    except typer.Abort:             # typer's own class: its copy of click has none
         sys.stderr.write("s2d: aborted\n")
         sys.exit(1)
     else:

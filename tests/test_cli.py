@@ -245,3 +245,17 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     p.stdout.close()
     assert p.wait(timeout=300) == 141
     assert p.stderr.read().strip() == b""          # (a non-terminal progress display ends with a newline)
+
+
+def test_an_abort_reaching_the_console_script_is_one_line(monkeypatch, capsys):
+    """typer's Abort (Ctrl-D at a prompt, say) ends `s2d` with one line and exit 1; typer's copy of click
+    has no Abort class of its own, so naming it there turned this into an AttributeError traceback."""
+    from s2d_cli import cli
+
+    def aborting(**_):
+        raise typer.Abort()
+
+    monkeypatch.setattr(cli, "app", aborting)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 1 and capsys.readouterr().err == "s2d: aborted\n"

@@ -132,11 +132,13 @@ def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float | torch.Tensor
     return y if weight is None else weight * y
 
 
-def _norm(weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A norm's arguments for `_rms`: its weight, eps and size as 0-d float32 tensors on its device."""
+def _norm(weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A norm's arguments for `_rms`: its weight, eps and size as 0-d float32 tensors on its device. The
+    size only on a CPU, where `mean` is a sum divided by the size; CUDA's mean kernel multiplies by 1 / size
+    instead, so there `_rms` keeps `mean` (the same bits as the model's own norm)."""
     def scalar(v):
         return torch.tensor(float(v), dtype=torch.float32, device=weight.device)
-    return weight, scalar(eps), scalar(weight.shape[-1])
+    return weight, scalar(eps), scalar(weight.shape[-1]) if weight.device.type == "cpu" else None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
