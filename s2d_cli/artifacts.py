@@ -261,11 +261,11 @@ class ArtifactWriter:
         if out.is_dir():
             manifest = out / MANIFEST
             if manifest.is_file():
-                old = read_manifest(out)
-                if old.get("fingerprint") == self.fingerprint and old.get("kind") == self.kind and not force:
+                if not force and self._finished():   # finished by a command that held the lock just before
                     self.complete = True
                     return
                 if not force:
+                    old = read_manifest(out)
                     diff = _config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs)
                     raise UsageError(f"{out}: already holds a {old.get('kind')} artifact made with a different "
                                      f"config ({diff}); use --force to start over or choose another --out")
