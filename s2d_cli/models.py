@@ -122,7 +122,71 @@ def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | to
         if isinstance(e, ValueError):            # e.g. a config.json with no model type transformers knows
             raise UsageError(f"{name}: could not load model ({first[:200]})") from None
         raise
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if device.type == "cuda" and FUSED_NORMS:
+        fuse_rms_norms(model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# one-kernel RMSNorm on GPUs
+
+FUSED_NORMS = os.environ.get("S2D_FUSED_NORMS", "1") != "0"   # S2D_FUSED_NORMS=0: transformers' own norms
+
+
+def _hf_rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+
+
+def _code_key(fn) -> tuple:
+    c = fn.__code__
+    return c.co_code, c.co_consts, c.co_names, c.co_varnames, c.co_argcount
+
+
+_HF_RMS = _code_key(_hf_rms_forward)   # transformers' RMSNorm forward, kept here verbatim (no docstring)
+
+
+def _fused_rms_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    w = self.weight
+    if hidden_states.dtype != w.dtype:       # e.g. float32 weights under a bf16 input: the model's own math
+        return type(self).forward(self, hidden_states)
+    return torch.nn.functional.rms_norm(hidden_states, w.shape, w, self.variance_epsilon)
+
+
+def rms_norm_fusable(module: torch.nn.Module) -> bool:
+    """Whether `module`'s class runs transformers' plain RMSNorm, `weight * (x32 * rsqrt(mean(x32^2) + eps))
+    .to(dtype)`: its forward compiles to the same bytecode as `_hf_rms_forward` (Llama, Qwen2/3, Mistral,
+    Granite, Phi-3 and some 120 other classes of transformers 5; not Gemma's `1 + weight`, not Cohere's
+    LayerNorm). A class whose forward changes in a later transformers simply stops matching."""
+    fwd = getattr(type(module), "forward", None)
+    return (getattr(fwd, "__code__", None) is not None and _code_key(fwd) == _HF_RMS
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1)
+
+
+def fuse_rms_norms(model: torch.nn.Module) -> int:
+    """Run every plain RMSNorm of `model` (`rms_norm_fusable`) as `F.rms_norm`; returns how many.
+
+    On CUDA `F.rms_norm` is one kernel forward and one backward (torch's `_fused_rms_norm`) in place of
+    transformers' eight and about ten, which upcast the whole activation to float32 in between: for a
+    Qwen3-0.6B shape (four norms a layer, two of them over every head) that is some 1,800 fewer kernel
+    launches and some 150 GB less memory traffic per 10k-token training step. The statistics stay
+    float32; the one difference is rounding: the weight is applied before the result is rounded to a
+    half-precision input's dtype, not after (within one unit in the last place; float32 is
+    bit-identical). On a CPU `F.rms_norm` is a composite of more, smaller kernels than transformers'
+    own, so `load_model` fuses on CUDA only (`S2D_FUSED_NORMS=0`: never). The module keeps its class
+    and weights; only its `forward` is replaced."""
+    import types
+
+    n = 0
+    for module in model.modules():
+        if rms_norm_fusable(module):
+            module.forward = types.MethodType(_fused_rms_forward, module)
+            n += 1
+    return n
 
 
 # Causal LMs whose logits are hidden @ lm_head.weight^T times a constant from their config:
