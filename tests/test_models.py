@@ -15,8 +15,14 @@ import copy
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, CohereConfig, Gemma3TextConfig, GraniteConfig, LlamaConfig,
-                          Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    CohereConfig,
+    Gemma3TextConfig,
+    GraniteConfig,
+    LlamaConfig,
+    Qwen3Config,
+)
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from s2d_cli.models import build_tiny_model, fuse_rms_norms, load_model, rms_norm_fusable
