@@ -12,7 +12,7 @@ VLLM_STAMP := $(VENV)/.s2d-vllm-installed
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install install-vllm demo test lint bench clean
+.PHONY: install install-vllm demo test lint bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -58,6 +58,15 @@ lint: install
 bench: install install-vllm
 	$(PIP) install -q -e ".[bench]"
 	$(PY) bench/run.py --out bench/RESULTS.md
+
+# bench/gpu.sh's wheels for a GPU machine with no network whose image has torch, transformers and
+# accelerate but not these (Python 3.12, x86-64): carry WHEELS to it and run `bash bench/gpu.sh` there
+WHEELS ?= .whl
+gpu-wheels: install
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(WHEELS) \
+	  trl==1.16.0 datasets==5.2.0 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
+	  antlr4-python3-runtime==4.13.2 dill==0.4.1 multiprocess==0.70.19
 
 clean:
 	rm -rf runs .pytest_cache

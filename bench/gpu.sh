@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # s2d vs TRL on one GPU, random-init Qwen3-0.6B shape (bf16), sized for about 8 minutes on one H100.
 #
+#     make gpu-wheels                      # here: the wheels the GPU image lacks, into .whl/
 #     bash bench/gpu.sh                    # from the repo root on the GPU machine, with .whl/ carried
 #     REPEATS=2 bash bench/gpu.sh          # more repeats per row (about 4 more minutes each)
 #
@@ -11,7 +12,7 @@
 # decode step, eager steps, transformers generate: bench/gpu_probe.py check + decode), and bench/run.py
 # --profile gpu: each row's sides in their own processes with a per-process timeout; a failing row is
 # reported in the table and the next one runs. Results: $OUT/gpu_results.md (table), $OUT/gpu_results.log
-# (children's stderr), $OUT/gpu_check.txt, $OUT/gpu_head*.md, $OUT/gpu_decode.txt. OUT defaults to bench/gpu-out.
+# (children's stderr), $OUT/gpu_check.txt, $OUT/gpu_head*.md, $OUT/gpu_norms.txt, $OUT/gpu_decode.txt. OUT defaults to bench/gpu-out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/gpu-out}"
@@ -49,6 +50,9 @@ timeout 150 "$PY" bench/bench_head.py --device cuda --positions 16384 --hidden 1
     --out "$OUT/gpu_head.md" 2>&1 | tail -n 8 || echo "bench_head failed; continuing"
 timeout 120 "$PY" bench/bench_head.py --loss topk --device cuda --positions 16384 --hidden 1024 --dtype bfloat16 \
     --out "$OUT/gpu_head_topk.md" 2>&1 | tail -n 8 || echo "bench_head --loss topk failed; continuing"
+
+echo "== fused RMSNorm vs transformers' (trunk forward + backward)"
+timeout 60 "$PY" bench/gpu_norms.py 2>&1 | grep -v Warn | tee "$OUT/gpu_norms.txt" || echo "gpu_norms failed; continuing"
 
 echo "== hf engine samplers"
 { timeout 90 "$PY" bench/gpu_probe.py check && timeout 120 "$PY" bench/gpu_probe.py decode; } 2>&1 \
