@@ -179,12 +179,14 @@ def fuse_rms_norms(model: torch.nn.Module) -> int:
     bit-identical). On a CPU `F.rms_norm` is a composite of more, smaller kernels than transformers'
     own, so `load_model` fuses on CUDA only (`S2D_FUSED_NORMS=0`: never). The module keeps its class
     and weights; only its `forward` is replaced."""
-    import types
+    import functools
 
     n = 0
     for module in model.modules():
         if rms_norm_fusable(module):
-            module.forward = types.MethodType(_fused_rms_forward, module)
+            # a partial of a module-level function, not a bound method: torch.save / pickle of the model
+            # would look the method up by name on the module, and copy.deepcopy rebinds it to the copy
+            module.forward = functools.partial(_fused_rms_forward, module)
             n += 1
     return n
 

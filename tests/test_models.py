@@ -110,3 +110,17 @@ def test_load_model_on_a_cpu_keeps_transformers_norms(tmp_path):
     norms = [m for m in model.modules() if rms_norm_fusable(m)]
     assert len(norms) == 2 * 4 + 1
     assert all("forward" not in vars(m) for m in norms)
+
+
+def test_a_fused_model_survives_deepcopy_and_torch_save(tmp_path):
+    model = tiny(Qwen3Config, head_dim=16)
+    fuse_rms_norms(model)
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(2))
+    want = model(ids).logits
+    twin = copy.deepcopy(model)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for other in (twin, loaded):
+        norm = other.model.norm
+        assert norm.forward.args[0] is norm               # bound to its own module, not the original
+        assert torch.equal(other(ids).logits, want)
