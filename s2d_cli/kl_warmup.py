@@ -122,21 +122,31 @@ def batch_indices(num: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
-def record_ids(rec: dict, tokenizer, cfg: KLWarmupConfig, where: str) -> tuple[list[int], list[int]]:
-    """(prompt_ids, completion_ids) of one record, in the precedence the module docstring gives."""
+def _text(rec: dict, field: str, where: str) -> str:
+    """A text field of a record: a list or a number there is bad input, not something to str() and train on."""
+    value = rec[field]
+    if not isinstance(value, str):
+        raise UsageError(f"{where}: field {field!r}: expected text, got {type(value).__name__}")
+    return value
+
+
+def record_ids(rec: dict, tokenizer, cfg: KLWarmupConfig, where: str,
+               rows: int | None = None) -> tuple[list[int], list[int]]:
+    """(prompt_ids, completion_ids) of one record, in the precedence the module docstring gives. `rows`:
+    the most embedding rows either model has; an id at or past it is no token of either model."""
     if "prompt_ids" in rec:
-        prompt_ids = token_ids(rec["prompt_ids"], where, "prompt_ids")
+        prompt_ids = token_ids(rec["prompt_ids"], where, "prompt_ids", vocab=rows)
     elif "prompt" in rec or "problem" in rec:
-        text = rec["prompt"] if "prompt" in rec else render_prompt(
-            tokenizer, str(rec["problem"]), instruction=cfg.instruction, chat=cfg.chat,
+        text = _text(rec, "prompt", where) if "prompt" in rec else render_prompt(
+            tokenizer, _text(rec, "problem", where), instruction=cfg.instruction, chat=cfg.chat,
             enable_thinking=cfg.enable_thinking)
-        prompt_ids = encode_prompt(tokenizer, str(text), chat_rendered=prompt_is_chat(tokenizer, cfg.chat))
+        prompt_ids = encode_prompt(tokenizer, text, chat_rendered=prompt_is_chat(tokenizer, cfg.chat))
     else:
         raise UsageError(f"{where}: no prompt (expected prompt_ids, prompt or problem)")
     if "completion_ids" in rec:
-        completion_ids = token_ids(rec["completion_ids"], where, "completion_ids")
+        completion_ids = token_ids(rec["completion_ids"], where, "completion_ids", vocab=rows)
     elif "completion" in rec:
-        completion_ids = tokenizer(str(rec["completion"]), add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(_text(rec, "completion", where), add_special_tokens=False)["input_ids"]
         if rec.get("finish_reason") != "length":
             completion_ids.append(tokenizer.eos_token_id)
     else:
@@ -146,18 +156,20 @@ def record_ids(rec: dict, tokenizer, cfg: KLWarmupConfig, where: str) -> tuple[l
     return prompt_ids, completion_ids
 
 
-def load_sequences(source: str, tokenizer, cfg: KLWarmupConfig, *, vocab: int, topk: bool) -> list[Sequence]:
+def load_sequences(source: str, tokenizer, cfg: KLWarmupConfig, *, vocab: int, topk: bool,
+                   rows: int | None = None) -> list[Sequence]:
     """Training sequences from teacher records, with the stored top-K as per-token data when `topk`.
 
     A completion is cut at the first position holding an id >= vocab (the rows both heads share); with
-    matching heads that never happens."""
+    matching heads that never happens. An id >= `rows` (the larger head's rows) is an error: neither
+    model has such a token, so the record is not what a model sampled."""
     name = "<stdin>" if source == "-" else source
     records = read_records(source)
     tensors = iter_record_tensors(source) if topk else itertools.repeat(None)
     seqs = []
     for i, (rec, t) in enumerate(zip(records, tensors)):
         where = f"{name}: record {i + 1}"
-        prompt_ids, completion_ids = record_ids(rec, tokenizer, cfg, where)
+        prompt_ids, completion_ids = record_ids(rec, tokenizer, cfg, where, rows)
         if max(prompt_ids) >= vocab:
             raise UsageError(f"{where}: prompt token id {max(prompt_ids)} is past the {vocab} shared head rows")
         end = in_vocab_prefix(completion_ids, vocab)
@@ -264,11 +276,13 @@ def run(cfg: KLWarmupConfig):
                           allow_vocab_size_mismatch=cfg.allow_vocab_size_mismatch,
                           trust_remote_code=cfg.trust_remote_code)
         vocab, student_rows = pair.vocab, pair.student_rows
+        rows = max(pair.student_rows, pair.teacher_rows)
     else:
-        vocab = student_rows = embedding_rows(cfg.student, trust_remote_code=cfg.trust_remote_code)
+        vocab = student_rows = rows = embedding_rows(cfg.student, trust_remote_code=cfg.trust_remote_code)
     topk = cfg.targets == "topk"
-    data = load_sequences(cfg.rollouts, tok, cfg, vocab=vocab, topk=topk)
-    heldout = load_sequences(cfg.eval_rollouts, tok, cfg, vocab=vocab, topk=topk) if cfg.eval_rollouts else None
+    data = load_sequences(cfg.rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows)
+    heldout = (load_sequences(cfg.eval_rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows)
+               if cfg.eval_rollouts else None)
     trainer = Trainer(cfg, model=cfg.student, out=cfg.out, kind="kl-warmup", config=asdict(cfg),
                       inputs=[cfg.rollouts, cfg.eval_rollouts, teacher_ref])
     if trainer.complete:

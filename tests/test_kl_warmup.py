@@ -403,6 +403,8 @@ def test_scaled_heads_kl_is_the_models_own(world, scaled_head_dirs, tmp_path):
 def test_bad_token_ids_and_a_torn_metrics_line(world, tmp_path):
     """A negative token id is one located line (it used to be an IndexError deep in the embedding); a
     metrics.jsonl line torn by a crash is dropped on resume instead of failing it."""
+    from s2d_cli.compat import embedding_rows
+
     records = read_records(world.train)[:8]
     records[2]["completion_ids"] = [4, -3]
     bad = tmp_path / "bad.jsonl"
@@ -410,7 +412,8 @@ def test_bad_token_ids_and_a_torn_metrics_line(world, tmp_path):
     result = s2d("kl-warmup", "--student", world.student, "--rollouts", bad, "--steps", 1, "--out",
                  tmp_path / "bad-run", ok=False)
     assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
-        f"s2d: error: {bad}: record 3: field 'completion_ids': token id -3 is outside the model's vocabulary"]
+        f"s2d: error: {bad}: record 3: field 'completion_ids': token id -3 is outside the model's "
+        f"{embedding_rows(str(world.student))} embedding rows"]
     assert not (tmp_path / "bad-run").exists()
     result = s2d("kl-warmup", "--student", world.student, "--rollouts", tmp_path / "nope", "--targets", "topk",
                  "--steps", 1, "--out", tmp_path / "bad-run", ok=False)    # not "has no top-K tensors"
@@ -467,3 +470,31 @@ def test_rollout_topk_past_the_vocabulary_is_one_line(world, tmp_path):
     assert result.stderr.strip() == f"s2d: error: --topk: expected at most the model's {rows} vocabulary rows, " \
                                     f"got {rows + 1}"
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("completion_ids", [5, 100000, 3], "field 'completion_ids': token id 100000 is outside the model's "
+                                       "{rows} embedding rows"),
+    ("prompt_ids", [1, 100000], "field 'prompt_ids': token id 100000 is outside the model's {rows} embedding rows"),
+    ("completion", [1, 2], "field 'completion': expected text, got list"),
+    ("prompt", 5, "field 'prompt': expected text, got int"),
+    ("problem", ["what"], "field 'problem': expected text, got list"),
+])
+def test_ids_past_every_head_and_non_text_fields_are_refused(tiny_model_dir, tmp_path, field, value, message):
+    """A token id no model has was cut off silently (the record trained on the part before it), and a list
+    or number where text belongs was str()'d and trained on as "[1, 2]": both are bad input, one line."""
+    from s2d_cli.compat import embedding_rows
+
+    rec = {"prompt_ids": [1, 2, 3], "completion_ids": [4, 5]}
+    if field in ("completion", "prompt", "problem"):
+        rec = {"prompt": "1+1?", "completion": "2"}
+        rec.pop("prompt" if field == "problem" else field, None)
+    rec[field] = value
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rec) + "\n")
+    result = s2d("kl-warmup", "--student", tiny_model_dir, "--rollouts", bad, "--steps", 1, "--out",
+                 tmp_path / "run", ok=False)
+    rows = embedding_rows(str(tiny_model_dir))
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
+        f"s2d: error: {bad}: record 1: {message.format(rows=rows)}"]
+    assert not (tmp_path / "run").exists()
