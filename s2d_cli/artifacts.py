@@ -230,6 +230,8 @@ class ArtifactWriter:
         self.complete = False
         self._streamed = 0
         if self.stdout:
+            if sys.stdout is None:      # started with stdout closed (`>&-`): nowhere to stream to
+                raise UsageError("--out -: stdout is closed (redirect it, or give --out a directory)")
             return
         self.out = Path(out)
         if holds(self.out, Path.cwd()):
@@ -439,6 +441,8 @@ def _iter_source(source: str | Path) -> Iterator[tuple[str, dict]]:
     """(file name for messages, record) pairs from stdin, a JSONL/JSON/Parquet file or an artifact dir."""
     if str(source) == "-":
         global _STDIN_SHA
+        if sys.stdin is None:           # started with stdin closed (`<&-`): there is nothing to read
+            raise UsageError("<stdin>: closed (pipe records in, or name a file instead of '-')")
         data = sys.stdin.buffer.read()
         _STDIN_SHA = hashlib.sha256(data).hexdigest()     # input_entry("-") names what was read
         for rec in _iter_jsonl(Path("<stdin>"), io.BytesIO(data)):
@@ -527,6 +531,15 @@ def read_manifest(path: str | Path) -> dict | None:
     return m
 
 
+def shard_file(path: Path, name: Any) -> Path:
+    """`path / name` for a file a manifest lists: a plain file name of the artifact, never a number, a
+    '../x' or an absolute path (a damaged or hand-edited manifest)."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name:
+        raise UsageError(f"{path / MANIFEST}: not a valid manifest (shard file {name!r} is not a file name "
+                         "in the artifact)")
+    return path / name
+
+
 def record_shards(path: Path) -> list[dict]:
     """The shard entries of a record artifact's manifest, each shard file present."""
     manifest = read_manifest(path)
@@ -536,6 +549,17 @@ def record_shards(path: Path) -> list[dict]:
         raise UsageError(f"{path}: a {manifest.get('kind', 'non-record')} output, not an artifact of records "
                          f"(its {MANIFEST} lists no shards){where}")
     for shard in shards:
+        shard_file(path, shard["file"])
+        tensors = shard.get("tensors")
+        if tensors is not None and not (isinstance(tensors, dict) and "file" in tensors):
+            raise UsageError(f"{path / MANIFEST}: not a valid manifest (shard {shard['file']!r}: 'tensors' "
+                             "names no file)")
+        if tensors is not None:
+            shard_file(path, tensors["file"])
+        records = shard.get("records")
+        if records is not None and (isinstance(records, bool) or not isinstance(records, int) or records < 0):
+            raise UsageError(f"{path / MANIFEST}: not a valid manifest (shard {shard['file']!r}: 'records' is "
+                             f"{records!r}, expected a count)")
         if not (path / shard["file"]).is_file():
             raise UsageError(f"{path / shard['file']}: shard listed in {MANIFEST} is missing")
     return shards
@@ -550,15 +574,25 @@ def iter_record_tensors(artifact: str | Path) -> Iterator[dict[str, torch.Tensor
     manifest = read_manifest(path)
     if manifest is None:
         raise UsageError(f"{path}: not a complete s2d artifact (no {MANIFEST})")
+    from safetensors import SafetensorError
+
     for shard in record_shards(path):
         if "tensors" not in shard:
-            for _ in range(shard["records"]):
+            count = shard.get("records")
+            if count is None:
+                count = sum(1 for _ in _iter_jsonl(path / shard["file"]))
+            for _ in range(count):
                 yield None
             continue
         tfile = path / shard["tensors"]["file"]
         if not tfile.is_file():
             raise UsageError(f"{tfile}: tensor shard listed in {MANIFEST} is missing")
-        tensors = load_file(tfile)
+        try:
+            tensors = load_file(tfile)
+        except (SafetensorError, OSError) as e:
+            raise UsageError(f"{tfile}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+        if "offsets" not in tensors:
+            raise UsageError(f"{tfile}: no 'offsets' tensor (not a shard s2d wrote)")
         offsets = tensors.pop("offsets").tolist()
         if len(offsets) - 1 != shard.get("records", len(offsets) - 1):
             raise UsageError(f"{tfile}: {len(offsets) - 1} records of tensors for {shard['records']} records")
@@ -567,17 +601,25 @@ def iter_record_tensors(artifact: str | Path) -> Iterator[dict[str, torch.Tensor
 
 
 def has_tensors(artifact: str | Path, name: str) -> bool:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    manifest = read_manifest(artifact) if Path(artifact).is_dir() else None
-    if not manifest or not manifest["shards"]:
+    path = Path(artifact)
+    manifest = read_manifest(path) if path.is_dir() else None
+    if not manifest:
         return False
-    for shard in manifest["shards"]:
+    shards = record_shards(path)        # a run directory or a damaged manifest: one line, not a KeyError
+    if not shards:
+        return False
+    for shard in shards:
         if "tensors" not in shard:
             return False
-        with safe_open(str(Path(artifact) / shard["tensors"]["file"]), "pt") as f:
-            if name not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
-                return False
+        tfile = path / shard["tensors"]["file"]
+        try:
+            with safe_open(str(tfile), "pt") as f:
+                if name not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
+                    return False
+        except (SafetensorError, OSError) as e:
+            raise UsageError(f"{tfile}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
     return True
 
 

@@ -272,6 +272,8 @@ def run(cfg: ToyConfig) -> str:
     records = generate(cfg)
     data = dumps_records(records)
     if cfg.out == "-":
+        if sys.stdout is None:          # started with stdout closed (`>&-`)
+            raise UsageError("--out -: stdout is closed (redirect it, or give --out a file name)")
         sys.stdout.write(data.decode("utf-8"))
         sys.stdout.flush()
         return "-"

@@ -599,3 +599,67 @@ def test_out_cannot_be_the_current_directory(tmp_path, monkeypatch):
         result = invoke("verify", source, "--out", out)
         assert result.exit_code == 2 and f"--out {out}: is the current directory" in result.stderr, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "work"] and not any(work.iterdir())
+
+
+def _tensor_artifact(out: Path) -> Path:
+    import torch
+
+    from s2d_cli.artifacts import pack_token_tensors
+
+    w = ArtifactWriter(out, kind="rollout", config=CONFIG, num_shards=1)
+    w.write_shard(0, records_of(2), tensors=pack_token_tensors(
+        [{"topk_ids": torch.zeros(2, 3, dtype=torch.int32)}, {"topk_ids": torch.ones(1, 3, dtype=torch.int32)}]))
+    return w.commit()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["shards"][0].update(file="/etc/passwd"), "shard file '/etc/passwd' is not a file name"),
+    (lambda m: m["shards"][0].update(file="../x.jsonl"), "shard file '../x.jsonl' is not a file name"),
+    (lambda m: m["shards"][0].update(file=5), "shard file 5 is not a file name"),
+    (lambda m: m["shards"][0].update(tensors="x"), "'tensors' names no file"),
+    (lambda m: m["shards"][0].update(tensors={"file": "/etc/passwd"}), "shard file '/etc/passwd' is not a file name"),
+    (lambda m: m["shards"][0].update(records="2"), "'records' is '2', expected a count"),
+    (lambda m: m.pop("shards"), "a rollout output, not an artifact of records"),
+])
+def test_a_damaged_manifest_is_one_line_for_records_and_tensors(tmp_path, edit, message):
+    """A manifest naming a shard outside the artifact was followed there (/etc/passwd read as records), and
+    a shard 'file' that is a number, a 'tensors' that is not an object or a manifest without shards given
+    to `--targets topk` were internal errors (TypeError, KeyError: 'shards')."""
+    from s2d_cli.artifacts import has_tensors
+
+    out = _tensor_artifact(tmp_path / "a")
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for read in (read_records, lambda p: list(iter_record_tensors(p)), lambda p: has_tensors(p, "topk_ids")):
+        with pytest.raises(UsageError) as e:
+            read(out)
+        assert message in one_line(e)
+
+
+def test_a_corrupt_tensor_shard_is_one_line(tmp_path):
+    from s2d_cli.artifacts import has_tensors
+
+    out = _tensor_artifact(tmp_path / "a")
+    tfile = out / shard_name(0, 1, "safetensors")
+    tfile.write_bytes(tfile.read_bytes()[:40])
+    for read in (lambda p: list(iter_record_tensors(p)), lambda p: has_tensors(p, "topk_ids")):
+        with pytest.raises(UsageError) as e:
+            read(out)
+        assert one_line(e).startswith(f"{tfile}: not a readable safetensors file")
+
+
+@pytest.mark.parametrize("args, redirect, message", [
+    (["verify", "-", "--out", "-"], "<&-", "<stdin>: closed"),
+    (["verify", "{good}", "--out", "-"], ">&-", "--out -: stdout is closed"),
+    (["toy", "--n", "2", "--out", "-"], ">&-", "--out -: stdout is closed"),
+])
+def test_a_closed_stdin_or_stdout_is_one_line(tmp_path, args, redirect, message):
+    """Started with stdin or stdout closed, `-` was an internal AttributeError on sys.stdin/sys.stdout (None)."""
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in records_of(1)))
+    command = " ".join([S2D, *(a.format(good=good) for a in args)])
+    proc = subprocess.run(["bash", "-c", f"{command} {redirect}"], capture_output=True, text=True, env=ENV,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"s2d: error: {message}"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1
