@@ -651,7 +651,8 @@ class Verifier:
             if not pairs:
                 return []
             workers = self._procs.workers
-            while len(workers) < self.n_workers:
+            # no more workers than items: `--workers 100000` on a few records is not 100000 forks
+            while len(workers) < min(self.n_workers, len(pairs)):
                 workers.append(self._procs.spawn())
             try:
                 return self._run(list(pairs), workers)

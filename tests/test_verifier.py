@@ -353,6 +353,16 @@ def test_workers_zero_is_every_cpu_and_negative_is_refused():
         assert verifier.n_workers == len(os.sched_getaffinity(0))
 
 
+def test_no_more_workers_than_items():
+    """`--workers 100000` forked 100000 workers for a one-record file (the shell hung); the pool grows only
+    as far as a call has items for, and keeps its workers for the next call."""
+    with Verifier(workers=64, timeout=10.0) as verifier:
+        assert verifier.verify([(r"\boxed{1}", "1")])[0].correct
+        assert len(verifier.worker_pids()) == 1
+        assert all(v.correct for v in verifier.verify([(rf"\boxed{{{i}}}", str(i)) for i in range(3)]))
+        assert len(verifier.worker_pids()) == 3
+
+
 @pytest.mark.parametrize("args, message", [
     (["--timeout", "nan"], "--timeout: expected > 0"),
     (["--timeout", "inf"], "--timeout: expected > 0"),
