@@ -37,6 +37,8 @@ class VerifyConfig:
         if not self.input:
             raise UsageError("missing input: an artifact directory, a JSONL file or '-'")
         check_pool_options(self.workers, self.timeout)
+        if self.shard_size < 1:     # the unit of resume: 0 or -5 was quietly taken as 1
+            raise UsageError(f"shard_size: expected >= 1, got {self.shard_size}")
 
 
 WORKERS_HELP = "Verifier processes (default, or 0: one per CPU this process may use; negative is an error)."

@@ -163,6 +163,7 @@ def test_rescore_rollouts_without_a_model(handmade_rollouts, tmp_path):
     (["--set", "timeout=nan"], "--timeout: expected > 0"),
     (["--set", "timeout=inf"], "--timeout: expected > 0"),
     (["--workers", "-2"], "--workers: expected a process count >= 0"),
+    (["--set", "shard_size=0"], "shard_size: expected >= 1, got 0"),
 ])
 def test_rescore_refuses_bad_pool_options_in_one_line(handmade_rollouts, tmp_path, args, message):
     result = invoke("eval", "--rollouts", handmade_rollouts, *args, "--out", tmp_path / "scored")

@@ -368,6 +368,8 @@ def test_no_more_workers_than_items():
     (["--timeout", "inf"], "--timeout: expected > 0"),
     (["--set", "timeout=nan"], "--timeout: expected > 0"),
     (["--workers", "-1"], "--workers: expected a process count >= 0"),
+    (["--set", "shard_size=0"], "shard_size: expected >= 1, got 0"),
+    (["--set", "shard_size=-5"], "shard_size: expected >= 1, got -5"),
 ])
 def test_verify_refuses_bad_pool_options_in_one_line(tmp_path, args, message):
     records = tmp_path / "in.jsonl"
