@@ -259,3 +259,12 @@ def test_an_abort_reaching_the_console_script_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 1 and capsys.readouterr().err == "s2d: aborted\n"
+
+
+@pytest.mark.parametrize("args", [[], ["rollout"], ["report"]])
+def test_no_arguments_print_the_help_once(args):
+    """`s2d` or `s2d CMD` with nothing else: the help, once (it used to be printed twice), exit 2."""
+    p = subprocess.run([sys.executable, "-m", "s2d_cli.cli", *args], capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert p.stdout.count("Usage:") == 1, p.stdout
+    assert "Traceback" not in p.stderr
