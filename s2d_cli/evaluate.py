@@ -194,7 +194,7 @@ def build_config(protocol: str | None, config: str | None, sets: list[str] | Non
 
 
 def command(
-    model: cu.ModelOpt = None, dataset: cu.DatasetOpt = None, out: cu.OutOpt = None, n: cu.NOpt = None,
+    model: cu.ModelOpt = None, dataset: cu.DatasetOpt = None, out: cu.EvalOutOpt = None, n: cu.NOpt = None,
     max_new_tokens: cu.MaxNewOpt = None, temperature: cu.TempOpt = None, top_p: cu.TopPOpt = None,
     top_k: cu.TopKOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None, backend: cu.BackendOpt = None,
     prompt_field: cu.PromptFieldOpt = None, answer_field: cu.AnswerFieldOpt = None, id_field: cu.IdFieldOpt = None,

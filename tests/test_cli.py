@@ -268,3 +268,10 @@ def test_no_arguments_print_the_help_once(args):
     assert p.returncode == 2, p.stderr
     assert p.stdout.count("Usage:") == 1, p.stdout
     assert "Traceback" not in p.stderr
+
+
+def test_eval_out_help_does_not_offer_stdout():
+    """eval refuses `--out -` (metrics go to stdout without --out): its help must not say '-' streams JSONL."""
+    text = " ".join(invoke("eval", "--help").stdout.replace("│", " ").split())
+    assert "'-' streams JSONL" not in text
+    assert "without it the metrics JSON goes to stdout" in text
