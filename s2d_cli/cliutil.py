@@ -138,8 +138,9 @@ TrainBackendOpt = Annotated[str | None, typer.Option("--backend", help="Rollout 
 
 
 def progress():
-    """A rich progress bar on stderr (transient, so logs stay readable)."""
+    """A rich progress bar on stderr (transient, so logs stay readable). Off when stderr is not a terminal:
+    there a transient bar draws nothing but leaves an empty line in the log."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)

@@ -275,3 +275,14 @@ def test_eval_out_help_does_not_offer_stdout():
     text = " ".join(invoke("eval", "--help").stdout.replace("│", " ").split())
     assert "'-' streams JSONL" not in text
     assert "without it the metrics JSON goes to stdout" in text
+
+
+def test_progress_writes_nothing_when_stderr_is_not_a_terminal(capfd):
+    """A transient bar on a log file or pipe used to leave an empty line before each command's summary."""
+    from s2d_cli import cliutil
+
+    with cliutil.progress() as bar:
+        task = bar.add_task("work", total=3)
+        for _ in range(3):
+            bar.advance(task)
+    assert capfd.readouterr().err == ""
