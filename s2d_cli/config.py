@@ -74,8 +74,12 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
 def _apply(values: dict, overrides: dict, hints: dict, where: str) -> None:
     for key, value in overrides.items():
         if key not in hints:
+            import difflib
+
+            close = difflib.get_close_matches(key, hints, n=1)
+            guess = f"did you mean {close[0]!r}? " if close else ""
             known = ", ".join(sorted(hints))
-            raise UsageError(f"{where}: unknown key {key!r} (known keys: {known})")
+            raise UsageError(f"{where}: unknown key {key!r} ({guess}known keys: {known})")
         values[key] = _coerce(value, hints[key], where, key)
 
 

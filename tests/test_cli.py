@@ -105,6 +105,7 @@ def test_unknown_config_key_is_one_line_naming_it(tmp_path, how):
         args = ["--config", tmp_path / "c.yaml"]
     line = one_line_error(invoke("verify", records, *args, "--out", out))
     assert "unknown key 'shard_sise'" in line and "shard_size" in line
+    assert "did you mean 'shard_size'?" in line   # the likely key first, before the list of ~20
     if how == "yaml":
         assert "c.yaml" in line
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
