@@ -208,7 +208,7 @@ def command(
 ):
     """Evaluate a model on a math set: rollout + verify + metrics (avg@n, pass@k, maj@n).
 
-    Example: s2d eval --model runs/toy/student --dataset math500 --limit 20 --n 2 --max-new-tokens 64 --out runs/eval
+    Example: s2d eval --model runs/tiny --dataset math500 --limit 20 --n 2 --max-new-tokens 64 --out runs/eval
     """
     flags = cu.given(model=model, dataset=dataset, out=out, n=n, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, limit=limit, backend=backend,

@@ -382,7 +382,7 @@ def command(
 ):
     """Sparse-reward RL (GRPO and variants) on verified math rewards.
 
-    Example: s2d grpo --model runs/toy/student --dataset toy:split=train --steps 20 --group-size 8 --prompts-per-step 8 --max-new-tokens 48 --lr 1e-5 --out runs/grpo
+    Example: s2d grpo --model runs/tiny --dataset toy:split=train --steps 20 --group-size 8 --prompts-per-step 8 --max-new-tokens 48 --lr 1e-5 --out runs/grpo
     """
     flags = cu.given(model=model, dataset=dataset, out=out, steps=steps, group_size=group_size,
                      prompts_per_step=prompts_per_step, loss=loss, max_new_tokens=max_new_tokens,

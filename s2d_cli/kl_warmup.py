@@ -365,7 +365,7 @@ def command(
 ):
     """Stage 2a: forward KL from the teacher's sequences to the student (sampled, top-K or full).
 
-    Example: s2d kl-warmup --student runs/toy/student --rollouts runs/toy/teacher-rollouts --targets topk --steps 60 --lr 1e-3 --out runs/toy/student-kl
+    Example: s2d kl-warmup --student runs/tiny --rollouts runs/r1 --targets topk --steps 60 --lr 1e-3 --out runs/kl
     """
     flags = cu.given(student=student, teacher=teacher, rollouts=rollouts, targets=targets, out=out, steps=steps,
                      lr=lr, batch_size=batch_size, temperature=temperature, eval_rollouts=eval_rollouts,

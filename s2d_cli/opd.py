@@ -307,7 +307,7 @@ def command(
 ):
     """Stage 2b: on-policy distillation, per-token reverse KL to the teacher on the student's samples.
 
-    Example: s2d opd --student runs/toy/student-kl/model --teacher runs/toy/teacher --dataset toy:split=pool --steps 40 --n 4 --prompts-per-step 8 --max-new-tokens 48 --lr 1e-4 --out runs/toy/student-opd
+    Example: s2d opd --student runs/kl/model --teacher runs/grpo/model --dataset toy:split=pool --steps 40 --n 4 --prompts-per-step 8 --max-new-tokens 48 --lr 1e-4 --out runs/opd
     """
     flags = cu.given(student=student, teacher=teacher, dataset=dataset, out=out, steps=steps, loss=loss,
                      alpha=alpha, n=n, prompts_per_step=prompts_per_step, max_new_tokens=max_new_tokens,

@@ -287,3 +287,27 @@ def test_progress_writes_nothing_when_stderr_is_not_a_terminal(capfd):
         for _ in range(3):
             bar.advance(task)
     assert capfd.readouterr().err == ""
+
+
+# the help examples form one chain, runnable in this order in an empty directory (checked by hand)
+EXAMPLE_CHAIN = ["make-tiny", "toy", "grpo", "rollout", "verify", "eval", "kl-warmup", "opd", "report"]
+
+
+def test_help_examples_read_only_what_earlier_examples_write():
+    """Each command's `Example:` reads models and artifacts that an earlier example writes: they used to
+    name runs/toy/teacher, runs/toy/student, ... which nothing (not even `make demo`) creates."""
+    import re
+    import shlex
+
+    written: set[str] = set()
+    for name in EXAMPLE_CHAIN:
+        text = " ".join(invoke(name, "--help").stdout.replace("│", " ").split())
+        argv = shlex.split(re.search(r"Example: (s2d .*?)(?: ╭| Options| Arguments|$)", text).group(1))
+        assert argv[:2] == ["s2d", name], argv
+        opts = {a: b for a, b in zip(argv, argv[1:]) if a.startswith("--")}
+        positional = [a for i, a in enumerate(argv[2:], 2) if not a.startswith("--") and not argv[i - 1].startswith("--")]
+        reads = [opts[k] for k in ("--model", "--student", "--teacher", "--rollouts") if k in opts]
+        reads += positional if name in ("verify", "report") else []
+        for path in reads:
+            assert path.removesuffix("/model") in written, (name, path, sorted(written))
+        written |= {opts["--out"]} if "--out" in opts else set(positional)
