@@ -143,5 +143,14 @@ def resolve(cls: type[C], *, config_file: str | None = None, sets: list[str] | N
     return cfg
 
 
+def require_run_dir(out: str | None) -> None:
+    """A training run's --out: a directory (metrics, checkpoints, model), never '-' (stdout)."""
+    if not out:
+        raise UsageError("missing required option --out (a run directory)")
+    if out == "-":
+        raise UsageError("--out: a training run writes a directory (metrics, checkpoints, model), not stdout; "
+                         "give a path")
+
+
 def as_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)

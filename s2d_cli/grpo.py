@@ -35,7 +35,7 @@ from . import cliutil as cu
 from . import losses as L
 from .artifacts import ArtifactWriter, read_records
 from .compat import token_ids
-from .config import resolve
+from .config import require_run_dir, resolve
 from .data import Example
 from .errors import UsageError
 from .rollout import (
@@ -79,8 +79,7 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
     def validate(self) -> None:
         if not self.model:
             raise UsageError("missing required option --model")
-        if not self.out or self.out == "-":
-            raise UsageError("missing required option --out (a run directory)")
+        require_run_dir(self.out)
         if not self.dataset and not self.rollouts:
             raise UsageError("missing required option --dataset (or --rollouts DIR)")
         if self.group_size < 2:

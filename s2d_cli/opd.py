@@ -51,7 +51,7 @@ from .compat import (
     in_vocab_prefix,
     load_teacher,
 )
-from .config import resolve
+from .config import require_run_dir, resolve
 from .errors import UsageError
 from .grpo import labels_used, prompt_schedule
 from .rollout import (
@@ -93,8 +93,7 @@ class OPDConfig(PromptFields, SamplingFields, TrainFields):
             raise UsageError("missing required option --teacher")
         if not self.dataset:
             raise UsageError("missing required option --dataset (prompts; answers only needed with --alpha)")
-        if not self.out or self.out == "-":
-            raise UsageError("missing required option --out (a run directory)")
+        require_run_dir(self.out)
         if self.loss not in LOSSES:
             raise UsageError(f"--loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.prompts_per_step < 1:

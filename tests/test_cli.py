@@ -311,3 +311,15 @@ def test_help_examples_read_only_what_earlier_examples_write():
         for path in reads:
             assert path.removesuffix("/model") in written, (name, path, sorted(written))
         written |= {opts["--out"]} if "--out" in opts else set(positional)
+
+
+@pytest.mark.parametrize("args", [
+    ["grpo", "--model", "m", "--dataset", "toy"],
+    ["kl-warmup", "--student", "m", "--rollouts", "r"],
+    ["opd", "--student", "m", "--teacher", "t", "--dataset", "toy"],
+])
+def test_training_out_dash_says_a_directory_is_needed(args):
+    """`--out -` on a trainer used to answer 'missing required option --out', though --out was given."""
+    line = one_line_error(invoke(*args, "--out", "-"))
+    assert "missing" not in line and "--out: a training run writes a directory" in line
+    assert "missing required option --out" in one_line_error(invoke(*args))
