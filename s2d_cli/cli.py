@@ -63,8 +63,13 @@ def main() -> None:
 
     try:
         code = app(standalone_mode=False)
-    except cx.NoArgsIsHelpError:
-        app()                       # the help, exactly as typer prints it
+    except cx.NoArgsIsHelpError as e:
+        # typer's rich help is printed while the error is built (its message is then empty); plain click
+        # carries the help text in the message. Either way the help appears once, on stdout, exit 2.
+        text = e.format_message()
+        if text:
+            print(text)
+        sys.exit(e.exit_code)
     except cx.ClickException as e:
         where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "s2d"
         message = " ".join(e.format_message().split())

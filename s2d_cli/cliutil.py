@@ -131,13 +131,16 @@ AnswerFieldOpt = Annotated[str | None, typer.Option("--answer-field", help="Reco
 IdFieldOpt = Annotated[str | None, typer.Option("--id-field", help="Record field holding the prompt id (default: unique_id/id/idx/line number).")]
 BackendOpt = Annotated[str | None, typer.Option("--backend", help="auto (vllm on a GPU host that has it, else hf), hf or vllm.")]
 # trainers: a run directory (never '-'), and auto rollouts run on the policy in process (hf) unless vllm is asked
+# eval: a directory or nothing (metrics JSON on stdout); '-' is refused, so its help must not offer it
+EvalOutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Output directory (records, metrics.json); without it the metrics JSON goes to stdout.")]
 RunOutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory (config, metrics.jsonl, checkpoints, model).")]
 TrainBackendOpt = Annotated[str | None, typer.Option("--backend", help="Rollout engine: hf (the policy itself; what auto picks) or vllm (weights pushed after every update).")]
 
 
 def progress():
-    """A rich progress bar on stderr (transient, so logs stay readable)."""
+    """A rich progress bar on stderr (transient, so logs stay readable). Off when stderr is not a terminal:
+    there a transient bar draws nothing but leaves an empty line in the log."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)

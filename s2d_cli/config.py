@@ -74,8 +74,12 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
 def _apply(values: dict, overrides: dict, hints: dict, where: str) -> None:
     for key, value in overrides.items():
         if key not in hints:
+            import difflib
+
+            close = difflib.get_close_matches(key, hints, n=1)
+            guess = f"did you mean {close[0]!r}? " if close else ""
             known = ", ".join(sorted(hints))
-            raise UsageError(f"{where}: unknown key {key!r} (known keys: {known})")
+            raise UsageError(f"{where}: unknown key {key!r} ({guess}known keys: {known})")
         values[key] = _coerce(value, hints[key], where, key)
 
 
@@ -137,6 +141,15 @@ def resolve(cls: type[C], *, config_file: str | None = None, sets: list[str] | N
     if validate is not None:
         validate()
     return cfg
+
+
+def require_run_dir(out: str | None) -> None:
+    """A training run's --out: a directory (metrics, checkpoints, model), never '-' (stdout)."""
+    if not out:
+        raise UsageError("missing required option --out (a run directory)")
+    if out == "-":
+        raise UsageError("--out: a training run writes a directory (metrics, checkpoints, model), not stdout; "
+                         "give a path")
 
 
 def as_dict(cfg) -> dict[str, Any]:

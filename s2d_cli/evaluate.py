@@ -196,7 +196,7 @@ def build_config(protocol: str | None, config: str | None, sets: list[str] | Non
 
 
 def command(
-    model: cu.ModelOpt = None, dataset: cu.DatasetOpt = None, out: cu.OutOpt = None, n: cu.NOpt = None,
+    model: cu.ModelOpt = None, dataset: cu.DatasetOpt = None, out: cu.EvalOutOpt = None, n: cu.NOpt = None,
     max_new_tokens: cu.MaxNewOpt = None, temperature: cu.TempOpt = None, top_p: cu.TopPOpt = None,
     top_k: cu.TopKOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None, backend: cu.BackendOpt = None,
     prompt_field: cu.PromptFieldOpt = None, answer_field: cu.AnswerFieldOpt = None, id_field: cu.IdFieldOpt = None,
@@ -210,7 +210,7 @@ def command(
 ):
     """Evaluate a model on a math set: rollout + verify + metrics (avg@n, pass@k, maj@n).
 
-    Example: s2d eval --model runs/toy/student --dataset math500 --limit 20 --n 2 --max-new-tokens 64 --out runs/eval
+    Example: s2d eval --model runs/tiny --dataset math500 --limit 20 --n 2 --max-new-tokens 64 --out runs/eval
     """
     flags = cu.given(model=model, dataset=dataset, out=out, n=n, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, limit=limit, backend=backend,

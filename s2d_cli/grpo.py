@@ -35,7 +35,7 @@ from . import cliutil as cu
 from . import losses as L
 from .artifacts import ArtifactWriter, read_records
 from .compat import token_ids
-from .config import resolve
+from .config import require_run_dir, resolve
 from .data import Example
 from .errors import UsageError
 from .rollout import (
@@ -79,8 +79,7 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
     def validate(self) -> None:
         if not self.model:
             raise UsageError("missing required option --model")
-        if not self.out or self.out == "-":
-            raise UsageError("missing required option --out (a run directory)")
+        require_run_dir(self.out)
         if not self.dataset and not self.rollouts:
             raise UsageError("missing required option --dataset (or --rollouts DIR)")
         if self.group_size < 2:
@@ -382,7 +381,7 @@ def command(
 ):
     """Sparse-reward RL (GRPO and variants) on verified math rewards.
 
-    Example: s2d grpo --model runs/toy/student --dataset toy:split=train --steps 20 --group-size 8 --prompts-per-step 8 --max-new-tokens 48 --lr 1e-5 --out runs/grpo
+    Example: s2d grpo --model runs/tiny --dataset toy:split=train --steps 20 --group-size 8 --prompts-per-step 8 --max-new-tokens 48 --lr 1e-5 --out runs/grpo
     """
     flags = cu.given(model=model, dataset=dataset, out=out, steps=steps, group_size=group_size,
                      prompts_per_step=prompts_per_step, loss=loss, max_new_tokens=max_new_tokens,

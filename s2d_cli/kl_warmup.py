@@ -58,7 +58,7 @@ from .compat import (
     load_teacher,
     token_ids,
 )
-from .config import resolve
+from .config import require_run_dir, resolve
 from .data import DEFAULT_INSTRUCTION, encode_prompt, prompt_is_chat, render_prompt
 from .errors import UsageError
 from .trainer import Batch, Sequence, Trainer, TrainFields, hidden_at, pack
@@ -88,8 +88,7 @@ class KLWarmupConfig(TrainFields):
             raise UsageError("missing required option --student")
         if not self.rollouts:
             raise UsageError("missing required option --rollouts (artifact, JSONL file or '-')")
-        if not self.out or self.out == "-":
-            raise UsageError("missing required option --out (a run directory)")
+        require_run_dir(self.out)
         if self.targets not in TARGETS:
             raise UsageError(f"--targets: expected one of {', '.join(TARGETS)}, got {self.targets!r}")
         if self.targets == "full" and not self.teacher:
@@ -379,7 +378,7 @@ def command(
 ):
     """Stage 2a: forward KL from the teacher's sequences to the student (sampled, top-K or full).
 
-    Example: s2d kl-warmup --student runs/toy/student --rollouts runs/toy/teacher-rollouts --targets topk --steps 60 --lr 1e-3 --out runs/toy/student-kl
+    Example: s2d kl-warmup --student runs/tiny --rollouts runs/r1 --targets topk --steps 60 --lr 1e-3 --out runs/kl
     """
     flags = cu.given(student=student, teacher=teacher, rollouts=rollouts, targets=targets, out=out, steps=steps,
                      lr=lr, batch_size=batch_size, temperature=temperature, eval_rollouts=eval_rollouts,

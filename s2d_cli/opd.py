@@ -51,7 +51,7 @@ from .compat import (
     in_vocab_prefix,
     load_teacher,
 )
-from .config import resolve
+from .config import require_run_dir, resolve
 from .errors import UsageError
 from .grpo import labels_used, prompt_schedule
 from .rollout import (
@@ -93,8 +93,7 @@ class OPDConfig(PromptFields, SamplingFields, TrainFields):
             raise UsageError("missing required option --teacher")
         if not self.dataset:
             raise UsageError("missing required option --dataset (prompts; answers only needed with --alpha)")
-        if not self.out or self.out == "-":
-            raise UsageError("missing required option --out (a run directory)")
+        require_run_dir(self.out)
         if self.loss not in LOSSES:
             raise UsageError(f"--loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.prompts_per_step < 1:
@@ -307,7 +306,7 @@ def command(
 ):
     """Stage 2b: on-policy distillation, per-token reverse KL to the teacher on the student's samples.
 
-    Example: s2d opd --student runs/toy/student-kl/model --teacher runs/toy/teacher --dataset toy:split=pool --steps 40 --n 4 --prompts-per-step 8 --max-new-tokens 48 --lr 1e-4 --out runs/toy/student-opd
+    Example: s2d opd --student runs/kl/model --teacher runs/grpo/model --dataset toy:split=pool --steps 40 --n 4 --prompts-per-step 8 --max-new-tokens 48 --lr 1e-4 --out runs/opd
     """
     flags = cu.given(student=student, teacher=teacher, dataset=dataset, out=out, steps=steps, loss=loss,
                      alpha=alpha, n=n, prompts_per_step=prompts_per_step, max_new_tokens=max_new_tokens,

@@ -486,7 +486,7 @@ def command(
 ):
     """Compare eval runs in a table and plot training curves: DIR/results.md + PNGs.
 
-    Example: s2d report runs/toy/eval-base runs/toy/eval-student runs/toy/grpo --out runs/toy/report
+    Example: s2d report runs/eval runs/grpo runs/opd --out runs/report
     """
     flags = cu.given(runs=runs or None, out=out, title=title, names=names, arms=arms)
     cu.execute(run, lambda: resolve(ReportConfig, config_file=config, sets=set_, flags=flags))

@@ -232,7 +232,7 @@ def command(
 ):
     """Sample completions for a prompt set.
 
-    Example: s2d rollout --model runs/toy/teacher --dataset toy --n 4 --max-new-tokens 64 --out runs/r1
+    Example: s2d rollout --model runs/grpo/model --dataset toy:split=pool --n 2 --max-new-tokens 64 --topk 16 --out runs/r1
     """
     flags = cu.given(model=model, dataset=dataset, out=out, n=n, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, limit=limit, backend=backend,

@@ -105,6 +105,7 @@ def test_unknown_config_key_is_one_line_naming_it(tmp_path, how):
         args = ["--config", tmp_path / "c.yaml"]
     line = one_line_error(invoke("verify", records, *args, "--out", out))
     assert "unknown key 'shard_sise'" in line and "shard_size" in line
+    assert "did you mean 'shard_size'?" in line   # the likely key first, before the list of ~20
     if how == "yaml":
         assert "c.yaml" in line
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
@@ -259,3 +260,66 @@ def test_an_abort_reaching_the_console_script_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 1 and capsys.readouterr().err == "s2d: aborted\n"
+
+
+@pytest.mark.parametrize("args", [[], ["rollout"], ["report"]])
+def test_no_arguments_print_the_help_once(args):
+    """`s2d` or `s2d CMD` with nothing else: the help, once (it used to be printed twice), exit 2."""
+    p = subprocess.run([sys.executable, "-m", "s2d_cli.cli", *args], capture_output=True, text=True)
+    assert p.returncode == 2, p.stderr
+    assert p.stdout.count("Usage:") == 1, p.stdout
+    assert "Traceback" not in p.stderr
+
+
+def test_eval_out_help_does_not_offer_stdout():
+    """eval refuses `--out -` (metrics go to stdout without --out): its help must not say '-' streams JSONL."""
+    text = " ".join(invoke("eval", "--help").stdout.replace("│", " ").split())
+    assert "'-' streams JSONL" not in text
+    assert "without it the metrics JSON goes to stdout" in text
+
+
+def test_progress_writes_nothing_when_stderr_is_not_a_terminal(capfd):
+    """A transient bar on a log file or pipe used to leave an empty line before each command's summary."""
+    from s2d_cli import cliutil
+
+    with cliutil.progress() as bar:
+        task = bar.add_task("work", total=3)
+        for _ in range(3):
+            bar.advance(task)
+    assert capfd.readouterr().err == ""
+
+
+# the help examples form one chain, runnable in this order in an empty directory (checked by hand)
+EXAMPLE_CHAIN = ["make-tiny", "toy", "grpo", "rollout", "verify", "eval", "kl-warmup", "opd", "report"]
+
+
+def test_help_examples_read_only_what_earlier_examples_write():
+    """Each command's `Example:` reads models and artifacts that an earlier example writes: they used to
+    name runs/toy/teacher, runs/toy/student, ... which nothing (not even `make demo`) creates."""
+    import re
+    import shlex
+
+    written: set[str] = set()
+    for name in EXAMPLE_CHAIN:
+        text = " ".join(invoke(name, "--help").stdout.replace("│", " ").split())
+        argv = shlex.split(re.search(r"Example: (s2d .*?)(?: ╭| Options| Arguments|$)", text).group(1))
+        assert argv[:2] == ["s2d", name], argv
+        opts = {a: b for a, b in zip(argv, argv[1:]) if a.startswith("--")}
+        positional = [a for i, a in enumerate(argv[2:], 2) if not a.startswith("--") and not argv[i - 1].startswith("--")]
+        reads = [opts[k] for k in ("--model", "--student", "--teacher", "--rollouts") if k in opts]
+        reads += positional if name in ("verify", "report") else []
+        for path in reads:
+            assert path.removesuffix("/model") in written, (name, path, sorted(written))
+        written |= {opts["--out"]} if "--out" in opts else set(positional)
+
+
+@pytest.mark.parametrize("args", [
+    ["grpo", "--model", "m", "--dataset", "toy"],
+    ["kl-warmup", "--student", "m", "--rollouts", "r"],
+    ["opd", "--student", "m", "--teacher", "t", "--dataset", "toy"],
+])
+def test_training_out_dash_says_a_directory_is_needed(args):
+    """`--out -` on a trainer used to answer 'missing required option --out', though --out was given."""
+    line = one_line_error(invoke(*args, "--out", "-"))
+    assert "missing" not in line and "--out: a training run writes a directory" in line
+    assert "missing required option --out" in one_line_error(invoke(*args))
