@@ -243,6 +243,7 @@ class ArtifactWriter:
         self.staging = self.out.parent / f".{self.out.name}.partial"
         if not force and self._finished():  # nothing to write: a finished output is read, even read-only
             self.complete = True
+            print(f"{self.out}: already complete, nothing to do (--force redoes it)", file=sys.stderr)
             return
         lock_output(self.out)
         self._prepare(force)

@@ -471,7 +471,10 @@ def run(cfg: ReportConfig) -> Path:
         replace_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    cu.console.print(f"report: {len(arms)} arms, {len(runs)} training runs, plots: {', '.join(plots) or 'none'}")
+    def n(k: int, what: str) -> str:
+        return f"{k} {what}" + ("" if k == 1 else "s")
+    cu.console.print(f"report: {n(len(arms), 'arm')}, {n(len(runs), 'training run')}, "
+                     f"plots: {', '.join(plots) or 'none'}")
     print(out / "results.md")
     return out / "results.md"
 

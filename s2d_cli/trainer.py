@@ -549,6 +549,9 @@ class Trainer:
         self.rank = self.acc.process_index
         self.complete = self._check_out_dir(model)
         if self.complete:
+            if self.rank == 0:
+                print(f"{self.out}: a finished {kind} run with this config, nothing to do (--force redoes it)",
+                      file=sys.stderr)
             return
         self.tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
         dtype = resolve_dtype(cfg.dtype, self.device)

@@ -381,6 +381,7 @@ def test_rerun_of_a_complete_rollout_is_a_no_op(topk_rollout, monkeypatch):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
+    assert f"{out}: already complete, nothing to do" in result.stderr    # says so, not a silent 8 s
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 

@@ -148,6 +148,10 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, tmp_path):
     assert read_records(run / "rollouts") == read_records(reference / "rollouts")
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["steps"] == steps and manifest["final_metrics"]["step"] == steps
+    again = grpo(*args(run))                      # finished: nothing redone, and it says so
+    assert again.stdout.strip() == str(run)
+    assert f"{run}: a finished grpo run with this config, nothing to do" in again.stderr
+    assert json.loads((run / "manifest.json").read_text()) == manifest
 
 
 # ------------------------------------------------------------------------------------------------

@@ -107,6 +107,7 @@ def test_without_matplotlib_only_the_table(runs, tmp_path, monkeypatch):
     result = invoke([runs["base"], runs["grpo"], "--out", out])
     assert result.exit_code == 0, result.stderr
     assert "plots skipped" in result.stderr
+    assert "report: 1 arm, 1 training run, plots: none" in " ".join(result.stderr.split())   # singular, once
     assert sorted(p.name for p in out.iterdir()) == ["results.md"]
     assert ".png" not in (out / "results.md").read_text()
 
