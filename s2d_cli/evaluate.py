@@ -28,7 +28,7 @@ from .artifacts import ArtifactWriter, read_located, read_manifest, shard_slices
 from .config import resolve
 from .data import Example
 from .errors import UsageError
-from .metrics import metrics_table, summarize
+from .metrics import print_metrics, summarize
 from .rollout import (
     PromptFields,
     SamplingFields,
@@ -136,7 +136,7 @@ def run(cfg: EvalConfig) -> dict:
                                 force=cfg.force)
         if writer.complete:
             metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
-            cu.console.print(metrics_table(metrics))
+            print_metrics(cu.console, metrics)
             print(cfg.out)
             return metrics
     golds = warm_up_golds(r["answer"] for r in inputs) if cfg.rollouts is not None else \
@@ -159,7 +159,7 @@ def run(cfg: EvalConfig) -> dict:
     # with this command's defaults
     metrics["sampling"] = ({k: made[k] for k in keys if k in made} or None) if cfg.rollouts is not None \
         else {k: getattr(cfg, k) for k in keys}
-    cu.console.print(metrics_table(metrics))
+    print_metrics(cu.console, metrics)
     if writer is None:
         print(json.dumps(metrics, indent=2))
         return metrics

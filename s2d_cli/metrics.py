@@ -88,10 +88,20 @@ def summarize(records: list[dict], *, dataset: str, model: str | None) -> dict[s
     return out
 
 
-def metrics_table(m: dict[str, Any], title: str | None = None):
+def print_metrics(console, m: dict[str, Any], title: str | None = None) -> None:
+    """The eval table on `console`, under a title line of its own that is never wrapped or cut: a
+    table's own title wraps to the table's width and would break a model path in the middle."""
+    from rich.text import Text
+
+    console.print(Text(title or f"{m['dataset']} — {m.get('model') or 'rollouts'}", style="italic"),
+                  soft_wrap=True)
+    console.print(metrics_table(m))
+
+
+def metrics_table(m: dict[str, Any]):
     from rich.table import Table
 
-    t = Table(title=title or f"{m['dataset']} — {m.get('model') or 'rollouts'}", title_justify="left")
+    t = Table()
     t.add_column("metric")
     t.add_column("value", justify="right")
     lo, hi = m["accuracy_ci95"]

@@ -98,3 +98,21 @@ def test_summarize_by_hand():
     assert m["by_level"] == {"1": {"accuracy": 0.25, "num_prompts": 2}, "3": {"accuracy": 1.0, "num_prompts": 1}}
     assert m["mean_completion_tokens"] == pytest.approx(2.5)   # lengths 1, 2, 3, 4 in every group
     assert m["truncation_rate"] == pytest.approx(0.25)
+
+
+def test_eval_table_title_keeps_a_long_model_path_whole():
+    """The title used to wrap to the table's width, cutting a model path in two on a log file."""
+    import io
+
+    from rich.console import Console
+
+    from s2d_cli.metrics import print_metrics
+
+    model = "runs/toy/seed-0/bridge-rl-grpo-after-kl-warmup-and-opd/model"
+    m = {"dataset": "math500", "model": model, "n": 4, "accuracy": 0.25, "accuracy_ci95": [0.1, 0.4],
+         "pass@k": {"1": 0.25, "4": 0.5}, "maj@n": 0.3, "num_prompts": 8}
+    buf = io.StringIO()
+    print_metrics(Console(file=buf, width=50, force_terminal=False), m)
+    lines = buf.getvalue().splitlines()
+    assert lines[0] == f"math500 — {model}"
+    assert any("accuracy (avg@4)" in line and "0.250  [0.100, 0.400]" in line for line in lines)
