@@ -566,6 +566,12 @@ def record_shards(path: Path) -> list[dict]:
     return shards
 
 
+def unreadable_tensors(tfile: Path, e: Exception) -> UsageError:
+    """The one line for a tensor shard safetensors cannot read (truncated, or not safetensors at all)."""
+    first = (str(e).splitlines() or [""])[0][:200]
+    return UsageError(f"{tfile}: not a readable safetensors file ({first})")
+
+
 def iter_record_tensors(artifact: str | Path) -> Iterator[dict[str, torch.Tensor] | None]:
     """Per-record tensor slices of an artifact, aligned with `read_records(artifact)`; None for
     records whose shard has no tensors."""
@@ -591,7 +597,7 @@ def iter_record_tensors(artifact: str | Path) -> Iterator[dict[str, torch.Tensor
         try:
             tensors = load_file(tfile)
         except (SafetensorError, OSError) as e:
-            raise UsageError(f"{tfile}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+            raise unreadable_tensors(tfile, e) from None
         if "offsets" not in tensors:
             raise UsageError(f"{tfile}: no 'offsets' tensor (not a shard s2d wrote)")
         offsets = tensors.pop("offsets").tolist()
@@ -620,7 +626,7 @@ def has_tensors(artifact: str | Path, name: str) -> bool:
                 if name not in f.keys():  # noqa: SIM118 - safe_open has no __contains__
                     return False
         except (SafetensorError, OSError) as e:
-            raise UsageError(f"{tfile}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
+            raise unreadable_tensors(tfile, e) from None
     return True
 
 
