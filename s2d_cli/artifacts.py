@@ -230,8 +230,7 @@ class ArtifactWriter:
         self.complete = False
         self._streamed = 0
         if self.stdout:
-            if sys.stdout is None:      # started with stdout closed (`>&-`): nowhere to stream to
-                raise UsageError("--out -: stdout is closed (redirect it, or give --out a directory)")
+            require_stdout("give --out a directory")
             return
         self.out = Path(out)
         if holds(self.out, Path.cwd()):
@@ -628,6 +627,18 @@ def has_tensors(artifact: str | Path, name: str) -> bool:
         except (SafetensorError, OSError) as e:
             raise unreadable_tensors(tfile, e) from None
     return True
+
+
+def check_shard_size(size: int) -> None:
+    """A command's `shard_size` (its unit of resume): 0 or a negative count is an error, not 1."""
+    if size < 1:
+        raise UsageError(f"shard_size: expected >= 1, got {size}")
+
+
+def require_stdout(hint: str) -> None:
+    """`--out -` with stdout closed (`>&-`): nowhere to write, one line instead of an AttributeError."""
+    if sys.stdout is None:
+        raise UsageError(f"--out -: stdout is closed (redirect it, or {hint})")
 
 
 def shard_slices(n_items: int, shard_size: int) -> list[range]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import typer
 
 from . import cliutil as cu
-from .artifacts import ArtifactWriter, read_located, read_manifest, shard_slices
+from .artifacts import ArtifactWriter, check_shard_size, read_located, read_manifest, shard_slices
 from .config import resolve
 from .data import Example
 from .errors import UsageError
@@ -73,8 +73,7 @@ class EvalConfig(PromptFields, SamplingFields):
         if self.out == "-":
             raise UsageError("--out: eval writes a directory; omit --out to get metrics JSON on stdout")
         check_pool_options(self.workers, self.timeout)
-        if self.shard_size < 1:     # the unit of resume: 0 or -5 was quietly taken as 1
-            raise UsageError(f"shard_size: expected >= 1, got {self.shard_size}")
+        check_shard_size(self.shard_size)
 
 
 def _sample_and_score(cfg: EvalConfig, examples: list[Example], slices: list[range], writer: ArtifactWriter | None,

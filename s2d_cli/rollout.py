@@ -20,7 +20,7 @@ import torch
 import typer
 
 from . import cliutil as cu
-from .artifacts import ArtifactWriter, pack_token_tensors, shard_slices
+from .artifacts import ArtifactWriter, check_shard_size, pack_token_tensors, shard_slices
 from .compat import embedding_rows, tokenizer_digest
 from .config import resolve
 from .data import DEFAULT_INSTRUCTION, Example, encode_prompt, load_examples, prompt_is_chat, render_prompt
@@ -77,8 +77,7 @@ class RolloutConfig(PromptFields, SamplingFields):
         if not self.dataset:
             raise UsageError("missing required option --dataset")
         check_sampling(self)
-        if self.shard_size < 1:
-            raise UsageError(f"shard_size: expected >= 1, got {self.shard_size}")
+        check_shard_size(self.shard_size)
         if self.topk < 0:
             raise UsageError(f"--topk: expected >= 0, got {self.topk}")
         if self.topk and self.out == "-":

@@ -267,13 +267,12 @@ def toy_records(spec: str) -> list[dict]:
 # the command
 
 def run(cfg: ToyConfig) -> str:
-    from .artifacts import _write_atomic, dumps_records
+    from .artifacts import _write_atomic, dumps_records, require_stdout
 
     records = generate(cfg)
     data = dumps_records(records)
     if cfg.out == "-":
-        if sys.stdout is None:          # started with stdout closed (`>&-`)
-            raise UsageError("--out -: stdout is closed (redirect it, or give --out a file name)")
+        require_stdout("give --out a file name")
         sys.stdout.write(data.decode("utf-8"))
         sys.stdout.flush()
         return "-"

@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 
 from . import cliutil as cu
-from .artifacts import ArtifactWriter, read_located, shard_slices
+from .artifacts import ArtifactWriter, check_shard_size, read_located, shard_slices
 from .config import resolve
 from .errors import UsageError, located
 from .verifier import check_pool_options, gold_type_error
@@ -37,8 +37,7 @@ class VerifyConfig:
         if not self.input:
             raise UsageError("missing input: an artifact directory, a JSONL file or '-'")
         check_pool_options(self.workers, self.timeout)
-        if self.shard_size < 1:     # the unit of resume: 0 or -5 was quietly taken as 1
-            raise UsageError(f"shard_size: expected >= 1, got {self.shard_size}")
+        check_shard_size(self.shard_size)
 
 
 WORKERS_HELP = "Verifier processes (default, or 0: one per CPU this process may use; negative is an error)."
