@@ -693,19 +693,19 @@ def test_pack_cuts_where_padding_saved_exceeds_the_overhead():
 
 
 def test_micro_batch_overhead_is_the_gpu_launch_time_in_tokens(tiny_model_dir):
-    from s2d_cli import trainer as T
+    from s2d_cli import batching as B
     from s2d_cli.models import load_model
 
     lm = load_model(str(tiny_model_dir), dtype="fp32", device="cpu")
     params, layers = sum(p.numel() for p in lm.parameters()), lm.config.num_hidden_layers
-    assert T.micro_batch_overhead_tokens(lm, torch.device("cpu")) == T.MICRO_BATCH_OVERHEAD_TOKENS == 512
+    assert B.micro_batch_overhead_tokens(lm, torch.device("cpu")) == B.MICRO_BATCH_OVERHEAD_TOKENS == 512
     # on a GPU: 0.006 s per layer x 1.8e14 FLOP/s / (6 x params) tokens, never below the CPU constant
     expected = int(0.006 * layers * 1.8e14 / (6 * params))
     assert expected > 512
-    assert T.micro_batch_overhead_tokens(lm, torch.device("cuda")) == expected
+    assert B.micro_batch_overhead_tokens(lm, torch.device("cuda")) == expected
     # a model so large that the launch time buys fewer tokens than the CPU constant: the constant
     lm.config.num_hidden_layers = 0
-    assert T.micro_batch_overhead_tokens(lm, torch.device("cuda")) == 512
+    assert B.micro_batch_overhead_tokens(lm, torch.device("cuda")) == 512
 
 
 # ----------------------------------------------------------------------------------------------
