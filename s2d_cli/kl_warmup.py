@@ -27,7 +27,10 @@ Step k takes the next --batch-size sequences of a seeded shuffle (epochs over th
 run sees what an uninterrupted one would. --eval-rollouts R2 measures the mean per-token KL (CE for
 sampled) on held-out teacher sequences before training and at the end: manifest `heldout_kl_start`,
 `heldout_kl_end`. The teacher and student must share a tokenizer (`s2d_cli.compat`); the teacher named
-in the rollout artifact's manifest is checked when --teacher is not given.
+in the rollout artifact's manifest is checked when --teacher is not given. --teacher may also be the URL
+of a vLLM server (http://host:port/v1, as for `s2d opd`): its /tokenize endpoint is checked against the
+student's tokenizer on the records' prompts and its model name goes into the manifest; --targets full
+needs the teacher's whole distribution, which a server does not return, so it needs a checkpoint.
 
 Deliberately left out: reverse or mixed (JSD) objectives here (reverse KL lives in `s2d opd`), and
 sequence-level distillation tricks (no filtering or reweighting of teacher samples).
@@ -61,6 +64,7 @@ from .compat import (
 from .config import require_run_dir, resolve
 from .data import DEFAULT_INSTRUCTION, encode_prompt, prompt_is_chat, render_prompt
 from .errors import UsageError
+from .served_teacher import TOKENIZER_PROBES, ServedTeacher, is_served
 from .trainer import Batch, Sequence, Trainer, TrainFields, hidden_at, pack
 
 TARGETS = ("sampled", "topk", "full")
@@ -93,6 +97,9 @@ class KLWarmupConfig(TrainFields):
             raise UsageError(f"--targets: expected one of {', '.join(TARGETS)}, got {self.targets!r}")
         if self.targets == "full" and not self.teacher:
             raise UsageError("--targets full: needs --teacher (the teacher scores every batch)")
+        if self.targets == "full" and is_served(self.teacher):
+            raise UsageError("--targets full needs an in-process teacher (a checkpoint): a served teacher returns "
+                             "top-K log-probs, not the whole vocabulary; use --targets topk on `s2d rollout --topk K`")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size: expected >= 1, got {self.batch_size}")
         if self.temperature <= 0:
@@ -270,7 +277,10 @@ def run(cfg: KLWarmupConfig):
     tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     check_sampler(cfg, tok)
     teacher_ref = teacher_of(cfg)
-    if teacher_ref is not None:
+    served = is_served(teacher_ref)
+    if served:   # its tokenizer is checked against the student's once the records are read
+        vocab = student_rows = rows = embedding_rows(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    elif teacher_ref is not None:
         pair = check_pair(cfg.student, teacher_ref, student_tok=tok,
                           allow_vocab_size_mismatch=cfg.allow_vocab_size_mismatch,
                           trust_remote_code=cfg.trust_remote_code)
@@ -282,6 +292,11 @@ def run(cfg: KLWarmupConfig):
     data = load_sequences(cfg.rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows)
     heldout = (load_sequences(cfg.eval_rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows)
                if cfg.eval_rollouts else None)
+    server_info = None
+    if served:
+        server = ServedTeacher(teacher_ref, vocab=vocab)
+        server_info = {"url": server.url, "model": server.connect()}
+        server.check_tokenizer(tok, [tok.decode(s.prompt_ids) for s in data[:TOKENIZER_PROBES]], chat_rendered=True)
     trainer = Trainer(cfg, model=cfg.student, out=cfg.out, kind="kl-warmup", config=asdict(cfg),
                       inputs=[cfg.rollouts, cfg.eval_rollouts, teacher_ref])
     if trainer.complete:
@@ -355,7 +370,7 @@ def run(cfg: KLWarmupConfig):
         "targets": cfg.targets, "teacher": teacher_ref, "vocab": vocab, "num_sequences": len(data),
         "epochs": cfg.steps * cfg.batch_size / len(data), "labels_used": 0,
         "heldout_metric": metric if heldout is not None else None, "heldout_sequences": len(heldout or []),
-        "heldout_kl_start": heldout_start, "heldout_kl_end": heldout_end})
+        "heldout_kl_start": heldout_start, "heldout_kl_end": heldout_end, "teacher_server": server_info})
     if heldout is not None and trainer.acc.is_main_process:
         start = "unknown" if heldout_start is None else f"{heldout_start:.4f}"
         cu.console.print(f"held-out {metric}: {start} -> {heldout_end:.4f}")
