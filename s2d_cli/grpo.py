@@ -103,7 +103,7 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
         if self.loss not in CLIP_DEFAULTS:
             raise UsageError(f"--loss: expected one of {', '.join(CLIP_DEFAULTS)}, got {self.loss!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise UsageError(f"kl_estimator: expected one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+            raise UsageError(f"--kl-estimator: expected one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if self.max_labels is not None and self.max_labels < 1:
             raise UsageError(f"--max-labels: expected >= 1, got {self.max_labels}")
         if self.update_epochs < 1:

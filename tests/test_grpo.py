@@ -621,6 +621,14 @@ def test_kl_to_the_reference_takes_the_loss_types_normaliser(loss, estimator):
     assert policy_loss(kl_cfg(loss, estimator), logp, logp.detach(), adv, mask, None, 2.0, 5.0)[0].item() == 0.0
 
 
+def test_an_unknown_kl_estimator_is_one_line(tiny_model_dir, tmp_path):
+    result = grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--beta", 0.1, "--kl-estimator", "k2",
+                  "--out", tmp_path / "run", ok=False)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == "s2d: error: --kl-estimator: expected one of k3, k3_is, k1, got 'k2'"
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo", "gspo"])
 def test_kl_gradients_through_policy_loss_by_exact_enumeration(loss):
     """A categorical policy over 5 tokens, sequences of one token: E_{y ~ pi}[grad policy_loss(y)],
