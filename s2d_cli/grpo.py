@@ -160,7 +160,7 @@ def policy_loss(cfg: GRPOConfig, logp_BT, old_BT, adv_B, mask_BT, is_BT, n_seq: 
     adv, kl_ref = adv_B, None
     if ref_BT is not None:
         if cfg.kl_estimator == "k1":
-            adv = L.kl_reward_advantages(adv_B, logp_BT, ref_BT, mask_BT, beta=cfg.beta)
+            adv = L.kl_reward_advantages(adv_B, old_BT, ref_BT, mask_BT, beta=cfg.beta)
         else:
             kw["kl_term_BT"] = L.kl_term(logp_BT, old_BT, ref_BT, mask_BT, beta=cfg.beta, estimator=cfg.kl_estimator)
         kl_ref = L.masked_mean(L.kl_penalty(logp_BT.detach(), ref_BT, mask_BT, estimator="k3"), mask_BT)

@@ -175,18 +175,20 @@ def kl_term(
 
 
 def kl_reward_advantages(
-    adv_B: torch.Tensor, logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, mask_BT: torch.Tensor, *, beta: float
+    adv_B: torch.Tensor, old_logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, mask_BT: torch.Tensor, *, beta: float
 ) -> torch.Tensor:
-    """k1 as a per-token reward: A_bt = A_b - beta * (logp_t - ref_logp_t), detached; 0 off the mask.
+    """k1 as a per-token reward: A_bt = A_b - beta * (old_logp_t - ref_logp_t), detached; 0 off the mask.
 
-    Pass the [B, T] result as the advantage of a policy loss. On-policy the gradient of -A_bt r_t is
+    `old_logp` is the log-prob under the policy that sampled (a reward is fixed at sampling time, so
+    later update epochs see the same advantages); on-policy it equals the current one. Pass the [B, T]
+    result as the advantage of a policy loss. On-policy the gradient of -A_bt r_t is
     -A_b grad logp_t + beta (logp_t - ref_logp_t) grad logp_t, whose second part has expectation
     beta * grad KL(pi || pi_ref) at each sampled context. Like the loss terms, it is the KL at the
     contexts sampled (each token's own term, not the sum to the end of the sequence), so it does not
     follow how the policy changes which contexts it visits. The penalty enters the clip with A_b.
     """
     with torch.no_grad():
-        k1_BT = kl_penalty(logp_BT, ref_logp_BT, mask_BT, estimator="k1")
+        k1_BT = kl_penalty(old_logp_BT, ref_logp_BT, mask_BT, estimator="k1")
         adv_BT = adv_B.to(k1_BT.dtype)[:, None] - beta * k1_BT
         return torch.where(mask_BT.bool(), adv_BT, 0.0)
 
