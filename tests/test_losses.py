@@ -350,6 +350,15 @@ def test_padding_with_inf_gives_finite_loss_and_zero_grad():
         loss, _ = fn(logp, old, t64([1.0]), mask, **kw)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0
+        # and with the KL to a reference whose padding is NaN, in the loss or in the reward
+        ref = t64([[-0.3, float("nan")]])
+        for estimator in ("k3", "k3_is"):
+            logp.grad = None
+            kl = L.kl_term(logp, old, ref, mask, beta=0.5, estimator=estimator)
+            loss, _ = fn(logp, old, L.kl_reward_advantages(t64([1.0]), old, ref, mask, beta=0.5), mask,
+                         kl_term_BT=kl, **kw)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0
 
 
 def test_gspo_sequence_ratio_by_hand():
