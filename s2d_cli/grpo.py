@@ -14,9 +14,16 @@ turns rewards into group advantages. Loss variants (--loss):
   dr_grpo  no std division, sum over tokens / (B x max_new_tokens)
   dapo     token mean over the batch, clip 0.2/0.28, groups with zero reward variance dropped
   gspo     one importance ratio per sequence (geometric mean), clip 3e-4/4e-4
-PPO clipping over --update-epochs (mu) passes; KL to a frozen reference (k1/k3) only when --beta > 0
-(no reference model is loaded otherwise); truncated importance sampling when the engine's
-log-probs differ from the trainer's (vllm).
+PPO clipping over --update-epochs (mu) passes; truncated importance sampling when the engine's
+log-probs differ from the trainer's (vllm). KL to a frozen reference only when --beta > 0 (no
+reference model is loaded otherwise), inside each variant's own normaliser (as DeepSeekMath and TRL);
+--kl-estimator says how it is trained. k1 and k3 both estimate KL(policy || ref) as values; the
+gradients differ (exact expectations on-policy, tests/test_losses.py):
+  k3     beta * k3 in each token's loss (DeepSeekMath's GRPO): follows grad KL(ref || policy)
+  k3_is  beta * k3 * ratio, the ratio differentiable (DeepSeek-V3.2; TRL 1.16's default):
+         follows grad KL(policy || ref)
+  k1     -beta * (logp - ref_logp) per token in the advantage, detached (the KL in the reward):
+         follows grad KL(policy || ref); k1 as a loss term would have zero expected gradient
 
 The scarce-label setting: --max-labels N caps the distinct labelled prompts ever used; the manifest
 records `labels_used`. Every step's rollouts, with rewards, are kept in out/rollouts (an artifact).
@@ -50,6 +57,12 @@ from .rollout import (
 from .trainer import VOLATILE, Batch, Sequence, Trainer, TrainFields
 
 CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+# which KL each estimator's gradient follows on-policy (values: k3 and k1 both estimate KL(policy || ref))
+KL_ESTIMATORS = {
+    "k3": "loss term beta*k3 (DeepSeekMath); gradient follows KL(ref || policy)",
+    "k3_is": "loss term beta*k3*ratio (DeepSeek-V3.2, TRL's default); gradient follows KL(policy || ref)",
+    "k1": "reward -beta*(logp - ref_logp) per token, detached; gradient follows KL(policy || ref)",
+}
 
 
 @dataclass
@@ -64,7 +77,7 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
     clip_high: float | None = None   # default per loss: grpo/dr_grpo 0.2, dapo 0.28, gspo 4e-4
     update_epochs: int = 1           # mu: PPO passes over each batch
     beta: float = 0.0                # KL-to-reference coefficient (0: no reference model loaded)
-    kl_estimator: str = "k3"         # k1 | k3
+    kl_estimator: str = "k3"         # k3 | k3_is | k1: how the KL to the reference is trained (see KL_ESTIMATORS)
     is_cap: float = 2.0              # truncated importance-sampling cap for engine/trainer mismatch (0: off)
     mask_truncated: bool = False     # drop completions that hit max_new_tokens from the loss
     overlong_buffer: int = 0         # DAPO soft overlong penalty over the last N tokens of the budget (0: off)
@@ -89,8 +102,8 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
             raise UsageError(f"--prompts-per-step: expected >= 1, got {self.prompts_per_step}")
         if self.loss not in CLIP_DEFAULTS:
             raise UsageError(f"--loss: expected one of {', '.join(CLIP_DEFAULTS)}, got {self.loss!r}")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise UsageError(f"kl_estimator: expected k1 or k3, got {self.kl_estimator!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise UsageError(f"--kl-estimator: expected one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if self.max_labels is not None and self.max_labels < 1:
             raise UsageError(f"--max-labels: expected >= 1, got {self.max_labels}")
         if self.update_epochs < 1:
@@ -136,17 +149,32 @@ def overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
     return max(-1.0, (max_new_tokens - buffer - length) / buffer)
 
 
-def policy_loss(cfg: GRPOConfig, logp_BT, old_BT, adv_B, mask_BT, is_BT, n_seq: float, n_tok: float):
-    """The variant's surrogate with global normalisers (so micro-batches and processes add up)."""
-    kw = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high}
+def policy_loss(cfg: GRPOConfig, logp_BT, old_BT, adv_B, mask_BT, is_BT, n_seq: float, n_tok: float,
+                ref_BT=None):
+    """The variant's surrogate with global normalisers (so micro-batches and processes add up), and,
+    given the reference's log-probs `ref_BT` (beta > 0), the KL to the reference: k3 / k3_is as a term
+    of each token's loss under the variant's own normaliser, k1 as a per-token reward in the advantage
+    (`losses.kl_term`, `losses.kl_reward_advantages`). Metric `kl_ref` is the token mean of k3, an
+    unbiased estimate of KL(policy || reference) per token, whichever estimator trains."""
+    kw = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "is_weight_BT": is_BT}
+    adv, kl_ref = adv_B, None
+    if ref_BT is not None:
+        if cfg.kl_estimator == "k1":
+            adv = L.kl_reward_advantages(adv_B, old_BT, ref_BT, mask_BT, beta=cfg.beta)
+        else:
+            kw["kl_term_BT"] = L.kl_term(logp_BT, old_BT, ref_BT, mask_BT, beta=cfg.beta, estimator=cfg.kl_estimator)
+        kl_ref = L.masked_mean(L.kl_penalty(logp_BT.detach(), ref_BT, mask_BT, estimator="k3"), mask_BT)
     if cfg.loss == "grpo":
-        return L.grpo_loss(logp_BT, old_BT, adv_B, mask_BT, is_weight_BT=is_BT, num_sequences=n_seq, **kw)
-    if cfg.loss == "dr_grpo":
-        return L.dr_grpo_loss(logp_BT, old_BT, adv_B, mask_BT, max_len=cfg.max_new_tokens, is_weight_BT=is_BT,
-                              num_sequences=n_seq, **kw)
-    if cfg.loss == "dapo":
-        return L.dapo_loss(logp_BT, old_BT, adv_B, mask_BT, is_weight_BT=is_BT, num_tokens=n_tok, **kw)
-    return L.gspo_loss(logp_BT, old_BT, adv_B, mask_BT, is_weight_BT=is_BT, num_sequences=n_seq, **kw)
+        loss, m = L.grpo_loss(logp_BT, old_BT, adv, mask_BT, num_sequences=n_seq, **kw)
+    elif cfg.loss == "dr_grpo":
+        loss, m = L.dr_grpo_loss(logp_BT, old_BT, adv, mask_BT, max_len=cfg.max_new_tokens, num_sequences=n_seq, **kw)
+    elif cfg.loss == "dapo":
+        loss, m = L.dapo_loss(logp_BT, old_BT, adv, mask_BT, num_tokens=n_tok, **kw)
+    else:
+        loss, m = L.gspo_loss(logp_BT, old_BT, adv, mask_BT, num_sequences=n_seq, **kw)
+    if kl_ref is not None:
+        m["kl_ref"] = kl_ref
+    return loss, m
 
 
 def group_sequences(records: list[dict], rewards: list[float], group_size: int, cfg: GRPOConfig,
@@ -316,14 +344,12 @@ def run(cfg: GRPOConfig):
             mism = {"mismatch_kl": L.masked_mean(L.kl_penalty(old_BT, roll_BT, mask_BT, estimator="k3"),
                                                  mask_BT).detach()}
         n_seq, n_tok = info.num_sequences / info.world_size, info.num_tokens / info.world_size
-        loss, m = policy_loss(cfg, logp_BT, old_BT, mb.scalars["adv"].to(logp_BT.dtype), mask_BT, is_BT,
-                              n_seq, n_tok)
+        ref_BT = None
         if ref is not None:
             with torch.no_grad():
-                ref_M = trainer_ref_logprobs(ref, mb)
-            kl_BT = L.kl_penalty(logp_BT, mb.to_BT(ref_M), mask_BT, estimator=cfg.kl_estimator)
-            loss = loss + cfg.beta * L.masked_sum(kl_BT, mask_BT) / n_tok
-            m["kl_ref"] = L.masked_mean(kl_BT.detach(), mask_BT)
+                ref_BT = mb.to_BT(trainer_ref_logprobs(ref, mb))
+        loss, m = policy_loss(cfg, logp_BT, old_BT, mb.scalars["adv"].to(logp_BT.dtype), mask_BT, is_BT,
+                              n_seq, n_tok, ref_BT)
         m["entropy"] = L.masked_mean(mb.to_BT(ent_M), mask_BT) if ent_M is not None and ent_M.numel() else 0.0
         return loss, {**m, **mism}
 
@@ -372,6 +398,10 @@ def command(
     max_new_tokens: cu.MaxNewOpt = None, temperature: cu.TempOpt = None,
     lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
     beta: float = typer.Option(None, "--beta", help="KL-to-reference coefficient (0: no reference model)."),
+    kl_estimator: str = typer.Option(
+        None, "--kl-estimator", help="How --beta's KL(policy || ref) is trained: k3 (loss term, DeepSeekMath; its "
+        "gradient follows KL(ref || policy)), k3_is (k3 x the importance ratio, TRL's default; gradient follows "
+        "KL(policy || ref)) or k1 (per-token reward -beta*(logp - ref_logp); gradient follows KL(policy || ref))."),
     max_labels: int = typer.Option(None, "--max-labels", help="Cap on distinct labelled prompts used."),
     rollouts: str = typer.Option(None, "--rollouts", help="Update from existing verified rollouts."),
     reward: str = typer.Option(None, "--reward", help="math (verifier) or module:function."),
@@ -385,6 +415,7 @@ def command(
     """
     flags = cu.given(model=model, dataset=dataset, out=out, steps=steps, group_size=group_size,
                      prompts_per_step=prompts_per_step, loss=loss, max_new_tokens=max_new_tokens,
-                     temperature=temperature, lr=lr, beta=beta, max_labels=max_labels, rollouts=rollouts,
-                     reward=reward, resume=resume, backend=backend, seed=seed, limit=limit, force=force)
+                     temperature=temperature, lr=lr, beta=beta, kl_estimator=kl_estimator, max_labels=max_labels,
+                     rollouts=rollouts, reward=reward, resume=resume, backend=backend, seed=seed, limit=limit,
+                     force=force)
     cu.execute(run, lambda: resolve(GRPOConfig, config_file=config, sets=set_, flags=flags))
