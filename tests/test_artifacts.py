@@ -96,7 +96,7 @@ def test_a_write_killed_before_its_rename_leaves_no_shard(tmp_path, monkeypatch)
     again.write_shard(2, records_of(1, "c"))
     assert again.commit() == out
     assert not staging.exists()
-    assert sorted(p.name for p in out.iterdir()) == [shard_name(i, 3) for i in range(3)] + ["manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", *(shard_name(i, 3) for i in range(3)), "manifest.json"]
     assert [r["id"] for r in read_records(out)] == ["a0", "a1", "b0", "b1", "c0"]
 
 
@@ -283,7 +283,7 @@ def test_a_run_killed_between_manifest_and_rename_is_finished_by_the_rerun(tmp_p
     def killed(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("s2d_cli.models.replace_dir", killed)
+    monkeypatch.setattr(artifacts, "replace_dir", killed)
     with pytest.raises(KeyboardInterrupt):
         w.commit()
     monkeypatch.undo()
@@ -644,6 +644,12 @@ def test_a_corrupt_tensor_shard_is_one_line(tmp_path):
     out = _tensor_artifact(tmp_path / "a")
     tfile = out / shard_name(0, 1, "safetensors")
     tfile.write_bytes(tfile.read_bytes()[:40])
+    with pytest.raises(UsageError) as e:        # changed since the manifest: refused before it is parsed
+        list(iter_record_tensors(out))
+    assert one_line(e).startswith(f"{tfile}: sha256 ")
+    m = read_manifest(out)                      # a manifest that agrees: the bytes themselves are refused
+    m["shards"][0]["tensors"]["sha256"] = hashlib.sha256(tfile.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(m))
     for read in (lambda p: list(iter_record_tensors(p)), lambda p: has_tensors(p, "topk_ids")):
         with pytest.raises(UsageError) as e:
             read(out)
