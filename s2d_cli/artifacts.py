@@ -376,7 +376,7 @@ class ArtifactWriter:
         # manifest is written, which the rerun commits. The old `out` is removed last (or by the rerun).
         for leftover in self.staging.glob("*.tmp"):  # a write a killed run never finished
             leftover.unlink()
-        _write_atomic(self.staging / CARD, dataset_card(self.kind, manifest).encode())
+        _write_atomic(self.staging / CARD, dataset_card(self.kind, manifest, self.staging).encode())
         _write_atomic(self.staging / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
         (self.staging / STAGING_INFO).unlink(missing_ok=True)
         replace_dir(self.staging, self.out)
@@ -527,6 +527,21 @@ def read_manifest(path: str | Path) -> dict | None:
     return m
 
 
+SAMPLED_WITH = ("dataset", "model", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed")
+
+
+def made_with(path: str | Path) -> dict:
+    """The settings that sampled an artifact's records, read from its own manifest and nowhere else: the
+    config of a command that sampled them (rollout, eval), or the `made_with` a command that only scored
+    them (verify) copied from the manifest of its own input when it ran. {} when unknown."""
+    manifest = read_manifest(path) or {}
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    if "temperature" in config:
+        return {k: config[k] for k in SAMPLED_WITH if k in config}
+    recorded = manifest.get("made_with")
+    return dict(recorded) if isinstance(recorded, dict) else {}
+
+
 def shard_file(path: Path, name: Any) -> Path:
     """`path / name` for a file a manifest lists: a plain file name of the artifact, never a number, a
     '../x' or an absolute path (a damaged or hand-edited manifest)."""
@@ -631,33 +646,72 @@ def check_shards(artifact: str | Path) -> None:
             _check_digest(tfile, None, shard["tensors"]["sha256"], None, sha256_file(tfile))
 
 
-def dataset_card(kind: str, manifest: dict) -> str:
+def dataset_card(kind: str, manifest: dict, where: Path) -> str:
     """README.md of an artifact: a Hugging Face dataset card whose `configs` name the JSONL shards, so that
-    `datasets.load_dataset(DIR)` reads the records (and neither manifest.json nor the tensor shards).
-    Written from the manifest's content only, so a rerun writes the same bytes."""
+    `datasets.load_dataset(DIR)` reads the records (and neither manifest.json nor the tensor shards), and
+    whose `dataset_info.features` are the column types over all shards: datasets would otherwise take
+    them from the first shard alone (a column that is null there and text later fails to cast).
+    Written from the shards and the manifest's content only, so a rerun writes the same bytes."""
+    import yaml
+
     tensors = any("tensors" in s for s in manifest["shards"])
+    head = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data-*.jsonl"}]}]}
+    features = _features(where / s["file"] for s in manifest["shards"])
+    if features is not None:
+        head["dataset_info"] = {"features": features}
     lines = [
         "---",
-        "configs:",
-        "- config_name: default",
-        "  data_files:",
-        "  - split: train",
-        "    path: data-*.jsonl",
+        yaml.safe_dump(head, sort_keys=False).rstrip("\n"),
         "---",
         f"# s2d {kind} artifact",
         "",
         f"{manifest['num_records']} records in {len(manifest['shards'])} JSONL shards, listed with their counts and",
         "sha256 in manifest.json (the settings that made them are there too).",
         "",
-        "    import datasets",
+        "    import datasets                                      # pip install datasets",
         "    ds = datasets.load_dataset(\"DIR\", split=\"train\")",
-        "    records = s2d_cli.artifacts.read_records(\"DIR\")     # the same records, shards checked",
+        "    from s2d_cli.artifacts import read_records",
+        "    records = read_records(\"DIR\")                       # the same records, shards checked",
     ]
     if tensors:
         lines += ["", "Per-token top-K tensors are in `data-*.safetensors`, one per JSONL shard: `offsets` (int64,",
                   "records + 1) and flat `topk_ids` / `topk_logprobs` (record i owns rows offsets[i]:offsets[i+1]);",
                   "`s2d_cli.artifacts.iter_record_tensors(\"DIR\")` yields them record by record."]
     return "\n".join(lines) + "\n"
+
+
+def _features(files: Iterable[Path]) -> list | None:
+    """The columns of JSONL shards as a dataset card lists them (`datasets.Features` in YAML), the types
+    unified over every shard; None when Arrow cannot type them (a column holding a number in one record
+    and text in another): the card then names the files only."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    try:
+        schemas = [pj.read_json(f).schema for f in files if f.stat().st_size]
+        if not schemas:
+            return None
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+        return [{"name": f.name, **_feature(f.type)} for f in schema]
+    except (pa.ArrowException, ValueError, TypeError, OSError):
+        return None
+
+
+_DTYPES = {"double": "float64", "float": "float32", "halffloat": "float16"}
+
+
+def _feature(t) -> dict:
+    """One Arrow type as `datasets.Features._to_yaml_list` writes it (without importing datasets, which
+    takes seconds): {"dtype": "int64"}, {"list": "int64"}, {"struct": [...]}, {"list": [fields]}."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        return {"struct": [{"name": f.name, **_feature(f.type)} for f in t]}
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        inner = _feature(t.value_type)
+        value = inner[next(iter(inner))] if list(inner) in (["dtype"], ["struct"]) else inner
+        return {"large_list" if pa.types.is_large_list(t) else "list": value}
+    return {"dtype": _DTYPES.get(str(t), str(t))}
 
 
 def unreadable_tensors(tfile: Path, e: Exception) -> UsageError:
