@@ -174,7 +174,7 @@ class ArtifactWriter:
     """
 
     def __init__(self, out: str | Path, *, kind: str, config: dict[str, Any], num_shards: int,
-                 inputs: Sequence[str | Path | None] = (), force: bool = False, discard_stale: bool = False,
+                 inputs: Sequence[str | Path | None] = (), force: bool = False, nested: bool = False,
                  volatile: Sequence[str] = ("out", "force", "resume", "config", "workers")):
         self.kind = kind
         self.config = config
@@ -196,7 +196,7 @@ class ArtifactWriter:
             if src is not None and str(src) != "-" and Path(src).exists() and holds(self.out, Path(src)):
                 raise UsageError(f"--out {out}: is the input {src} (or holds it); choose another --out")
         self.staging = self.out.parent / f".{self.out.name}.partial"
-        if not force and self._finished():  # nothing to write: a finished output is read, even read-only
+        if (not force or nested) and self._finished():  # a finished output is read, even read-only
             self.complete = True
             print(f"{self.out}: already complete, nothing to do (--force redoes it)", file=sys.stderr)
             if try_lock(self.out):          # a writable place no live command is writing: tidy it
@@ -204,7 +204,7 @@ class ArtifactWriter:
             return
         lock_output(self.out)
         self._remove_leftovers()
-        self._prepare(force, discard_stale)
+        self._prepare(force, nested)
 
     # -- set-up and resume
     def _finished(self) -> bool:
@@ -247,24 +247,22 @@ class ArtifactWriter:
             pass
         return {}
 
-    def _prepare(self, force: bool, discard_stale: bool = False) -> None:
-        """`discard_stale`: an output nested in a run directory its trainer has already claimed for this
-        config (grpo's out/rollouts): the run's --force reaches it, so a staged or finished output of
-        another config there is removed instead of refused."""
-        force_other = force or discard_stale
+    def _prepare(self, force: bool, nested: bool = False) -> None:
+        """`nested`: an output inside a run directory that its trainer has already claimed for this config
+        (grpo's out/rollouts), and resumes from its checkpoints: the run's --force reaches the output (a
+        staged or finished output of another config there is removed) but never redoes a finished one of
+        this config, and a staged run that an older s2d left unmarked (killed in its commit) is this run's."""
         out, staging = self.out, self.staging
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out}: exists and is not a directory")
         if out.is_dir():
             manifest = out / MANIFEST
             if manifest.is_file():
-                if not force and self._finished():   # finished by a command that held the lock just before
+                if (not force or nested) and self._finished():   # finished by the command that held the lock
                     self.complete = True
                     self._remove_leftovers()
                     return
-                if discard_stale and not force:
-                    shutil.rmtree(out)
-                elif not force:
+                if not force:
                     old = read_manifest(out)
                     diff = _config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs)
                     raise UsageError(f"{out}: already holds a {old.get('kind')} artifact made with a different "
@@ -275,11 +273,14 @@ class ArtifactWriter:
         info = staging / STAGING_INFO
         if staging.exists():
             old = self._staged()
+            if nested and not old:
+                old = {"fingerprint": self.fingerprint, "num_shards": self.num_shards}
+                _write_atomic(info, json.dumps({**old, "kind": self.kind, "config": self.config}, default=str).encode())
             same = old.get("fingerprint") == self.fingerprint and old.get("num_shards") == self.num_shards
             # --force discards a partial run of another config; this command's own partial run resumes
             # (so "rerun the same command" resumes a killed --force run too), and one that never
             # finished a shard holds nothing to lose
-            if not same and (force_other or not any(staging.glob("data-*.jsonl"))):
+            if not same and (force or not any(staging.glob("data-*.jsonl"))):
                 shutil.rmtree(staging)
             elif not same:
                 diff = f" ({_config_diff(old['config'], self.config)})" if isinstance(old.get("config"), dict) else ""

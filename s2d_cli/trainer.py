@@ -776,6 +776,7 @@ class Trainer:
             _write_atomic(tmp / "trainer_state.json", json.dumps(state).encode())
             from .models import replace_dir
             replace_dir(tmp, final)
+        if self.acc.is_main_process:   # also after a skipped save: a kill may have cut the last pruning short
             for old in sorted(p for p in root.glob("step-*"))[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
