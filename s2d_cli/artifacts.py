@@ -7,11 +7,18 @@ An artifact is a directory:
       data-00000-of-00004.jsonl            one JSON record per line
       data-00000-of-00004.safetensors      optional per-token tensors, aligned record by record
       ...
+      README.md                            a dataset card: `datasets.load_dataset("out")` reads the shards
 
 Writing is staged in a sibling directory `.out.partial/`; every shard is written as `*.tmp` and
 renamed, so a killed run leaves only whole shards behind. A rerun of the same command (same config
 fingerprint) resumes: finished shards are kept and never redone. The manifest is written last and
-the staging directory is renamed to `out`. `--out -` streams JSONL to stdout instead (no resume).
+the staging directory is renamed to `out`; a kill at any instant of that commit is finished by the
+rerun (see `ArtifactWriter.commit`), and the rerun removes what the killed one left. `--out -`
+streams JSONL to stdout instead (no resume).
+
+Reading checks: every shard is hashed and counted as it streams and must match its manifest entry,
+whether the artifact is read (`read_records`, `iter_record_tensors`) or fingerprinted as an input
+(`input_entry`); an edited shard is refused in one line naming it.
 
 Per-token tensors of a shard are stored flat: `offsets` (int64, records + 1) and for each name a
 `[sum of record lengths, ...]` tensor; record i owns rows offsets[i]:offsets[i+1].
