@@ -42,7 +42,7 @@ from . import __version__
 from .errors import UsageError, located
 from .evalsets import BUNDLED, BUNDLED_DIR
 from .models import replace_dir
-from .outputs import _locks, lock_output, on_failure, release_locks, try_lock  # noqa: F401 - the writer's lock
+from .outputs import _locks, lock_output, on_failure, release_locks, try_lock, unlock  # noqa: F401
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -206,8 +206,11 @@ class ArtifactWriter:
         if (not force or nested) and self._finished():  # a finished output is read, even read-only
             self.complete = True
             print(f"{self.out}: already complete, nothing to do (--force redoes it)", file=sys.stderr)
+            held = os.path.realpath(self.out) in _locks
             if try_lock(self.out):          # a writable place no live command is writing: tidy it
                 self._remove_leftovers()
+                if not held:
+                    unlock(self.out)        # and let the next command have it at once
             return
         lock_output(self.out)
         self._remove_leftovers()

@@ -79,6 +79,19 @@ def try_lock(out: Path) -> bool:
         return False
 
 
+def unlock(out: Path) -> None:
+    """Drop the lock of one output before the command ends (a finished output, tidied: nothing to write)."""
+    held = _locks.pop(os.path.realpath(out), None)
+    if held is not None:
+        fd, lock = held
+        try:
+            lock.unlink(missing_ok=True)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def release_locks() -> None:
     """Drop the output locks this process holds (unlink first, so that no lock file is left behind)."""
     while _locks:

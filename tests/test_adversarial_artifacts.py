@@ -371,8 +371,7 @@ def test_the_next_run_of_an_output_removes_what_killed_runs_left(tmp_path):
     (staged.staging / "data-00000-of-00001.jsonl.tmp").write_text("half")
     artifacts.release_locks()
     assert ArtifactWriter(tmp_path / "a", kind="test", config=CONFIG, num_shards=1).complete
-    artifacts.release_locks()                                # as the command does when it ends
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]             # its lock released at once, too
     # ... but not while another live command holds the output's lock
     shutil_copy(out, old)
     artifacts.lock_output(tmp_path / "a")
