@@ -24,7 +24,7 @@ from pathlib import Path
 import typer
 
 from . import cliutil as cu
-from .artifacts import ArtifactWriter, check_shard_size, read_located, read_manifest, shard_slices
+from .artifacts import ArtifactWriter, check_shard_size, made_with, read_located, shard_slices
 from .config import resolve
 from .data import Example
 from .errors import UsageError
@@ -169,20 +169,9 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def _made_with(source: str) -> dict:
-    """The config of the rollout or eval that sampled `source`, following a verified artifact back to its
-    input; {} when that is unknown (a plain file, stdin)."""
-    path = Path(source) if source != "-" else None
-    for _ in range(4):
-        if path is None or not path.is_dir():
-            return {}
-        manifest = read_manifest(path) or {}
-        config = manifest.get("config") or {}
-        if "temperature" in config:
-            return config
-        inputs = manifest.get("inputs") or []
-        up = inputs[0].get("path") if inputs and isinstance(inputs[0], dict) else None
-        path = Path(up) if up and up != "-" else None
-    return {}
+    """How the records of `source` were sampled, from its own manifest only (`artifacts.made_with`): the
+    paths a manifest names are information, never followed; {} when unknown (a plain file, stdin)."""
+    return made_with(source) if source != "-" and Path(source).is_dir() else {}
 
 
 def build_config(protocol: str | None, config: str | None, sets: list[str] | None, flags: dict) -> EvalConfig:

@@ -275,8 +275,10 @@ def run(cfg: GRPOConfig):
         from .verify import warm_up_golds
         verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout,
                             warm_up=warm_up_golds(ex.answer for ex in examples if ex.answer is not None))
+    # the trainer has claimed the run directory for this config, --force included: that reaches out/rollouts
     writer = ArtifactWriter(trainer.out / "rollouts", kind="grpo-rollouts", config=asdict(cfg), volatile=VOLATILE,
-                            num_shards=cfg.steps) if (trainer.acc.is_main_process and cfg.rollouts is None) else None
+                            num_shards=cfg.steps, force=bool(cfg.force), nested=True) \
+        if (trainer.acc.is_main_process and cfg.rollouts is None) else None
     local_p = cfg.prompts_per_step // trainer.world
     encoded: dict = {}                                   # problem -> (rendered text, ids), once per run
 

@@ -26,11 +26,12 @@ distribution is taken over the first V = min(V_s, V_t) head rows (see `s2d_cli.c
 Step k takes the next --batch-size sequences of a seeded shuffle (epochs over the data), so a resumed
 run sees what an uninterrupted one would. --eval-rollouts R2 measures the mean per-token KL (CE for
 sampled) on held-out teacher sequences before training and at the end: manifest `heldout_kl_start`,
-`heldout_kl_end`. The teacher and student must share a tokenizer (`s2d_cli.compat`); the teacher named
-in the rollout artifact's manifest is checked when --teacher is not given. --teacher may also be the URL
-of a vLLM server (http://host:port/v1, as for `s2d opd`): its /tokenize endpoint is checked against the
-student's tokenizer on the records' prompts and its model name goes into the manifest; --targets full
-needs the teacher's whole distribution, which a server does not return, so it needs a checkpoint.
+`heldout_kl_end`. The teacher and student must share a tokenizer (`s2d_cli.compat`): --teacher is checked
+when given; the rollouts' recorded tokenizer digest always (the model a manifest names is never read).
+--teacher may also be the URL of a vLLM server (http://host:port/v1, as for `s2d opd`): its /tokenize
+endpoint is checked against the student's tokenizer on the records' prompts and its model name goes into
+the manifest; --targets full needs the teacher's whole distribution, which a server does not return, so it
+needs a checkpoint.
 
 Deliberately left out: reverse or mixed (JSD) objectives here (reverse KL lives in `s2d opd`), and
 sequence-level distillation tricks (no filtering or reweighting of teacher samples).
@@ -55,7 +56,6 @@ from .compat import (
     TeacherOpt,
     check_loaded_rows,
     check_pair,
-    check_tokenizers,
     embedding_rows,
     in_vocab_prefix,
     load_teacher,
@@ -199,13 +199,9 @@ def load_sequences(source: str, tokenizer, cfg: KLWarmupConfig, *, vocab: int, t
 
 
 def teacher_of(cfg: KLWarmupConfig) -> str | None:
-    """--teacher, else the model named in the rollout artifact's manifest when it is a local directory."""
-    if cfg.teacher:
-        return cfg.teacher
-    if cfg.rollouts == "-" or not Path(cfg.rollouts).is_dir():
-        return None
-    model = ((read_manifest(cfg.rollouts) or {}).get("config") or {}).get("model")
-    return model if model and Path(model, "config.json").is_file() else None
+    """--teacher, and only that: the model a rollout manifest names is information, never a path this
+    command reads (a manifest is data, and the directory it names may since hold another model)."""
+    return cfg.teacher or None
 
 
 def check_sampler(cfg: KLWarmupConfig, student_tok) -> None:
@@ -213,7 +209,6 @@ def check_sampler(cfg: KLWarmupConfig, student_tok) -> None:
     --teacher says: a rollout artifact records its tokenizer's digest, and the student's must match it
     (for the full target the KL is the --teacher's, checked in `check_pair`)."""
     from .compat import tokenizer_digest
-    from .models import load_tokenizer
 
     for src in (cfg.rollouts, cfg.eval_rollouts):
         if src is None or src == "-" or not Path(src).is_dir():
@@ -222,14 +217,9 @@ def check_sampler(cfg: KLWarmupConfig, student_tok) -> None:
         recorded = manifest.get("tokenizer")
         if recorded is None or recorded == tokenizer_digest(student_tok):
             continue
-        producer = (manifest.get("config") or {}).get("model")
-        if producer and Path(producer, "config.json").is_file():   # name the first difference
-            try:
-                check_tokenizers(student_tok, load_tokenizer(producer, trust_remote_code=cfg.trust_remote_code))
-            except UsageError as e:
-                raise UsageError(f"{src}: sampled by {producer}, whose tokenizer is not the student's: "
-                                 f"{str(e).replace('teacher', 'sampler')}") from None
-        raise UsageError(f"{src}: sampled with another tokenizer than the student's (digest {recorded}, the "
+        producer = (manifest.get("config") or {}).get("model")      # named, as information, never read
+        by = f" by {producer}" if isinstance(producer, str) and producer else ""
+        raise UsageError(f"{src}: sampled{by} with another tokenizer than the student's (digest {recorded}, the "
                          f"student's {tokenizer_digest(student_tok)}); its token ids are not the student's")
 
 

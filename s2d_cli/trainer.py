@@ -239,6 +239,17 @@ def _fingerprint_of(cfg_path: Path) -> str | None:
         return None
 
 
+def remove_leftovers(out: Path) -> None:
+    """What a killed run of this run directory left (its lock is held: no live command owns any of it):
+    half-written files (`metrics.jsonl.tmp`...), models and checkpoints saved under a temporary name and never renamed
+    (`.model.tmp-*`, `checkpoints/..step-N.tmp.tmp-*`, `checkpoints/.step-N.tmp`) and old copies a
+    rename moved aside (`.model.old-*`, `checkpoints/.step-N.old-*`)."""
+    for pattern in ("config.json.tmp", "metrics.jsonl.tmp", "manifest.json.tmp", ".write-test-*", ".model.tmp-*",
+                    ".model.old-*", "checkpoints/.step-*", "checkpoints/..step-*"):
+        for p in out.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
 def _metrics_step(line: str) -> float:
     """The step of one metrics.jsonl line; a blank or torn one (a write cut short) ranks past every step,
     so resuming drops it."""
@@ -405,6 +416,8 @@ class Trainer:
             lock_output(out)         # one command at a time writes a run directory
             cfg_path = out / "config.json"
             ours = _is_run_config(cfg_path)     # a model directory's config.json is not a partial run
+            if ours:
+                remove_leftovers(out)
             if cfg.force and out.exists() and (manifest.is_file() or not ours
                                                or _fingerprint_of(cfg_path) != self.fingerprint):
                 shutil.rmtree(out)       # --force keeps only a partial run of this very config: it resumes
@@ -488,9 +501,11 @@ class Trainer:
         from .models import save_checkpoint
 
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            root = self.out / "checkpoints"
-            final = root / f"step-{step:06d}"
+        root = self.out / "checkpoints"
+        final = root / f"step-{step:06d}"
+        # already there when resumed from this very checkpoint with nothing left to train (killed after
+        # it, before the manifest): rewriting it would only open a moment with no checkpoint at all
+        if self.acc.is_main_process and not (final / "trainer_state.json").is_file():
             tmp = root / f".step-{step:06d}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp)
@@ -503,6 +518,7 @@ class Trainer:
             _write_atomic(tmp / "trainer_state.json", json.dumps(state).encode())
             from .models import replace_dir
             replace_dir(tmp, final)
+        if self.acc.is_main_process:   # also after a skipped save: a kill may have cut the last pruning short
             for old in sorted(p for p in root.glob("step-*"))[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()

@@ -38,9 +38,9 @@ import pytest
 
 trl = pytest.importorskip("trl")
 
-import torch  # noqa: E402
-
 from types import SimpleNamespace  # noqa: E402
+
+import torch  # noqa: E402
 
 from s2d_cli import attention  # noqa: E402
 from s2d_cli.grpo import CLIP_DEFAULTS, GRPOConfig, policy_loss  # noqa: E402
