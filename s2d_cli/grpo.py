@@ -188,6 +188,23 @@ def check_stored(records: list[dict], source: str, vocab: int) -> None:
             raise UsageError(f"{where}: field 'reward': expected a finite number, got {r!r}")
 
 
+def function_reward(reward_fn, spec: str, rec: dict) -> float:
+    """`--reward module:function` on one record: a finite number (an int, a bool, a numpy or 0-d torch
+    number count), else an error naming the record. A NaN reward would make its group's advantages,
+    then every weight, NaN; an inf one, the same after the group's mean."""
+    r = reward_fn(rec["completion"], rec["answer"])
+    where = f"--reward {spec}: prompt {rec['id']!r} sample {rec['sample']}"
+    try:
+        x = float(r) if not isinstance(r, (str, bytes)) else None
+    except (TypeError, ValueError, RuntimeError):   # None, a list, a tensor of several numbers
+        x = None
+    if x is None:
+        raise UsageError(f"{where}: returned {type(r).__name__} {r!r:.60}; expected a finite number")
+    if not math.isfinite(x):
+        raise UsageError(f"{where}: returned {x}; expected a finite number")
+    return x
+
+
 # ----------------------------------------------------------------------------------------------
 
 def run(cfg: GRPOConfig):
@@ -268,7 +285,7 @@ def run(cfg: GRPOConfig):
             groups = engine.generate(ids, sampling_config(cfg, seed=seed, logprobs=True, n=cfg.group_size))
             records = completion_records(mine, texts, groups, cfg.model, logprobs=True, prompt_ids=ids)
             if reward_fn is not None:
-                rewards = [float(reward_fn(r["completion"], r["answer"])) for r in records]
+                rewards = [function_reward(reward_fn, cfg.reward, r) for r in records]
                 for r, x in zip(records, rewards):
                     r["reward"], r["correct"] = x, x > 0
             else:
