@@ -44,7 +44,7 @@ from .rollout import (
     check_sampling,
     completion_records,
     encode_examples,
-    load_prompts,
+    load_fitting_prompts,
     sampling_config,
 )
 from .trainer import VOLATILE, Batch, Sequence, Trainer, TrainFields
@@ -213,8 +213,9 @@ def run(cfg: GRPOConfig):
 
     reward_fn = load_reward_fn(cfg.reward)
     examples: list[Example] = []
+    skipped = 0                                          # prompts left out by long_prompts=skip
     if cfg.rollouts is None:
-        examples = load_prompts(cfg, require_answer=reward_fn is None)
+        examples, skipped = load_fitting_prompts(cfg, cfg.model, require_answer=reward_fn is None)
         if cfg.max_labels is not None:
             rng = random.Random(cfg.seed)
             order = list(range(len(examples)))
@@ -359,7 +360,8 @@ def run(cfg: GRPOConfig):
         if writer is not None:
             writer.commit()
         out = trainer.finish(extra={"labels_used": used, "max_labels": cfg.max_labels,
-                                    "rollouts": "rollouts" if writer is not None else None})
+                                    "rollouts": "rollouts" if writer is not None else None,
+                                    "skipped_long_prompts": skipped})
     finally:
         if verifier is not None:
             verifier.close()

@@ -60,7 +60,7 @@ from .rollout import (
     check_sampling,
     completion_records,
     encode_examples,
-    load_prompts,
+    load_fitting_prompts,
     sampling_config,
 )
 from .trainer import Batch, Sequence, Trainer, TrainFields, hidden_at
@@ -158,7 +158,7 @@ def full_loss(hidden_MH: torch.Tensor, weight_VH: torch.Tensor, teacher_hidden_M
 def run(cfg: OPDConfig):
     from .models import load_tokenizer
 
-    examples = load_prompts(cfg, require_answer=cfg.alpha > 0)
+    examples, skipped = load_fitting_prompts(cfg, cfg.student, require_answer=cfg.alpha > 0)
     if cfg.backend == "vllm":
         from .engines import vllm_available
 
@@ -279,7 +279,8 @@ def run(cfg: OPDConfig):
         trainer.fit(make_batch, loss_fn, after_update=after_update,
                     display=("reverse_kl", "accuracy", "loss") if has_answers else ("reverse_kl", "loss"))
         out = trainer.finish(extra={"loss": cfg.loss, "teacher": cfg.teacher, "vocab": vocab, "alpha": cfg.alpha,
-                                    "labels_used": used, "num_prompts": len(examples)})
+                                    "labels_used": used, "num_prompts": len(examples),
+                                    "skipped_long_prompts": skipped})
     finally:
         if verifier is not None:
             verifier.close()

@@ -173,7 +173,7 @@ def test_non_finite_and_out_of_range_numbers_are_refused(tiny_model_dir, sequenc
 def test_a_yaml_value_is_named_with_its_file(tiny_model_dir, sequences, tmp_path):
     (tmp_path / "stage.yaml").write_text("beta: .nan\n")
     result = s2d("grpo", "--model", tiny_model_dir, "--dataset", "toy", "--config", tmp_path / "stage.yaml",
-                 "--out", tmp_path / "out", ok=False)
+                 "--steps", 1, "--limit", 2, "--max-new-tokens", 2, "--out", tmp_path / "out", ok=False)
     assert one_line(result) == f"{tmp_path / 'stage.yaml'}: beta: expected a finite number >= 0, got nan"
 
 
@@ -379,3 +379,103 @@ def test_run_config_diff_by_hand():
     assert run_config_diff({**old, "resume": True}, old, [{"path": "d", "sha256": "x"}],
                            [{"path": "d", "sha256": "y"}]) == "input d changed since"
     assert run_config_diff(old, old, None, None) == "a different command"
+
+
+# ------------------------------------------------------------------------------------------------
+# item 5: prompts longer than the model's context
+
+CONTEXT, MAX_NEW = 64, 8          # room for a prompt: 56 tokens
+
+
+@pytest.fixture(scope="module")
+def short_context_model(tmp_path_factory, tokenizer_dir) -> Path:
+    from s2d_cli.models import build_tiny_model, load_tokenizer
+
+    return build_tiny_model(tmp_path_factory.mktemp("ctx") / "m", tokenizer=load_tokenizer(str(tokenizer_dir)),
+                            max_position_embeddings=CONTEXT)
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    """Prompts of 21, 61 and 56 tokens with chat=plain and no instruction: digits are split one by one
+    and the rendered prompt is the problem plus a newline (one token)."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "problem": "7" * k, "answer": "7"}) + "\n"
+                            for i, k in (("a", 20), ("b", 60), ("c", 55))))
+    return path
+
+
+PLAIN = ["--set", "chat=plain", "--set", "instruction=", "--max-new-tokens", MAX_NEW]
+
+
+def test_the_prompt_lengths_are_what_the_tokenizer_says(short_context_model):
+    from s2d_cli.models import load_tokenizer
+
+    tok = load_tokenizer(str(short_context_model))
+    assert [len(tok("7" * k + "\n")["input_ids"]) for k in (20, 60, 55)] == [21, 61, 56]
+
+
+@pytest.mark.parametrize("command", ["rollout", "eval", "grpo", "opd"])
+def test_a_prompt_longer_than_the_context_is_refused_naming_it(short_context_model, prompts, tmp_path, command):
+    model = str(short_context_model)
+    args = {"rollout": ["rollout", "--model", model], "eval": ["eval", "--model", model],
+            "grpo": ["grpo", "--model", model, "--steps", 1, "-G", 2, "-P", 1],
+            "opd": ["opd", "--student", model, "--teacher", model, "--steps", 1, "--n", 1, "-P", 1]}[command]
+    out = tmp_path / "out"
+    message = one_line(s2d(*args, "--dataset", prompts, *PLAIN, "--out", out, ok=False))
+    assert message == (f"{prompts}: prompt 'b' is 61 tokens; the model's 64-position context minus max_new_tokens 8 "
+                       "leaves 56 (shorten it, lower --max-new-tokens, or --set long_prompts=skip)")
+    assert not out.exists()
+
+
+def test_long_prompts_skip_leaves_them_out_and_counts_them(short_context_model, prompts, tmp_path):
+    from s2d_cli.artifacts import read_records
+
+    out = tmp_path / "out"
+    result = s2d("rollout", "--model", short_context_model, "--dataset", prompts, *PLAIN, "--set",
+                 "long_prompts=skip", "--out", out)
+    assert f"{prompts}: left out 1 of 3 prompts longer than 56 tokens" in " ".join(result.stderr.split())
+    assert [r["id"] for r in read_records(out)] == ["a", "c"]      # c: exactly the 56 tokens there is room for
+    assert json.loads((out / "manifest.json").read_text())["skipped_long_prompts"] == 1
+    run = tmp_path / "grpo"
+    s2d("grpo", "--model", short_context_model, "--dataset", prompts, *PLAIN, "--set", "long_prompts=skip",
+        "--steps", 1, "-G", 2, "-P", 1, "--backend", "hf", "--out", run)
+    assert json.loads((run / "manifest.json").read_text())["skipped_long_prompts"] == 1
+
+
+def test_a_huge_prompt_is_refused_before_it_is_rendered_or_tokenized(short_context_model, tmp_path, monkeypatch):
+    """6 MB of text: the bound by characters refuses it (the message counts characters, not tokens), and
+    neither the chat template nor the tokenizer ever sees it."""
+    from s2d_cli import rollout
+
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps({"id": "short", "problem": "1 + 1"}) + "\n"
+                    + json.dumps({"id": "huge", "problem": "x" * 6_000_000}) + "\n")
+    render = rollout.render_prompt
+
+    def small_only(tokenizer, problem, **kw):
+        assert len(problem) < 1000, "a huge prompt was rendered"
+        return render(tokenizer, problem, **kw)
+
+    monkeypatch.setattr(rollout, "render_prompt", small_only)
+    message = one_line(s2d("rollout", "--model", short_context_model, "--dataset", path, "--max-new-tokens", MAX_NEW,
+                           "--out", tmp_path / "out", ok=False))
+    assert message.startswith(f"{path}: prompt 'huge' is 6,000,000 characters, more than 56 tokens hold; "), message
+
+
+def test_kl_warmup_refuses_or_skips_a_sequence_longer_than_the_context(short_context_model, tmp_path):
+    seqs = tmp_path / "seqs.jsonl"
+    seqs.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"prompt_ids": [5] * 10, "completion_ids": [6] * 10},
+        {"prompt_ids": [5] * 40, "completion_ids": [6] * 30},          # 70 tokens > 64
+        {"prompt_ids": [5] * 32, "completion_ids": [6] * 32},          # exactly 64: fits
+        {"prompt": "x" * 6_000_000, "completion": "1"})))            # refused by its characters
+    run = tmp_path / "run"
+    message = one_line(kl_warmup(short_context_model, seqs, run, "--steps", 1, ok=False))
+    assert message == (f"{seqs}: record 2: prompt + completion is 70 tokens, longer than the model's 64-position "
+                       "context (shorten it, or --set long_prompts=skip)")
+    seqs.write_text("".join(line + "\n" for i, line in enumerate(seqs.read_text().splitlines()) if i != 1))
+    message = one_line(kl_warmup(short_context_model, seqs, run, "--steps", 1, ok=False))
+    assert message.startswith(f"{seqs}: record 3: prompt + completion is more than 64 tokens")
+    kl_warmup(short_context_model, seqs, run, "--steps", 1, "--set", "long_prompts=skip")
+    assert json.loads((run / "manifest.json").read_text())["skipped_long_prompts"] == 1
