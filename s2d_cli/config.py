@@ -88,6 +88,8 @@ class Range:
                 and (x < self.hi if self.hi_open else x <= self.hi))
 
     def __str__(self) -> str:
+        if self.lo == -math.inf and self.hi == math.inf:
+            return ""
         if self.hi == math.inf:
             return f"{'>' if self.lo_open else '>='} {self.lo:g}"
         return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
@@ -150,7 +152,7 @@ def check_float_ranges(cfg: Any, sources: dict[str, str] | None = None) -> None:
             where = (sources or {}).get(f.name, "defaults")
             name = f"--{f.name.replace('_', '-')}" if where == "flag" else \
                 f.name if where == "defaults" else f"{where}: {f.name}"
-            raise UsageError(f"{name}: expected a finite number {rng}, got {value}")
+            raise UsageError(f"{name}: expected a finite number{f' {rng}' if str(rng) else ''}, got {value}")
 
 
 def check_out_path(cfg: Any) -> None:
