@@ -6,6 +6,7 @@ traceback).
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -62,6 +63,7 @@ def execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
 
 
 def _execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
+    cfg = None
     try:
         quiet_libraries()
         cfg = build_config()
@@ -84,6 +86,13 @@ def _execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
         raise
     except Exception as e:
         undo_failed()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):   # a full disk: say where
+            out = getattr(cfg, "out", None) if cfg is not None else None
+            # a failed write() names no file: it was the output the command was writing, stdout for '-'
+            where = e.filename or ("<stdout>" if out in (None, "-") else out)
+            if where == "<stdout>":               # the exit's own flush would fail again, with a traceback
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            fail(f"{where}: {e.strerror} (errno {e.errno}); free some space or write elsewhere", 1)
         if os.environ.get("S2D_DEBUG"):
             raise
         first = (str(e).splitlines() or [""])[0][:300]

@@ -35,7 +35,7 @@ from .rollout import (
     check_sampling,
     completion_records,
     encode_examples,
-    load_prompts,
+    load_fitting_prompts,
     open_engine,
     sampling_config,
 )
@@ -125,8 +125,8 @@ def run(cfg: EvalConfig) -> dict:
         check_golds(inputs, cfg.rollouts, where)
         slices = shard_slices(len(inputs), cfg.shard_size * 16)
     else:
-        inputs = load_prompts(cfg, require_answer=True)
         check_model_ref(cfg.model)
+        inputs, skipped = load_fitting_prompts(cfg, cfg.model, require_answer=True)
         slices = shard_slices(len(inputs), cfg.shard_size)
     writer = None
     if cfg.out is not None:
@@ -154,6 +154,8 @@ def run(cfg: EvalConfig) -> dict:
     metrics = summarize(records, dataset=dataset, model=model)
     if cfg.protocol:
         metrics["protocol"] = cfg.protocol
+    if cfg.rollouts is None and skipped:      # long_prompts=skip: these prompts are not in the accuracy
+        metrics["skipped_long_prompts"] = skipped
     # re-scored rollouts were sampled as their rollout's manifest says (unknown for a bare file), not
     # with this command's defaults
     metrics["sampling"] = ({k: made[k] for k in keys if k in made} or None) if cfg.rollouts is not None \
@@ -163,7 +165,8 @@ def run(cfg: EvalConfig) -> dict:
         print(json.dumps(metrics, indent=2))
         return metrics
     writer.write_file("metrics.json", metrics)
-    writer.commit(extra={"accuracy": metrics["accuracy"], "num_prompts": metrics["num_prompts"]})
+    writer.commit(extra={"accuracy": metrics["accuracy"], "num_prompts": metrics["num_prompts"],
+                         "skipped_long_prompts": metrics.get("skipped_long_prompts", 0)})
     print(cfg.out)
     return metrics
 

@@ -51,7 +51,7 @@ from .rollout import (
     check_sampling,
     completion_records,
     encode_examples,
-    load_prompts,
+    load_fitting_prompts,
     sampling_config,
 )
 from .trainer import VOLATILE, Batch, Sequence, Trainer, TrainFields
@@ -216,6 +216,23 @@ def check_stored(records: list[dict], source: str, vocab: int) -> None:
             raise UsageError(f"{where}: field 'reward': expected a finite number, got {r!r}")
 
 
+def function_reward(reward_fn, spec: str, rec: dict) -> float:
+    """`--reward module:function` on one record: a finite number (an int, a bool, a numpy or 0-d torch
+    number count), else an error naming the record. A NaN reward would make its group's advantages,
+    then every weight, NaN; an inf one, the same after the group's mean."""
+    r = reward_fn(rec["completion"], rec["answer"])
+    where = f"--reward {spec}: prompt {rec['id']!r} sample {rec['sample']}"
+    try:
+        x = float(r) if not isinstance(r, (str, bytes)) else None
+    except (TypeError, ValueError, RuntimeError):   # None, a list, a tensor of several numbers
+        x = None
+    if x is None:
+        raise UsageError(f"{where}: returned {type(r).__name__} {r!r:.60}; expected a finite number")
+    if not math.isfinite(x):
+        raise UsageError(f"{where}: returned {x}; expected a finite number")
+    return x
+
+
 # ----------------------------------------------------------------------------------------------
 
 def run(cfg: GRPOConfig):
@@ -224,8 +241,9 @@ def run(cfg: GRPOConfig):
 
     reward_fn = load_reward_fn(cfg.reward)
     examples: list[Example] = []
+    skipped = 0                                          # prompts left out by long_prompts=skip
     if cfg.rollouts is None:
-        examples = load_prompts(cfg, require_answer=reward_fn is None)
+        examples, skipped = load_fitting_prompts(cfg, cfg.model, require_answer=reward_fn is None)
         if cfg.max_labels is not None:
             rng = random.Random(cfg.seed)
             order = list(range(len(examples)))
@@ -298,7 +316,7 @@ def run(cfg: GRPOConfig):
             groups = engine.generate(ids, sampling_config(cfg, seed=seed, logprobs=True, n=cfg.group_size))
             records = completion_records(mine, texts, groups, cfg.model, logprobs=True, prompt_ids=ids)
             if reward_fn is not None:
-                rewards = [float(reward_fn(r["completion"], r["answer"])) for r in records]
+                rewards = [function_reward(reward_fn, cfg.reward, r) for r in records]
                 for r, x in zip(records, rewards):
                     r["reward"], r["correct"] = x, x > 0
             else:
@@ -370,7 +388,8 @@ def run(cfg: GRPOConfig):
         if writer is not None:
             writer.commit()
         out = trainer.finish(extra={"labels_used": used, "max_labels": cfg.max_labels,
-                                    "rollouts": "rollouts" if writer is not None else None})
+                                    "rollouts": "rollouts" if writer is not None else None,
+                                    "skipped_long_prompts": skipped})
     finally:
         if verifier is not None:
             verifier.close()

@@ -85,6 +85,9 @@ class KLWarmupConfig(TrainFields):
     instruction: str = DEFAULT_INSTRUCTION  # records with `problem`: appended to it (as in s2d rollout)
     enable_thinking: bool | None = None  # records with `problem`: Qwen3 thinking mode (None: template default)
     allow_vocab_size_mismatch: bool = False  # teacher/student embedding rows may differ (tokenizers must agree)
+    # a record whose prompt + completion is longer than the models' context: "error" refuses it naming
+    # the record, "skip" leaves it out and counts it (stderr, and skipped_long_prompts in the manifest)
+    long_prompts: str = "error"
     lr: float = 1e-5
 
     def validate(self) -> None:
@@ -109,6 +112,8 @@ class KLWarmupConfig(TrainFields):
                              "use --targets full for another temperature")
         if self.chat not in ("auto", "chat", "plain"):
             raise UsageError(f"--chat: expected auto, chat or plain, got {self.chat!r}")
+        if self.long_prompts not in ("error", "skip"):
+            raise UsageError(f"long_prompts: expected error or skip, got {self.long_prompts!r}")
         self.check_training()
 
 
@@ -162,20 +167,55 @@ def record_ids(rec: dict, tokenizer, cfg: KLWarmupConfig, where: str,
     return prompt_ids, completion_ids
 
 
+def _length_at_least(rec: dict, chars_per_token: int) -> tuple[int, bool]:
+    """A lower bound on a record's prompt + completion tokens without tokenizing, and whether it is
+    exact: ids count one each, text at most `chars_per_token` characters a token
+    (`rollout.max_chars_per_token`)."""
+    n, exact = 0, True
+    for ids, text in (("prompt_ids", ("prompt", "problem")), ("completion_ids", ("completion",))):
+        value = rec.get(ids)
+        if isinstance(value, list):
+            n += len(value)
+        else:
+            field = next((f for f in text if isinstance(rec.get(f), str)), None)
+            n += len(rec[field]) // chars_per_token if field else 0
+            exact = False
+    return n, exact
+
+
 def load_sequences(source: str, tokenizer, cfg: KLWarmupConfig, *, vocab: int, topk: bool,
-                   rows: int | None = None) -> list[Sequence]:
+                   rows: int | None = None, context: int | None = None,
+                   stats: dict | None = None) -> list[Sequence]:
     """Training sequences from teacher records, with the stored top-K as per-token data when `topk`.
 
     A completion is cut at the first position holding an id >= vocab (the rows both heads share); with
     matching heads that never happens. An id >= `rows` (the larger head's rows) is an error: neither
-    model has such a token, so the record is not what a model sampled."""
+    model has such a token, so the record is not what a model sampled. A record longer than `context`
+    tokens is an error naming it, or left out (`long_prompts: skip`, counted in
+    `stats["skipped_long_prompts"]`); a huge one is caught by its characters, before tokenizing."""
+    from .rollout import max_chars_per_token
+
     name = "<stdin>" if source == "-" else source
     records = read_records(source)
     tensors = iter_record_tensors(source) if topk else itertools.repeat(None)
-    seqs = []
+    chars = max_chars_per_token(tokenizer) if context is not None else 1
+    seqs, skipped = [], 0
     for i, (rec, t) in enumerate(zip(records, tensors)):
         where = f"{name}: record {i + 1}"
-        prompt_ids, completion_ids = record_ids(rec, tokenizer, cfg, where, rows)
+        size = None
+        at_least, exact = _length_at_least(rec, chars) if context is not None else (0, False)
+        if context is not None and at_least > context:
+            size = f"{at_least:,} tokens" if exact else f"more than {context:,} tokens"
+        else:
+            prompt_ids, completion_ids = record_ids(rec, tokenizer, cfg, where, rows)
+            if context is not None and len(prompt_ids) + len(completion_ids) > context:
+                size = f"{len(prompt_ids) + len(completion_ids):,} tokens"
+        if size is not None:
+            if cfg.long_prompts == "error":
+                raise UsageError(f"{where}: prompt + completion is {size}, longer than the model's {context:,}-"
+                                 "position context (shorten it, or --set long_prompts=skip)")
+            skipped += 1
+            continue
         if max(prompt_ids) >= vocab:
             raise UsageError(f"{where}: prompt token id {max(prompt_ids)} is past the {vocab} shared head rows")
         end = in_vocab_prefix(completion_ids, vocab)
@@ -193,8 +233,14 @@ def load_sequences(source: str, tokenizer, cfg: KLWarmupConfig, *, vocab: int, t
             s.token_data["topk_ids"] = t["topk_ids"][:end]        # int32 as stored: half of int64's memory
             s.token_data["topk_logp"] = t["topk_logprobs"][:end].float()
         seqs.append(s)
+    if skipped:
+        cu.console.print(f"[yellow]{name}: left out {skipped} of {len(records)} records longer than the "
+                         f"{context:,}-position context (long_prompts=skip)[/]")
+    if stats is not None:
+        stats["skipped_long_prompts"] = stats.get("skipped_long_prompts", 0) + skipped
     if not seqs:
-        raise UsageError(f"{name}: no record has a non-empty completion")
+        raise UsageError(f"{name}: no record has a non-empty completion"
+                         + (" that fits the model's context" if skipped else ""))
     return seqs
 
 
@@ -279,8 +325,13 @@ def run(cfg: KLWarmupConfig):
     else:
         vocab = student_rows = rows = embedding_rows(cfg.student, trust_remote_code=cfg.trust_remote_code)
     topk = cfg.targets == "topk"
-    data = load_sequences(cfg.rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows)
-    heldout = (load_sequences(cfg.eval_rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows)
+    from .rollout import model_context
+
+    contexts = [model_context(m, trust_remote_code=cfg.trust_remote_code) for m in (cfg.student, teacher_ref) if m]
+    context = min((c for c in contexts if c is not None), default=None)
+    stats: dict = {}
+    data = load_sequences(cfg.rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows, context=context, stats=stats)
+    heldout = (load_sequences(cfg.eval_rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows, context=context)
                if cfg.eval_rollouts else None)
     server_info = None
     if served:
@@ -360,7 +411,8 @@ def run(cfg: KLWarmupConfig):
         "targets": cfg.targets, "teacher": teacher_ref, "vocab": vocab, "num_sequences": len(data),
         "epochs": cfg.steps * cfg.batch_size / len(data), "labels_used": 0,
         "heldout_metric": metric if heldout is not None else None, "heldout_sequences": len(heldout or []),
-        "heldout_kl_start": heldout_start, "heldout_kl_end": heldout_end, "teacher_server": server_info})
+        "heldout_kl_start": heldout_start, "heldout_kl_end": heldout_end, "teacher_server": server_info,
+        "skipped_long_prompts": stats.get("skipped_long_prompts", 0)})
     if heldout is not None and trainer.acc.is_main_process:
         start = "unknown" if heldout_start is None else f"{heldout_start:.4f}"
         cu.console.print(f"held-out {metric}: {start} -> {heldout_end:.4f}")

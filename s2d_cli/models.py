@@ -57,9 +57,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) 
 def check_model_ref(name: str, *, expect: tuple[str, ...] = ("config.json",)) -> str:
     """A local directory must exist and hold one of `expect`; anything shaped like a hub id passes through."""
     path = Path(name).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:             # a symlink loop, a name too long
+        raise UsageError(f"{name}: cannot read it ({e.strerror})") from None
+    if exists:
         if not path.is_dir() or not any((path / f).exists() for f in expect):
             raise UsageError(f"{name}: not a model directory (expected {' or '.join(expect)} inside)")
+        check_weight_files(path)
         return str(path)
     looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") != 1
     if looks_local:
@@ -67,15 +72,52 @@ def check_model_ref(name: str, *, expect: tuple[str, ...] = ("config.json",)) ->
     return name  # hub id such as "Qwen/Qwen3-1.7B"
 
 
+def check_weight_files(path: Path) -> None:
+    """Every safetensors file of a model directory has a whole header (a truncated copy, an HTML error
+    page or random bytes saved as model.safetensors fail here, naming the file, instead of deep inside
+    transformers), and every shard its index lists is there. Reads headers only: milliseconds."""
+    from safetensors import SafetensorError, safe_open
+
+    from .artifacts import unreadable_tensors
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"{index}: not a valid safetensors index ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:100]})") from None
+        for shard in shards:
+            if not (path / str(shard)).is_file():
+                raise UsageError(f"{path / str(shard)}: missing (listed in {index.name})")
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as e:
+            raise unreadable_tensors(f, e) from None
+
+
+# files a tokenizer is loaded from; a model directory with none of them has no tokenizer (transformers
+# would build an empty one from config.json's model type, which encodes every prompt to no tokens)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     # a checkpoint, or a tokenizer saved on its own (make-tiny --tokenizer, the test fixtures)
     ref = check_model_ref(name, expect=("config.json", "tokenizer_config.json", "tokenizer.json"))
+    if Path(ref).is_dir() and not any((Path(ref) / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(f"{name}: no tokenizer files (expected tokenizer.json or tokenizer_config.json "
+                         "inside); copy them from the model this one was trained from")
     try:
         tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:       # ValueError: no tokenizer file of a kind it knows
         raise UsageError(f"{name}: could not load tokenizer ({(str(e).strip().splitlines() or [''])[0]})") from None
+    if not tok("1 a", add_special_tokens=False)["input_ids"]:
+        raise UsageError(f"{name}: its tokenizer encodes text to no tokens (tokenizer files incomplete?)")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -104,6 +146,7 @@ def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | to
     """A causal LM from a local directory or hub id, safetensors only, in eval mode on `device`, with
     transformers' default attention unless `attn_implementation` names one ("sdpa", "eager",
     "flash_attention_2", ...)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     ref = check_model_ref(name)
@@ -115,6 +158,8 @@ def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | to
             trust_remote_code=trust_remote_code, **extra)
     except OSError as e:
         raise UsageError(f"{name}: could not load model ({str(e).splitlines()[0]})") from e
+    except SafetensorError as e:             # a weights file that changed since check_model_ref read it
+        raise UsageError(f"{name}: could not load model ({(str(e).splitlines() or [''])[0]})") from None
     except (ImportError, ValueError) as e:       # e.g. a model type without flash-attention support
         first = (str(e).strip().splitlines() or [""])[0]
         if attn_implementation and any(w in first.lower() for w in ("attention", "attn")):

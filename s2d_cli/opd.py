@@ -70,7 +70,7 @@ from .rollout import (
     check_sampling,
     completion_records,
     encode_examples,
-    load_prompts,
+    load_fitting_prompts,
     sampling_config,
 )
 from .served_teacher import TOKENIZER_PROBES, ServedTeacher, is_served
@@ -188,7 +188,7 @@ def full_loss(hidden_MH: torch.Tensor, weight_VH: torch.Tensor, teacher_hidden_M
 def run(cfg: OPDConfig):
     from .models import load_tokenizer
 
-    examples = load_prompts(cfg, require_answer=cfg.alpha > 0)
+    examples, skipped = load_fitting_prompts(cfg, cfg.student, require_answer=cfg.alpha > 0)
     if cfg.backend == "vllm":
         from .engines import vllm_available
 
@@ -343,7 +343,7 @@ def run(cfg: OPDConfig):
         out = trainer.finish(extra={"loss": cfg.loss, "teacher": cfg.teacher, "vocab": vocab, "alpha": cfg.alpha,
                                     "labels_used": used, "num_prompts": len(examples),
                                     "topk_support": support if cfg.loss == "topk" else None,
-                                    "teacher_server": server_info})
+                                    "teacher_server": server_info, "skipped_long_prompts": skipped})
     finally:
         if verifier is not None:
             verifier.close()

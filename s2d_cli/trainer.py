@@ -63,7 +63,7 @@ from torch import nn
 
 from . import __version__
 from . import cliutil as cu
-from .artifacts import MANIFEST, _config_diff, _write_atomic, fingerprint, holds, input_entry, read_manifest
+from .artifacts import MANIFEST, _write_atomic, fingerprint, holds, input_entry, read_manifest
 from .batching import (  # noqa: F401  (re-exported: the loss functions' and tests' names)
     LAYOUTS,
     Batch,
@@ -114,8 +114,6 @@ class TrainFields:
     def check_training(self) -> None:
         if self.steps < 1:
             raise UsageError(f"--steps: expected >= 1, got {self.steps}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr: expected > 0, got {self.lr}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"lr_schedule: expected constant or cosine, got {self.lr_schedule!r}")
         if self.micro_batch_tokens < 8:
@@ -123,13 +121,7 @@ class TrainFields:
         for key, low in (("chunk_size", 1), ("save_every", 0), ("keep_checkpoints", 1), ("warmup_steps", 0)):
             if getattr(self, key) < low:
                 raise UsageError(f"{key}: expected >= {low}, got {getattr(self, key)}")
-        for key in ("weight_decay", "max_grad_norm"):
-            if not getattr(self, key) >= 0:
-                raise UsageError(f"{key}: expected >= 0, got {getattr(self, key)}")
-        for key in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
-            if not 0 <= getattr(self, key) < 1 + (key == "min_lr_ratio"):
-                raise UsageError(f"{key}: expected a value in [0, 1{']' if key == 'min_lr_ratio' else ')'}, "
-                                 f"got {getattr(self, key)}")
+        # float keys (lr, betas, weight decay ...): config.FLOAT_RANGES, checked as the config resolves
         from .models import resolve_dtype
         resolve_dtype(self.dtype, torch.device("cpu"))   # a bad name fails before the run directory is made
         from .models import check_attn_implementation
@@ -281,6 +273,21 @@ VOLATILE = ("out", "force", "resume", "config", "workers", "save_every", "keep_c
             "wandb_project", "attn_implementation")
 
 
+def run_config_diff(old: dict, new: dict, old_inputs: list[dict] | None, new_inputs: list[dict] | None,
+                    volatile: tuple[str, ...] = VOLATILE) -> str:
+    """What makes a run directory's recorded config another run, for its refusal message: every key that
+    differs (settings in `volatile` never do: `--resume` is no change), `steps` first since more steps is
+    the usual one, then inputs whose content changed. E.g. "steps: 2 -> 3, lr: 1e-05 -> 0.0001"."""
+    keys = sorted((k for k in set(old) | set(new) if k not in volatile and old.get(k) != new.get(k)),
+                  key=lambda k: (k != "steps", k))
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]]
+    if len(keys) > 4:
+        parts.append(f"{len(keys) - 4} more: {', '.join(keys[4:])}")
+    parts += [f"input {n.get('path')} changed since" for o, n in zip(old_inputs or [], new_inputs or [])
+              if o.get("sha256") != n.get("sha256")][:1]
+    return ", ".join(parts) or "a different command"
+
+
 class Trainer:
     def __init__(self, cfg: TrainFields, *, model: str, out: str, kind: str, config: dict[str, Any],
                  inputs: list[str | None] = (), volatile: tuple[str, ...] = None):
@@ -289,7 +296,7 @@ class Trainer:
 
         from .models import check_plain_head, load_model, load_tokenizer, resolve_dtype
 
-        self.cfg, self.kind, self.config = cfg, kind, config
+        self.cfg, self.kind, self.config, self.volatile = cfg, kind, config, volatile
         self.out = Path(out)
         # the model and data it starts from are inputs: a rerun after either changed is not this run
         self.inputs = [input_entry(p) for p in (model, *inputs)]
@@ -402,9 +409,12 @@ class Trainer:
             if old.get("fingerprint") == self.fingerprint and not cfg.force:
                 return True
             if not cfg.force:
-                diff = _config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs)
+                diff = run_config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs,
+                                       self.volatile)
+                flag = "--model" if self.kind == "grpo" else "--student"
                 raise UsageError(f"{out}: holds a finished {old.get('kind')} run with a different config "
-                                 f"({diff}); use --force or another --out")
+                                 f"({diff}); to train on from it, start a new --out with {flag} {out}/model "
+                                 "(--force replaces the finished run)")
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out}: exists and is not a directory")
         from .artifacts import lock_output
@@ -421,12 +431,15 @@ class Trainer:
             if cfg.force and out.exists() and (manifest.is_file() or not ours
                                                or _fingerprint_of(cfg_path) != self.fingerprint):
                 shutil.rmtree(out)       # --force keeps only a partial run of this very config: it resumes
+                ours = False             # gone: nothing below may look at (or remove) it again
             if ours and _fingerprint_of(cfg_path) != self.fingerprint:
                 if self._latest_checkpoint() is not None:
                     old = json.loads(cfg_path.read_text())
-                    diff = _config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs)
+                    diff = run_config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs,
+                                           self.volatile)
                     raise UsageError(f"{out}: a partial run with a different config is there ({diff}); "
-                                     "use --force")
+                                     "rerun it with its own config to resume it, or use --force (it starts "
+                                     "over) or another --out")
                 shutil.rmtree(out)       # a partial run with no checkpoint has nothing to lose: it makes way
             if not out.exists():
                 cu.on_failure(self._discard_unstarted)
@@ -593,7 +606,7 @@ class Trainer:
                     self._store_old_logprobs(micro)
                 self.lm.train()
                 sums: dict[str, float] = {}
-                grad_norm = 0.0
+                grad_norm = worst_norm = 0.0     # worst: NaN if any epoch's was (torch.maximum keeps NaN)
                 for epoch in range(update_epochs):
                     info = StepInfo(step, epoch, self.world, max(n_seq, 1e-8), max(n_tok, 1e-8))
                     for i, mb in enumerate(micro):
@@ -617,6 +630,8 @@ class Trainer:
                                 [p.grad for p in self.policy.parameters() if p.grad is not None])
                         self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    worst_norm = grad_norm if epoch == 0 else torch.maximum(torch.as_tensor(worst_norm),
+                                                                           torch.as_tensor(grad_norm))
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
                 if after_update is not None:
@@ -624,8 +639,9 @@ class Trainer:
                 keys = sorted(sums)
                 local_tok = sum(metric_tokens(mb) for mb in micro)
                 computed = sum(mb.input_ids.numel() for mb in micro)      # padding and shared prompts included
-                *host, grad_norm = _host_floats([sums[k] for k in keys] + [grad_norm])
+                *host, grad_norm, worst_norm = _host_floats([sums[k] for k in keys] + [grad_norm, worst_norm])
                 *totals, tok_total, computed = self.all_sum(host + [local_tok, computed])
+                self._stop_if_not_finite(step, dict(zip(keys, totals)).get("loss", 0.0), worst_norm)
                 tok_total = max(tok_total, 1.0)
                 dt = time.perf_counter() - t0
                 metrics = {"step": step + 1}
@@ -641,6 +657,21 @@ class Trainer:
                     bar.update(task, advance=1, description=f"{self.kind} {shown}")
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                     self.save_checkpoint(step + 1)
+
+    def _stop_if_not_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        """A step whose loss or gradient norm is NaN or inf has already stepped the weights to garbage:
+        stop before that step is logged or saved, so no checkpoint and no model/ ever holds such weights
+        and the newest checkpoint (written after a good step) is where a rerun resumes. Every process
+        sees the same global numbers, so every process stops."""
+        bad = next(((name, v) for name, v in (("loss", loss), ("gradient norm", grad_norm))
+                    if not math.isfinite(v)), None)
+        if bad is None:
+            return
+        ckpt = self._latest_checkpoint()
+        kept = (f"{self.out} keeps its last good checkpoint {ckpt.name} (rerun to resume from it)" if ckpt
+                else "no checkpoint was written yet")
+        raise UsageError(f"step {step + 1}: {bad[0]} is {bad[1]}, not finite: training stopped, nothing of this "
+                         f"step saved; {kept}. Lower --lr, keep max_grad_norm > 0, or check the data and rewards")
 
     def _master_step(self) -> torch.Tensor:
         """One optimizer step on the fp32 masters: the model's half-precision gradients (already reduced
