@@ -297,7 +297,7 @@ def test_fsdp_kl_warmup_two_processes_match_one(tiny_model_dir, tokenizer_dir, f
     m1, m2 = metrics(one), metrics(two)
     for key in ("loss", "forward_kl", "grad_norm"):
         assert [m[key] for m in m2] == pytest.approx([m[key] for m in m1], rel=1e-5), key
-    assert m1[0]["forward_kl"] > 0.1               # two different random models: the KL is far from 0
+    assert m1[0]["forward_kl"] > 0.01              # two different random models (measured 0.025), not 0
     assert update_gap(tiny_model_dir, one, two) < 1e-3
     assert_plain_hf_checkpoint(two, tiny_model_dir)
 
