@@ -320,7 +320,9 @@ class Trainer:
                                        | {"_inputs": [e.get("sha256") for e in self.inputs]})
         cuda = torch.cuda.is_available()
         self.acc = Accelerator(cpu=not cuda)
-        self.device = self.acc.device
+        # plain "cpu": under an FSDP config accelerate gives CPU processes "cpu:0", which safetensors and
+        # torch.load cannot map checkpoints to
+        self.device = torch.device("cpu") if self.acc.device.type == "cpu" else self.acc.device
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
         self.complete = self._check_out_dir(model)

@@ -279,7 +279,10 @@ def test_fsdp_grpo_two_processes_match_one(tiny_model_dir, fsdp_config, tmp_path
 def test_fsdp_kl_warmup_two_processes_match_one(tiny_model_dir, tokenizer_dir, fsdp_config, tmp_path):
     """kl-warmup --targets full on fixed token sequences: the teacher is sharded like the student (frozen,
     never in the optimizer) and scores each micro-batch; per-step losses, grad norms and weights equal
-    one process's."""
+    one process's. Resume: the 2-process run cut back to its step-1 checkpoint (the optimizer state saved
+    whole, re-sharded on load) and run again ends bit-identical to the uninterrupted one."""
+    import shutil
+
     import random
 
     from s2d_cli.models import build_tiny_model, load_tokenizer
@@ -293,13 +296,27 @@ def test_fsdp_kl_warmup_two_processes_match_one(tiny_model_dir, tokenizer_dir, f
                             + "\n" for _ in range(16)))
     one, two = one_and_two("kl-warmup", ["--student", tiny_model_dir, "--teacher", teacher, "--rollouts", data,
                                          "--targets", "full", "--steps", 2, "--batch-size", 8, "--lr", 1e-2,
-                                         "--set", "micro_batch_tokens=30"], tmp_path, config=fsdp_config)
+                                         "--set", "micro_batch_tokens=30", "--set", "save_every=1"],
+                           tmp_path, config=fsdp_config)
     m1, m2 = metrics(one), metrics(two)
     for key in ("loss", "forward_kl", "grad_norm"):
         assert [m[key] for m in m2] == pytest.approx([m[key] for m in m1], rel=1e-5), key
     assert m1[0]["forward_kl"] > 0.01              # two different random models (measured 0.025), not 0
     assert update_gap(tiny_model_dir, one, two) < 1e-3
     assert_plain_hf_checkpoint(two, tiny_model_dir)
+
+    cut = tmp_path / "cut"                         # as if killed after the step-1 checkpoint
+    shutil.copytree(two, cut)
+    for gone in ("manifest.json", "model", "checkpoints/step-000002"):
+        shutil.rmtree(cut / gone) if (cut / gone).is_dir() else (cut / gone).unlink()
+    cmd = launch("kl-warmup", "--student", tiny_model_dir, "--teacher", teacher, "--rollouts", data, "--targets",
+                 "full", "--steps", 2, "--batch-size", 8, "--lr", 1e-2, "--set", "micro_batch_tokens=30",
+                 "--set", "save_every=1", "--out", cut, config=fsdp_config)
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stderr and "(step 1)" in proc.stderr
+    assert all(torch.equal(weights(cut)[k], w) for k, w in weights(two).items())
+    assert [m["loss"] for m in metrics(cut)] == [m["loss"] for m in metrics(two)]
 
 
 # ------------------------------------------------------------------------------------------------

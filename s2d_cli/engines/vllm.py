@@ -189,8 +189,6 @@ class VLLMEngine:
         torch.distributed.all_gather_object(parts, (prompts, sampling.prompt_seeds), group=self.tp_group)
         everyone = [p for part, _ in parts for p in part]
         seeds = None if sampling.prompt_seeds is None else [s for _, part in parts for s in part]
-        if seeds is None and sampling.seed is not None:
-            raise ValueError("VLLMEngine.generate: a tensor-parallel group needs prompt_seeds (or seed None)")
         groups = self._generate(everyone, dataclasses.replace(sampling, prompt_seeds=seeds))
         start = sum(len(part) for part, _ in parts[:torch.distributed.get_rank(self.tp_group)])
         return groups[start:start + len(prompts)]
