@@ -281,9 +281,8 @@ def test_fsdp_kl_warmup_two_processes_match_one(tiny_model_dir, tokenizer_dir, f
     never in the optimizer) and scores each micro-batch; per-step losses, grad norms and weights equal
     one process's. Resume: the 2-process run cut back to its step-1 checkpoint (the optimizer state saved
     whole, re-sharded on load) and run again ends bit-identical to the uninterrupted one."""
-    import shutil
-
     import random
+    import shutil
 
     from s2d_cli.models import build_tiny_model, load_tokenizer
 
