@@ -400,3 +400,23 @@ def test_vllm_grpo_two_processes_sample_and_train_like_one(tokenizer_dir, tmp_pa
     for run in (one, two):
         assert all(m["mismatch_kl"] < 1e-4 for m in metrics(run)), metrics(run)
     assert update_gap(start, one, two) < 1e-3
+
+
+def test_compute_plan_arithmetic():
+    """examples/plan.py, stage 1 (Qwen3-8B GRPO, 256 x (150 + 3,000) tokens a step) by hand:
+    update 806,400 x 8 x 8.2e9 / (8 x 0.25 x 989e12) = 26.74 s; decode at 0.5 x 80 GB: KV budget 23.6 GB,
+    147,456 B a token (2 x 36 x 8 x 128 x 2) x 1,650 context = 243.3 MB a sequence -> 97.0 running,
+    a step reads 16.4 + 23.6 GB at 1.675 TB/s = 23.88 ms -> 4,062 tok/s; rollout 1.5 x 768,000 /
+    (8 x 4,062) = 35.45 s; step 26.74 + 35.45 + 5 = 67.2 s; 300 steps x 8 GPUs = 44.8 GPU-hours."""
+    sys.path.insert(0, str(TESTS.parent / "examples"))
+    try:
+        import plan
+    finally:
+        sys.path.pop(0)
+    assert plan.QWEN3_8B.kv_bytes_per_token == 147_456
+    assert plan.decode_tokens_per_s(plan.QWEN3_8B, 0.5, 3000, 150) == pytest.approx(4062, rel=1e-3)
+    row = plan.plan()[0]
+    assert row["update_s"] == pytest.approx(26.74, rel=1e-3)
+    assert row["rollout_s"] == pytest.approx(35.45, rel=1e-3)
+    assert row["gpu_hours"] == pytest.approx(44.8, rel=2e-3)
+    assert row["mem_gb"] == pytest.approx(16 * 8.2 / 8 + 40, rel=1e-6)   # sampling: sharded state + the engine
