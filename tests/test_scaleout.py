@@ -8,7 +8,8 @@
   fsdp            grpo and kl-warmup (a sharded reference / teacher beside the sharded student) under an
                   FSDP accelerate config on 2 CPU processes == 1 process; out/model a plain HF checkpoint
   vllm            after sleep + weight push + wake, the engine's log-probs are the new model's (tied head
-                  too); grpo --backend vllm x2 (external_launcher engines) == x1
+                  too); grpo and opd --backend vllm x2 (external_launcher engines) == x1
+  plan            examples/plan.py's stage-1 row worked out by hand
 
 Multi-process runs are real `accelerate launch` subprocesses (gloo), started beside the one-process run
 so the two overlap on the 2-core box.
@@ -420,3 +421,23 @@ def test_compute_plan_arithmetic():
     assert row["rollout_s"] == pytest.approx(35.45, rel=1e-3)
     assert row["gpu_hours"] == pytest.approx(44.8, rel=2e-3)
     assert row["mem_gb"] == pytest.approx(16 * 8.2 / 8 + 40, rel=1e-6)   # sampling: sharded state + the engine
+
+
+@pytest.mark.vllm
+def test_vllm_opd_two_processes_train_like_one(tokenizer_dir, tmp_path):
+    """opd --backend vllm under `accelerate launch` x2 (an engine per process, sleeping and receiving the
+    student's new weights after each update) == one process: the same samples (completion lengths and
+    the Monte-Carlo reverse KL per step) and the same update."""
+    needs_vllm()
+    from s2d_cli.models import build_tiny_model, load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    start = build_tiny_model(tmp_path / "student", arch="qwen3", tokenizer=tok, seed=0, **VLLM_SHAPE)
+    teacher = build_tiny_model(tmp_path / "teacher", arch="qwen3", tokenizer=tok, seed=3, **VLLM_SHAPE)
+    one, two = one_and_two("opd", ["--student", start, "--teacher", teacher, "--dataset", "toy:split=pool,n=16",
+                                   "--steps", 2, "--n", 2, "-P", 4, "--max-new-tokens", 6, "--lr", 1e-2,
+                                   "--backend", "vllm", "--set", "dtype=fp32"], tmp_path)
+    m1, m2 = metrics(one), metrics(two)
+    for key in ("completion_len", "reverse_kl", "loss"):
+        assert [m[key] for m in m2] == pytest.approx([m[key] for m in m1], rel=1e-5, abs=1e-7), key
+    assert update_gap(start, one, two) < 1e-3
