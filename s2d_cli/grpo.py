@@ -44,6 +44,8 @@ from .artifacts import ArtifactWriter, read_records
 from .compat import token_ids
 from .config import require_run_dir, resolve
 from .data import Example
+from .engines import sample_seed
+from .engines.weight_sync import full_tensors
 from .errors import UsageError
 from .rollout import (
     PromptFields,
@@ -88,6 +90,12 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
     temperature: float = 1.0
     max_new_tokens: int = 1024
     lr: float = 1e-6
+    # colocated vllm (--backend vllm, or auto on a GPU host with vLLM): the engine shares each GPU with
+    # training, so it takes a share of the memory, and sleeps (vLLM's sleep mode, GPU only) while the
+    # update runs: 1 frees the KV cache and parks the weights in host memory, 2 drops the weights too
+    # (every update resends them anyway), 0 keeps both
+    gpu_memory_utilization: float = 0.3
+    vllm_sleep_level: int = 1
 
     def validate(self) -> None:
         if not self.model:
@@ -108,6 +116,8 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
             raise UsageError(f"--max-labels: expected >= 1, got {self.max_labels}")
         if self.update_epochs < 1:
             raise UsageError(f"update_epochs: expected >= 1, got {self.update_epochs}")
+        if self.vllm_sleep_level not in (0, 1, 2):
+            raise UsageError(f"vllm_sleep_level: expected 0, 1 or 2, got {self.vllm_sleep_level}")
         check_sampling(self)
         from .verifier import check_pool_options
         check_pool_options(self.workers, self.timeout)   # before the run directory exists
@@ -240,6 +250,7 @@ def run(cfg: GRPOConfig):
     from .rewards import load_reward_fn
 
     reward_fn = load_reward_fn(cfg.reward)
+    vllm = cfg.rollouts is None and use_vllm(cfg.backend)
     examples: list[Example] = []
     skipped = 0                                          # prompts left out by long_prompts=skip
     if cfg.rollouts is None:
@@ -278,15 +289,12 @@ def run(cfg: GRPOConfig):
         trainer.adopt(ref, "reference model")
     engine = None
     if cfg.rollouts is None:
-        if cfg.backend in ("vllm", "auto") and _vllm_ok(cfg, trainer):
-            from .engines import make_engine
-            engine = make_engine("vllm", cfg.model, tokenizer=tok, seed=cfg.seed, dtype=cfg.dtype,
-                                 trust_remote_code=cfg.trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,
-                                 gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
-            engine.update_weights(lm.state_dict().items())  # resumed runs: the engine starts from our weights
+        if vllm:
+            engine = colocated_engine(cfg, cfg.model, trainer)
         else:
             from .engines.hf import HFEngine
-            engine = HFEngine(lm, tokenizer=tok, seed=cfg.seed, batch_size=cfg.batch_size)
+            engine = HFEngine(lm, tokenizer=tok, seed=cfg.seed, batch_size=cfg.batch_size,
+                              lockstep=trainer.sharded)
     verifier = None
     if cfg.rollouts is None and reward_fn is None:
         from .verifier import Verifier
@@ -310,10 +318,15 @@ def run(cfg: GRPOConfig):
             lps = [r.get("logprobs") for r in records]
         else:
             idx = prompt_schedule(len(examples), cfg.prompts_per_step, step, cfg.seed)
-            mine = [examples[i] for i in idx[trainer.rank * local_p:(trainer.rank + 1) * local_p]]
+            first = trainer.rank * local_p
+            mine = [examples[i] for i in idx[first:first + local_p]]
             texts, ids = encode_examples(tok, mine, cfg, encoded)
-            seed = (cfg.seed * 1_000_003 + step) * trainer.world + trainer.rank
-            groups = engine.generate(ids, sampling_config(cfg, seed=seed, logprobs=True, n=cfg.group_size))
+            sampling = sampling_config(cfg, seed=cfg.seed, logprobs=True, n=cfg.group_size)
+            # seeds by (run seed, step, prompt), not by process: N processes sample what one does
+            sampling.prompt_seeds = [sample_seed(cfg.seed, step, first + k) for k in range(local_p)]
+            groups = engine.generate(ids, sampling)
+            if engine.name == "vllm":
+                engine.sleep()               # the KV cache (and weights) leave the GPU while training runs
             records = completion_records(mine, texts, groups, cfg.model, logprobs=True, prompt_ids=ids)
             if reward_fn is not None:
                 rewards = [function_reward(reward_fn, cfg.reward, r) for r in records]
@@ -348,8 +361,13 @@ def run(cfg: GRPOConfig):
         return Batch(seqs, metrics, records)
 
     def on_batch(step: int, batch: Batch) -> None:
+        if cfg.rollouts is not None:
+            return
+        # every process's records, in prompt order (rank r holds prompts [r P/N, (r+1) P/N)): the
+        # artifact of an N-process run is the 1-process one
+        records = trainer.gather_to_main(batch.records)
         if writer is not None and not writer.done(step):
-            writer.write_shard(step, batch.records)
+            writer.write_shard(step, records)
 
     def loss_fn(policy, mb, info):
         logp_M, ent_M = trainer.token_logprobs(policy, mb, with_entropy=True)
@@ -380,7 +398,7 @@ def run(cfg: GRPOConfig):
 
     def after_update(step: int) -> None:
         if engine is not None and engine.name == "vllm":
-            engine.update_weights(lm.state_dict().items())
+            engine.update_weights(full_tensors(lm))     # under FSDP: gathered one tensor at a time
 
     try:
         trainer.fit(make_batch, loss_fn, update_epochs=cfg.update_epochs, after_update=after_update,
@@ -398,16 +416,29 @@ def run(cfg: GRPOConfig):
     print(out)
 
 
-def _vllm_ok(cfg: GRPOConfig, trainer: Trainer) -> bool:
-    from .engines import vllm_available
+def use_vllm(backend: str) -> bool:
+    """--backend vllm (refused without vLLM), or auto on a GPU host with vLLM: sample with a colocated
+    vLLM engine. Elsewhere the live hf model samples (no weight sync, exact)."""
+    from .engines import auto_backend, vllm_available
 
-    if cfg.backend == "vllm":
-        if not vllm_available():
-            raise UsageError("--backend vllm: vllm is not installed (pip install 's2d[vllm]')")
-        if trainer.world > 1:
-            raise UsageError("--backend vllm runs with one training process; use --backend hf under accelerate launch")
-        return True
-    return False  # auto: the live hf model needs no weight sync and is exact; vllm is opt-in for training
+    if backend == "vllm" and not vllm_available():
+        raise UsageError("--backend vllm: vllm is not installed (pip install 's2d[vllm]')")
+    return backend == "vllm" or (backend == "auto" and auto_backend() == "vllm")
+
+
+def colocated_engine(cfg, model: str, trainer: Trainer):
+    """A vLLM engine in this process (one per process, or per tensor-parallel group, under accelerate
+    launch) that samples this process's share of each step, starting from the trainer's weights (a
+    resumed run's included)."""
+    from .engines import make_engine
+    from .engines.weight_sync import full_tensors
+
+    engine = make_engine("vllm", model, tokenizer=trainer.tokenizer, seed=cfg.seed, dtype=cfg.dtype,
+                         trust_remote_code=cfg.trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,
+                         gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
+                         sleep_level=cfg.vllm_sleep_level)
+    engine.update_weights(full_tensors(trainer.lm))
+    return engine
 
 
 def command(

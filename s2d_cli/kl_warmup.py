@@ -345,6 +345,10 @@ def run(cfg: KLWarmupConfig):
         return
     if cfg.batch_size % trainer.world:
         raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {trainer.world} processes")
+    if heldout is not None and trainer.sharded:
+        # each rank scores its share in as many forwards as it needs; sharded forwards are collectives
+        raise UsageError("--eval-rollouts: not available under FSDP yet (the processes would score unequal "
+                         "shares); evaluate out/model afterwards")
     lm = trainer.lm
     check_loaded_rows(lm, student_rows, "student")
     teacher = None

@@ -293,12 +293,14 @@ def check_plain_head(model, name: str) -> None:
                          "Mistral, Gemma 3, Granite, Cohere shapes)")
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[str, dict] | None = None) -> Path:
-    """save_pretrained into a temp dir beside `out_dir`, then rename: readers never see half a model."""
+def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[str, dict] | None = None,
+                    state_dict: dict | None = None) -> Path:
+    """save_pretrained into a temp dir beside `out_dir`, then rename: readers never see half a model.
+    state_dict: the tensors to save instead of the model's own (a sharded model's, gathered whole)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for name, obj in (extra_files or {}).items():

@@ -62,8 +62,10 @@ from .compat import (
 )
 from .config import require_run_dir, resolve
 from .data import prompt_is_chat
+from .engines import sample_seed
+from .engines.weight_sync import full_tensors
 from .errors import UsageError
-from .grpo import labels_used, prompt_schedule
+from .grpo import colocated_engine, labels_used, prompt_schedule, use_vllm
 from .rollout import (
     PromptFields,
     SamplingFields,
@@ -101,6 +103,12 @@ class OPDConfig(PromptFields, SamplingFields, TrainFields):
     temperature: float = 1.0         # sampling temperature (1: exactly on-policy)
     max_new_tokens: int = 1024
     lr: float = 1e-6
+    # colocated vllm (--backend vllm, or auto on a GPU host with vLLM): the engine shares each GPU with
+    # training, so it takes a share of the memory, and sleeps (vLLM's sleep mode, GPU only) while the
+    # update runs: 1 frees the KV cache and parks the weights in host memory, 2 drops the weights too
+    # (every update resends them anyway), 0 keeps both
+    gpu_memory_utilization: float = 0.3
+    vllm_sleep_level: int = 1
 
     def validate(self) -> None:
         if not self.student:
@@ -138,6 +146,8 @@ class OPDConfig(PromptFields, SamplingFields, TrainFields):
                                  "only (opd with a server is the pure distillation stage); use --alpha 0")
             if not self.teacher_timeout > 0 or self.teacher_retries < 0 or not self.teacher_selftest_tol >= 0:
                 raise UsageError("teacher_timeout must be > 0, teacher_retries >= 0 and teacher_selftest_tol >= 0")
+        if self.vllm_sleep_level not in (0, 1, 2):
+            raise UsageError(f"vllm_sleep_level: expected 0, 1 or 2, got {self.vllm_sleep_level}")
         check_sampling(self)
         from .verifier import check_pool_options
         check_pool_options(self.workers, self.timeout)   # before the run directory exists
@@ -189,11 +199,7 @@ def run(cfg: OPDConfig):
     from .models import load_tokenizer
 
     examples, skipped = load_fitting_prompts(cfg, cfg.student, require_answer=cfg.alpha > 0)
-    if cfg.backend == "vllm":
-        from .engines import vllm_available
-
-        if not vllm_available():
-            raise UsageError("--backend vllm: vllm is not installed (pip install 's2d[vllm]')")
+    vllm = use_vllm(cfg.backend)
     tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     served = None
     if is_served(cfg.teacher):   # its tokenizer is checked against the student's by the preflight below
@@ -236,10 +242,15 @@ def run(cfg: OPDConfig):
 
     def make_batch(step: int) -> Batch:
         idx = prompt_schedule(len(examples), cfg.prompts_per_step, step, cfg.seed)
-        mine = [examples[i] for i in idx[trainer.rank * local_p:(trainer.rank + 1) * local_p]]
+        first = trainer.rank * local_p
+        mine = [examples[i] for i in idx[first:first + local_p]]
         texts, ids = encode_examples(tok, mine, cfg, encoded)
-        seed = (cfg.seed * 1_000_003 + step) * trainer.world + trainer.rank
-        groups = engine.generate(ids, sampling_config(cfg, seed=seed, n=cfg.n))
+        sampling = sampling_config(cfg, seed=cfg.seed, n=cfg.n)
+        # seeds by (run seed, step, prompt), not by process: N processes sample what one does
+        sampling.prompt_seeds = [sample_seed(cfg.seed, step, first + k) for k in range(local_p)]
+        groups = engine.generate(ids, sampling)
+        if engine.name == "vllm":
+            engine.sleep()                   # the KV cache (and weights) leave the GPU while training runs
         records = completion_records(mine, texts, groups, cfg.student, logprobs=False, prompt_ids=ids)
         rewards, correct = [0.0] * len(records), [False] * len(records)
         if verifier is not None:   # answers exist: accuracy always, the reward only when alpha > 0
@@ -315,23 +326,16 @@ def run(cfg: OPDConfig):
 
     def after_update(step: int) -> None:
         if engine.name == "vllm":
-            engine.update_weights(lm.state_dict().items())
+            engine.update_weights(full_tensors(lm))     # under FSDP: gathered one tensor at a time
 
     try:
-        if cfg.backend == "vllm":
-            from .engines import make_engine
-
-            if trainer.world > 1:
-                raise UsageError("--backend vllm runs with one training process; use --backend hf under "
-                                 "accelerate launch")
-            engine = make_engine("vllm", cfg.student, tokenizer=tok, seed=cfg.seed, dtype=cfg.dtype,
-                                 trust_remote_code=cfg.trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,
-                                 gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
-            engine.update_weights(lm.state_dict().items())  # a resumed run: the engine starts from our weights
-        else:  # auto: the live hf model needs no weight sync and is exact; vllm is opt-in for training
+        if vllm:
+            engine = colocated_engine(cfg, cfg.student, trainer)
+        else:  # the live hf model samples: no weight sync, exact
             from .engines.hf import HFEngine
 
-            engine = HFEngine(lm, tokenizer=tok, seed=cfg.seed, batch_size=cfg.batch_size)
+            engine = HFEngine(lm, tokenizer=tok, seed=cfg.seed, batch_size=cfg.batch_size,
+                              lockstep=trainer.sharded)
         if has_answers:
             from .verifier import Verifier
             from .verify import warm_up_golds

@@ -37,6 +37,15 @@ Log-probs and KLs come from the final hidden states through chunked lm-head prod
 a chunk's logits in backward (`s2d_cli.heads`): no `[tokens, vocab]` float32 tensor is ever
 materialised.
 
+FSDP: on GPUs accelerate's FSDP plugin (examples/accelerate/fsdp-8gpu.yaml). accelerate runs FSDP on
+GPUs only, so under an FSDP config on a CPU host (ACCELERATE_USE_FSDP, the CPU tests) the trainer shards
+with torch's `fully_shard` (FSDP2) itself: each decoder layer one unit, the rest (embeddings, final
+norm, head) the root, `Policy`. Sampling with the hf engine calls the model outside `Policy.forward`, so
+the root is gathered around `make_batch` (`whole_root`) and every process decodes the same number of
+steps (`sharded`: each layer's forward is a collective). Teachers and reference models are sharded the
+same way, frozen, with no optimizer state (`adopt`). Checkpoints are gathered one tensor at a time into
+a plain HF model.
+
 Run directory:
     out/config.json, out/metrics.jsonl, out/checkpoints/step-000010/ (HF model + optimizer.pt +
     trainer_state.json, written last), out/model/ (final HF checkpoint), out/manifest.json (last).
@@ -48,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -199,6 +209,30 @@ def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
     return hidden_MH if scale == 1.0 else hidden_MH * scale
 
 
+def shard(root: nn.Module, layers: nn.ModuleList, device: torch.device, whole: nn.Module | None = None) -> None:
+    """torch's FSDP2 over all processes: each of `layers` one unit, `root` the rest, from rank 0's weights. The root is
+    initialised as the root now, and every unit gathered once outside inference mode, so that sampling
+    (whose first forward may enter a layer directly, under torch.inference_mode) finds them set up.
+    `whole`: the model `root` belongs to, when parts of it stay outside the shards (a frozen head)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # rank 0's weights everywhere (FSDP's sync_module_states): under an FSDP config with cpu-RAM-efficient
+    # loading, transformers loads the checkpoint on local rank 0 only and zeros elsewhere
+    with torch.no_grad():
+        for tensor in (*(whole or root).parameters(), *(whole or root).buffers()):
+            dist.broadcast(tensor.data, src=0)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    root._get_fsdp_state()._lazy_init()
+    for unit in (*layers, root):
+        unit.unshard()
+        unit.reshard()
+
+
 # ----------------------------------------------------------------------------------------------
 # the trainer
 
@@ -304,7 +338,9 @@ class Trainer:
                                        | {"_inputs": [e.get("sha256") for e in self.inputs]})
         cuda = torch.cuda.is_available()
         self.acc = Accelerator(cpu=not cuda)
-        self.device = self.acc.device
+        # plain "cpu": under an FSDP config accelerate gives CPU processes "cpu:0", which safetensors and
+        # torch.load cannot map checkpoints to
+        self.device = torch.device("cpu") if self.acc.device.type == "cpu" else self.acc.device
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
         self.complete = self._check_out_dir(model)
@@ -315,7 +351,7 @@ class Trainer:
             return
         self.tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
         dtype = resolve_dtype(cfg.dtype, self.device)
-        self.frozen_dtype = dtype   # teachers and reference models: not trained, never sharded, no masters
+        self.frozen_dtype = dtype   # teachers and reference models: not trained, no masters (sharded by `adopt` under FSDP)
         if cfg.dtype == "auto" and self.acc.distributed_type == DistributedType.FSDP:
             dtype = torch.float32      # FSDP keeps the sharded fp32 weights and casts them for compute
         self.lm = load_model(model, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code,
@@ -333,6 +369,13 @@ class Trainer:
         self.attn_impl = getattr(self.lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.layout = self._pick_layout()
         self.micro_overhead = micro_batch_overhead_tokens(self.lm, self.device)
+        # FSDP without accelerate (a CPU host: see the module docstring); `sharded`: any FSDP at all
+        self.fsdp_cpu = (self.world > 1 and self.acc.distributed_type == DistributedType.MULTI_CPU
+                         and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+        self.sharded = self.fsdp_cpu or self.acc.distributed_type == DistributedType.FSDP
+        policy = Policy(self.lm)
+        if self.fsdp_cpu:
+            shard(policy, trunk_of(self.lm).layers, self.device)
         named = [(n, p) for n, p in self.lm.named_parameters() if p.requires_grad]
         # fp32 master weights for half-precision ones (see TrainFields.master_weights). Not under FSDP,
         # whose prepare() replaces the parameters (there "auto" loads fp32 and FSDP casts for compute).
@@ -349,9 +392,12 @@ class Trainer:
         no_decay = [p for p in params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=not self.fsdp_cpu)   # no fused DTensors
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.policy, self.optimizer = self.acc.prepare(Policy(self.lm), self.optimizer)
+        if self.fsdp_cpu:                         # already sharded: accelerate would wrap it in DDP
+            self.policy, self.optimizer = policy, self.acc.prepare(self.optimizer)
+        else:
+            self.policy, self.optimizer = self.acc.prepare(policy, self.optimizer)
         if ckpt is not None:
             self._load_state(ckpt)
         elif self.acc.is_main_process and self.metrics_path_exists():
@@ -381,6 +427,11 @@ class Trainer:
         trainer's layout; a model that cannot takes the whole run back to padded rows."""
         from . import attention
 
+        if self.sharded:
+            # like the student, frozen: no gradient, no optimizer state. The trunk is the root unit (the
+            # scorers call it directly); the head stays whole, read by the chunked head functions.
+            other.requires_grad_(False)
+            shard(trunk_of(other), trunk_of(other).layers, self.device, whole=other)
         impl = getattr(other.config, "_attn_implementation", "sdpa") or "sdpa"
         if self.layout == "packed" and self.attn_impl not in PACKED_ATTENTION:   # torch's varlen kernel
             if attention.varlen_ok(other, self.device):
@@ -495,7 +546,12 @@ class Trainer:
             with torch.no_grad():
                 for n, m in zip(self._master_names, self.masters):
                     m.copy_(saved[n])
-        self.optimizer.load_state_dict(opt)
+        if self.fsdp_cpu:      # saved whole (`_whole_state`): each rank takes its shards of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(self.policy, self.optimizer.optimizer, opt,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(opt)
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_step = state["step"]
         self.lm.train()
@@ -506,6 +562,40 @@ class Trainer:
                          if _metrics_step(line) <= self.start_step]
                 _write_atomic(self.out / "metrics.jsonl", "".join(x + "\n" for x in lines).encode())
 
+    def _whole_state(self, with_optimizer: bool = False) -> tuple[dict | None, dict | None]:
+        """Under CPU FSDP: the model's whole tensors (gathered one at a time, kept on the main process's
+        CPU) and, with_optimizer, the optimizer's whole state keyed by parameter name. Collectives: every
+        process calls it. (None, None) otherwise: the model saves itself."""
+        if not self.fsdp_cpu:
+            return None, None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        from .engines.weight_sync import full_tensors
+
+        main = self.acc.is_main_process
+        weights = {}
+        for name, tensor in full_tensors(self.lm):
+            if main:
+                weights[name] = tensor.cpu().clone()
+        optimizer = None
+        if with_optimizer:
+            optimizer = get_optimizer_state_dict(self.policy, self.optimizer.optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return (weights, optimizer) if main else (None, None)
+
+    @contextlib.contextmanager
+    def whole_root(self):
+        """The root unit's parameters (embeddings, final norm, head) gathered while the model is called
+        outside `Policy.forward` (sampling); the decoder layers gather themselves in their own forward."""
+        if not self.fsdp_cpu:
+            yield
+            return
+        self.policy.unshard()
+        try:
+            yield
+        finally:
+            self.policy.reshard()
+
     def metrics_path_exists(self) -> bool:
         return (self.out / "metrics.jsonl").is_file()
 
@@ -514,6 +604,7 @@ class Trainer:
         from .models import save_checkpoint
 
         self.acc.wait_for_everyone()
+        weights, optimizer = self._whole_state(with_optimizer=True)   # collective: every process
         root = self.out / "checkpoints"
         final = root / f"step-{step:06d}"
         # already there when resumed from this very checkpoint with nothing left to train (killed after
@@ -521,8 +612,8 @@ class Trainer:
         if self.acc.is_main_process and not (final / "trainer_state.json").is_file():
             tmp = root / f".step-{step:06d}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp, state_dict=weights)
+            torch.save(optimizer if optimizer is not None else self.optimizer.state_dict(), tmp / "optimizer.pt")
             if self.masters is not None:
                 from safetensors.torch import save_file
                 save_file({n: m.detach().contiguous() for n, m in zip(self._master_names, self.masters)},
@@ -576,6 +667,26 @@ class Trainer:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         return self.acc.reduce(t, reduction="sum").tolist()
 
+    def gather_to_main(self, items: list) -> list | None:
+        """Every process's `items` concatenated in rank order on the main process (None elsewhere): the
+        records of a step whose prompts are split over the ranks in order come back in prompt order."""
+        if self.world == 1:
+            return items
+        import torch.distributed as dist
+
+        parts = [None] * self.world if self.acc.is_main_process else None
+        dist.gather_object(items, parts, dst=0)
+        return [x for part in parts for x in part] if parts is not None else None
+
+    def all_max(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, make_batch: Callable[[int], Batch], loss_fn: Callable[[nn.Module, MicroBatch, StepInfo], tuple],
             *, update_epochs: int = 1, after_update: Callable[[int], None] | None = None,
@@ -588,7 +699,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 seed_step(cfg.seed, step, self.rank)
                 self.lm.eval()
-                batch = make_batch(step)
+                with self.whole_root():
+                    batch = make_batch(step)
                 if on_batch is not None:
                     on_batch(step, batch)
                 t_batch = time.perf_counter() - t0
@@ -602,6 +714,12 @@ class Trainer:
                                      "with a completion token; every process needs one each step")
                 micro = pack(batch.sequences, cfg.micro_batch_tokens, layout=self.layout, device=self.device,
                              overhead_tokens=self.micro_overhead)
+                real = len(micro)
+                if self.sharded:
+                    # every forward of a sharded model is a collective: a process with fewer micro-batches
+                    # than its peers runs its last one again, with the loss times 0 (no gradient, no metric)
+                    most = self.all_max(real)
+                    micro = micro + [micro[-1]] * (most - real)
                 if update_epochs > 1:
                     self._store_old_logprobs(micro)
                 self.lm.train()
@@ -614,8 +732,10 @@ class Trainer:
                         with sync:
                             with self.acc.autocast():      # mixed precision: the forward only, not backward
                                 loss, m = loss_fn(self.policy, mb, info)
+                            if i >= real:
+                                loss = loss * 0.0
                             self.acc.backward(loss)
-                        if epoch == 0:              # metrics stay on the device until the step ends
+                        if epoch == 0 and i < real:              # metrics stay on the device until the step ends
                             w = metric_tokens(mb)
                             sums["loss"] = sums.get("loss", 0.0) + loss.detach().float() / self.world
                             for k, v in m.items():
@@ -630,6 +750,8 @@ class Trainer:
                                 [p.grad for p in self.policy.parameters() if p.grad is not None])
                         self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if hasattr(grad_norm, "full_tensor"):      # FSDP2: a DTensor
+                        grad_norm = grad_norm.full_tensor()
                     worst_norm = grad_norm if epoch == 0 else torch.maximum(torch.as_tensor(worst_norm),
                                                                            torch.as_tensor(grad_norm))
                 lr = self.scheduler.get_last_lr()[0]
@@ -637,8 +759,8 @@ class Trainer:
                 if after_update is not None:
                     after_update(step)
                 keys = sorted(sums)
-                local_tok = sum(metric_tokens(mb) for mb in micro)
-                computed = sum(mb.input_ids.numel() for mb in micro)      # padding and shared prompts included
+                local_tok = sum(metric_tokens(mb) for mb in micro[:real])
+                computed = sum(mb.input_ids.numel() for mb in micro[:real])      # padding and shared prompts included
                 *host, grad_norm, worst_norm = _host_floats([sums[k] for k in keys] + [grad_norm, worst_norm])
                 *totals, tok_total, computed = self.all_sum(host + [local_tok, computed])
                 self._stop_if_not_finite(step, dict(zip(keys, totals)).get("loss", 0.0), worst_norm)
@@ -649,7 +771,7 @@ class Trainer:
                     metrics[k] = v if k == "loss" else v / tok_total
                 metrics.update(batch.metrics)
                 metrics.update({"grad_norm": grad_norm, "lr": lr, "tokens": int(n_all_tok),
-                                "tokens_computed": int(computed), "micro_batches": len(micro),
+                                "tokens_computed": int(computed), "micro_batches": real,
                                 "tokens_per_s": n_all_tok / dt, "batch_time_s": t_batch, "step_time_s": dt})
                 self.log(metrics)
                 if bar:
@@ -694,6 +816,11 @@ class Trainer:
     @torch.no_grad()
     def _store_old_logprobs(self, micro: list[MicroBatch]) -> None:
         """PPO with several epochs needs the pre-update log-probs; one extra no-grad pass."""
+
+        with self.whole_root():
+            self._old_logprobs(micro)
+
+    def _old_logprobs(self, micro: list[MicroBatch]) -> None:
         from .heads import chunked_token_logprobs
 
         for mb in micro:
@@ -714,8 +841,10 @@ class Trainer:
         from .models import save_checkpoint
 
         self.save_checkpoint(self.cfg.steps)
+        weights, _ = self._whole_state()
         if self.acc.is_main_process:
-            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, self.out / "model")
+            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, self.out / "model",
+                            state_dict=weights)
             last = {}
             if (self.out / "metrics.jsonl").is_file():
                 lines = (self.out / "metrics.jsonl").read_text().splitlines()

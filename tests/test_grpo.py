@@ -480,7 +480,7 @@ def test_beta_logs_kl_ref_zero_at_step_one(tiny_model_dir, tmp_path):
     token's k3 = exp(0) - 0 - 1 = 0 exactly; after an update at lr 1e-2 it is > 0."""
     run = tmp_path / "run"
     grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 2,
-         "-G", 4, "-P", 2, "--max-new-tokens", 3, "--lr", 1e-2, "--beta", 0.1, "--out", run)
+         "-G", 4, "-P", 4, "--max-new-tokens", 3, "--lr", 1e-2, "--beta", 0.1, "--out", run)
     m1, m2 = metrics(run)
     assert m1["kl_ref"] == 0.0
     assert m2["kl_ref"] > 0.0
