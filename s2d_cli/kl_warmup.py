@@ -327,7 +327,8 @@ def run(cfg: KLWarmupConfig):
     topk = cfg.targets == "topk"
     from .rollout import model_context
 
-    contexts = [model_context(m, trust_remote_code=cfg.trust_remote_code) for m in (cfg.student, teacher_ref) if m]
+    contexts = [model_context(m, trust_remote_code=cfg.trust_remote_code) for m in (cfg.student, teacher_ref)
+                if m and not is_served(m)]   # a server's context is its own max_model_len
     context = min((c for c in contexts if c is not None), default=None)
     stats: dict = {}
     data = load_sequences(cfg.rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows, context=context, stats=stats)
