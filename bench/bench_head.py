@@ -10,7 +10,7 @@ Qwen3's), the log-prob of each position's target token and the entropy of its di
 temperature 0.9, then backpropagate a weighted sum of the log-probs into h and W:
 
   s2d   `losses.chunked_token_logprobs(..., with_entropy=True)`: chunks of positions, one log-normaliser
-        per position kept for backward (`losses._TokenLogprobHead`)
+        per position kept for backward (`heads._TokenLogprobHead`)
   trl   what TRL's GRPOTrainer does after its forward: the logits (`h @ W^T / T`, in the inputs' dtype) as
         [rows, N / rows, V] sequences, then `trl.trainer.utils.selective_log_softmax` and, under no_grad,
         `entropy_from_logits`

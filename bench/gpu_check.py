@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import s2d_cli.losses as L  # noqa: E402
+import s2d_cli.heads as L  # noqa: E402
 
 
 def timed(fn, repeats: int = 5) -> tuple[float, object]:
