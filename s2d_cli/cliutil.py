@@ -184,18 +184,21 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+_clock = time.monotonic      # PlainProgress's clock (tests put a fake one here)
+
+
 class PlainProgress:
     """The part of rich's Progress that s2d's commands use (add_task, advance, update), written as one plain
     line every `every` seconds for a log:
 
-        grpo reward_mean 0.31  accuracy 0.25  loss 0.012 | 12/100 | 1m04s elapsed, ETA 7m50s
+        grpo reward_mean 0.31  accuracy 0.25  loss 0.012 | step 12/100 | 1m04s elapsed, ETA 7m50s
 
     (the description is where the trainer puts its latest metrics). Nothing before the first `every`
     seconds, so a short command adds nothing to its log; a last line when a command that printed one ends.
     The ETA counts only the work done in this process (a resumed run's finished steps cost nothing)."""
 
-    def __init__(self, every: float, *, stream=None, clock: Callable[[], float] = time.monotonic):
-        self.every, self.stream, self.clock = every, stream, clock
+    def __init__(self, every: float, *, stream=None, clock: Callable[[], float] | None = None):
+        self.every, self.stream, self.clock = every, stream, clock or _clock
         self.tasks: list[dict[str, Any]] = []
 
     def __enter__(self) -> PlainProgress:
@@ -207,9 +210,11 @@ class PlainProgress:
                 if task["lines"] and task["printed_at"] != task["completed"]:
                     self._print(task, self.clock())
 
-    def add_task(self, description: str, total: float | None = None, completed: float = 0, **_) -> int:
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, unit: str = "",
+                 **_) -> int:
         now = self.clock()
         self.tasks.append({"description": description, "total": total, "completed": completed, "start": now,
+                           "unit": f"{unit} " if unit else "",
                            "start_completed": completed, "last": now, "lines": 0, "printed_at": None})
         return len(self.tasks) - 1
 
@@ -234,7 +239,7 @@ class PlainProgress:
     def line(self, task: dict[str, Any], now: float) -> str:
         done, total = task["completed"], task["total"]
         elapsed = now - task["start"]
-        parts = [task["description"], f"{done:g}/{total:g}" if total else f"{done:g}"]
+        parts = [task["description"], task["unit"] + (f"{done:g}/{total:g}" if total else f"{done:g}")]
         timing = f"{_duration(elapsed)} elapsed"
         rate = (done - task["start_completed"]) / elapsed if elapsed > 0 else 0.0
         if total and rate > 0 and done < total:

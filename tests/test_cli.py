@@ -305,25 +305,25 @@ def test_plain_progress_prints_a_line_every_n_seconds_with_an_eta():
 
     clock, log = FakeClock(), io.StringIO()
     with PlainProgress(30, stream=log, clock=clock) as bar:
-        task = bar.add_task("grpo", total=100, completed=20)     # a resumed run: 20 steps already done
+        task = bar.add_task("grpo", total=100, completed=20, unit="step")     # a resumed run: 20 steps already done
         clock.now += 10
         bar.update(task, advance=1, description="grpo accuracy 0.25  loss 0.5")
         assert log.getvalue() == ""                               # 10 s < 30 s: nothing yet
         clock.now += 20
         bar.update(task, advance=1, description="grpo accuracy 0.3  loss 0.4")
         # 2 steps in 30 s (the 20 resumed ones cost nothing): 78 left at 15 s each = 19m30s
-        assert log.getvalue() == "grpo accuracy 0.3  loss 0.4 | 22/100 | 30s elapsed, ETA 19m30s\n"
+        assert log.getvalue() == "grpo accuracy 0.3  loss 0.4 | step 22/100 | 30s elapsed, ETA 19m30s\n"
         clock.now += 29
         bar.advance(task, 2)
         assert log.getvalue().count("\n") == 1                  # 29 s since the last line
         clock.now += 1
         bar.advance(task, 1)
         # 5 steps in 60 s: 75 left at 12 s each = 15m00s
-        assert log.getvalue().splitlines()[-1] == "grpo accuracy 0.3  loss 0.4 | 25/100 | 1m00s elapsed, ETA 15m00s"
+        assert log.getvalue().splitlines()[-1] == "grpo accuracy 0.3  loss 0.4 | step 25/100 | 1m00s elapsed, ETA 15m00s"
         clock.now += 3600
         bar.update(task, completed=100)
     # the closing line: done, no ETA
-    assert log.getvalue().splitlines()[-1] == "grpo accuracy 0.3  loss 0.4 | 100/100 | 1h01m00s elapsed"
+    assert log.getvalue().splitlines()[-1] == "grpo accuracy 0.3  loss 0.4 | step 100/100 | 1h01m00s elapsed"
     assert log.getvalue().count("\n") == 3
 
 

@@ -34,6 +34,7 @@ from typer.testing import CliRunner
 from s2d_cli.artifacts import read_records
 from s2d_cli.cli import app
 from s2d_cli.engines import vllm_available
+from s2d_cli.trainer import MASTER_PATH
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -281,7 +282,7 @@ def test_two_processes_train_bf16_weights_through_the_same_fp32_masters(tiny_mod
     start = load_file(Path(tiny_model_dir) / "model.safetensors")
 
     def update(run):
-        masters = load_file(run / "checkpoints" / "step-000003" / "master_fp32.safetensors")
+        masters = load_file(run / "checkpoints" / "step-000003" / MASTER_PATH)
         return torch.cat([(masters[k] - start[k].to(torch.bfloat16).float()).flatten() for k in sorted(masters)])
 
     a, b = update(one), update(two)
