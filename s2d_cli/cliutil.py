@@ -129,7 +129,7 @@ ConfigOpt = Annotated[str | None, typer.Option("--config", "-c", help="YAML file
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: --set key=value (repeatable).")]
 ForceOpt = Annotated[bool | None, typer.Option("--force", help="Replace a finished output, or a partial one of another config (a partial run of this config resumes).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="Local checkpoint directory or hub id.")]
-DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help="math500, aime24, aime25, amc23, gsm8k, toy, a JSONL/JSON/Parquet file, '-' or a hub id.")]
+DatasetOpt = Annotated[str | None, typer.Option("--dataset", "-d", help="math500, aime24, aime25, amc23, gsm8k, toy, a JSONL/JSON/Parquet file, '-', an artifact, a dataset folder (save_to_disk or parquet) or a hub id; folders and hub ids take :SUBSET and ,split=NAME (openai/gsm8k:main,split=test).")]
 OutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Output directory ('-' streams JSONL to stdout).")]
 NOpt = Annotated[int | None, typer.Option("--n", help="Samples per prompt.")]
 MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", help="Completion token budget.")]

@@ -57,6 +57,7 @@ class EvalConfig(PromptFields, SamplingFields):
     model: str = ""                  # checkpoint directory or hub id (not needed with --rollouts)
     rollouts: str | None = None      # re-score an existing rollout artifact / JSONL instead of sampling
     out: str | None = None           # output directory; none: metrics JSON on stdout, nothing written
+    split: str = "test"              # eval scores a held-out split (training commands default to train)
     protocol: str | None = None      # a named protocol (see above); recorded in metrics.json
     workers: int | None = None       # verifier processes (default or 0: one per CPU)
     timeout: float = 5.0             # verifier wall-clock seconds per item
