@@ -391,3 +391,24 @@ def test_training_out_dash_says_a_directory_is_needed(args):
     line = one_line_error(invoke(*args, "--out", "-"))
     assert "missing" not in line and "--out: a training run writes a directory" in line
     assert "missing required option --out" in one_line_error(invoke(*args))
+
+
+# ---------------------------------------------------------------------------------------------- example data
+
+@pytest.mark.parametrize("example, args, dataset", [
+    ("qwen3", [], "DigitalLearningGmbH/MATH-lighteval:split=train"),
+    ("llama", [], "DigitalLearningGmbH/MATH-lighteval:split=train"),
+    ("qwen3", ["MATH_TRAIN=data/math-train.jsonl"], "data/math-train.jsonl"),
+    ("smollm2", ["TASK=gsm8k"], "openai/gsm8k:main,split=train"),
+    ("smollm2", ["TASK=gsm8k", "GSM8K_TRAIN=gsm8k-train.jsonl"], "gsm8k-train.jsonl"),
+])
+def test_examples_read_the_datasets_hub_ids_unless_given_a_local_file(example, args, dataset):
+    """What a user has: the hub ids through --dataset, not this repository's ../shared/data."""
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(["make", "-n", "-C", str(root / "examples" / example), "all", "S2D=s2d", *args],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "shared/data" not in p.stdout
+    datasets = {line.split("--dataset ", 1)[1].split()[0] for line in p.stdout.splitlines() if "--dataset " in line}
+    training = {d for d in datasets if not d.startswith(("math500", "aime", "amc", "gsm8k ", "toy"))} - {"gsm8k"}
+    assert training == {dataset}, datasets
