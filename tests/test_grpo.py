@@ -411,12 +411,12 @@ def test_bad_inputs(tiny_model_dir, tmp_path):
         bad.write_text("".join(json.dumps(r) + "\n" for r in records))
         cases[f"rollouts: {name}"] = (["--model", str(tiny_model_dir), "--rollouts", str(bad), "-G", str(G),
                                        "-P", "2", "--steps", "1"], message)
-    for key, value, message in [("dtype", "fp64", "--dtype: expected auto, bf16, fp16 or fp32, got 'fp64'"),
+    for key, value, message in [("dtype", "fp64", "error: dtype: expected auto, bf16, fp16 or fp32, got 'fp64'"),
                                 ("chunk_size", "0", "chunk_size: expected >= 1, got 0"),
                                 ("adam_beta2", "1.5", "adam_beta2: expected a value in [0, 1), got 1.5"),
                                 ("lr", "nan", "--lr: expected > 0, got nan"),
-                                ("timeout", "nan", "--timeout: expected > 0 seconds (a finite number), got nan"),
-                                ("workers", "-1", "--workers: expected a process count >= 0")]:
+                                ("timeout", "nan", "error: timeout: expected > 0 seconds (a finite number), got nan"),
+                                ("workers", "-1", "error: workers: expected a process count >= 0")]:
         cases[f"--set {key}"] = ([*ok, "--set", f"{key}={value}"], message)
     if os.geteuid() != 0:  # root writes into read-only directories anyway
         read_only = tmp_path / "read-only"
