@@ -7,19 +7,24 @@ An artifact is a directory:
       data-00000-of-00004.jsonl            one JSON record per line
       data-00000-of-00004.safetensors      optional per-token tensors, aligned record by record
       ...
+      README.md                            a dataset card: `datasets.load_dataset("out")` reads the shards
 
 Writing is staged in a sibling directory `.out.partial/`; every shard is written as `*.tmp` and
 renamed, so a killed run leaves only whole shards behind. A rerun of the same command (same config
 fingerprint) resumes: finished shards are kept and never redone. The manifest is written last and
-the staging directory is renamed to `out`. `--out -` streams JSONL to stdout instead (no resume).
+the staging directory is renamed to `out`; a kill at any instant of that commit is finished by the
+rerun (see `ArtifactWriter.commit`), and the rerun removes what the killed one left. `--out -`
+streams JSONL to stdout instead (no resume).
+
+Reading checks: every shard is hashed and counted as it streams and must match its manifest entry,
+whether the artifact is read (`read_records`, `iter_record_tensors`) or fingerprinted as an input
+(`input_entry`); an edited shard is refused in one line naming it.
 
 Per-token tensors of a shard are stored flat: `offsets` (int64, records + 1) and for each name a
 `[sum of record lengths, ...]` tensor; record i owns rows offsets[i]:offsets[i+1].
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import io
 import json
@@ -35,10 +40,14 @@ import torch
 
 from . import __version__
 from .errors import UsageError, located
+from .evalsets import BUNDLED, BUNDLED_DIR
+from .models import replace_dir
+from .outputs import _locks, lock_output, on_failure, release_locks, try_lock, unlock  # noqa: F401
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 STAGING_INFO = "staging.json"
+CARD = "README.md"          # the dataset card: `datasets.load_dataset(DIR)` reads the shards it names
 
 
 def shard_name(index: int, total: int, ext: str = "jsonl") -> str:
@@ -83,16 +92,24 @@ def dumps_records(records: Iterable[dict]) -> bytes:
 _STDIN_SHA: str | None = None       # sha256 of what this process read from stdin, once it has
 
 
+def sha256_cache_path() -> Path | None:
+    """$XDG_CACHE_HOME/s2d/sha256.json (default ~/.cache/s2d/sha256.json); None without a home directory."""
+    try:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "s2d" / "sha256.json"
+    except RuntimeError:            # no home directory to be found
+        return None
+
+
 def _sha256_cached(path: Path) -> str:
     """sha256 of a file, remembered in the user's cache by (real path, size, mtime): a model's weights are
     hashed once, not on every command that names them."""
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    cache = sha256_cache_path()
     try:
-        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "s2d" / "sha256.json"
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError, RuntimeError):     # RuntimeError: no home directory to be found
-        cache, known = None, {}
+        known = json.loads(cache.read_text()) if cache is not None else {}
+    except (OSError, ValueError):   # none yet (it is made below), or unreadable: start a new one
+        known = {}
     if not isinstance(known, dict):
         known = {}
     if key not in known:
@@ -127,74 +144,20 @@ def holds(outer: Path, path: Path) -> bool:
     return outer == path or outer in path.parents
 
 
-_locks: dict[str, tuple[int, Path]] = {}
-
-
-def lock_output(out: Path) -> None:
-    """One command at a time writes `out`: an exclusive flock on `.NAME.lock` beside it, held until the
-    command ends (`release_locks`, or the process's exit). A second command on the same `--out` (a
-    doubled Make target, a rerun while the first still loads its model) stops at once with a clear line,
-    instead of taking over, deleting or interleaving the first one's staging and checkpoints."""
-    key = os.path.realpath(out)   # one lock per directory, however it is spelled (a symlink, `..`)
-    if key in _locks:
-        return
-    lock = Path(key).parent / f".{Path(key).name}.lock"
-    while True:
-        try:
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            why = e.strerror
-            if isinstance(e, (FileExistsError, NotADirectoryError)):
-                why = f"{next(p for p in lock.parents if p.exists())} is not a directory"
-            raise UsageError(f"{out}: cannot write there ({why})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                os.close(fd)
-                raise UsageError(f"{out}: cannot lock {lock} ({e.strerror})") from None
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise UsageError(f"{out}: another s2d command (pid {holder}) is writing it now; wait for it to "
-                             "finish or choose another --out") from None
-        try:                      # the holder before us may have unlinked the file we opened: retry
-            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _locks[key] = (fd, lock)
-
-
-def release_locks() -> None:
-    """Drop the output locks this process holds (unlink first, so that no lock file is left behind)."""
-    while _locks:
-        _, (fd, lock) = _locks.popitem()
-        try:
-            lock.unlink(missing_ok=True)
-        except OSError:           # a directory that became read-only: the file stays, unlocked, and the
-            pass                  # command's own outcome stands (this runs in `execute`'s finally)
-        finally:
-            os.close(fd)
-
-
 def input_entry(path: str | Path | None) -> dict[str, Any]:
     """What a manifest says about one input: the path and, for stdin once read, a bundled set, a local
     file, an artifact or a local model directory, its sha256 (so a changed input changes the fingerprint
     of what is made from it)."""
     if path is None or str(path) == "-":
         return {"path": "-" if path else None} | ({"sha256": _STDIN_SHA} if path and _STDIN_SHA else {})
-    from .data import BUNDLED, BUNDLED_DIR
     if str(path) in BUNDLED:  # a bundled eval set (the name wins over a local file, as in load_examples)
         return {"path": str(path), "sha256": sha256_file(BUNDLED_DIR / BUNDLED[str(path)])}
     p = Path(path)
     if p.is_file():
         return {"path": str(p), "sha256": sha256_file(p)}
     if (p / MANIFEST).is_file():
+        if "shards" in (read_manifest(p) or {}):
+            check_shards(p)         # the manifest lists each shard's sha256: it stands for them once they match
         return {"path": str(p), "sha256": sha256_file(p / MANIFEST)}
     if (p / "config.json").is_file():
         return {"path": str(p), "sha256": model_digest(p)}
@@ -218,7 +181,7 @@ class ArtifactWriter:
     """
 
     def __init__(self, out: str | Path, *, kind: str, config: dict[str, Any], num_shards: int,
-                 inputs: Sequence[str | Path | None] = (), force: bool = False,
+                 inputs: Sequence[str | Path | None] = (), force: bool = False, nested: bool = False,
                  volatile: Sequence[str] = ("out", "force", "resume", "config", "workers")):
         self.kind = kind
         self.config = config
@@ -240,12 +203,18 @@ class ArtifactWriter:
             if src is not None and str(src) != "-" and Path(src).exists() and holds(self.out, Path(src)):
                 raise UsageError(f"--out {out}: is the input {src} (or holds it); choose another --out")
         self.staging = self.out.parent / f".{self.out.name}.partial"
-        if not force and self._finished():  # nothing to write: a finished output is read, even read-only
+        if (not force or nested) and self._finished():  # a finished output is read, even read-only
             self.complete = True
             print(f"{self.out}: already complete, nothing to do (--force redoes it)", file=sys.stderr)
+            held = os.path.realpath(self.out) in _locks
+            if try_lock(self.out):          # a writable place no live command is writing: tidy it
+                self._remove_leftovers()
+                if not held:
+                    unlock(self.out)        # and let the next command have it at once
             return
         lock_output(self.out)
-        self._prepare(force)
+        self._remove_leftovers()
+        self._prepare(force, nested)
 
     # -- set-up and resume
     def _finished(self) -> bool:
@@ -256,15 +225,52 @@ class ArtifactWriter:
         old = read_manifest(self.out)
         return old.get("fingerprint") == self.fingerprint and old.get("kind") == self.kind
 
-    def _prepare(self, force: bool) -> None:
+    def _remove_leftovers(self) -> None:
+        """What a killed run of this output left beside it (called with the output's lock held, so no live
+        command owns any of it): the previous output moved aside by a commit (`.NAME.old-*`, a whole copy),
+        writes never renamed into place, and a staging directory made redundant by a finished output of
+        the same config (a killed `--force` rerun of it) or holding no finished shard."""
+        for old in self.out.parent.glob(f".{self.out.name}.old-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        if self.staging.is_dir():
+            for tmp in self.staging.glob("*.tmp"):
+                tmp.unlink(missing_ok=True)
+            if self.complete and (self._staged_fingerprint() == self.fingerprint
+                                  or not any(self.staging.glob("data-*.jsonl"))):
+                shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _staged_fingerprint(self) -> str | None:
+        """The fingerprint and shard count of the run staged in `.NAME.partial`: from staging.json, or from
+        the manifest once the commit has written it (staging.json is removed after the manifest)."""
+        return self._staged().get("fingerprint")
+
+    def _staged(self) -> dict:
+        info, manifest = self.staging / STAGING_INFO, self.staging / MANIFEST
+        try:
+            if info.is_file():
+                return json.loads(info.read_text())
+            if manifest.is_file():          # killed after the manifest replaced staging.json
+                m = json.loads(manifest.read_text())
+                return {"fingerprint": m.get("fingerprint"), "num_shards": len(m.get("shards", [])),
+                        "config": m.get("config")}
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
+        return {}
+
+    def _prepare(self, force: bool, nested: bool = False) -> None:
+        """`nested`: an output inside a run directory that its trainer has already claimed for this config
+        (grpo's out/rollouts), and resumes from its checkpoints: the run's --force reaches the output (a
+        staged or finished output of another config there is removed) but never redoes a finished one of
+        this config, and a staged run that an older s2d left unmarked (killed in its commit) is this run's."""
         out, staging = self.out, self.staging
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out}: exists and is not a directory")
         if out.is_dir():
             manifest = out / MANIFEST
             if manifest.is_file():
-                if not force and self._finished():   # finished by a command that held the lock just before
+                if (not force or nested) and self._finished():   # finished by the command that held the lock
                     self.complete = True
+                    self._remove_leftovers()
                     return
                 if not force:
                     old = read_manifest(out)
@@ -276,13 +282,10 @@ class ArtifactWriter:
                                  "use --force to replace it or choose another --out")
         info = staging / STAGING_INFO
         if staging.exists():
-            try:
-                old = json.loads(info.read_text()) if info.is_file() else {}
-                if not old and (staging / MANIFEST).is_file():  # killed between the manifest and the rename
-                    m = json.loads((staging / MANIFEST).read_text())
-                    old = {"fingerprint": m.get("fingerprint"), "num_shards": len(m.get("shards", []))}
-            except (OSError, ValueError):
-                old = {}
+            old = self._staged()
+            if nested and not old:
+                old = {"fingerprint": self.fingerprint, "num_shards": self.num_shards}
+                _write_atomic(info, json.dumps({**old, "kind": self.kind, "config": self.config}, default=str).encode())
             same = old.get("fingerprint") == self.fingerprint and old.get("num_shards") == self.num_shards
             # --force discards a partial run of another config; this command's own partial run resumes
             # (so "rerun the same command" resumes a killed --force run too), and one that never
@@ -290,7 +293,7 @@ class ArtifactWriter:
             if not same and (force or not any(staging.glob("data-*.jsonl"))):
                 shutil.rmtree(staging)
             elif not same:
-                diff = f" ({_config_diff(old['config'], self.config)})" if "config" in old else ""
+                diff = f" ({_config_diff(old['config'], self.config)})" if isinstance(old.get("config"), dict) else ""
                 raise UsageError(f"{staging}: a partial run with a different config is in the way{diff}; "
                                  "use --force to discard it")
         if not staging.exists():
@@ -298,8 +301,7 @@ class ArtifactWriter:
                 staging.mkdir(parents=True)
             except OSError as e:
                 raise UsageError(f"{out}: cannot write there ({e.strerror})") from None
-            from . import cliutil
-            cliutil.on_failure(self._discard_unstarted)
+            on_failure(self._discard_unstarted)
             _write_atomic(info, json.dumps({"fingerprint": self.fingerprint, "num_shards": self.num_shards,
                                             "kind": self.kind, "config": self.config}, default=str).encode())
 
@@ -359,8 +361,8 @@ class ArtifactWriter:
         shards, total = [], 0
         for i in range(self.num_shards):
             path = self.staging / shard_name(i, self.num_shards)
-            count = sum(1 for _ in open(path, "rb"))
-            entry = {"file": path.name, "records": count, "sha256": sha256_file(path)}
+            count, sha = _digest_lines(path)
+            entry = {"file": path.name, "records": count, "sha256": sha}
             tpath = path.with_suffix(".safetensors")
             if tpath.is_file():
                 entry["tensors"] = {"file": tpath.name, "sha256": sha256_file(tpath)}
@@ -379,11 +381,15 @@ class ArtifactWriter:
             "shards": shards,
             **(extra or {}),
         }
-        (self.staging / STAGING_INFO).unlink(missing_ok=True)
+        # Every instant of what follows leaves a state the rerun of this command finishes: until the manifest
+        # is in place staging.json says whose staging this is; from then on the manifest says it; `out`
+        # is replaced by two renames, and a kill between them leaves no `out` and a staged run whose
+        # manifest is written, which the rerun commits. The old `out` is removed last (or by the rerun).
         for leftover in self.staging.glob("*.tmp"):  # a write a killed run never finished
             leftover.unlink()
+        _write_atomic(self.staging / CARD, dataset_card(self.kind, manifest, self.staging).encode())
         _write_atomic(self.staging / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
-        from .models import replace_dir
+        (self.staging / STAGING_INFO).unlink(missing_ok=True)
         replace_dir(self.staging, self.out)
         self.complete = True
         return self.out
@@ -458,8 +464,9 @@ def _iter_source(source: str | Path) -> Iterator[tuple[str, dict]]:
         if not manifest.is_file():
             raise UsageError(f"{path}: not a complete s2d artifact (no {MANIFEST}){hint}")
         for shard in record_shards(path):
-            for rec in _iter_jsonl(path / shard["file"]):
-                yield str(path / shard["file"]), rec
+            file = path / shard["file"]
+            for rec in _iter_jsonl(file, _checked_lines(file, shard)):
+                yield str(file), rec
         return
     if not path.exists():
         raise UsageError(f"{path}: no such file or directory{hint}")
@@ -531,6 +538,21 @@ def read_manifest(path: str | Path) -> dict | None:
     return m
 
 
+SAMPLED_WITH = ("dataset", "model", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed")
+
+
+def made_with(path: str | Path) -> dict:
+    """The settings that sampled an artifact's records, read from its own manifest and nowhere else: the
+    config of a command that sampled them (rollout, eval), or the `made_with` a command that only scored
+    them (verify) copied from the manifest of its own input when it ran. {} when unknown."""
+    manifest = read_manifest(path) or {}
+    config = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    if "temperature" in config:
+        return {k: config[k] for k in SAMPLED_WITH if k in config}
+    recorded = manifest.get("made_with")
+    return dict(recorded) if isinstance(recorded, dict) else {}
+
+
 def shard_file(path: Path, name: Any) -> Path:
     """`path / name` for a file a manifest lists: a plain file name of the artifact, never a number, a
     '../x' or an absolute path (a damaged or hand-edited manifest)."""
@@ -557,12 +579,150 @@ def record_shards(path: Path) -> list[dict]:
         if tensors is not None:
             shard_file(path, tensors["file"])
         records = shard.get("records")
-        if records is not None and (isinstance(records, bool) or not isinstance(records, int) or records < 0):
+        if isinstance(records, bool) or not isinstance(records, int) or records < 0:
             raise UsageError(f"{path / MANIFEST}: not a valid manifest (shard {shard['file']!r}: 'records' is "
                              f"{records!r}, expected a count)")
+        for what, entry in (("", shard), ("tensors ", tensors or {"sha256": "0" * 64})):
+            sha = entry.get("sha256")
+            if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+                raise UsageError(f"{path / MANIFEST}: not a valid manifest (shard {shard['file']!r}: {what}'sha256' "
+                                 f"is {sha!r}, expected 64 hex digits)")
         if not (path / shard["file"]).is_file():
             raise UsageError(f"{path / shard['file']}: shard listed in {MANIFEST} is missing")
     return shards
+
+
+def _digest_lines(path: Path) -> tuple[int, str]:
+    """(lines, sha256) of a shard file, in one pass: what the manifest records for it."""
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for raw in f:
+            h.update(raw)
+            n += 1
+    return n, h.hexdigest()
+
+
+def _checked_lines(file: Path, shard: dict) -> Iterator[bytes]:
+    """The lines of a shard file as they stream from disk, hashed and counted on the way: a shard edited
+    after its manifest was written (or a manifest that lies about it) is refused when the stream ends, or
+    as soon as it runs past the count the manifest claims. One pass: reading is checking."""
+    h, n, expected = hashlib.sha256(), 0, shard["records"]
+    with open(file, "rb") as f:
+        stamp = _stamp(f.fileno())
+        for raw in f:
+            n += 1
+            if n > expected:
+                _check_digest(file, expected, None, n, None)
+            h.update(raw)
+            yield raw
+    _check_digest(file, expected, shard["sha256"], n, h.hexdigest())
+    _checked.add((*stamp, shard["sha256"]))
+
+
+_checked: set[tuple] = set()   # shard files this process has read whole and found as their manifest says
+
+
+def _stamp(fd: int) -> tuple:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_digest(file: Path, records: int | None, sha: str | None, got_records: int | None,
+                  got_sha: str | None) -> None:
+    if records is not None and got_records != records:
+        more = "more than" if got_records > records else f"{got_records} records, not"
+        raise UsageError(f"{file}: holds {more} the {records} records {MANIFEST} lists; the shard or the "
+                         "manifest was changed after the artifact was written (rerun the command that made it)")
+    if sha is not None and got_sha != sha:
+        raise UsageError(f"{file}: sha256 {got_sha[:12]}... is not the {sha[:12]}... that {MANIFEST} lists; the "
+                         "shard was changed after the artifact was written (rerun the command that made it)")
+
+
+def check_shards(artifact: str | Path) -> None:
+    """Every shard of a record artifact (JSONL and tensors) against its manifest's counts and sha256: what
+    an artifact's fingerprint (its manifest's sha256) stands for. One line naming the first shard that
+    does not match."""
+    path = Path(artifact)
+    for shard in record_shards(path):
+        file = path / shard["file"]
+        with open(file, "rb") as f:
+            if (*_stamp(f.fileno()), shard["sha256"]) in _checked:   # read and checked by this command
+                continue
+        for _ in _checked_lines(file, shard):
+            pass
+        if "tensors" in shard:
+            tfile = path / shard["tensors"]["file"]
+            if not tfile.is_file():
+                raise UsageError(f"{tfile}: tensor shard listed in {MANIFEST} is missing")
+            _check_digest(tfile, None, shard["tensors"]["sha256"], None, sha256_file(tfile))
+
+
+def dataset_card(kind: str, manifest: dict, where: Path) -> str:
+    """README.md of an artifact: a Hugging Face dataset card whose `configs` name the JSONL shards, so that
+    `datasets.load_dataset(DIR)` reads the records (and neither manifest.json nor the tensor shards), and
+    whose `dataset_info.features` are the column types over all shards: datasets would otherwise take
+    them from the first shard alone (a column that is null there and text later fails to cast).
+    Written from the shards and the manifest's content only, so a rerun writes the same bytes."""
+    import yaml
+
+    tensors = any("tensors" in s for s in manifest["shards"])
+    head = {"configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data-*.jsonl"}]}]}
+    features = _features(where / s["file"] for s in manifest["shards"])
+    if features is not None:
+        head["dataset_info"] = {"features": features}
+    lines = [
+        "---",
+        yaml.safe_dump(head, sort_keys=False).rstrip("\n"),
+        "---",
+        f"# s2d {kind} artifact",
+        "",
+        f"{manifest['num_records']} records in {len(manifest['shards'])} JSONL shards, listed with their counts and",
+        "sha256 in manifest.json (the settings that made them are there too).",
+        "",
+        "    import datasets                                      # pip install datasets",
+        "    ds = datasets.load_dataset(\"DIR\", split=\"train\")",
+        "    from s2d_cli.artifacts import read_records",
+        "    records = read_records(\"DIR\")                       # the same records, shards checked",
+    ]
+    if tensors:
+        lines += ["", "Per-token top-K tensors are in `data-*.safetensors`, one per JSONL shard: `offsets` (int64,",
+                  "records + 1) and flat `topk_ids` / `topk_logprobs` (record i owns rows offsets[i]:offsets[i+1]);",
+                  "`s2d_cli.artifacts.iter_record_tensors(\"DIR\")` yields them record by record."]
+    return "\n".join(lines) + "\n"
+
+
+def _features(files: Iterable[Path]) -> list | None:
+    """The columns of JSONL shards as a dataset card lists them (`datasets.Features` in YAML), the types
+    unified over every shard; None when Arrow cannot type them (a column holding a number in one record
+    and text in another): the card then names the files only."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    try:
+        schemas = [pj.read_json(f).schema for f in files if f.stat().st_size]
+        if not schemas:
+            return None
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+        return [{"name": f.name, **_feature(f.type)} for f in schema]
+    except (pa.ArrowException, ValueError, TypeError, OSError):
+        return None
+
+
+_DTYPES = {"double": "float64", "float": "float32", "halffloat": "float16"}
+
+
+def _feature(t) -> dict:
+    """One Arrow type as `datasets.Features._to_yaml_list` writes it (without importing datasets, which
+    takes seconds): {"dtype": "int64"}, {"list": "int64"}, {"struct": [...]}, {"list": [fields]}."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(t):
+        return {"struct": [{"name": f.name, **_feature(f.type)} for f in t]}
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        inner = _feature(t.value_type)
+        value = inner[next(iter(inner))] if list(inner) in (["dtype"], ["struct"]) else inner
+        return {"large_list" if pa.types.is_large_list(t) else "list": value}
+    return {"dtype": _DTYPES.get(str(t), str(t))}
 
 
 def unreadable_tensors(tfile: Path, e: Exception) -> UsageError:
@@ -574,7 +734,7 @@ def unreadable_tensors(tfile: Path, e: Exception) -> UsageError:
 def iter_record_tensors(artifact: str | Path) -> Iterator[dict[str, torch.Tensor] | None]:
     """Per-record tensor slices of an artifact, aligned with `read_records(artifact)`; None for
     records whose shard has no tensors."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(artifact)
     manifest = read_manifest(path)
@@ -584,17 +744,16 @@ def iter_record_tensors(artifact: str | Path) -> Iterator[dict[str, torch.Tensor
 
     for shard in record_shards(path):
         if "tensors" not in shard:
-            count = shard.get("records")
-            if count is None:
-                count = sum(1 for _ in _iter_jsonl(path / shard["file"]))
-            for _ in range(count):
+            for _ in range(shard["records"]):
                 yield None
             continue
         tfile = path / shard["tensors"]["file"]
         if not tfile.is_file():
             raise UsageError(f"{tfile}: tensor shard listed in {MANIFEST} is missing")
         try:
-            tensors = load_file(tfile)
+            data = tfile.read_bytes()
+            _check_digest(tfile, None, shard["tensors"]["sha256"], None, hashlib.sha256(data).hexdigest())
+            tensors = load(data)
         except (SafetensorError, OSError) as e:
             raise unreadable_tensors(tfile, e) from None
         if "offsets" not in tensors:

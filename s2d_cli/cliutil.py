@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import errno
 import os
 import re
 import sys
@@ -20,6 +21,7 @@ from rich.console import Console
 from typer.core import TyperCommand
 
 from .errors import UsageError
+from .outputs import forget_failure_undos, on_failure, release_locks, undo_failed  # noqa: F401
 
 console = Console(stderr=True)
 
@@ -45,23 +47,6 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-_on_failure: list[Callable[[], None]] = []
-
-
-def on_failure(undo: Callable[[], None]) -> None:
-    """Run `undo` if the current command fails (not when it is interrupted): e.g. remove a run directory
-    this command made before anything in it was worth keeping, so that bad input leaves no partial output."""
-    _on_failure.append(undo)
-
-
-def _undo() -> None:
-    while _on_failure:
-        try:
-            _on_failure.pop()()
-        except Exception:  # pragma: no cover - cleaning up must not hide the real error
-            pass
-
-
 def _stdout_closed() -> bool:
     """Whether stdout is a pipe whose reader has gone (poll reports an error on its write end)."""
     import select
@@ -80,15 +65,15 @@ def execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
     if captured is not None:
         captured.append(build_config)
         return None
-    _on_failure.clear()
+    forget_failure_undos()
     try:
         return _execute(run, build_config)
     finally:
-        from .artifacts import release_locks
         release_locks()
 
 
 def _execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
+    cfg = None
     try:
         if _SHOW_CONFIG.get():
             return show_config(build_config)
@@ -96,14 +81,14 @@ def _execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
         cfg = build_config()
         return run(cfg)
     except UsageError as e:
-        _undo()
+        undo_failed()
         fail(existing_flags(str(e).splitlines()[0]) if str(e) else "bad input", 2)
     except KeyboardInterrupt:
         sys.stderr.write("s2d: interrupted; rerun the same command to resume\n")
         raise typer.Exit(130) from None
     except BrokenPipeError as e:
         if not _stdout_closed():       # some other pipe (a reward server, a subprocess): a real failure
-            _undo()
+            undo_failed()
             fail(f"internal error: BrokenPipeError: {e} (set S2D_DEBUG=1 for the traceback)", 1)
         # the reader of stdout went away (`s2d verify ... --out - | head`): stop quietly, as Unix filters
         # do, with SIGPIPE's status; what is left to flush goes nowhere
@@ -112,7 +97,14 @@ def _execute(run: Callable[[Any], Any], build_config: Callable[[], Any]) -> Any:
     except typer.Exit:
         raise
     except Exception as e:
-        _undo()
+        undo_failed()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):   # a full disk: say where
+            out = getattr(cfg, "out", None) if cfg is not None else None
+            # a failed write() names no file: it was the output the command was writing, stdout for '-'
+            where = e.filename or ("<stdout>" if out in (None, "-") else out)
+            if where == "<stdout>":               # the exit's own flush would fail again, with a traceback
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            fail(f"{where}: {e.strerror} (errno {e.errno}); free some space or write elsewhere", 1)
         if os.environ.get("S2D_DEBUG"):
             raise
         first = (str(e).splitlines() or [""])[0][:300]

@@ -195,7 +195,8 @@ def in_vocab_prefix(token_ids: list[int], vocab: int) -> int:
 
 # The options that name the pair, shared by kl-warmup and opd.
 StudentOpt = Annotated[str | None, typer.Option("--student", "-s", help="Student checkpoint directory or hub id (trained).")]
-TeacherOpt = Annotated[str | None, typer.Option("--teacher", "-t", help="Teacher checkpoint directory or hub id (frozen).")]
+TeacherOpt = Annotated[str | None, typer.Option(
+    "--teacher", "-t", help="Teacher checkpoint directory or hub id (frozen), or a vLLM server's URL (http://host:port/v1).")]
 AllowMismatchOpt = Annotated[bool | None, typer.Option(
     "--allow-vocab-size-mismatch",
     help="Let the two models' embedding row counts differ (tokenizers must still agree on every id); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -73,8 +74,114 @@ def _coerce(value: Any, hint: Any, where: str, key: str) -> Any:
     return value
 
 
-def _apply(values: dict, overrides: dict, hints: dict, where: str) -> None:
+# ----------------------------------------------------------------------------------------------
+# float ranges: every float key of every command is checked here, wherever its value came from
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A closed or open interval of finite numbers: Range(0, 1, lo_open=True) is (0, 1]."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        return (math.isfinite(x) and (x > self.lo if self.lo_open else x >= self.lo)
+                and (x < self.hi if self.hi_open else x <= self.hi))
+
+    def __str__(self) -> str:
+        if self.lo == -math.inf and self.hi == math.inf:
+            return ""
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE = Range(0, lo_open=True), Range(0)
+UNIT, UNIT_OPEN_TOP, UNIT_OPEN_BOTTOM = Range(0, 1), Range(0, 1, hi_open=True), Range(0, 1, lo_open=True)
+
+# Every float key (a test checks that each command's float fields are all here). NaN and inf are
+# outside every range: NaN passes every `<` check a command might do by hand and trains NaN weights,
+# inf makes a temperature sample nothing or a learning rate blow every weight up.
+FLOAT_RANGES: dict[str, Range] = {
+    "temperature": NON_NEGATIVE,          # sampling: 0 is greedy
+    "top_p": UNIT_OPEN_BOTTOM,
+    "gpu_memory_utilization": UNIT_OPEN_BOTTOM,
+    "timeout": Range(0, 86_400, lo_open=True),   # verifier seconds a item; more than a day overflows waits
+    "lr": Range(0, 1, lo_open=True),      # AdamW steps move each weight by about lr: above 1 is no schedule
+    "min_lr_ratio": UNIT,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": UNIT_OPEN_TOP,
+    "adam_beta2": UNIT_OPEN_TOP,
+    "max_grad_norm": NON_NEGATIVE,        # 0: no clipping
+    "clip_low": UNIT,                     # the ratio's lower bound 1 - clip_low stays >= 0
+    "clip_high": NON_NEGATIVE,
+    "beta": NON_NEGATIVE,
+    "is_cap": NON_NEGATIVE,               # 0: off
+    "alpha": NON_NEGATIVE,
+    "discount": UNIT,
+    "error_rate": UNIT,
+    "teacher_timeout": Range(0, 86_400, lo_open=True),   # served teacher: seconds per HTTP request
+    "teacher_selftest_tol": NON_NEGATIVE,                 # served teacher: nats
+}
+# where one command means something else by a key
+FLOAT_RANGES_OF: dict[str, dict[str, Range]] = {
+    "KLWarmupConfig": {"temperature": POSITIVE},   # the KL's softmax temperature divides the logits
+}
+
+
+def float_range(cls: type, key: str) -> Range:
+    """The range of float key `key` of config class `cls` (any finite number when the table has none)."""
+    for klass in cls.__mro__:
+        if key in FLOAT_RANGES_OF.get(klass.__name__, {}):
+            return FLOAT_RANGES_OF[klass.__name__][key]
+    return FLOAT_RANGES.get(key, Range())
+
+
+def is_float_key(hint: Any) -> bool:
+    return hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                             and float in typing.get_args(hint))
+
+
+def check_float_ranges(cfg: Any, sources: dict[str, str] | None = None) -> None:
+    """Refuse any float key of `cfg` outside its range (`FLOAT_RANGES`), naming the key as it was given
+    (`--lr`, `--set: lr`, `stage.yaml: lr`), the value and the range. None (unset optional) passes."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not is_float_key(hints.get(f.name)) or value is None or isinstance(value, bool):
+            continue
+        rng = float_range(type(cfg), f.name)
+        if float(value) not in rng:
+            where = (sources or {}).get(f.name, "defaults")
+            name = f"--{f.name.replace('_', '-')}" if where == "flag" else \
+                f.name if where == "defaults" else f"{where}: {f.name}"
+            raise UsageError(f"{name}: expected a finite number{f' {rng}' if str(rng) else ''}, got {value}")
+
+
+def check_out_path(cfg: Any) -> None:
+    """An --out that no command could ever create or read (a symlink loop, a name too long) is refused
+    here, naming it, before any command resolves it deep inside (a RuntimeError there, exit 1). A path
+    that does not exist yet, or sits under a file, is each command's own business."""
+    import errno
+    import os
+
+    out = getattr(cfg, "out", None)
+    if not isinstance(out, str) or out in ("", "-"):
+        return
+    try:
+        os.stat(out)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENAMETOOLONG):
+            raise UsageError(f"--out {out}: {e.strerror}" + (" (a symlink loop)" if e.errno == errno.ELOOP else "")) from None
+    except ValueError:        # an embedded NUL byte
+        raise UsageError(f"--out {out!r}: not a valid path") from None
+
+
+def _apply(values: dict, overrides: dict, hints: dict, where: str, sources: dict | None = None) -> None:
     for key, value in overrides.items():
+        if sources is not None:
+            sources[key] = where
         if key not in hints:
             import difflib
 
@@ -125,11 +232,12 @@ def resolve(cls: type[C], *, config_file: str | None = None, sets: list[str] | N
     names = {f.name for f in dataclasses.fields(cls)}
     hints = {k: v for k, v in hints.items() if k in names}
     values: dict[str, Any] = {}
-    _apply(values, base or {}, hints, "defaults")
+    sources: dict[str, str] = {}     # key -> where its value came from, for check_float_ranges' message
+    _apply(values, base or {}, hints, "defaults", sources)
     if config_file:
-        _apply(values, load_yaml(config_file), hints, str(config_file))
-    _apply(values, parse_sets(sets), hints, "--set")
-    _apply(values, {k: v for k, v in (flags or {}).items() if v is not None}, hints, "flag")
+        _apply(values, load_yaml(config_file), hints, str(config_file), sources)
+    _apply(values, parse_sets(sets), hints, "--set", sources)
+    _apply(values, {k: v for k, v in (flags or {}).items() if v is not None}, hints, "flag", sources)
     try:
         cfg = cls(**values)
     except TypeError as e:  # a required field with no value anywhere
@@ -139,6 +247,8 @@ def resolve(cls: type[C], *, config_file: str | None = None, sets: list[str] | N
         if missing:
             raise UsageError(f"missing required option --{missing[0].replace('_', '-')}") from None
         raise UsageError(str(e)) from None
+    check_float_ranges(cfg, sources)     # before validate(), which may compute with them
+    check_out_path(cfg)
     validate = getattr(cfg, "validate", None)
     if validate is not None and _VALIDATE.get():
         validate()

@@ -24,16 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, located
+from .evalsets import BUNDLED, BUNDLED_DIR
 from .verifier import gold_type_error
 
-BUNDLED_DIR = Path(__file__).parent / "bundled"
-BUNDLED = {
-    "math500": "math500.jsonl",
-    "aime24": "aime24.jsonl",
-    "aime25": "aime25.jsonl",
-    "amc23": "amc23.jsonl",
-    "gsm8k": "gsm8k.jsonl",
-}
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 PROMPT_FIELDS = ("problem", "question", "prompt", "input")
 ANSWER_FIELDS = ("answer", "gold", "target", "solution")

@@ -24,7 +24,7 @@ from pathlib import Path
 import typer
 
 from . import cliutil as cu
-from .artifacts import ArtifactWriter, check_shard_size, read_located, read_manifest, shard_slices
+from .artifacts import ArtifactWriter, check_shard_size, made_with, read_located, shard_slices
 from .config import resolve
 from .data import Example
 from .errors import UsageError
@@ -35,7 +35,7 @@ from .rollout import (
     check_sampling,
     completion_records,
     encode_examples,
-    load_prompts,
+    load_fitting_prompts,
     open_engine,
     sampling_config,
 )
@@ -131,8 +131,8 @@ def run(cfg: EvalConfig) -> dict:
         check_golds(inputs, cfg.rollouts, where)
         slices = shard_slices(len(inputs), cfg.shard_size * 16)
     else:
-        inputs = load_prompts(cfg, require_answer=True)
         check_model_ref(cfg.model)
+        inputs, skipped = load_fitting_prompts(cfg, cfg.model, require_answer=True)
         slices = shard_slices(len(inputs), cfg.shard_size)
     writer = None
     if cfg.out is not None:
@@ -160,6 +160,8 @@ def run(cfg: EvalConfig) -> dict:
     metrics = summarize(records, dataset=dataset, model=model)
     if cfg.protocol:
         metrics["protocol"] = cfg.protocol
+    if cfg.rollouts is None and skipped:      # long_prompts=skip: these prompts are not in the accuracy
+        metrics["skipped_long_prompts"] = skipped
     # re-scored rollouts were sampled as their rollout's manifest says (unknown for a bare file), not
     # with this command's defaults
     metrics["sampling"] = ({k: made[k] for k in keys if k in made} or None) if cfg.rollouts is not None \
@@ -171,7 +173,8 @@ def run(cfg: EvalConfig) -> dict:
         print(json.dumps(metrics, indent=2))
         return metrics
     writer.write_file("metrics.json", metrics)
-    writer.commit(extra={"accuracy": metrics["accuracy"], "num_prompts": metrics["num_prompts"]})
+    writer.commit(extra={"accuracy": metrics["accuracy"], "num_prompts": metrics["num_prompts"],
+                         "skipped_long_prompts": metrics.get("skipped_long_prompts", 0)})
     from .trackers import log_once
     log_once(cfg, metrics, out=cfg.out, config=asdict(cfg))
     print(cfg.out)
@@ -179,20 +182,9 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def _made_with(source: str) -> dict:
-    """The config of the rollout or eval that sampled `source`, following a verified artifact back to its
-    input; {} when that is unknown (a plain file, stdin)."""
-    path = Path(source) if source != "-" else None
-    for _ in range(4):
-        if path is None or not path.is_dir():
-            return {}
-        manifest = read_manifest(path) or {}
-        config = manifest.get("config") or {}
-        if "temperature" in config:
-            return config
-        inputs = manifest.get("inputs") or []
-        up = inputs[0].get("path") if inputs and isinstance(inputs[0], dict) else None
-        path = Path(up) if up and up != "-" else None
-    return {}
+    """How the records of `source` were sampled, from its own manifest only (`artifacts.made_with`): the
+    paths a manifest names are information, never followed; {} when unknown (a plain file, stdin)."""
+    return made_with(source) if source != "-" and Path(source).is_dir() else {}
 
 
 def build_config(protocol: str | None, config: str | None, sets: list[str] | None, flags: dict) -> EvalConfig:

@@ -14,9 +14,16 @@ turns rewards into group advantages. Loss variants (--loss):
   dr_grpo  no std division, sum over tokens / (B x max_new_tokens)
   dapo     token mean over the batch, clip 0.2/0.28, groups with zero reward variance dropped
   gspo     one importance ratio per sequence (geometric mean), clip 3e-4/4e-4
-PPO clipping over --update-epochs (mu) passes; KL to a frozen reference (k1/k3) only when --beta > 0
-(no reference model is loaded otherwise); truncated importance sampling when the engine's
-log-probs differ from the trainer's (vllm).
+PPO clipping over --update-epochs (mu) passes; truncated importance sampling when the engine's
+log-probs differ from the trainer's (vllm). KL to a frozen reference only when --beta > 0 (no
+reference model is loaded otherwise), inside each variant's own normaliser (as DeepSeekMath and TRL);
+--kl-estimator says how it is trained. k1 and k3 both estimate KL(policy || ref) as values; the
+gradients differ (exact expectations on-policy, tests/test_losses.py):
+  k3     beta * k3 in each token's loss (DeepSeekMath's GRPO): follows grad KL(ref || policy)
+  k3_is  beta * k3 * ratio, the ratio differentiable (DeepSeek-V3.2; TRL 1.16's default):
+         follows grad KL(policy || ref)
+  k1     -beta * (logp - ref_logp) per token in the advantage, detached (the KL in the reward):
+         follows grad KL(policy || ref); k1 as a loss term would have zero expected gradient
 
 The scarce-label setting: --max-labels N caps the distinct labelled prompts ever used; the manifest
 records `labels_used`. Every step's rollouts, with rewards, are kept in out/rollouts (an artifact).
@@ -37,6 +44,8 @@ from .artifacts import ArtifactWriter, read_records
 from .compat import token_ids
 from .config import require_run_dir, resolve
 from .data import Example
+from .engines import sample_seed
+from .engines.weight_sync import full_tensors
 from .errors import UsageError
 from .rollout import (
     PromptFields,
@@ -44,12 +53,18 @@ from .rollout import (
     check_sampling,
     completion_records,
     encode_examples,
-    load_prompts,
+    load_fitting_prompts,
     sampling_config,
 )
 from .trainer import VOLATILE, Batch, Sequence, Trainer, TrainFields
 
 CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+# which KL each estimator's gradient follows on-policy (values: k3 and k1 both estimate KL(policy || ref))
+KL_ESTIMATORS = {
+    "k3": "loss term beta*k3 (DeepSeekMath); gradient follows KL(ref || policy)",
+    "k3_is": "loss term beta*k3*ratio (DeepSeek-V3.2, TRL's default); gradient follows KL(policy || ref)",
+    "k1": "reward -beta*(logp - ref_logp) per token, detached; gradient follows KL(policy || ref)",
+}
 
 
 @dataclass
@@ -64,7 +79,7 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
     clip_high: float | None = None   # default per loss: grpo/dr_grpo 0.2, dapo 0.28, gspo 4e-4
     update_epochs: int = 1           # mu: PPO passes over each batch
     beta: float = 0.0                # KL-to-reference coefficient (0: no reference model loaded)
-    kl_estimator: str = "k3"         # k1 | k3
+    kl_estimator: str = "k3"         # k3 | k3_is | k1: how the KL to the reference is trained (see KL_ESTIMATORS)
     is_cap: float = 2.0              # truncated importance-sampling cap for engine/trainer mismatch (0: off)
     mask_truncated: bool = False     # drop completions that hit max_new_tokens from the loss
     overlong_buffer: int = 0         # DAPO soft overlong penalty over the last N tokens of the budget (0: off)
@@ -75,6 +90,12 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
     temperature: float = 1.0
     max_new_tokens: int = 1024
     lr: float = 1e-6
+    # colocated vllm (--backend vllm, or auto on a GPU host with vLLM): the engine shares each GPU with
+    # training, so it takes a share of the memory, and sleeps (vLLM's sleep mode, GPU only) while the
+    # update runs: 1 frees the KV cache and parks the weights in host memory, 2 drops the weights too
+    # (every update resends them anyway), 0 keeps both
+    gpu_memory_utilization: float = 0.3
+    vllm_sleep_level: int = 1
 
     def validate(self) -> None:
         if not self.model:
@@ -89,12 +110,14 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
             raise UsageError(f"--prompts-per-step: expected >= 1, got {self.prompts_per_step}")
         if self.loss not in CLIP_DEFAULTS:
             raise UsageError(f"--loss: expected one of {', '.join(CLIP_DEFAULTS)}, got {self.loss!r}")
-        if self.kl_estimator not in ("k1", "k3"):
-            raise UsageError(f"kl_estimator: expected k1 or k3, got {self.kl_estimator!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise UsageError(f"--kl-estimator: expected one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if self.max_labels is not None and self.max_labels < 1:
             raise UsageError(f"--max-labels: expected >= 1, got {self.max_labels}")
         if self.update_epochs < 1:
             raise UsageError(f"update_epochs: expected >= 1, got {self.update_epochs}")
+        if self.vllm_sleep_level not in (0, 1, 2):
+            raise UsageError(f"vllm_sleep_level: expected 0, 1 or 2, got {self.vllm_sleep_level}")
         check_sampling(self)
         from .verifier import check_pool_options
         check_pool_options(self.workers, self.timeout)   # before the run directory exists
@@ -136,17 +159,32 @@ def overlong_penalty(length: int, max_new_tokens: int, buffer: int) -> float:
     return max(-1.0, (max_new_tokens - buffer - length) / buffer)
 
 
-def policy_loss(cfg: GRPOConfig, logp_BT, old_BT, adv_B, mask_BT, is_BT, n_seq: float, n_tok: float):
-    """The variant's surrogate with global normalisers (so micro-batches and processes add up)."""
-    kw = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high}
+def policy_loss(cfg: GRPOConfig, logp_BT, old_BT, adv_B, mask_BT, is_BT, n_seq: float, n_tok: float,
+                ref_BT=None):
+    """The variant's surrogate with global normalisers (so micro-batches and processes add up), and,
+    given the reference's log-probs `ref_BT` (beta > 0), the KL to the reference: k3 / k3_is as a term
+    of each token's loss under the variant's own normaliser, k1 as a per-token reward in the advantage
+    (`losses.kl_term`, `losses.kl_reward_advantages`). Metric `kl_ref` is the token mean of k3, an
+    unbiased estimate of KL(policy || reference) per token, whichever estimator trains."""
+    kw = {"clip_low": cfg.clip_low, "clip_high": cfg.clip_high, "is_weight_BT": is_BT}
+    adv, kl_ref = adv_B, None
+    if ref_BT is not None:
+        if cfg.kl_estimator == "k1":
+            adv = L.kl_reward_advantages(adv_B, old_BT, ref_BT, mask_BT, beta=cfg.beta)
+        else:
+            kw["kl_term_BT"] = L.kl_term(logp_BT, old_BT, ref_BT, mask_BT, beta=cfg.beta, estimator=cfg.kl_estimator)
+        kl_ref = L.masked_mean(L.kl_penalty(logp_BT.detach(), ref_BT, mask_BT, estimator="k3"), mask_BT)
     if cfg.loss == "grpo":
-        return L.grpo_loss(logp_BT, old_BT, adv_B, mask_BT, is_weight_BT=is_BT, num_sequences=n_seq, **kw)
-    if cfg.loss == "dr_grpo":
-        return L.dr_grpo_loss(logp_BT, old_BT, adv_B, mask_BT, max_len=cfg.max_new_tokens, is_weight_BT=is_BT,
-                              num_sequences=n_seq, **kw)
-    if cfg.loss == "dapo":
-        return L.dapo_loss(logp_BT, old_BT, adv_B, mask_BT, is_weight_BT=is_BT, num_tokens=n_tok, **kw)
-    return L.gspo_loss(logp_BT, old_BT, adv_B, mask_BT, is_weight_BT=is_BT, num_sequences=n_seq, **kw)
+        loss, m = L.grpo_loss(logp_BT, old_BT, adv, mask_BT, num_sequences=n_seq, **kw)
+    elif cfg.loss == "dr_grpo":
+        loss, m = L.dr_grpo_loss(logp_BT, old_BT, adv, mask_BT, max_len=cfg.max_new_tokens, num_sequences=n_seq, **kw)
+    elif cfg.loss == "dapo":
+        loss, m = L.dapo_loss(logp_BT, old_BT, adv, mask_BT, num_tokens=n_tok, **kw)
+    else:
+        loss, m = L.gspo_loss(logp_BT, old_BT, adv, mask_BT, num_sequences=n_seq, **kw)
+    if kl_ref is not None:
+        m["kl_ref"] = kl_ref
+    return loss, m
 
 
 def group_sequences(records: list[dict], rewards: list[float], group_size: int, cfg: GRPOConfig,
@@ -188,6 +226,23 @@ def check_stored(records: list[dict], source: str, vocab: int) -> None:
             raise UsageError(f"{where}: field 'reward': expected a finite number, got {r!r}")
 
 
+def function_reward(reward_fn, spec: str, rec: dict) -> float:
+    """`--reward module:function` on one record: a finite number (an int, a bool, a numpy or 0-d torch
+    number count), else an error naming the record. A NaN reward would make its group's advantages,
+    then every weight, NaN; an inf one, the same after the group's mean."""
+    r = reward_fn(rec["completion"], rec["answer"])
+    where = f"--reward {spec}: prompt {rec['id']!r} sample {rec['sample']}"
+    try:
+        x = float(r) if not isinstance(r, (str, bytes)) else None
+    except (TypeError, ValueError, RuntimeError):   # None, a list, a tensor of several numbers
+        x = None
+    if x is None:
+        raise UsageError(f"{where}: returned {type(r).__name__} {r!r:.60}; expected a finite number")
+    if not math.isfinite(x):
+        raise UsageError(f"{where}: returned {x}; expected a finite number")
+    return x
+
+
 # ----------------------------------------------------------------------------------------------
 
 def run(cfg: GRPOConfig):
@@ -195,9 +250,11 @@ def run(cfg: GRPOConfig):
     from .rewards import load_reward_fn
 
     reward_fn = load_reward_fn(cfg.reward)
+    vllm = cfg.rollouts is None and use_vllm(cfg.backend)
     examples: list[Example] = []
+    skipped = 0                                          # prompts left out by long_prompts=skip
     if cfg.rollouts is None:
-        examples = load_prompts(cfg, require_answer=reward_fn is None)
+        examples, skipped = load_fitting_prompts(cfg, cfg.model, require_answer=reward_fn is None)
         if cfg.max_labels is not None:
             rng = random.Random(cfg.seed)
             order = list(range(len(examples)))
@@ -232,23 +289,22 @@ def run(cfg: GRPOConfig):
         trainer.adopt(ref, "reference model")
     engine = None
     if cfg.rollouts is None:
-        if cfg.backend in ("vllm", "auto") and _vllm_ok(cfg, trainer):
-            from .engines import make_engine
-            engine = make_engine("vllm", cfg.model, tokenizer=tok, seed=cfg.seed, dtype=cfg.dtype,
-                                 trust_remote_code=cfg.trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,
-                                 gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
-            engine.update_weights(lm.state_dict().items())  # resumed runs: the engine starts from our weights
+        if vllm:
+            engine = colocated_engine(cfg, cfg.model, trainer)
         else:
             from .engines.hf import HFEngine
-            engine = HFEngine(lm, tokenizer=tok, seed=cfg.seed, batch_size=cfg.batch_size)
+            engine = HFEngine(lm, tokenizer=tok, seed=cfg.seed, batch_size=cfg.batch_size,
+                              lockstep=trainer.sharded)
     verifier = None
     if cfg.rollouts is None and reward_fn is None:
         from .verifier import Verifier
         from .verify import warm_up_golds
         verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout,
                             warm_up=warm_up_golds(ex.answer for ex in examples if ex.answer is not None))
+    # the trainer has claimed the run directory for this config, --force included: that reaches out/rollouts
     writer = ArtifactWriter(trainer.out / "rollouts", kind="grpo-rollouts", config=asdict(cfg), volatile=VOLATILE,
-                            num_shards=cfg.steps) if (trainer.acc.is_main_process and cfg.rollouts is None) else None
+                            num_shards=cfg.steps, force=bool(cfg.force), nested=True) \
+        if (trainer.acc.is_main_process and cfg.rollouts is None) else None
     local_p = cfg.prompts_per_step // trainer.world
     encoded: dict = {}                                   # problem -> (rendered text, ids), once per run
 
@@ -262,13 +318,18 @@ def run(cfg: GRPOConfig):
             lps = [r.get("logprobs") for r in records]
         else:
             idx = prompt_schedule(len(examples), cfg.prompts_per_step, step, cfg.seed)
-            mine = [examples[i] for i in idx[trainer.rank * local_p:(trainer.rank + 1) * local_p]]
+            first = trainer.rank * local_p
+            mine = [examples[i] for i in idx[first:first + local_p]]
             texts, ids = encode_examples(tok, mine, cfg, encoded)
-            seed = (cfg.seed * 1_000_003 + step) * trainer.world + trainer.rank
-            groups = engine.generate(ids, sampling_config(cfg, seed=seed, logprobs=True, n=cfg.group_size))
+            sampling = sampling_config(cfg, seed=cfg.seed, logprobs=True, n=cfg.group_size)
+            # seeds by (run seed, step, prompt), not by process: N processes sample what one does
+            sampling.prompt_seeds = [sample_seed(cfg.seed, step, first + k) for k in range(local_p)]
+            groups = engine.generate(ids, sampling)
+            if engine.name == "vllm":
+                engine.sleep()               # the KV cache (and weights) leave the GPU while training runs
             records = completion_records(mine, texts, groups, cfg.model, logprobs=True, prompt_ids=ids)
             if reward_fn is not None:
-                rewards = [float(reward_fn(r["completion"], r["answer"])) for r in records]
+                rewards = [function_reward(reward_fn, cfg.reward, r) for r in records]
                 for r, x in zip(records, rewards):
                     r["reward"], r["correct"] = x, x > 0
             else:
@@ -300,8 +361,13 @@ def run(cfg: GRPOConfig):
         return Batch(seqs, metrics, records)
 
     def on_batch(step: int, batch: Batch) -> None:
+        if cfg.rollouts is not None:
+            return
+        # every process's records, in prompt order (rank r holds prompts [r P/N, (r+1) P/N)): the
+        # artifact of an N-process run is the 1-process one
+        records = trainer.gather_to_main(batch.records)
         if writer is not None and not writer.done(step):
-            writer.write_shard(step, batch.records)
+            writer.write_shard(step, records)
 
     def loss_fn(policy, mb, info):
         logp_M, ent_M = trainer.token_logprobs(policy, mb, with_entropy=True)
@@ -316,14 +382,12 @@ def run(cfg: GRPOConfig):
             mism = {"mismatch_kl": L.masked_mean(L.kl_penalty(old_BT, roll_BT, mask_BT, estimator="k3"),
                                                  mask_BT).detach()}
         n_seq, n_tok = info.num_sequences / info.world_size, info.num_tokens / info.world_size
-        loss, m = policy_loss(cfg, logp_BT, old_BT, mb.scalars["adv"].to(logp_BT.dtype), mask_BT, is_BT,
-                              n_seq, n_tok)
+        ref_BT = None
         if ref is not None:
             with torch.no_grad():
-                ref_M = trainer_ref_logprobs(ref, mb)
-            kl_BT = L.kl_penalty(logp_BT, mb.to_BT(ref_M), mask_BT, estimator=cfg.kl_estimator)
-            loss = loss + cfg.beta * L.masked_sum(kl_BT, mask_BT) / n_tok
-            m["kl_ref"] = L.masked_mean(kl_BT.detach(), mask_BT)
+                ref_BT = mb.to_BT(trainer_ref_logprobs(ref, mb))
+        loss, m = policy_loss(cfg, logp_BT, old_BT, mb.scalars["adv"].to(logp_BT.dtype), mask_BT, is_BT,
+                              n_seq, n_tok, ref_BT)
         m["entropy"] = L.masked_mean(mb.to_BT(ent_M), mask_BT) if ent_M is not None and ent_M.numel() else 0.0
         return loss, {**m, **mism}
 
@@ -334,7 +398,7 @@ def run(cfg: GRPOConfig):
 
     def after_update(step: int) -> None:
         if engine is not None and engine.name == "vllm":
-            engine.update_weights(lm.state_dict().items())
+            engine.update_weights(full_tensors(lm))     # under FSDP: gathered one tensor at a time
 
     try:
         trainer.fit(make_batch, loss_fn, update_epochs=cfg.update_epochs, after_update=after_update,
@@ -342,7 +406,8 @@ def run(cfg: GRPOConfig):
         if writer is not None:
             writer.commit()
         out = trainer.finish(extra={"labels_used": used, "max_labels": cfg.max_labels,
-                                    "rollouts": "rollouts" if writer is not None else None})
+                                    "rollouts": "rollouts" if writer is not None else None,
+                                    "skipped_long_prompts": skipped})
     finally:
         if verifier is not None:
             verifier.close()
@@ -351,16 +416,29 @@ def run(cfg: GRPOConfig):
     print(out)
 
 
-def _vllm_ok(cfg: GRPOConfig, trainer: Trainer) -> bool:
-    from .engines import vllm_available
+def use_vllm(backend: str) -> bool:
+    """--backend vllm (refused without vLLM), or auto on a GPU host with vLLM: sample with a colocated
+    vLLM engine. Elsewhere the live hf model samples (no weight sync, exact)."""
+    from .engines import auto_backend, vllm_available
 
-    if cfg.backend == "vllm":
-        if not vllm_available():
-            raise UsageError("--backend vllm: vllm is not installed (pip install 's2d[vllm]')")
-        if trainer.world > 1:
-            raise UsageError("--backend vllm runs with one training process; use --backend hf under accelerate launch")
-        return True
-    return False  # auto: the live hf model needs no weight sync and is exact; vllm is opt-in for training
+    if backend == "vllm" and not vllm_available():
+        raise UsageError("--backend vllm: vllm is not installed (pip install 's2d[vllm]')")
+    return backend == "vllm" or (backend == "auto" and auto_backend() == "vllm")
+
+
+def colocated_engine(cfg, model: str, trainer: Trainer):
+    """A vLLM engine in this process (one per process, or per tensor-parallel group, under accelerate
+    launch) that samples this process's share of each step, starting from the trainer's weights (a
+    resumed run's included)."""
+    from .engines import make_engine
+    from .engines.weight_sync import full_tensors
+
+    engine = make_engine("vllm", model, tokenizer=trainer.tokenizer, seed=cfg.seed, dtype=cfg.dtype,
+                         trust_remote_code=cfg.trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,
+                         gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
+                         sleep_level=cfg.vllm_sleep_level)
+    engine.update_weights(full_tensors(trainer.lm))
+    return engine
 
 
 def command(
@@ -372,6 +450,10 @@ def command(
     max_new_tokens: cu.MaxNewOpt = None, temperature: cu.TempOpt = None,
     lr: float = typer.Option(None, "--lr", help="Peak learning rate."),
     beta: float = typer.Option(None, "--beta", help="KL-to-reference coefficient (0: no reference model)."),
+    kl_estimator: str = typer.Option(
+        None, "--kl-estimator", help="How --beta's KL(policy || ref) is trained: k3 (loss term, DeepSeekMath; its "
+        "gradient follows KL(ref || policy)), k3_is (k3 x the importance ratio, TRL's default; gradient follows "
+        "KL(policy || ref)) or k1 (per-token reward -beta*(logp - ref_logp); gradient follows KL(policy || ref))."),
     max_labels: int = typer.Option(None, "--max-labels", help="Cap on distinct labelled prompts used."),
     rollouts: str = typer.Option(None, "--rollouts", help="Update from existing verified rollouts."),
     reward: str = typer.Option(None, "--reward", help="math (verifier) or module:function."),
@@ -385,6 +467,7 @@ def command(
     """
     flags = cu.given(model=model, dataset=dataset, out=out, steps=steps, group_size=group_size,
                      prompts_per_step=prompts_per_step, loss=loss, max_new_tokens=max_new_tokens,
-                     temperature=temperature, lr=lr, beta=beta, max_labels=max_labels, rollouts=rollouts,
-                     reward=reward, resume=resume, backend=backend, seed=seed, limit=limit, force=force)
+                     temperature=temperature, lr=lr, beta=beta, kl_estimator=kl_estimator, max_labels=max_labels,
+                     rollouts=rollouts, reward=reward, resume=resume, backend=backend, seed=seed, limit=limit,
+                     force=force)
     cu.execute(run, lambda: resolve(GRPOConfig, config_file=config, sets=set_, flags=flags))

@@ -6,7 +6,8 @@ in backward instead of storing them: activation memory is O(chunk_size * V), not
 
 - `chunked_token_logprobs` (`_TokenLogprobHead`): log-probs of given tokens (grpo, opd, the metrics);
 - `forward_kl_topk` (`_ForwardKLTopK`): kl-warmup's top-K forward KL with its tail bucket;
-- `reverse_kl_topk` (`_ReverseKLTopK`): opd's top-K reverse KL;
+- `reverse_kl_topk` (`_ReverseKLTopK`): opd's top-K reverse KL; `reverse_kl_on_support` the same on
+  given ids (a served teacher's top-K), and `topk_logprobs` what such a server returns, from a model;
 - `fused_kl_loss` (`_FusedKLHead`): the full-vocabulary forward or reverse KL with its gradient computed in
   the forward pass (kl-warmup and opd `--loss full`);
 - `chunked_kl`: the same KL through `torch.utils.checkpoint`, for held-out metrics without gradients.
@@ -739,3 +740,85 @@ class _ReverseKLTopK(torch.autograd.Function):
             return grad_CV
 
         return (*_head_backward(ctx, s_h_NH, s_w_VH, chunk_grad), None, None, None, None, None, None)
+
+
+def reverse_kl_on_support(
+    student_hidden_NH: torch.Tensor,
+    student_weight_VH: torch.Tensor,
+    ids_NK: torch.Tensor,
+    teacher_logp_NK: torch.Tensor,
+    targets_N: torch.Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reverse KL on a support the *teacher* chose (its top-K ids, e.g. from a served teacher's prompt
+    log-probs), plus one tail bucket per side, per position; and the student's log-probs of `targets_N`.
+
+        q_s,k = p_s(ids_k)                 q_s,tail = mass outside the ids (+ TINY, `_softmax_parts`)
+        q_t,k = exp(teacher_logp_k)        q_t,tail = max(1 - sum_k q_t,k, 0) + TINY
+        kl_n = sum_k q_s,k (log q_s,k - log q_t,k) + q_s,tail (log q_s,tail - log q_t,tail)
+
+    The exact KL between the two distributions coarsened to K + 1 buckets, like `reverse_kl_topk`
+    (whose K ids are the student's, which a server cannot score): >= 0 and <= the full reverse KL. The
+    ids must be distinct per row and < V. Returns (kl_N, logp_N), both differentiable in the student's
+    hidden states and head; the backward is `_ReverseKLTopK`'s (it holds for any fixed ids)."""
+    if not (ids_NK.shape == teacher_logp_NK.shape and ids_NK.shape[0] == student_hidden_NH.shape[0]
+            and targets_N.shape == student_hidden_NH.shape[:1]):
+        raise ValueError(f"ids {tuple(ids_NK.shape)} and teacher log-probs {tuple(teacher_logp_NK.shape)} must be "
+                         f"[N, K] and targets {tuple(targets_N.shape)} [N] for N = {student_hidden_NH.shape[0]}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not torch.is_grad_enabled():
+        student_hidden_NH, student_weight_VH = student_hidden_NH.detach(), student_weight_VH.detach()
+    return _ReverseKLGivenSupport.apply(student_hidden_NH, student_weight_VH, ids_NK.long(),
+                                        teacher_logp_NK.detach(), targets_N.long(), chunk_size, temperature)
+
+
+class _ReverseKLGivenSupport(torch.autograd.Function):
+    """`reverse_kl_on_support`: `_ReverseKLTopK`'s forward with the ids and the teacher's log-probs at
+    them given, saving what its backward reads."""
+
+    @staticmethod
+    def forward(ctx, s_h_NH, s_w_VH, ids_NK, t_logp_NK, targets_N, chunk_size, temperature):
+        N, K = ids_NK.shape
+        dtype = _compute_dtype(s_h_NH.dtype)
+        kl_N, logz_N, r_tail_N, s_lp_N = (torch.empty(N, dtype=dtype, device=s_h_NH.device) for _ in range(4))
+        s_logp_NK = torch.empty(N, K, dtype=dtype, device=s_h_NH.device)
+        r_NK = torch.empty_like(s_logp_NK)
+        for a in range(0, N, chunk_size):
+            b = min(a + chunk_size, N)
+            _, logz, s_logp, s_lp, s_tail = _softmax_parts(_logits_CV(s_h_NH[a:b], s_w_VH, temperature),
+                                                           ids_NK[a:b], K, targets_N[a:b, None])
+            t_logp = t_logp_NK[a:b].to(dtype)
+            t_tail = ((1.0 - t_logp.exp().sum(-1)).clamp_min(0.0) + TINY).log()
+            r, r_tail = s_logp - t_logp, s_tail - t_tail
+            kl_N[a:b] = (s_logp.exp() * r).sum(-1) + s_tail.exp() * r_tail
+            logz_N[a:b], s_logp_NK[a:b], r_NK[a:b], r_tail_N[a:b], s_lp_N[a:b] = logz, s_logp, r, r_tail, s_lp
+        ctx.save_for_backward(s_h_NH, s_w_VH, ids_NK, logz_N, s_logp_NK, r_NK, r_tail_N, kl_N, targets_N)
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        ctx.set_materialize_grads(False)
+        return kl_N, s_lp_N
+
+    @staticmethod
+    def backward(ctx, grad_kl_N, grad_lp_N):
+        return _ReverseKLTopK.backward(ctx, grad_kl_N, grad_lp_N, None)[:7]
+
+
+@torch.no_grad()
+def topk_logprobs(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, *, k: int,
+                  chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a served teacher's prompt log-probs give, from an in-process model: per position the
+    log-prob of the target, and the top-k ids and their log-probs (descending), chunked over positions.
+    Returns (logp_N, ids_NK, logp_NK); no gradient."""
+    N = hidden_NH.shape[0]
+    dtype = _compute_dtype(hidden_NH.dtype)
+    logp_N = torch.empty(N, dtype=dtype, device=hidden_NH.device)
+    ids_NK = torch.empty(N, k, dtype=torch.long, device=hidden_NH.device)
+    logp_NK = torch.empty(N, k, dtype=dtype, device=hidden_NH.device)
+    for a in range(0, N, chunk_size):
+        b = min(a + chunk_size, N)
+        lp_CV = _logits_CV(hidden_NH[a:b], weight_VH, 1.0).log_softmax(-1)
+        logp_N[a:b] = lp_CV.gather(-1, targets_N[a:b, None].long())[:, 0]
+        logp_NK[a:b], ids_NK[a:b] = lp_CV.topk(k, dim=-1)
+    return logp_N, ids_NK, logp_NK

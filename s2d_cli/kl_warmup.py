@@ -26,8 +26,12 @@ distribution is taken over the first V = min(V_s, V_t) head rows (see `s2d_cli.c
 Step k takes the next --batch-size sequences of a seeded shuffle (epochs over the data), so a resumed
 run sees what an uninterrupted one would. --eval-rollouts R2 measures the mean per-token KL (CE for
 sampled) on held-out teacher sequences before training and at the end: manifest `heldout_kl_start`,
-`heldout_kl_end`. The teacher and student must share a tokenizer (`s2d_cli.compat`); the teacher named
-in the rollout artifact's manifest is checked when --teacher is not given.
+`heldout_kl_end`. The teacher and student must share a tokenizer (`s2d_cli.compat`): --teacher is checked
+when given; the rollouts' recorded tokenizer digest always (the model a manifest names is never read).
+--teacher may also be the URL of a vLLM server (http://host:port/v1, as for `s2d opd`): its /tokenize
+endpoint is checked against the student's tokenizer on the records' prompts and its model name goes into
+the manifest; --targets full needs the teacher's whole distribution, which a server does not return, so it
+needs a checkpoint.
 
 Deliberately left out: reverse or mixed (JSD) objectives here (reverse KL lives in `s2d opd`), and
 sequence-level distillation tricks (no filtering or reweighting of teacher samples).
@@ -52,7 +56,6 @@ from .compat import (
     TeacherOpt,
     check_loaded_rows,
     check_pair,
-    check_tokenizers,
     embedding_rows,
     in_vocab_prefix,
     load_teacher,
@@ -61,6 +64,7 @@ from .compat import (
 from .config import require_run_dir, resolve
 from .data import DEFAULT_INSTRUCTION, encode_prompt, prompt_is_chat, render_prompt
 from .errors import UsageError
+from .served_teacher import TOKENIZER_PROBES, ServedTeacher, is_served
 from .trainer import Batch, Sequence, Trainer, TrainFields, hidden_at, pack
 
 TARGETS = ("sampled", "topk", "full")
@@ -81,6 +85,9 @@ class KLWarmupConfig(TrainFields):
     instruction: str = DEFAULT_INSTRUCTION  # records with `problem`: appended to it (as in s2d rollout)
     enable_thinking: bool | None = None  # records with `problem`: Qwen3 thinking mode (None: template default)
     allow_vocab_size_mismatch: bool = False  # teacher/student embedding rows may differ (tokenizers must agree)
+    # a record whose prompt + completion is longer than the models' context: "error" refuses it naming
+    # the record, "skip" leaves it out and counts it (stderr, and skipped_long_prompts in the manifest)
+    long_prompts: str = "error"
     lr: float = 1e-5
 
     def validate(self) -> None:
@@ -93,6 +100,9 @@ class KLWarmupConfig(TrainFields):
             raise UsageError(f"--targets: expected one of {', '.join(TARGETS)}, got {self.targets!r}")
         if self.targets == "full" and not self.teacher:
             raise UsageError("--targets full: needs --teacher (the teacher scores every batch)")
+        if self.targets == "full" and is_served(self.teacher):
+            raise UsageError("--targets full needs an in-process teacher (a checkpoint): a served teacher returns "
+                             "top-K log-probs, not the whole vocabulary; use --targets topk on `s2d rollout --topk K`")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size: expected >= 1, got {self.batch_size}")
         if self.temperature <= 0:
@@ -102,6 +112,8 @@ class KLWarmupConfig(TrainFields):
                              "use --targets full for another temperature")
         if self.chat not in ("auto", "chat", "plain"):
             raise UsageError(f"--chat: expected auto, chat or plain, got {self.chat!r}")
+        if self.long_prompts not in ("error", "skip"):
+            raise UsageError(f"long_prompts: expected error or skip, got {self.long_prompts!r}")
         self.check_training()
 
 
@@ -155,20 +167,55 @@ def record_ids(rec: dict, tokenizer, cfg: KLWarmupConfig, where: str,
     return prompt_ids, completion_ids
 
 
+def _length_at_least(rec: dict, chars_per_token: int) -> tuple[int, bool]:
+    """A lower bound on a record's prompt + completion tokens without tokenizing, and whether it is
+    exact: ids count one each, text at most `chars_per_token` characters a token
+    (`rollout.max_chars_per_token`)."""
+    n, exact = 0, True
+    for ids, text in (("prompt_ids", ("prompt", "problem")), ("completion_ids", ("completion",))):
+        value = rec.get(ids)
+        if isinstance(value, list):
+            n += len(value)
+        else:
+            field = next((f for f in text if isinstance(rec.get(f), str)), None)
+            n += len(rec[field]) // chars_per_token if field else 0
+            exact = False
+    return n, exact
+
+
 def load_sequences(source: str, tokenizer, cfg: KLWarmupConfig, *, vocab: int, topk: bool,
-                   rows: int | None = None) -> list[Sequence]:
+                   rows: int | None = None, context: int | None = None,
+                   stats: dict | None = None) -> list[Sequence]:
     """Training sequences from teacher records, with the stored top-K as per-token data when `topk`.
 
     A completion is cut at the first position holding an id >= vocab (the rows both heads share); with
     matching heads that never happens. An id >= `rows` (the larger head's rows) is an error: neither
-    model has such a token, so the record is not what a model sampled."""
+    model has such a token, so the record is not what a model sampled. A record longer than `context`
+    tokens is an error naming it, or left out (`long_prompts: skip`, counted in
+    `stats["skipped_long_prompts"]`); a huge one is caught by its characters, before tokenizing."""
+    from .rollout import max_chars_per_token
+
     name = "<stdin>" if source == "-" else source
     records = read_records(source)
     tensors = iter_record_tensors(source) if topk else itertools.repeat(None)
-    seqs = []
+    chars = max_chars_per_token(tokenizer) if context is not None else 1
+    seqs, skipped = [], 0
     for i, (rec, t) in enumerate(zip(records, tensors)):
         where = f"{name}: record {i + 1}"
-        prompt_ids, completion_ids = record_ids(rec, tokenizer, cfg, where, rows)
+        size = None
+        at_least, exact = _length_at_least(rec, chars) if context is not None else (0, False)
+        if context is not None and at_least > context:
+            size = f"{at_least:,} tokens" if exact else f"more than {context:,} tokens"
+        else:
+            prompt_ids, completion_ids = record_ids(rec, tokenizer, cfg, where, rows)
+            if context is not None and len(prompt_ids) + len(completion_ids) > context:
+                size = f"{len(prompt_ids) + len(completion_ids):,} tokens"
+        if size is not None:
+            if cfg.long_prompts == "error":
+                raise UsageError(f"{where}: prompt + completion is {size}, longer than the model's {context:,}-"
+                                 "position context (shorten it, or --set long_prompts=skip)")
+            skipped += 1
+            continue
         if max(prompt_ids) >= vocab:
             raise UsageError(f"{where}: prompt token id {max(prompt_ids)} is past the {vocab} shared head rows")
         end = in_vocab_prefix(completion_ids, vocab)
@@ -186,19 +233,21 @@ def load_sequences(source: str, tokenizer, cfg: KLWarmupConfig, *, vocab: int, t
             s.token_data["topk_ids"] = t["topk_ids"][:end]        # int32 as stored: half of int64's memory
             s.token_data["topk_logp"] = t["topk_logprobs"][:end].float()
         seqs.append(s)
+    if skipped:
+        cu.console.print(f"[yellow]{name}: left out {skipped} of {len(records)} records longer than the "
+                         f"{context:,}-position context (long_prompts=skip)[/]")
+    if stats is not None:
+        stats["skipped_long_prompts"] = stats.get("skipped_long_prompts", 0) + skipped
     if not seqs:
-        raise UsageError(f"{name}: no record has a non-empty completion")
+        raise UsageError(f"{name}: no record has a non-empty completion"
+                         + (" that fits the model's context" if skipped else ""))
     return seqs
 
 
 def teacher_of(cfg: KLWarmupConfig) -> str | None:
-    """--teacher, else the model named in the rollout artifact's manifest when it is a local directory."""
-    if cfg.teacher:
-        return cfg.teacher
-    if cfg.rollouts == "-" or not Path(cfg.rollouts).is_dir():
-        return None
-    model = ((read_manifest(cfg.rollouts) or {}).get("config") or {}).get("model")
-    return model if model and Path(model, "config.json").is_file() else None
+    """--teacher, and only that: the model a rollout manifest names is information, never a path this
+    command reads (a manifest is data, and the directory it names may since hold another model)."""
+    return cfg.teacher or None
 
 
 def check_sampler(cfg: KLWarmupConfig, student_tok) -> None:
@@ -206,7 +255,6 @@ def check_sampler(cfg: KLWarmupConfig, student_tok) -> None:
     --teacher says: a rollout artifact records its tokenizer's digest, and the student's must match it
     (for the full target the KL is the --teacher's, checked in `check_pair`)."""
     from .compat import tokenizer_digest
-    from .models import load_tokenizer
 
     for src in (cfg.rollouts, cfg.eval_rollouts):
         if src is None or src == "-" or not Path(src).is_dir():
@@ -215,14 +263,9 @@ def check_sampler(cfg: KLWarmupConfig, student_tok) -> None:
         recorded = manifest.get("tokenizer")
         if recorded is None or recorded == tokenizer_digest(student_tok):
             continue
-        producer = (manifest.get("config") or {}).get("model")
-        if producer and Path(producer, "config.json").is_file():   # name the first difference
-            try:
-                check_tokenizers(student_tok, load_tokenizer(producer, trust_remote_code=cfg.trust_remote_code))
-            except UsageError as e:
-                raise UsageError(f"{src}: sampled by {producer}, whose tokenizer is not the student's: "
-                                 f"{str(e).replace('teacher', 'sampler')}") from None
-        raise UsageError(f"{src}: sampled with another tokenizer than the student's (digest {recorded}, the "
+        producer = (manifest.get("config") or {}).get("model")      # named, as information, never read
+        by = f" by {producer}" if isinstance(producer, str) and producer else ""
+        raise UsageError(f"{src}: sampled{by} with another tokenizer than the student's (digest {recorded}, the "
                          f"student's {tokenizer_digest(student_tok)}); its token ids are not the student's")
 
 
@@ -270,7 +313,10 @@ def run(cfg: KLWarmupConfig):
     tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     check_sampler(cfg, tok)
     teacher_ref = teacher_of(cfg)
-    if teacher_ref is not None:
+    served = is_served(teacher_ref)
+    if served:   # its tokenizer is checked against the student's once the records are read
+        vocab = student_rows = rows = embedding_rows(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    elif teacher_ref is not None:
         pair = check_pair(cfg.student, teacher_ref, student_tok=tok,
                           allow_vocab_size_mismatch=cfg.allow_vocab_size_mismatch,
                           trust_remote_code=cfg.trust_remote_code)
@@ -279,9 +325,19 @@ def run(cfg: KLWarmupConfig):
     else:
         vocab = student_rows = rows = embedding_rows(cfg.student, trust_remote_code=cfg.trust_remote_code)
     topk = cfg.targets == "topk"
-    data = load_sequences(cfg.rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows)
-    heldout = (load_sequences(cfg.eval_rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows)
+    from .rollout import model_context
+
+    contexts = [model_context(m, trust_remote_code=cfg.trust_remote_code) for m in (cfg.student, teacher_ref) if m]
+    context = min((c for c in contexts if c is not None), default=None)
+    stats: dict = {}
+    data = load_sequences(cfg.rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows, context=context, stats=stats)
+    heldout = (load_sequences(cfg.eval_rollouts, tok, cfg, vocab=vocab, topk=topk, rows=rows, context=context)
                if cfg.eval_rollouts else None)
+    server_info = None
+    if served:
+        server = ServedTeacher(teacher_ref, vocab=vocab)
+        server_info = {"url": server.url, "model": server.connect()}
+        server.check_tokenizer(tok, [tok.decode(s.prompt_ids) for s in data[:TOKENIZER_PROBES]], chat_rendered=True)
     trainer = Trainer(cfg, model=cfg.student, out=cfg.out, kind="kl-warmup", config=asdict(cfg),
                       inputs=[cfg.rollouts, cfg.eval_rollouts, teacher_ref])
     if trainer.complete:
@@ -289,6 +345,10 @@ def run(cfg: KLWarmupConfig):
         return
     if cfg.batch_size % trainer.world:
         raise UsageError(f"--batch-size {cfg.batch_size} must divide evenly over {trainer.world} processes")
+    if heldout is not None and trainer.sharded:
+        # each rank scores its share in as many forwards as it needs; sharded forwards are collectives
+        raise UsageError("--eval-rollouts: not available under FSDP yet (the processes would score unequal "
+                         "shares); evaluate out/model afterwards")
     lm = trainer.lm
     check_loaded_rows(lm, student_rows, "student")
     teacher = None
@@ -355,7 +415,8 @@ def run(cfg: KLWarmupConfig):
         "targets": cfg.targets, "teacher": teacher_ref, "vocab": vocab, "num_sequences": len(data),
         "epochs": cfg.steps * cfg.batch_size / len(data), "labels_used": 0,
         "heldout_metric": metric if heldout is not None else None, "heldout_sequences": len(heldout or []),
-        "heldout_kl_start": heldout_start, "heldout_kl_end": heldout_end})
+        "heldout_kl_start": heldout_start, "heldout_kl_end": heldout_end, "teacher_server": server_info,
+        "skipped_long_prompts": stats.get("skipped_long_prompts", 0)})
     if heldout is not None and trainer.acc.is_main_process:
         start = "unknown" if heldout_start is None else f"{heldout_start:.4f}"
         cu.console.print(f"held-out {metric}: {start} -> {heldout_end:.4f}")

@@ -3,12 +3,14 @@
 The paper's regimes are one family that differs in reward density:
 
 - sparse sequence reward -> group advantage -> clipped policy gradient:
-  `group_advantages`, `grpo_loss`, `dr_grpo_loss`, `dapo_loss`, `gspo_loss`, plus `kl_penalty`,
-  `truncated_is_weights` and `zero_variance_groups` for the caller to compose;
+  `group_advantages`, `grpo_loss`, `dr_grpo_loss`, `dapo_loss`, `gspo_loss`, plus `kl_term` (k3 in
+  the loss) or `kl_reward_advantages` (k1 in the reward), `truncated_is_weights` and
+  `zero_variance_groups` for the caller to compose;
 - dense targets on teacher data (kl-warmup): `forward_kl_sampled`, `forward_kl_topk`, `chunked_kl`,
   and `fused_kl_loss` (the same full-vocabulary KL with its gradient computed in the forward pass);
 - dense per-token reward from the teacher on student samples (opd): `opd_sampled_loss` (sampled reverse
-  KL as an advantage), `fused_kl_loss(direction="reverse")` and `reverse_kl_topk` (exact / top-K).
+  KL as an advantage), `fused_kl_loss(direction="reverse")` and `reverse_kl_topk` (exact / top-K), and
+  `reverse_kl_on_support` (top-K on the teacher's ids: what a served teacher returns, `topk_logprobs`).
 
 Conventions. Shapes are suffixes: B sequences, T tokens, P prompts, G group size, N flattened positions,
 H hidden size, V vocabulary, K top-K, C chunk. `mask_BT` is 1 (or True) on completion tokens; every
@@ -35,8 +37,10 @@ from .heads import (  # noqa: F401
     chunked_token_logprobs,
     forward_kl_topk,
     fused_kl_loss,
+    reverse_kl_on_support,
     reverse_kl_topk,
     reverse_kl_topk_and_logprobs,
+    topk_logprobs,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,14 +117,26 @@ def truncated_is_weights(
 def kl_penalty(
     logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, mask_BT: torch.Tensor, *, estimator: str = "k3"
 ) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens' log-probs; 0 on masked positions.
+    """Per-token estimates of KL(pi || pi_ref) from the sampled tokens' log-probs; 0 on masked positions.
 
         k1 = logp - ref_logp
         k2 = (logp - ref_logp)^2 / 2
-        k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1       (>= 0, unbiased; GRPO's choice)
+        k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1       (>= 0; GRPO's choice)
 
-    Differentiable in `logp`; the caller adds `beta * masked_mean(kl_BT, mask_BT)` (or the same
-    normaliser as its policy loss) to the loss.
+    As *values*, k1 and k3 are unbiased for KL(pi || pi_ref) on tokens sampled from pi (k3 with the
+    lower variance: it is k1 plus the zero-mean control variate rho - 1, rho = pi_ref / pi); k2 is
+    biased. As *loss terms*, differentiated through `logp` with the sampled tokens held fixed, their
+    expected gradients on-policy are (per sampled context, E over y ~ pi):
+
+        k1: E[grad logp]                    = 0                          (no signal at all)
+        k2: E[(logp - ref_logp) grad logp]  = grad KL(pi || pi_ref)
+        k3: E[(1 - rho) grad logp]          = -E_ref[grad logp] = grad KL(pi_ref || pi)
+
+    so k3 in the loss (DeepSeekMath) regularises the *forward* KL; times the importance ratio
+    pi / pi_old (differentiable, value 1 on-policy: `kl_term(..., estimator="k3_is")`) it follows
+    grad KL(pi || pi_ref). k1 belongs in the reward (`kl_reward_advantages`), where
+    E[(logp - ref_logp) grad logp] = grad KL(pi || pi_ref). `tests/test_losses.py` checks all of this
+    by exact enumeration on a small categorical policy.
     """
     log_ratio_BT = torch.where(mask_BT.bool(), ref_logp_BT - logp_BT, 0.0)
     if estimator == "k1":
@@ -132,13 +148,70 @@ def kl_penalty(
     raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
 
 
-def _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high, is_weight_BT):
-    """Per-token PPO loss -min(r A, clip(r, 1-cl, 1+ch) A) (times the IS weight), 0 off the mask."""
+def kl_term(
+    logp_BT: torch.Tensor,
+    old_logp_BT: torch.Tensor,
+    ref_logp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    beta: float,
+    estimator: str = "k3",
+) -> torch.Tensor:
+    """The KL-to-reference term of GRPO's per-token loss, beta * KL estimate; 0 on masked positions.
+
+        k3:     beta * k3_t                                  (DeepSeekMath; TRL use_bias_correction_kl=False)
+        k3_is:  beta * k3_t * exp(logp_t - old_logp_t)        (DeepSeek-V3.2; TRL 1.16's default)
+
+    Pass it as `kl_term_BT` to a policy loss, which adds it to each token's loss (outside the clip and
+    the truncated IS weight) before its own normaliser. Expected gradient on-policy: k3 follows
+    beta * grad KL(pi_ref || pi), k3_is beta * grad KL(pi || pi_ref): the ratio's value is 1 there, but
+    its gradient adds k3_t grad logp_t, which turns E[(1 - rho) grad logp] into
+    E[(k3 + 1 - rho) grad logp] = E[-log(rho) grad logp]. See `kl_penalty`; k1 goes in the reward.
+    """
+    k3_BT = kl_penalty(logp_BT, ref_logp_BT, mask_BT, estimator="k3")
+    if estimator == "k3":
+        return beta * k3_BT
+    if estimator == "k3_is":
+        ratio_BT = torch.where(mask_BT.bool(), logp_BT - old_logp_BT, 0.0).exp()
+        return beta * k3_BT * ratio_BT
+    raise ValueError(f"estimator must be 'k3' or 'k3_is' (k1 goes in the reward), got {estimator!r}")
+
+
+def kl_reward_advantages(
+    adv_B: torch.Tensor, old_logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, mask_BT: torch.Tensor, *, beta: float
+) -> torch.Tensor:
+    """k1 as a per-token reward: A_bt = A_b - beta * (old_logp_t - ref_logp_t), detached; 0 off the mask.
+
+    `old_logp` is the log-prob under the policy that sampled (a reward is fixed at sampling time, so
+    later update epochs see the same advantages); on-policy it equals the current one. Pass the [B, T]
+    result as the advantage of a policy loss. On-policy the gradient of -A_bt r_t is
+    -A_b grad logp_t + beta (logp_t - ref_logp_t) grad logp_t, whose second part has expectation
+    beta * grad KL(pi || pi_ref) at each sampled context. Like the loss terms, it is the KL at the
+    contexts sampled (each token's own term, not the sum to the end of the sequence), so it does not
+    follow how the policy changes which contexts it visits. The penalty enters the clip with A_b.
+    """
+    with torch.no_grad():
+        k1_BT = kl_penalty(old_logp_BT, ref_logp_BT, mask_BT, estimator="k1")
+        adv_BT = adv_B.to(k1_BT.dtype)[:, None] - beta * k1_BT
+        return torch.where(mask_BT.bool(), adv_BT, 0.0)
+
+
+def _adv_BT(adv: torch.Tensor, like_BT: torch.Tensor) -> torch.Tensor:
+    """Advantages as [B, T]: one per sequence ([B], broadcast) or one per token ([B, T])."""
+    adv = adv.to(like_BT.dtype)
+    return adv[:, None].expand_as(like_BT) if adv.dim() == 1 else adv
+
+
+def _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high, is_weight_BT, kl_term_BT):
+    """Per-token PPO loss -min(r A, clip(r, 1-cl, 1+ch) A) (times the IS weight) + the KL term, 0 off
+    the mask."""
     m_BT = mask_BT.bool()
     ratio_BT = torch.where(m_BT, logp_BT - old_logp_BT, 0.0).exp()
-    adv_BT = adv_B.to(ratio_BT.dtype)[:, None].expand_as(ratio_BT)
+    adv_BT = _adv_BT(adv_B, ratio_BT)
     surrogate_BT = torch.minimum(ratio_BT * adv_BT, ratio_BT.clamp(1 - clip_low, 1 + clip_high) * adv_BT)
     loss_BT = -surrogate_BT if is_weight_BT is None else -surrogate_BT * is_weight_BT
+    if kl_term_BT is not None:
+        loss_BT = loss_BT + kl_term_BT
     loss_BT = torch.where(m_BT, loss_BT, 0.0)
     with torch.no_grad():
         # tokens whose gradient the clip zeroes: ratio past the bound in the direction A pushes it
@@ -164,19 +237,23 @@ def grpo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     is_weight_BT: torch.Tensor | None = None,
+    kl_term_BT: torch.Tensor | None = None,
     num_sequences: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Original GRPO: PPO-clipped surrogate, token mean per sequence, then mean over sequences.
 
         r_t = exp(logp_t - old_logp_t)
-        l_t = -min(r_t A_b, clip(r_t, 1 - clip_low, 1 + clip_high) A_b) * w_t   (w = is_weight, or 1)
+        l_t = -min(r_t A_b, clip(r_t, 1 - clip_low, 1 + clip_high) A_b) * w_t + kl_t
         loss = (1 / B) sum_b (1 / |o_b|) sum_{t in o_b} l_t
 
+    w = `is_weight_BT` (truncated IS weights, or 1), kl = `kl_term_BT` (`kl_term`: beta * k3, or 0):
+    the KL term shares each loss's own normaliser, as in DeepSeekMath and TRL. `adv_B` is one
+    advantage per sequence [B], or one per token [B, T] (`kl_reward_advantages`), in every loss.
     B is `num_sequences` if given (global count under gradient accumulation), else the batch size.
     Long sequences get less weight per token -- the length bias Dr. GRPO removes.
     """
     loss_BT, metrics = _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high,
-                                        is_weight_BT)
+                                        is_weight_BT, kl_term_BT)
     per_seq_B = loss_BT.sum(-1) / mask_BT.bool().sum(-1).clamp_min(1).to(loss_BT.dtype)
     loss = per_seq_B.sum() / (num_sequences or logp_BT.shape[0])
     return loss, metrics
@@ -192,9 +269,10 @@ def dr_grpo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     is_weight_BT: torch.Tensor | None = None,
+    kl_term_BT: torch.Tensor | None = None,
     num_sequences: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Dr. GRPO: the same per-token terms, summed and divided by a constant B * max_len.
+    """Dr. GRPO: the same per-token terms (KL term included), summed and divided by a constant B * max_len.
 
         loss = sum_{b,t} l_t / (B * max_len)
 
@@ -202,7 +280,7 @@ def dr_grpo_loss(
     normaliser does not change with the batch. Pair with `group_advantages(..., scale="none")`.
     """
     loss_BT, metrics = _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high,
-                                        is_weight_BT)
+                                        is_weight_BT, kl_term_BT)
     loss = loss_BT.sum() / ((num_sequences or logp_BT.shape[0]) * max_len)
     return loss, metrics
 
@@ -216,17 +294,18 @@ def dapo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     is_weight_BT: torch.Tensor | None = None,
+    kl_term_BT: torch.Tensor | None = None,
     num_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DAPO: asymmetric clip ("clip-higher", 0.2 / 0.28) and a token-level mean over the whole batch.
 
-        loss = sum_{b,t} l_t / sum_{b,t} mask_t
+        loss = sum_{b,t} l_t / sum_{b,t} mask_t          (l_t as in `grpo_loss`, KL term included)
 
     `num_tokens` replaces the denominator (global token count under gradient accumulation). Drop the
     groups flagged by `zero_variance_groups` before calling (dynamic sampling).
     """
     loss_BT, metrics = _ppo_token_terms(logp_BT, old_logp_BT, adv_B, mask_BT, clip_low, clip_high,
-                                        is_weight_BT)
+                                        is_weight_BT, kl_term_BT)
     denom = num_tokens if num_tokens is not None else mask_BT.bool().sum().clamp_min(1).to(loss_BT.dtype)
     return loss_BT.sum() / denom, metrics
 
@@ -240,34 +319,39 @@ def gspo_loss(
     clip_low: float = 3e-4,
     clip_high: float = 4e-4,
     is_weight_BT: torch.Tensor | None = None,
+    kl_term_BT: torch.Tensor | None = None,
     num_sequences: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GSPO: one importance ratio per sequence, the geometric mean of the token ratios.
 
         s_b = exp((1 / |o_b|) sum_t (logp_t - old_logp_t))
-        loss = -(1 / B) sum_b min(s_b A_b, clip(s_b, 1 - clip_low, 1 + clip_high) A_b)
+        loss = (1 / B) sum_b [-min(s_b A_b, clip(s_b, 1 - clip_low, 1 + clip_high) A_b) + (1 / |o_b|) sum_t kl_t]
 
     Computed as GSPO-token (s_b,t = sg[s_b] exp(logp_t - sg[logp_t]), token mean per sequence), which
     has the same value and, with one advantage per sequence, the same gradient:
     d loss / d logp_t = -A_b s_b / (|o_b| B) while unclipped, 0 once clipped. The token form is where a
-    truncated importance weight w_t (vLLM rollouts) multiplies each token's term, as in the other losses;
-    a sequence with no unmasked token (weight 0) adds nothing, to the value or the gradient.
+    truncated importance weight w_t (vLLM rollouts) multiplies each token's term, as in the other losses,
+    where per-token advantages A_bt (the k1 KL in the reward) enter, and where the KL term `kl_term_BT`
+    is added with GRPO's normaliser (TRL's GSPO: importance_sampling_level="sequence", loss_type="grpo").
+    A sequence with no unmasked token (weight 0) adds nothing, to the value or the gradient.
     """
     m_BT = mask_BT.bool()
     log_s_B = masked_mean(logp_BT - old_logp_BT, m_BT, dim=-1)
     s_B = log_s_B.exp()
-    adv_B = adv_B.to(s_B.dtype)
     lp_BT = torch.where(m_BT, logp_BT, torch.zeros((), dtype=logp_BT.dtype, device=logp_BT.device))
     s_BT = s_B.detach()[:, None] * torch.exp(lp_BT - lp_BT.detach())
-    adv_BT = adv_B[:, None]
+    adv_BT = _adv_BT(adv_B, s_BT)
     surrogate_BT = torch.minimum(s_BT * adv_BT, s_BT.clamp(1 - clip_low, 1 + clip_high) * adv_BT)
     if is_weight_BT is not None:
         surrogate_BT = surrogate_BT * is_weight_BT.to(surrogate_BT.dtype)
+    if kl_term_BT is not None:
+        surrogate_BT = surrogate_BT - kl_term_BT
     surrogate_B = masked_sum(surrogate_BT, m_BT, dim=-1) / m_BT.sum(-1).clamp_min(1).to(surrogate_BT.dtype)
     loss = -surrogate_B.sum() / (num_sequences or logp_BT.shape[0])
     with torch.no_grad():
-        low_B = (s_B < 1 - clip_low) & (adv_B < 0)
-        high_B = (s_B > 1 + clip_high) & (adv_B > 0)
+        seq_adv_B = masked_mean(adv_BT, m_BT, dim=-1)     # the sequence's advantage (its mean, if per token)
+        low_B = (s_B < 1 - clip_low) & (seq_adv_B < 0)
+        high_B = (s_B > 1 + clip_high) & (seq_adv_B > 0)
         metrics = {
             "clip_frac": _metric((low_B | high_B).float().mean()),
             "clip_low_frac": _metric(low_B.float().mean()),

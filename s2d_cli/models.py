@@ -58,12 +58,17 @@ def check_model_ref(name: str, *, expect: tuple[str, ...] = ("config.json",)) ->
     """A local directory must exist and hold one of `expect`; anything shaped like a hub id passes through.
     A training run's directory (where TRL's output_dir would be the model) says where its model is."""
     path = Path(name).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:             # a symlink loop, a name too long
+        raise UsageError(f"{name}: cannot read it ({e.strerror})") from None
+    if exists:
         where = run_dir_model(path)
         if where:
             raise UsageError(f"{name}: a training run directory, not a model; {where}")
         if not path.is_dir() or not any((path / f).exists() for f in expect):
             raise UsageError(f"{name}: not a model directory (expected {' or '.join(expect)} inside)")
+        check_weight_files(path)
         return str(path)
     looks_local = name.startswith(("/", "./", "../", "~")) or name.count("/") != 1
     if looks_local:
@@ -91,15 +96,52 @@ def run_dir_model(path: Path) -> str | None:
     return None
 
 
+def check_weight_files(path: Path) -> None:
+    """Every safetensors file of a model directory has a whole header (a truncated copy, an HTML error
+    page or random bytes saved as model.safetensors fail here, naming the file, instead of deep inside
+    transformers), and every shard its index lists is there. Reads headers only: milliseconds."""
+    from safetensors import SafetensorError, safe_open
+
+    from .artifacts import unreadable_tensors
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"{index}: not a valid safetensors index ({type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:100]})") from None
+        for shard in shards:
+            if not (path / str(shard)).is_file():
+                raise UsageError(f"{path / str(shard)}: missing (listed in {index.name})")
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as e:
+            raise unreadable_tensors(f, e) from None
+
+
+# files a tokenizer is loaded from; a model directory with none of them has no tokenizer (transformers
+# would build an empty one from config.json's model type, which encodes every prompt to no tokens)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     # a checkpoint, or a tokenizer saved on its own (make-tiny --tokenizer, the test fixtures)
     ref = check_model_ref(name, expect=("config.json", "tokenizer_config.json", "tokenizer.json"))
+    if Path(ref).is_dir() and not any((Path(ref) / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(f"{name}: no tokenizer files (expected tokenizer.json or tokenizer_config.json "
+                         "inside); copy them from the model this one was trained from")
     try:
         tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:       # ValueError: no tokenizer file of a kind it knows
         raise UsageError(f"{name}: could not load tokenizer ({(str(e).strip().splitlines() or [''])[0]})") from None
+    if not tok("1 a", add_special_tokens=False)["input_ids"]:
+        raise UsageError(f"{name}: its tokenizer encodes text to no tokens (tokenizer files incomplete?)")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -128,6 +170,7 @@ def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | to
     """A causal LM from a local directory or hub id, safetensors only, in eval mode on `device`, with
     transformers' default attention unless `attn_implementation` names one ("sdpa", "eager",
     "flash_attention_2", ...)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     ref = check_model_ref(name)
@@ -139,6 +182,8 @@ def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | to
             trust_remote_code=trust_remote_code, **extra)
     except OSError as e:
         raise UsageError(f"{name}: could not load model ({str(e).splitlines()[0]})") from e
+    except SafetensorError as e:             # a weights file that changed since check_model_ref read it
+        raise UsageError(f"{name}: could not load model ({(str(e).splitlines() or [''])[0]})") from None
     except (ImportError, ValueError) as e:       # e.g. a model type without flash-attention support
         first = (str(e).strip().splitlines() or [""])[0]
         if attn_implementation and any(w in first.lower() for w in ("attention", "attn")):
@@ -272,8 +317,10 @@ def check_plain_head(model, name: str) -> None:
                          "Mistral, Gemma 3, Granite, Cohere shapes)")
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[str, dict] | None = None) -> Path:
-    """save_pretrained into a temp dir beside `out_dir`, then rename: readers never see half a model."""
+def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[str, dict] | None = None,
+                    state_dict: dict | None = None) -> Path:
+    """save_pretrained into a temp dir beside `out_dir`, then rename: readers never see half a model.
+    state_dict: the tensors to save instead of the model's own (a sharded model's, gathered whole)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -283,7 +330,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[
     if cache_off:
         config.use_cache = True
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     finally:
         if cache_off:
             config.use_cache = False

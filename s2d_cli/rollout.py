@@ -43,6 +43,9 @@ class PromptFields:
     # where a gold answer is needed (grpo, eval, opd --alpha): "error" refuses a record without one,
     # "skip" leaves it out and says how many (MATH train has two solutions with an empty \boxed{})
     missing_answer: str = "error"
+    # a prompt longer than the model's context minus max_new_tokens: "error" refuses it naming the
+    # record, "skip" leaves it out and counts it (stderr, and skipped_long_prompts in the manifest)
+    long_prompts: str = "error"
 
 
 @dataclass
@@ -122,6 +125,95 @@ def load_prompts(cfg: PromptFields, *, require_answer: bool = False) -> list[Exa
                          skip_missing_answers=cfg.missing_answer == "skip")
 
 
+def model_context(model: str, *, max_model_len: int | None = None, trust_remote_code: bool = False) -> int | None:
+    """Positions the model can attend over: its config's max_position_embeddings (vLLM's max_model_len
+    where that is set lower); None when the config names no limit."""
+    from transformers import AutoConfig
+
+    from .models import check_model_ref
+
+    try:
+        config = AutoConfig.from_pretrained(check_model_ref(model), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{model}: could not load config ({(str(e).splitlines() or [''])[0][:200]})") from None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = [n for n in (getattr(text, "max_position_embeddings", None), max_model_len)
+              if isinstance(n, int) and n > 0]
+    return min(limits) if limits else None
+
+
+def max_chars_per_token(tokenizer) -> int:
+    """An upper bound on the characters of text one token stands for: the longest vocabulary entry (a
+    byte-level entry has one character per byte, a byte-fallback one like <0xE2> more than its text),
+    doubled for normalisers that drop characters. A text of more than `tokens * this` characters is
+    longer than `tokens` tokens without tokenizing it: a 6 MB prompt is refused in milliseconds."""
+    cached = getattr(tokenizer, "_s2d_max_chars_per_token", None)
+    if cached is None:
+        cached = 2 * max((len(t) for t in tokenizer.get_vocab()), default=1)
+        try:
+            tokenizer._s2d_max_chars_per_token = cached
+        except AttributeError:  # pragma: no cover - a tokenizer that takes no attributes
+            pass
+    return cached
+
+
+def check_long_prompts(cfg: PromptFields | SamplingFields, examples: list[Example], tokenizer, context: int | None,
+                       source: str, memo: dict | None = None) -> tuple[list[Example], int]:
+    """(the examples whose rendered prompt fits `context - max_new_tokens` tokens, how many did not).
+
+    A prompt that does not fit is an error naming it (`long_prompts: error`) or left out and counted
+    (`long_prompts: skip`). Lengths are bounded by characters first (`max_chars_per_token`), so a huge
+    prompt is never rendered nor tokenized; the ones that are tokenized go into `memo` (the memo of
+    `encode_examples`), so no prompt is tokenized twice."""
+    if cfg.long_prompts not in ("error", "skip"):
+        raise UsageError(f"long_prompts: expected error or skip, got {cfg.long_prompts!r}")
+    if context is None:
+        return examples, 0
+    room = context - cfg.max_new_tokens
+    if room < 1:
+        raise UsageError(f"--max-new-tokens {cfg.max_new_tokens}: the model's context is {context} positions, "
+                         "which leaves no room for a prompt")
+    bound = room * max_chars_per_token(tokenizer)
+    memo = {} if memo is None else memo
+    kept = []
+    for ex in examples:
+        if len(ex.problem) > bound:          # too long for certain: not even rendered
+            size = f"{len(ex.problem):,} characters, more than {room:,} tokens hold"
+        else:
+            encode_examples(tokenizer, [ex], cfg, memo)
+            n = len(memo[ex.problem][1])
+            if n <= room:
+                kept.append(ex)
+                continue
+            size = f"{n:,} tokens"
+        if cfg.long_prompts == "error":
+            raise UsageError(f"{source}: prompt {ex.id!r} is {size}; the model's {context:,}-position context "
+                             f"minus max_new_tokens {cfg.max_new_tokens:,} leaves {room:,} (shorten it, lower "
+                             "--max-new-tokens, or --set long_prompts=skip)")
+    skipped = len(examples) - len(kept)
+    if skipped:
+        cu.console.print(f"[yellow]{source}: left out {skipped} of {len(examples)} prompts longer than "
+                         f"{room:,} tokens (the context minus max_new_tokens; long_prompts=skip)[/]")
+    if not kept:
+        raise UsageError(f"{source}: every prompt is longer than {room:,} tokens (the model's {context:,}-position "
+                         f"context minus max_new_tokens {cfg.max_new_tokens:,})")
+    return kept, skipped
+
+
+def load_fitting_prompts(cfg: PromptFields, model: str, tokenizer=None, *, require_answer: bool = False,
+                         memo: dict | None = None) -> tuple[list[Example], int]:
+    """`load_prompts`, then `check_long_prompts` against `model`'s context: (examples, skipped)."""
+    from .models import load_tokenizer
+
+    examples = load_prompts(cfg, require_answer=require_answer)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
+    context = model_context(model, max_model_len=getattr(cfg, "max_model_len", None),
+                            trust_remote_code=cfg.trust_remote_code)
+    source = "<stdin>" if cfg.dataset == "-" else cfg.dataset
+    return check_long_prompts(cfg, examples, tokenizer, context, source, memo)
+
+
 def encode_examples(tokenizer, examples: list[Example], cfg: PromptFields,
                     memo: dict | None = None) -> tuple[list[str], list[list[int]]]:
     """Rendered prompt texts and their token ids. `memo` (a dict kept by the caller): each distinct
@@ -187,8 +279,10 @@ def open_engine(cfg: SamplingFields, model: str, tokenizer, *, topk: int = 0):
 def run(cfg: RolloutConfig) -> Path | None:
     from .models import check_model_ref, load_tokenizer
 
-    examples = load_prompts(cfg)
     check_model_ref(cfg.model)  # bad input fails before the output (or its staging dir) exists
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    memo: dict = {}
+    examples, skipped = load_fitting_prompts(cfg, cfg.model, tokenizer, memo=memo)
     if cfg.topk:
         rows = embedding_rows(cfg.model, trust_remote_code=cfg.trust_remote_code)
         if cfg.topk > rows:
@@ -197,7 +291,6 @@ def run(cfg: RolloutConfig) -> Path | None:
     writer = ArtifactWriter(cfg.out, kind="rollout", config=asdict(cfg), num_shards=len(slices),
                             inputs=[cfg.dataset, cfg.model], force=cfg.force)
     todo = writer.pending()
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if todo:
         engine = open_engine(cfg, cfg.model, tokenizer, topk=cfg.topk)
         if writer.num_done():
@@ -206,7 +299,7 @@ def run(cfg: RolloutConfig) -> Path | None:
             task = bar.add_task("rollout", total=len(examples), completed=sum(len(slices[i]) for i in range(len(slices)) if i not in todo))
             for i in todo:
                 shard = [examples[j] for j in slices[i]]
-                texts, ids = encode_examples(tokenizer, shard, cfg)
+                texts, ids = encode_examples(tokenizer, shard, cfg, memo)
                 groups = engine.generate(ids, sampling_config(cfg, seed=cfg.seed + i, logprobs=cfg.logprobs,
                                                               topk=cfg.topk))
                 records = completion_records(shard, texts, groups, cfg.model, logprobs=cfg.logprobs, prompt_ids=ids)
@@ -214,7 +307,8 @@ def run(cfg: RolloutConfig) -> Path | None:
                 bar.advance(task, len(shard))
         engine.close()
     # the tokenizer's digest: kl-warmup checks a student against the model that sampled these targets
-    out = writer.commit(extra={"num_prompts": len(examples), "tokenizer": tokenizer_digest(tokenizer)})
+    out = writer.commit(extra={"num_prompts": len(examples), "skipped_long_prompts": skipped,
+                               "tokenizer": tokenizer_digest(tokenizer)})
     if out is not None:
         print(out)
     return out

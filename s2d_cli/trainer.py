@@ -37,6 +37,15 @@ Log-probs and KLs come from the final hidden states through chunked lm-head prod
 a chunk's logits in backward (`s2d_cli.heads`): no `[tokens, vocab]` float32 tensor is ever
 materialised.
 
+FSDP: on GPUs accelerate's FSDP plugin (examples/accelerate/fsdp-8gpu.yaml). accelerate runs FSDP on
+GPUs only, so under an FSDP config on a CPU host (ACCELERATE_USE_FSDP, the CPU tests) the trainer shards
+with torch's `fully_shard` (FSDP2) itself: each decoder layer one unit, the rest (embeddings, final
+norm, head) the root, `Policy`. Sampling with the hf engine calls the model outside `Policy.forward`, so
+the root is gathered around `make_batch` (`whole_root`) and every process decodes the same number of
+steps (`sharded`: each layer's forward is a collective). Teachers and reference models are sharded the
+same way, frozen, with no optimizer state (`adopt`). Checkpoints are gathered one tensor at a time into
+a plain HF model.
+
 Run directory:
     out/config.json, out/metrics.jsonl, out/checkpoints/step-000010/ (HF model + optimizer.pt +
     master/master_fp32.safetensors for half-precision weights, in a folder of its own so that vLLM and
@@ -51,6 +60,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -66,7 +76,7 @@ from torch import nn
 
 from . import __version__
 from . import cliutil as cu
-from .artifacts import MANIFEST, _config_diff, _write_atomic, fingerprint, holds, input_entry, read_manifest
+from .artifacts import MANIFEST, _write_atomic, fingerprint, holds, input_entry, read_manifest
 from .batching import (  # noqa: F401  (re-exported: the loss functions' and tests' names)
     LAYOUTS,
     Batch,
@@ -123,8 +133,6 @@ class TrainFields:
     def check_training(self) -> None:
         if self.steps < 1:
             raise UsageError(f"--steps: expected >= 1, got {self.steps}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr: expected > 0, got {self.lr}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UsageError(f"lr_schedule: expected constant or cosine, got {self.lr_schedule!r}")
         if self.micro_batch_tokens < 8:
@@ -132,13 +140,7 @@ class TrainFields:
         for key, low in (("chunk_size", 1), ("save_every", 0), ("keep_checkpoints", 1), ("warmup_steps", 0)):
             if getattr(self, key) < low:
                 raise UsageError(f"{key}: expected >= {low}, got {getattr(self, key)}")
-        for key in ("weight_decay", "max_grad_norm"):
-            if not getattr(self, key) >= 0:
-                raise UsageError(f"{key}: expected >= 0, got {getattr(self, key)}")
-        for key in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
-            if not 0 <= getattr(self, key) < 1 + (key == "min_lr_ratio"):
-                raise UsageError(f"{key}: expected a value in [0, 1{']' if key == 'min_lr_ratio' else ')'}, "
-                                 f"got {getattr(self, key)}")
+        # float keys (lr, betas, weight decay ...): config.FLOAT_RANGES, checked as the config resolves
         from .models import resolve_dtype
         resolve_dtype(self.dtype, torch.device("cpu"))   # a bad name fails before the run directory is made
         from .models import check_attn_implementation
@@ -221,6 +223,30 @@ def hidden_at(lm: nn.Module, mb: MicroBatch) -> torch.Tensor:
     return hidden_MH if scale == 1.0 else hidden_MH * scale
 
 
+def shard(root: nn.Module, layers: nn.ModuleList, device: torch.device, whole: nn.Module | None = None) -> None:
+    """torch's FSDP2 over all processes: each of `layers` one unit, `root` the rest, from rank 0's weights. The root is
+    initialised as the root now, and every unit gathered once outside inference mode, so that sampling
+    (whose first forward may enter a layer directly, under torch.inference_mode) finds them set up.
+    `whole`: the model `root` belongs to, when parts of it stay outside the shards (a frozen head)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # rank 0's weights everywhere (FSDP's sync_module_states): under an FSDP config with cpu-RAM-efficient
+    # loading, transformers loads the checkpoint on local rank 0 only and zeros elsewhere
+    with torch.no_grad():
+        for tensor in (*(whole or root).parameters(), *(whole or root).buffers()):
+            dist.broadcast(tensor.data, src=0)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+    root._get_fsdp_state()._lazy_init()
+    for unit in (*layers, root):
+        unit.unshard()
+        unit.reshard()
+
+
 # ----------------------------------------------------------------------------------------------
 # the trainer
 
@@ -251,6 +277,17 @@ def _fingerprint_of(cfg_path: Path) -> str | None:
         return json.loads(cfg_path.read_text()).get("fingerprint")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def remove_leftovers(out: Path) -> None:
+    """What a killed run of this run directory left (its lock is held: no live command owns any of it):
+    half-written files (`metrics.jsonl.tmp`...), models and checkpoints saved under a temporary name and never renamed
+    (`.model.tmp-*`, `checkpoints/..step-N.tmp.tmp-*`, `checkpoints/.step-N.tmp`) and old copies a
+    rename moved aside (`.model.old-*`, `checkpoints/.step-N.old-*`)."""
+    for pattern in ("config.json.tmp", "metrics.jsonl.tmp", "manifest.json.tmp", ".write-test-*", ".model.tmp-*",
+                    ".model.old-*", "checkpoints/.step-*", "checkpoints/..step-*"):
+        for p in out.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def _metrics_step(line: str) -> float:
@@ -284,6 +321,21 @@ VOLATILE = ("out", "force", "resume", "config", "workers", "save_every", "keep_c
             "wandb_project", "attn_implementation", "report_to", "tracker_project", "progress_every")
 
 
+def run_config_diff(old: dict, new: dict, old_inputs: list[dict] | None, new_inputs: list[dict] | None,
+                    volatile: tuple[str, ...] = VOLATILE) -> str:
+    """What makes a run directory's recorded config another run, for its refusal message: every key that
+    differs (settings in `volatile` never do: `--resume` is no change), `steps` first since more steps is
+    the usual one, then inputs whose content changed. E.g. "steps: 2 -> 3, lr: 1e-05 -> 0.0001"."""
+    keys = sorted((k for k in set(old) | set(new) if k not in volatile and old.get(k) != new.get(k)),
+                  key=lambda k: (k != "steps", k))
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4]]
+    if len(keys) > 4:
+        parts.append(f"{len(keys) - 4} more: {', '.join(keys[4:])}")
+    parts += [f"input {n.get('path')} changed since" for o, n in zip(old_inputs or [], new_inputs or [])
+              if o.get("sha256") != n.get("sha256")][:1]
+    return ", ".join(parts) or "a different command"
+
+
 class Trainer:
     def __init__(self, cfg: TrainFields, *, model: str, out: str, kind: str, config: dict[str, Any],
                  inputs: list[str | None] = (), volatile: tuple[str, ...] = None):
@@ -292,7 +344,7 @@ class Trainer:
 
         from .models import check_plain_head, load_model, load_tokenizer, resolve_dtype
 
-        self.cfg, self.kind, self.config = cfg, kind, config
+        self.cfg, self.kind, self.config, self.volatile = cfg, kind, config, volatile
         self.out = Path(out)
         # the model and data it starts from are inputs: a rerun after either changed is not this run
         self.inputs = [input_entry(p) for p in (model, *inputs)]
@@ -303,7 +355,9 @@ class Trainer:
         tracked = trackers.names_of(cfg)
         self.acc = Accelerator(cpu=not cuda, **({"log_with": trackers.log_with(tracked, self.out),
                                                  "project_dir": str(self.out)} if tracked else {}))
-        self.device = self.acc.device
+        # plain "cpu": under an FSDP config accelerate gives CPU processes "cpu:0", which safetensors and
+        # torch.load cannot map checkpoints to
+        self.device = torch.device("cpu") if self.acc.device.type == "cpu" else self.acc.device
         self.world = self.acc.num_processes
         self.rank = self.acc.process_index
         self.complete = self._check_out_dir(model)
@@ -314,7 +368,7 @@ class Trainer:
             return
         self.tokenizer = load_tokenizer(model, trust_remote_code=cfg.trust_remote_code)
         dtype = resolve_dtype(cfg.dtype, self.device)
-        self.frozen_dtype = dtype   # teachers and reference models: not trained, never sharded, no masters
+        self.frozen_dtype = dtype   # teachers and reference models: not trained, no masters (sharded by `adopt` under FSDP)
         if cfg.dtype == "auto" and self.acc.distributed_type == DistributedType.FSDP:
             dtype = torch.float32      # FSDP keeps the sharded fp32 weights and casts them for compute
         self.lm = load_model(model, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code,
@@ -332,6 +386,13 @@ class Trainer:
         self.attn_impl = getattr(self.lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.layout = self._pick_layout()
         self.micro_overhead = micro_batch_overhead_tokens(self.lm, self.device)
+        # FSDP without accelerate (a CPU host: see the module docstring); `sharded`: any FSDP at all
+        self.fsdp_cpu = (self.world > 1 and self.acc.distributed_type == DistributedType.MULTI_CPU
+                         and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true")
+        self.sharded = self.fsdp_cpu or self.acc.distributed_type == DistributedType.FSDP
+        policy = Policy(self.lm)
+        if self.fsdp_cpu:
+            shard(policy, trunk_of(self.lm).layers, self.device)
         named = [(n, p) for n, p in self.lm.named_parameters() if p.requires_grad]
         # fp32 master weights for half-precision ones (see TrainFields.master_weights). Not under FSDP,
         # whose prepare() replaces the parameters (there "auto" loads fp32 and FSDP casts for compute).
@@ -348,9 +409,12 @@ class Trainer:
         no_decay = [p for p in params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=not self.fsdp_cpu)   # no fused DTensors
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        self.policy, self.optimizer = self.acc.prepare(Policy(self.lm), self.optimizer)
+        if self.fsdp_cpu:                         # already sharded: accelerate would wrap it in DDP
+            self.policy, self.optimizer = policy, self.acc.prepare(self.optimizer)
+        else:
+            self.policy, self.optimizer = self.acc.prepare(policy, self.optimizer)
         if ckpt is not None:
             self._load_state(ckpt)
         elif self.acc.is_main_process and self.metrics_path_exists():
@@ -381,6 +445,11 @@ class Trainer:
         trainer's layout; a model that cannot takes the whole run back to padded rows."""
         from . import attention
 
+        if self.sharded:
+            # like the student, frozen: no gradient, no optimizer state. The trunk is the root unit (the
+            # scorers call it directly); the head stays whole, read by the chunked head functions.
+            other.requires_grad_(False)
+            shard(trunk_of(other), trunk_of(other).layers, self.device, whole=other)
         impl = getattr(other.config, "_attn_implementation", "sdpa") or "sdpa"
         if self.layout == "packed" and self.attn_impl not in PACKED_ATTENTION:   # torch's varlen kernel
             if attention.varlen_ok(other, self.device):
@@ -409,9 +478,12 @@ class Trainer:
             if old.get("fingerprint") == self.fingerprint and not cfg.force:
                 return True
             if not cfg.force:
-                diff = _config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs)
+                diff = run_config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs,
+                                       self.volatile)
+                flag = "--model" if self.kind == "grpo" else "--student"
                 raise UsageError(f"{out}: holds a finished {old.get('kind')} run with a different config "
-                                 f"({diff}); use --force or another --out")
+                                 f"({diff}); to train on from it, start a new --out with {flag} {out}/model "
+                                 "(--force replaces the finished run)")
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out}: exists and is not a directory")
         from .artifacts import lock_output
@@ -423,15 +495,20 @@ class Trainer:
             lock_output(out)         # one command at a time writes a run directory
             cfg_path = out / "config.json"
             ours = _is_run_config(cfg_path)     # a model directory's config.json is not a partial run
+            if ours:
+                remove_leftovers(out)
             if cfg.force and out.exists() and (manifest.is_file() or not ours
                                                or _fingerprint_of(cfg_path) != self.fingerprint):
                 shutil.rmtree(out)       # --force keeps only a partial run of this very config: it resumes
+                ours = False             # gone: nothing below may look at (or remove) it again
             if ours and _fingerprint_of(cfg_path) != self.fingerprint:
                 if self._latest_checkpoint() is not None:
                     old = json.loads(cfg_path.read_text())
-                    diff = _config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs)
+                    diff = run_config_diff(old.get("config", {}), self.config, old.get("inputs"), self.inputs,
+                                           self.volatile)
                     raise UsageError(f"{out}: a partial run with a different config is there ({diff}); "
-                                     "use --force")
+                                     "rerun it with its own config to resume it, or use --force (it starts "
+                                     "over) or another --out")
                 shutil.rmtree(out)       # a partial run with no checkpoint has nothing to lose: it makes way
             if not out.exists():
                 cu.on_failure(self._discard_unstarted)
@@ -489,7 +566,12 @@ class Trainer:
             with torch.no_grad():
                 for n, m in zip(self._master_names, self.masters):
                     m.copy_(saved[n])
-        self.optimizer.load_state_dict(opt)
+        if self.fsdp_cpu:      # saved whole (`_whole_state`): each rank takes its shards of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(self.policy, self.optimizer.optimizer, opt,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(opt)
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_step = state["step"]
         self.lm.train()
@@ -500,6 +582,40 @@ class Trainer:
                          if _metrics_step(line) <= self.start_step]
                 _write_atomic(self.out / "metrics.jsonl", "".join(x + "\n" for x in lines).encode())
 
+    def _whole_state(self, with_optimizer: bool = False) -> tuple[dict | None, dict | None]:
+        """Under CPU FSDP: the model's whole tensors (gathered one at a time, kept on the main process's
+        CPU) and, with_optimizer, the optimizer's whole state keyed by parameter name. Collectives: every
+        process calls it. (None, None) otherwise: the model saves itself."""
+        if not self.fsdp_cpu:
+            return None, None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        from .engines.weight_sync import full_tensors
+
+        main = self.acc.is_main_process
+        weights = {}
+        for name, tensor in full_tensors(self.lm):
+            if main:
+                weights[name] = tensor.cpu().clone()
+        optimizer = None
+        if with_optimizer:
+            optimizer = get_optimizer_state_dict(self.policy, self.optimizer.optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return (weights, optimizer) if main else (None, None)
+
+    @contextlib.contextmanager
+    def whole_root(self):
+        """The root unit's parameters (embeddings, final norm, head) gathered while the model is called
+        outside `Policy.forward` (sampling); the decoder layers gather themselves in their own forward."""
+        if not self.fsdp_cpu:
+            yield
+            return
+        self.policy.unshard()
+        try:
+            yield
+        finally:
+            self.policy.reshard()
+
     def metrics_path_exists(self) -> bool:
         return (self.out / "metrics.jsonl").is_file()
 
@@ -508,13 +624,16 @@ class Trainer:
         from .models import save_checkpoint
 
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
-            root = self.out / "checkpoints"
-            final = root / f"step-{step:06d}"
+        weights, optimizer = self._whole_state(with_optimizer=True)   # collective: every process
+        root = self.out / "checkpoints"
+        final = root / f"step-{step:06d}"
+        # already there when resumed from this very checkpoint with nothing left to train (killed after
+        # it, before the manifest): rewriting it would only open a moment with no checkpoint at all
+        if self.acc.is_main_process and not (final / "trainer_state.json").is_file():
             tmp = root / f".step-{step:06d}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp)
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp, state_dict=weights)
+            torch.save(optimizer if optimizer is not None else self.optimizer.state_dict(), tmp / "optimizer.pt")
             if self.masters is not None:
                 from safetensors.torch import save_file
                 (tmp / MASTER_PATH).parent.mkdir()
@@ -524,6 +643,7 @@ class Trainer:
             _write_atomic(tmp / "trainer_state.json", json.dumps(state).encode())
             from .models import replace_dir
             replace_dir(tmp, final)
+        if self.acc.is_main_process:   # also after a skipped save: a kill may have cut the last pruning short
             for old in sorted(p for p in root.glob("step-*"))[:-max(1, self.cfg.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
         self.acc.wait_for_everyone()
@@ -546,6 +666,26 @@ class Trainer:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         return self.acc.reduce(t, reduction="sum").tolist()
 
+    def gather_to_main(self, items: list) -> list | None:
+        """Every process's `items` concatenated in rank order on the main process (None elsewhere): the
+        records of a step whose prompts are split over the ranks in order come back in prompt order."""
+        if self.world == 1:
+            return items
+        import torch.distributed as dist
+
+        parts = [None] * self.world if self.acc.is_main_process else None
+        dist.gather_object(items, parts, dst=0)
+        return [x for part in parts for x in part] if parts is not None else None
+
+    def all_max(self, value: int) -> int:
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self, make_batch: Callable[[int], Batch], loss_fn: Callable[[nn.Module, MicroBatch, StepInfo], tuple],
             *, update_epochs: int = 1, after_update: Callable[[int], None] | None = None,
@@ -558,7 +698,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 seed_step(cfg.seed, step, self.rank)
                 self.lm.eval()
-                batch = make_batch(step)
+                with self.whole_root():
+                    batch = make_batch(step)
                 if on_batch is not None:
                     on_batch(step, batch)
                 t_batch = time.perf_counter() - t0
@@ -572,11 +713,17 @@ class Trainer:
                                      "with a completion token; every process needs one each step")
                 micro = pack(batch.sequences, cfg.micro_batch_tokens, layout=self.layout, device=self.device,
                              overhead_tokens=self.micro_overhead)
+                real = len(micro)
+                if self.sharded:
+                    # every forward of a sharded model is a collective: a process with fewer micro-batches
+                    # than its peers runs its last one again, with the loss times 0 (no gradient, no metric)
+                    most = self.all_max(real)
+                    micro = micro + [micro[-1]] * (most - real)
                 if update_epochs > 1:
                     self._store_old_logprobs(micro)
                 self.lm.train()
                 sums: dict[str, float] = {}
-                grad_norm = 0.0
+                grad_norm = worst_norm = 0.0     # worst: NaN if any epoch's was (torch.maximum keeps NaN)
                 for epoch in range(update_epochs):
                     info = StepInfo(step, epoch, self.world, max(n_seq, 1e-8), max(n_tok, 1e-8))
                     for i, mb in enumerate(micro):
@@ -584,8 +731,10 @@ class Trainer:
                         with sync:
                             with self.acc.autocast():      # mixed precision: the forward only, not backward
                                 loss, m = loss_fn(self.policy, mb, info)
+                            if i >= real:
+                                loss = loss * 0.0
                             self.acc.backward(loss)
-                        if epoch == 0:              # metrics stay on the device until the step ends
+                        if epoch == 0 and i < real:              # metrics stay on the device until the step ends
                             w = metric_tokens(mb)
                             sums["loss"] = sums.get("loss", 0.0) + loss.detach().float() / self.world
                             for k, v in m.items():
@@ -600,15 +749,20 @@ class Trainer:
                                 [p.grad for p in self.policy.parameters() if p.grad is not None])
                         self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if hasattr(grad_norm, "full_tensor"):      # FSDP2: a DTensor
+                        grad_norm = grad_norm.full_tensor()
+                    worst_norm = grad_norm if epoch == 0 else torch.maximum(torch.as_tensor(worst_norm),
+                                                                           torch.as_tensor(grad_norm))
                 lr = self.scheduler.get_last_lr()[0]
                 self.scheduler.step()
                 if after_update is not None:
                     after_update(step)
                 keys = sorted(sums)
-                local_tok = sum(metric_tokens(mb) for mb in micro)
-                computed = sum(mb.input_ids.numel() for mb in micro)      # padding and shared prompts included
-                *host, grad_norm = _host_floats([sums[k] for k in keys] + [grad_norm])
+                local_tok = sum(metric_tokens(mb) for mb in micro[:real])
+                computed = sum(mb.input_ids.numel() for mb in micro[:real])      # padding and shared prompts included
+                *host, grad_norm, worst_norm = _host_floats([sums[k] for k in keys] + [grad_norm, worst_norm])
                 *totals, tok_total, computed = self.all_sum(host + [local_tok, computed])
+                self._stop_if_not_finite(step, dict(zip(keys, totals)).get("loss", 0.0), worst_norm)
                 tok_total = max(tok_total, 1.0)
                 dt = time.perf_counter() - t0
                 metrics = {"step": step + 1}
@@ -616,7 +770,7 @@ class Trainer:
                     metrics[k] = v if k == "loss" else v / tok_total
                 metrics.update(batch.metrics)
                 metrics.update({"grad_norm": grad_norm, "lr": lr, "tokens": int(n_all_tok),
-                                "tokens_computed": int(computed), "micro_batches": len(micro),
+                                "tokens_computed": int(computed), "micro_batches": real,
                                 "tokens_per_s": n_all_tok / dt, "batch_time_s": t_batch, "step_time_s": dt})
                 self.log(metrics)
                 if bar:
@@ -624,6 +778,21 @@ class Trainer:
                     bar.update(task, advance=1, description=f"{self.kind} {shown}")
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
                     self.save_checkpoint(step + 1)
+
+    def _stop_if_not_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        """A step whose loss or gradient norm is NaN or inf has already stepped the weights to garbage:
+        stop before that step is logged or saved, so no checkpoint and no model/ ever holds such weights
+        and the newest checkpoint (written after a good step) is where a rerun resumes. Every process
+        sees the same global numbers, so every process stops."""
+        bad = next(((name, v) for name, v in (("loss", loss), ("gradient norm", grad_norm))
+                    if not math.isfinite(v)), None)
+        if bad is None:
+            return
+        ckpt = self._latest_checkpoint()
+        kept = (f"{self.out} keeps its last good checkpoint {ckpt.name} (rerun to resume from it)" if ckpt
+                else "no checkpoint was written yet")
+        raise UsageError(f"step {step + 1}: {bad[0]} is {bad[1]}, not finite: training stopped, nothing of this "
+                         f"step saved; {kept}. Lower --lr, keep max_grad_norm > 0, or check the data and rewards")
 
     def _master_step(self) -> torch.Tensor:
         """One optimizer step on the fp32 masters: the model's half-precision gradients (already reduced
@@ -646,6 +815,11 @@ class Trainer:
     @torch.no_grad()
     def _store_old_logprobs(self, micro: list[MicroBatch]) -> None:
         """PPO with several epochs needs the pre-update log-probs; one extra no-grad pass."""
+
+        with self.whole_root():
+            self._old_logprobs(micro)
+
+    def _old_logprobs(self, micro: list[MicroBatch]) -> None:
         from .heads import chunked_token_logprobs
 
         for mb in micro:
@@ -666,8 +840,10 @@ class Trainer:
         from .models import save_checkpoint
 
         self.save_checkpoint(self.cfg.steps)
+        weights, _ = self._whole_state()
         if self.acc.is_main_process:
-            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, self.out / "model")
+            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, self.out / "model",
+                            state_dict=weights)
             last = {}
             if (self.out / "metrics.jsonl").is_file():
                 lines = (self.out / "metrics.jsonl").read_text().splitlines()

@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 
 from . import cliutil as cu
-from .artifacts import ArtifactWriter, check_shard_size, read_located, shard_slices
+from .artifacts import ArtifactWriter, check_shard_size, made_with, read_located, shard_slices
 from .config import resolve
 from .errors import UsageError, located
 from .verifier import check_pool_options, gold_type_error
@@ -97,7 +97,8 @@ def run(cfg: VerifyConfig) -> Path | None:
                 correct += sum(r["correct"] for r in scored)
                 total += len(scored)
                 bar.advance(task, len(scored))
-    out = writer.commit()
+    # how the records were sampled, frozen here from the input's own manifest (`eval --rollouts` reads it)
+    out = writer.commit(extra={"made_with": made_with(cfg.input)} if Path(cfg.input).is_dir() else None)
     if total:
         cu.console.print(f"verified {total} records: {correct} correct ({correct / total:.1%})")
     if out is not None:

@@ -114,7 +114,7 @@ def test_unknown_config_key_is_one_line_naming_it(tmp_path, how):
 @pytest.mark.parametrize("args, message", [
     (["--set", "timeout=soon"], "timeout: expected a number, got 'soon'"),
     (["--set", "timeout"], "expected key=value"),
-    (["--timeout", "0"], "--timeout: expected > 0"),
+    (["--timeout", "0"], "--timeout: expected a finite number in (0, 86400], got 0.0"),
     (["--config", "missing.yaml"], "missing.yaml: config file not found"),
 ])
 def test_bad_config_values_are_one_line(tmp_path, args, message):
@@ -174,7 +174,7 @@ def _bad_inputs(tmp_path: Path, model: Path) -> dict[str, tuple[list, str]]:
         "missing_file_like_a_hub_id": (["rollout", "--model", model, "--dataset", "data/missing.jsonl"],
                                        "data/missing.jsonl: no such file"),
         "temperature_nan": (["rollout", "--model", model, "--dataset", "math500", "--temperature", "nan"],
-                            "--temperature: expected a finite value >= 0, got nan"),
+                            "--temperature: expected a finite number >= 0, got nan"),
         "top_k_0": (["rollout", "--model", model, "--dataset", "math500", "--top-k", "0"],
                     "--top-k: expected -1 (off) or >= 1, got 0"),
         "limit_negative": (["eval", "--model", model, "--dataset", "math500", "--limit", "-1"],

@@ -160,10 +160,10 @@ def test_rescore_rollouts_without_a_model(handmade_rollouts, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "timeout=0"], "error: timeout: expected > 0"),
-    (["--set", "timeout=-1"], "error: timeout: expected > 0"),
-    (["--set", "timeout=nan"], "error: timeout: expected > 0"),
-    (["--set", "timeout=inf"], "error: timeout: expected > 0"),
+    (["--set", "timeout=0"], "--set: timeout: expected a finite number in (0, 86400], got 0.0"),
+    (["--set", "timeout=-1"], "--set: timeout: expected a finite number in (0, 86400], got -1.0"),
+    (["--set", "timeout=nan"], "--set: timeout: expected a finite number in (0, 86400], got nan"),
+    (["--set", "timeout=inf"], "--set: timeout: expected a finite number in (0, 86400], got inf"),
     (["--workers", "-2"], "--workers: expected a process count >= 0"),
     (["--set", "shard_size=0"], "shard_size: expected >= 1, got 0"),
 ])

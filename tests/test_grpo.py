@@ -413,9 +413,9 @@ def test_bad_inputs(tiny_model_dir, tmp_path):
                                        "-P", "2", "--steps", "1"], message)
     for key, value, message in [("dtype", "fp64", "error: dtype: expected auto, bf16, fp16 or fp32, got 'fp64'"),
                                 ("chunk_size", "0", "chunk_size: expected >= 1, got 0"),
-                                ("adam_beta2", "1.5", "adam_beta2: expected a value in [0, 1), got 1.5"),
-                                ("lr", "nan", "--lr: expected > 0, got nan"),
-                                ("timeout", "nan", "error: timeout: expected > 0 seconds (a finite number), got nan"),
+                                ("adam_beta2", "1.5", "--set: adam_beta2: expected a finite number in [0, 1), got 1.5"),
+                                ("lr", "nan", "--set: lr: expected a finite number in (0, 1], got nan"),
+                                ("timeout", "nan", "--set: timeout: expected a finite number in (0, 86400], got nan"),
                                 ("workers", "-1", "error: workers: expected a process count >= 0")]:
         cases[f"--set {key}"] = ([*ok, "--set", f"{key}={value}"], message)
     if os.geteuid() != 0:  # root writes into read-only directories anyway
@@ -481,11 +481,180 @@ def test_beta_logs_kl_ref_zero_at_step_one(tiny_model_dir, tmp_path):
     token's k3 = exp(0) - 0 - 1 = 0 exactly; after an update at lr 1e-2 it is > 0."""
     run = tmp_path / "run"
     grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 2,
-         "-G", 4, "-P", 2, "--max-new-tokens", 3, "--lr", 1e-2, "--beta", 0.1, "--out", run)
+         "-G", 4, "-P", 4, "--max-new-tokens", 3, "--lr", 1e-2, "--beta", 0.1, "--out", run)
     m1, m2 = metrics(run)
     assert m1["kl_ref"] == 0.0
     assert m2["kl_ref"] > 0.0
     assert m1["loss"] == pytest.approx(0.0, abs=1e-6)   # grpo at ratio 1: -(1/B) sum A = 0, plus 0.1 * 0
+
+
+def test_dapo_drops_zero_variance_groups_from_the_normaliser(tiny_model_dir, fixed_rollouts, tmp_path):
+    """All 8 prompts in one step (-P 8), so p5 -- every reward 0, advantage 0 -- is in the batch. Its
+    tokens add 0 to dapo's numerator; kept, they would still add to the denominator sum |o_b| and
+    shrink the loss (by about a tenth here). expected_first_loss counts only groups with variance."""
+    path, records = fixed_rollouts
+    run = tmp_path / "dapo"
+    grpo("--model", tiny_model_dir, "--rollouts", path, "--steps", 1, "-G", G, "-P", 8, "--loss", "dapo",
+         "--lr", 1e-3, "--out", run)
+    (m,) = metrics(run)
+    expected = expected_first_loss(records, "dapo", 8, 0)
+    kept_too = -sum(a * len(r["completion_ids"]) for a, r in zip(
+        [a for p in range(8) for a in advantages([r["reward"] for r in records[p * G:(p + 1) * G]], "std")],
+        records)) / sum(len(r["completion_ids"]) for r in records)
+    assert abs(expected - kept_too) > 1e-3 * abs(expected)    # the case tells the two apart
+    assert m["loss"] == pytest.approx(expected, rel=1e-5)
+    assert m["zero_var_frac"] == pytest.approx(1 / 8)
+
+
+@pytest.mark.parametrize("loss, low, high", [("grpo", 0.2, 0.2), ("dr_grpo", 0.2, 0.2), ("dapo", 0.2, 0.28),
+                                             ("gspo", 3e-4, 4e-4)])
+def test_clip_defaults_per_loss_are_the_papers(loss, low, high):
+    """DAPO's clip-higher is 0.28 (Yu et al. 2025, sec. 3.1); GSPO's 3e-4 / 4e-4 (Zheng et al. 2025)."""
+    from s2d_cli.grpo import GRPOConfig
+
+    cfg = GRPOConfig(model="m", out="o", dataset="d", loss=loss)
+    cfg.validate()
+    assert (cfg.clip_low, cfg.clip_high) == (low, high)
+
+
+def test_overlong_penalty_by_hand():
+    from s2d_cli.grpo import overlong_penalty
+
+    # budget 16, buffer 4: 0 up to 12 tokens, then (12 - L) / 4 down to -1 at 16 (a cost, never a bonus)
+    assert [overlong_penalty(n, 16, 4) for n in (1, 12, 13, 14, 16)] == [0.0, 0.0, -0.25, -0.5, -1.0]
+    assert overlong_penalty(20, 16, 4) == -1.0 and overlong_penalty(16, 16, 0) == 0.0
+
+
+def test_overlong_penalty_lowers_the_trained_reward(tiny_model_dir, tmp_path):
+    """--max-new-tokens 3 with a 2-token buffer: a 2-token completion costs 0.5, a 3-token one 1.
+    The reward the step trains on (reward_mean) is the verifier's minus that cost, per record."""
+    run = tmp_path / "run"
+    grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 1,
+         "-G", 4, "-P", 2, "--max-new-tokens", 3, "--set", "overlong_buffer=2", "--lr", 1e-3, "--out", run)
+    (m,) = metrics(run)
+    records = read_records(run / "rollouts")
+    pens = [r.get("overlong_penalty", 0.0) for r in records]
+    assert pens == [{1: 0.0, 2: -0.5, 3: -1.0}[len(r["completion_ids"])] for r in records]
+    assert min(pens) == -1.0
+    assert m["reward_mean"] == pytest.approx(sum(r["reward"] + p for r, p in zip(records, pens)) / len(records))
+
+
+def test_update_epochs_train_against_the_log_probs_before_the_update(tiny_model_dir, fixed_rollouts, tmp_path,
+                                                                     monkeypatch):
+    """--set update_epochs=2: the second pass's ratio is pi_new / pi_old, pi_old being the log-probs of
+    the same tokens before the first update. Seen through grpo.policy_loss: in the first pass old ==
+    current (ratio 1), in the second old == the first pass's current, and current has moved (lr 1e-2),
+    so the ratio is not 1 and the clip can act. Without stored old log-probs the ratio would stay 1."""
+    import s2d_cli.grpo as grpo_module
+
+    calls = []
+    real = grpo_module.policy_loss
+
+    def spy(cfg, logp_BT, old_BT, adv_B, mask_BT, *rest, **kw):
+        calls.append((logp_BT.detach().clone(), old_BT.detach().clone(), mask_BT.clone()))
+        return real(cfg, logp_BT, old_BT, adv_B, mask_BT, *rest, **kw)
+
+    monkeypatch.setattr(grpo_module, "policy_loss", spy)
+    path, _ = fixed_rollouts
+    grpo("--model", tiny_model_dir, "--rollouts", path, "--steps", 1, "-G", G, "-P", 4, "--lr", 1e-2,
+         "--set", "update_epochs=2", "--set", "micro_batch_tokens=60", "--out", tmp_path / "run")
+    n = len(calls) // 2
+    assert len(calls) == 2 * n and n >= 2                   # two passes over the same micro-batches
+    moved = 0.0
+    for (lp0, old0, m0), (lp1, old1, m1) in zip(calls[:n], calls[n:]):
+        assert torch.equal(m0, m1)
+        m = m0.bool()
+        torch.testing.assert_close(old0[m], lp0[m], rtol=0, atol=1e-5)     # pass 1: on-policy
+        torch.testing.assert_close(old1[m], lp0[m], rtol=0, atol=1e-5)     # pass 2: the pre-update log-probs
+        moved = max(moved, (lp1[m] - old1[m]).abs().max().item())
+    assert moved > 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# 6b. the KL to the reference, through grpo.policy_loss (what the run's loss function calls)
+
+def kl_cfg(loss: str, estimator: str, beta: float = 0.5, max_new_tokens: int = 4):
+    from s2d_cli.grpo import GRPOConfig
+
+    cfg = GRPOConfig(model="m", out="o", dataset="d", loss=loss, beta=beta, kl_estimator=estimator,
+                     max_new_tokens=max_new_tokens)
+    cfg.validate()
+    return cfg
+
+
+LN2 = math.log(2)
+# two sequences (2 and 3 tokens, then padding), advantages 0 so only the KL term is left, on-policy:
+#   ref - logp = [ln 2, 0 | -ln 2, -ln 2, 0]  ->  k3 = e^x - x - 1 = [1 - ln 2, 0 | ln 2 - 1/2, ln 2 - 1/2, 0]
+#   k3 sums: seq 0  1 - ln 2 = 0.306853, seq 1  2 ln 2 - 1 = 0.386294, all  ln 2; 5 tokens
+KL_BY_HAND = {   # beta = 0.5, max_new_tokens = 4
+    "grpo": 0.5 * ((1 - LN2) / 2 + (2 * LN2 - 1) / 3) / 2,     # 0.0705478: token mean per sequence, mean
+    "gspo": 0.5 * ((1 - LN2) / 2 + (2 * LN2 - 1) / 3) / 2,     # as grpo (TRL: sequence level, loss_type grpo)
+    "dapo": 0.5 * LN2 / 5,                                     # 0.0693147: over the batch's tokens
+    "dr_grpo": 0.5 * LN2 / (2 * 4),                            # 0.0433217: over B x max_new_tokens
+}
+
+
+def kl_batch():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-1.5, -0.5, -3.0]], dtype=torch.float64)
+    ref = logp + torch.tensor([[LN2, 0.0, 5.0], [-LN2, -LN2, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    return logp.requires_grad_(), ref, mask
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo", "gspo"])
+@pytest.mark.parametrize("estimator", ["k3", "k3_is", "k1"])
+def test_kl_to_the_reference_takes_the_loss_types_normaliser(loss, estimator):
+    from s2d_cli.grpo import policy_loss
+
+    logp, ref, mask = kl_batch()
+    adv = torch.zeros(2, dtype=torch.float64)
+    value, m = policy_loss(kl_cfg(loss, estimator), logp, logp.detach(), adv, mask, None, 2.0, 5.0, ref)
+    if estimator == "k1":
+        # the reward -beta k1 = -0.5 (logp - ref) = [0.5 ln 2, 0 | -0.5 ln 2, -0.5 ln 2, 0] at ratio 1:
+        # loss = -sum A under the normaliser -- grpo/gspo -(ln2/4 - ln2/3)/2 = ln 2 / 24, dapo ln 2 / 10,
+        # dr_grpo ln 2 / 16
+        expected = {"grpo": LN2 / 24, "gspo": LN2 / 24, "dapo": LN2 / 10, "dr_grpo": LN2 / 16}[loss]
+    else:
+        expected = KL_BY_HAND[loss]
+    assert value.item() == pytest.approx(expected, abs=1e-12)
+    assert m["kl_ref"] == pytest.approx(LN2 / 5, abs=1e-12)          # k3's token mean, whatever trains
+    # no reference: no KL, and the surrogate of a zero advantage is 0
+    assert policy_loss(kl_cfg(loss, estimator), logp, logp.detach(), adv, mask, None, 2.0, 5.0)[0].item() == 0.0
+
+
+def test_an_unknown_kl_estimator_is_one_line(tiny_model_dir, tmp_path):
+    result = grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--beta", 0.1, "--kl-estimator", "k2",
+                  "--out", tmp_path / "run", ok=False)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == "s2d: error: --kl-estimator: expected one of k3, k3_is, k1, got 'k2'"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dr_grpo", "dapo", "gspo"])
+def test_kl_gradients_through_policy_loss_by_exact_enumeration(loss):
+    """A categorical policy over 5 tokens, sequences of one token: E_{y ~ pi}[grad policy_loss(y)],
+    summed exactly over y, against the gradients of the two KLs (times the normaliser, 1 / max_new for
+    dr_grpo). The old `k1` -- a loss term -- had E[grad] = 0 (issue 19: 1e-16 against 0.16)."""
+    from s2d_cli.grpo import policy_loss
+
+    g = torch.Generator().manual_seed(4)
+    theta = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_()
+    ref_V = torch.log_softmax(2 * torch.randn(5, generator=g, dtype=torch.float64), -1)
+    logp_V = torch.log_softmax(theta, -1)
+    pi_V = logp_V.exp().detach()
+    reverse = torch.autograd.grad((logp_V.exp() * (logp_V - ref_V)).sum(), theta, retain_graph=True)[0]
+    forward = torch.autograd.grad((ref_V.exp() * (ref_V - logp_V)).sum(), theta, retain_graph=True)[0]
+    scale = 1 / 4 if loss == "dr_grpo" else 1.0
+    for estimator, follows in [("k3", forward), ("k3_is", reverse), ("k1", reverse)]:
+        cfg = kl_cfg(loss, estimator, beta=1.0)
+        expected_grad = torch.zeros(5, dtype=torch.float64)
+        for y in range(5):
+            lp = logp_V[y].view(1, 1)
+            value, _ = policy_loss(cfg, lp, lp.detach(), torch.zeros(1, dtype=torch.float64), torch.ones(1, 1),
+                                   None, 1.0, 1.0, ref_V[y].view(1, 1))
+            expected_grad += pi_V[y] * torch.autograd.grad(value, theta, retain_graph=True)[0]
+        torch.testing.assert_close(expected_grad, scale * follows, rtol=0, atol=1e-12)
+    assert (reverse - forward).abs().max() > 0.05
 
 
 # ------------------------------------------------------------------------------------------------
@@ -694,19 +863,19 @@ def test_pack_cuts_where_padding_saved_exceeds_the_overhead():
 
 
 def test_micro_batch_overhead_is_the_gpu_launch_time_in_tokens(tiny_model_dir):
-    from s2d_cli import trainer as T
+    from s2d_cli import batching as B
     from s2d_cli.models import load_model
 
     lm = load_model(str(tiny_model_dir), dtype="fp32", device="cpu")
     params, layers = sum(p.numel() for p in lm.parameters()), lm.config.num_hidden_layers
-    assert T.micro_batch_overhead_tokens(lm, torch.device("cpu")) == T.MICRO_BATCH_OVERHEAD_TOKENS == 512
+    assert B.micro_batch_overhead_tokens(lm, torch.device("cpu")) == B.MICRO_BATCH_OVERHEAD_TOKENS == 512
     # on a GPU: 0.006 s per layer x 1.8e14 FLOP/s / (6 x params) tokens, never below the CPU constant
     expected = int(0.006 * layers * 1.8e14 / (6 * params))
     assert expected > 512
-    assert T.micro_batch_overhead_tokens(lm, torch.device("cuda")) == expected
+    assert B.micro_batch_overhead_tokens(lm, torch.device("cuda")) == expected
     # a model so large that the launch time buys fewer tokens than the CPU constant: the constant
     lm.config.num_hidden_layers = 0
-    assert T.micro_batch_overhead_tokens(lm, torch.device("cuda")) == 512
+    assert B.micro_batch_overhead_tokens(lm, torch.device("cuda")) == 512
 
 
 # ----------------------------------------------------------------------------------------------

@@ -86,6 +86,140 @@ def test_kl_penalty_by_hand():
         L.kl_penalty(logp, ref, mask, estimator="k4")
 
 
+# Exact enumeration on a categorical policy pi = softmax(theta) over V tokens, one token per
+# "sequence": E_{y ~ pi}[grad of the loss on y] = sum_y pi(y) grad loss(y), with the sampled token held
+# fixed as autograd sees it, against the gradients of the two KLs. Advantage 0, beta 1, on-policy
+# (old_logp = logp): only the KL part of the loss is left.
+def _expected_grad(theta, ref_logp_V, estimator):
+    """sum_y pi(y) d/dtheta [grpo loss on the one-token sequence y], exactly."""
+    theta = theta.detach().clone().requires_grad_()
+    logp_V = torch.log_softmax(theta, -1)
+    total = torch.zeros_like(theta)
+    for y in range(theta.shape[0]):
+        (g,) = torch.autograd.grad(_one_token_kl_loss(logp_V, ref_logp_V, y, estimator), theta, retain_graph=True)
+        total += logp_V[y].exp().detach() * g
+    return total
+
+
+def _one_token_kl_loss(logp_V, ref_logp_V, y, estimator):
+    logp, ref = logp_V[y].view(1, 1), ref_logp_V[y].view(1, 1)
+    mask, zero_adv = torch.ones(1, 1), torch.zeros(1, dtype=F64)
+    if estimator == "k1_loss":       # what `--kl-estimator k1` used to do: k1 as a term of the loss
+        return L.kl_penalty(logp, ref, mask, estimator="k1").sum()
+    if estimator == "k2_loss":
+        return L.kl_penalty(logp, ref, mask, estimator="k2").sum()
+    if estimator == "k1":
+        adv = L.kl_reward_advantages(zero_adv, logp, ref, mask, beta=1.0)
+        return L.grpo_loss(logp, logp.detach(), adv, mask)[0]
+    kl = L.kl_term(logp, logp.detach(), ref, mask, beta=1.0, estimator=estimator)
+    return L.grpo_loss(logp, logp.detach(), zero_adv, mask, kl_term_BT=kl)[0]
+
+
+def _kl_grads(theta, ref_logp_V):
+    """(grad KL(pi || ref), grad KL(ref || pi)) by autograd of the exact sums."""
+    theta = theta.detach().clone().requires_grad_()
+    logp_V = torch.log_softmax(theta, -1)
+    reverse = (logp_V.exp() * (logp_V - ref_logp_V)).sum()
+    forward = (ref_logp_V.exp() * (ref_logp_V - logp_V)).sum()
+    return torch.autograd.grad(reverse, theta, retain_graph=True)[0], torch.autograd.grad(forward, theta)[0]
+
+
+def test_kl_gradients_by_exact_enumeration_two_tokens_by_hand():
+    # pi = (1/2, 1/2) (theta = 0), ref = (1/4, 3/4). d/dtheta_i of
+    #   KL(pi || ref) = pi_i (log(pi_i / ref_i) - KL),  KL = (ln 2 + ln(2/3)) / 2 = ln(4/3) / 2 = 0.143841
+    #                 -> +-(ln 2 - 0.143841) / 2 = +-ln(3) / 4 = +-0.274653
+    #   KL(ref || pi) = pi_i - ref_i -> +-0.25
+    theta, ref = torch.zeros(2, dtype=F64), t64([LN(0.25), LN(0.75)])
+    reverse, forward = _kl_grads(theta, ref)
+    assert_values(reverse, [LN(3) / 4, -LN(3) / 4], atol=1e-12)
+    assert_values(forward, [0.25, -0.25], atol=1e-12)
+    # k3 in the loss: E[(1 - ref/pi) grad logp]; grad_theta logp(y) = onehot(y) - pi, so
+    #   y=0: (1 - 0.5) (1/2, -1/2) ; y=1: (1 - 1.5) (-1/2, 1/2) -> E = (0.125 + 0.125, ...) = (0.25, -0.25)
+    assert_values(_expected_grad(theta, ref, "k3"), [0.25, -0.25], atol=1e-12)
+    # k1 in the reward, k3 x ratio: E[(logp - ref_logp) grad logp]
+    #   y=0: ln 2 (1/2, -1/2) ; y=1: ln(2/3) (-1/2, 1/2) -> E = (ln 2 - ln(2/3)) / 4 = ln(3) / 4
+    for est in ("k1", "k3_is", "k2_loss"):
+        assert_values(_expected_grad(theta, ref, est), [LN(3) / 4, -LN(3) / 4], atol=1e-12)
+    # k1 as a loss term: E[grad logp] = sum_y grad pi(y) = grad 1 = 0
+    assert_values(_expected_grad(theta, ref, "k1_loss"), [0.0, 0.0], atol=1e-15)
+
+
+def test_kl_gradients_by_exact_enumeration_random_policy():
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(6, generator=g, dtype=F64)
+    ref = torch.log_softmax(torch.randn(6, generator=g, dtype=F64), -1)
+    reverse, forward = _kl_grads(theta, ref)
+    assert (reverse - forward).abs().max() > 0.05              # the two KLs pull differently here
+    torch.testing.assert_close(_expected_grad(theta, ref, "k3"), forward, rtol=0, atol=1e-12)
+    for est in ("k1", "k3_is", "k2_loss"):
+        torch.testing.assert_close(_expected_grad(theta, ref, est), reverse, rtol=0, atol=1e-12)
+    assert _expected_grad(theta, ref, "k1_loss").abs().max() < 1e-15
+    # as values, k1 and k3 are both unbiased for KL(pi || ref); k2 is not
+    logp = torch.log_softmax(theta, -1)
+    pi, kl = logp.exp(), (logp.exp() * (logp - ref)).sum()
+    mask = torch.ones(1, 6)
+    for est in ("k1", "k3"):
+        value = (pi * L.kl_penalty(logp.view(1, 6), ref.view(1, 6), mask, estimator=est)).sum()
+        assert value.item() == pytest.approx(kl.item(), abs=1e-12)
+    k2 = (pi * L.kl_penalty(logp.view(1, 6), ref.view(1, 6), mask, estimator="k2")).sum()
+    assert abs(k2.item() - kl.item()) > 1e-3
+
+
+def test_kl_term_and_reward_by_hand():
+    mask = torch.tensor([[1, 1, 0]])
+    logp = t64([[LN(0.5), -1.0, 7.0]]).requires_grad_()
+    old = t64([[LN(0.25), -1.0, 0.0]])                         # token 0: ratio 2
+    ref = t64([[LN(0.25), -1.0, float("-inf")]])
+    # token 0: k3 = 0.5 - ln 2 ... = exp(-ln 2) + ln 2 - 1 = 0.193147 ; token 1: 0 ; token 2: masked
+    assert_values(L.kl_term(logp, old, ref, mask, beta=0.5), [[0.5 * 0.193147, 0, 0]])
+    # k3_is: times the ratio exp(logp - old) = 2 -> 0.193147
+    k3_is = L.kl_term(logp, old, ref, mask, beta=0.5, estimator="k3_is")
+    assert_values(k3_is, [[0.193147, 0, 0]])
+    # d/dlogp [beta k3 r] = beta (r (1 - ref/p) + k3 r) = 0.5 * 2 * (0.5 + 0.193147) = 0.693147 = -log(ref/p)
+    k3_is.sum().backward()
+    assert_values(logp.grad, [[LN(2), 0, 0]])
+    # k1 in the reward: A - beta (logp - ref_logp) = 1 - 0.5 ln 2 = 0.653426 ; 1 - 0 ; 0 off the mask
+    adv = L.kl_reward_advantages(t64([1.0]), logp, ref, mask, beta=0.5)
+    assert_values(adv, [[1 - 0.5 * LN(2), 1.0, 0.0]])
+    assert not adv.requires_grad
+    with pytest.raises(ValueError):
+        L.kl_term(logp, old, ref, mask, beta=0.5, estimator="k1")
+
+
+def test_kl_term_takes_each_losss_own_normaliser():
+    """The hand batch with a KL term [[0.6, 0.2, pad], [0.3, 0, 0]] (already times beta), added to each
+    token's loss before the normaliser (DeepSeekMath, TRL) -- not sum / #tokens = 1.1 / 5 for all:
+        grpo, gspo  (0.8 / 2 + 0.3 / 3) / 2 = 0.25      dr_grpo  1.1 / (2 * 4) = 0.1375      dapo  1.1 / 5 = 0.22"""
+    logp, old, adv, mask = _hand_batch()
+    kl = t64([[0.6, 0.2, float("nan")], [0.3, 0.0, 0.0]])
+    for fn, kw, added in [(L.grpo_loss, {}, 0.25), (L.dr_grpo_loss, {"max_len": 4}, 0.1375),
+                          (L.dapo_loss, {}, 0.22), (L.gspo_loss, {}, 0.25)]:
+        base, _ = fn(logp.detach(), old, adv, mask, **kw)
+        with_kl, _ = fn(logp.detach(), old, adv, mask, kl_term_BT=kl, **kw)
+        assert with_kl.item() - base.item() == pytest.approx(added, abs=1e-12), fn.__name__
+    # outside the clip and the IS weight: a weight of 2 on every token doubles the surrogate only
+    w = torch.full((2, 3), 2.0, dtype=F64)
+    base, _ = L.dapo_loss(logp.detach(), old, adv, mask, is_weight_BT=w)
+    with_kl, _ = L.dapo_loss(logp.detach(), old, adv, mask, is_weight_BT=w, kl_term_BT=kl)
+    assert with_kl.item() - base.item() == pytest.approx(0.22, abs=1e-12)
+
+
+def test_per_token_advantages_by_hand():
+    # The hand batch with A per token [[1, 0.5, pad], [-1, -1, -2]] instead of [1, -1]:
+    #   seq 0: tok0 r = 1.6487 clipped at 1.2 -> -1.2 ; tok1 r = 1, A 0.5 -> -0.5
+    #   seq 1: as before 0.8, 1.6487 ; tok2 r = 1, A -2 -> 2
+    # grpo: ((-1.2 - 0.5) / 2 + (0.8 + 1.6487 + 2) / 3) / 2 = (-0.85 + 1.48291) / 2 = 0.316453
+    logp, old, _, mask = _hand_batch()
+    adv = t64([[1.0, 0.5, 0.0], [-1.0, -1.0, -2.0]])
+    loss, _ = L.grpo_loss(logp, old, adv, mask)
+    assert loss.item() == pytest.approx((-0.85 + (0.8 + E(0.5) + 2.0) / 3) / 2, abs=1e-12)
+    # a [B] advantage and the same value per token give the same loss, in every loss function
+    for fn, kw in [(L.grpo_loss, {}), (L.dr_grpo_loss, {"max_len": 4}), (L.dapo_loss, {}), (L.gspo_loss, {})]:
+        per_seq, _ = fn(logp.detach(), old, t64([1.0, -1.0]), mask, **kw)
+        per_tok, _ = fn(logp.detach(), old, t64([[1.0] * 3, [-1.0] * 3]), mask, **kw)
+        assert per_tok.item() == pytest.approx(per_seq.item(), abs=1e-12), fn.__name__
+
+
 # ----------------------------------------------------------------------------------------------------
 # policy-gradient surrogates
 # ----------------------------------------------------------------------------------------------------
@@ -216,6 +350,15 @@ def test_padding_with_inf_gives_finite_loss_and_zero_grad():
         loss, _ = fn(logp, old, t64([1.0]), mask, **kw)
         loss.backward()
         assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0
+        # and with the KL to a reference whose padding is NaN, in the loss or in the reward
+        ref = t64([[-0.3, float("nan")]])
+        for estimator in ("k3", "k3_is"):
+            logp.grad = None
+            kl = L.kl_term(logp, old, ref, mask, beta=0.5, estimator=estimator)
+            loss, _ = fn(logp, old, L.kl_reward_advantages(t64([1.0]), old, ref, mask, beta=0.5), mask,
+                         kl_term_BT=kl, **kw)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0
 
 
 def test_gspo_sequence_ratio_by_hand():

@@ -8,12 +8,18 @@ sees the same tokens), samples `n` completions per prompt, and can take new weig
     groups[0][2].token_ids          # the third sample of the first prompt
     engine.update_weights(model.state_dict().items())   # on-policy training pushes weights here
 
+Reproducible across process layouts: `SamplingConfig.prompt_seeds` gives each prompt its own seed
+(`sample_seed(run_seed, step, prompt)`), and sample j of prompt i draws from the stream seeded
+`prompt_seeds[i] + j` whatever else shares its batch, so a training run split over N processes samples
+the completions of a 1-process run (vLLM's per-request seeds; the hf engine's `decode.keyed_uniforms`).
+
 `logprobs` are always the *raw* model distribution (temperature 1, no top-p/top-k filtering) at the
 sampled token, because that is what a trainer recomputes; the sampling settings only change which
 token is drawn.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,6 +38,9 @@ class SamplingConfig:
     logprobs: bool = False        # return the sampled token's logprob for each completion token
     topk: int = 0                 # also return the top-K (ids, logprobs) of each completion position
     stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's eos
+    # one seed per prompt (overrides `seed`): sample j of prompt i draws from stream prompt_seeds[i] + j,
+    # the same whichever batch, process or engine instance it is sampled in
+    prompt_seeds: list[int] | None = None
 
 
 @dataclass
@@ -54,6 +63,14 @@ class Engine(Protocol):
         """Replace the engine's weights (HF parameter names) with the trainer's."""
 
     def close(self) -> None: ...
+
+
+def sample_seed(run_seed: int, step: int, prompt: int) -> int:
+    """The seed of `prompt` (its position in the step's global prompt list, the same on any number of
+    processes) at training step `step`: a 56-bit hash, so neighbouring prompts and steps get unrelated
+    streams, and their samples' streams (seed + j) never meet another prompt's."""
+    digest = hashlib.blake2b(f"{run_seed}:{step}:{prompt}".encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")
 
 
 def vllm_available() -> bool:

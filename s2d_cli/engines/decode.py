@@ -24,7 +24,9 @@ What it saves over `model.generate` (measured in bench/, `make bench` rows 1, 3 
   bench/RESULTS-gpu.md). `S2D_CUDA_GRAPHS=0` runs the same fixed-shape step eagerly;
 - no logits processors: log-probs (raw distribution, float32) and top-K are taken from each step's
   logits directly, and sampling is Gumbel-max (`probs / Exp(1)` argmax, as vLLM samples) on the
-  temperature / top-k / top-p filtered distribution, applied in transformers' order.
+  temperature / top-k / top-p filtered distribution, applied in transformers' order; with `row_seeds`
+  (a training run's per-completion seeds) each row inverts its CDF at its own counter-based uniform
+  (`keyed_uniforms`), so a completion does not depend on its batch-mates, its process or its engine.
 
 Other architectures decode with the model's own forward and a `DynamicCache` (still one prefill per
 prompt and compaction). Positions follow training: a left-padded row's first real token is position 0.
@@ -67,6 +69,38 @@ def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p
         drop_BV[:, 0] = False
         logits_BV = logits_BV.masked_fill(drop_BV.scatter(-1, order_BV, drop_BV), float("-inf"))
     return logits_BV
+
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)          # SplitMix64's constants as signed int64
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9 - (1 << 64), 0x94D049BB133111EB - (1 << 64)
+
+
+def _shr(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: it would copy the sign bit in)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def keyed_uniforms(seeds_B: torch.Tensor, steps: int) -> torch.Tensor:
+    """[B, steps] float64 uniforms in [0, 1): row b's t-th draw of SplitMix64 seeded with seeds_B[b].
+
+    A pure function of (seed, t): a row's draws do not depend on which rows share its batch, in what
+    order, or on which process -- what makes a completion's tokens a function of its own seed. int64
+    arithmetic wraps modulo 2^64 as SplitMix64's does (checked against the Python reference in the
+    tests)."""
+    t_T = torch.arange(1, steps + 1, dtype=torch.long, device=seeds_B.device)
+    z = seeds_B[:, None] + t_T[None, :] * _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return _shr(z, 11).double() * 2.0 ** -53
+
+
+def draw_keyed(logits_BV: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax(logits) by inverting its CDF at the row's own uniform u_B (float64
+    cumulative sums; a filtered-out token has zero mass and is never picked)."""
+    cdf_BV = logits_BV.softmax(-1).double().cumsum(-1)
+    target_B1 = (u_B * cdf_BV[:, -1])[:, None]
+    return torch.searchsorted(cdf_BV, target_B1, right=True)[:, 0].clamp_max_(cdf_BV.shape[-1] - 1)
 
 
 def draw(logits_BV: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -390,23 +424,29 @@ def static_cache_fits(model, rows: int, slots: int, device: torch.device) -> boo
 @torch.inference_mode()
 def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, stop_ids: list[int], pad_id: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, logprobs: bool = False, topk: int = 0,
-           generator: torch.Generator | None = None, fast: bool | None = None,
-           static: bool | None = None) -> list[Sampled]:
+           generator: torch.Generator | None = None, row_seeds: list[int] | None = None,
+           fast: bool | None = None, static: bool | None = None, lockstep: bool = False) -> list[Sampled]:
     """n completions of each prompt, rows in prompt-major order (see the module docstring).
 
     fast: None picks the straight-line step when `fast_decode_ok(model)`; False always uses the model's
     forward. static (fast steps only): the fixed-shape step of `_StaticStep`, a CUDA graph on a GPU;
     None picks it on a GPU with room for the whole-call KV cache (`static_cache_fits`). The model must
-    be in eval mode. A small decode on a CPU runs on one intra-op thread (`cpu_threads`)."""
+    be in eval mode. A small decode on a CPU runs on one intra-op thread (`cpu_threads`).
+    row_seeds (one per row, prompt-major; replaces `generator`): row b's tokens are drawn with
+    `keyed_uniforms` of its own seed, so they do not depend on the other rows of the call.
+    lockstep: every call runs all max_new_tokens steps, finished rows included (cut at their stop
+    afterwards): with FSDP-sharded weights each forward is a collective, and every process must make
+    the same number of them whatever its rows sample."""
     device = next(model.parameters()).device
     with cpu_threads(model, len(prompts) * n, device):
         return _sample(model, prompts, n=n, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                        temperature=temperature, top_p=top_p, top_k=top_k, logprobs=logprobs, topk=topk,
-                       generator=generator, fast=fast, static=static, device=device)
+                       generator=generator, row_seeds=row_seeds, fast=fast, static=static, lockstep=lockstep,
+                       device=device)
 
 
 def _sample(model, prompts, *, n, max_new_tokens, stop_ids, pad_id, temperature, top_p, top_k, logprobs, topk,
-            generator, fast, static, device) -> list[Sampled]:
+            generator, row_seeds, fast, static, lockstep, device) -> list[Sampled]:
     from transformers import DynamicCache
 
     P, L = len(prompts), max(len(p) for p in prompts)
@@ -425,6 +465,11 @@ def _sample(model, prompts, *, n, max_new_tokens, stop_ids, pad_id, temperature,
     logits_BV = out.logits[:, -1].float().repeat_interleave(n, dim=0)
     del out
     B = P * n
+    if row_seeds is not None and len(row_seeds) != B:
+        raise ValueError(f"sample: {len(row_seeds)} row seeds for {B} rows")
+    # every row's uniforms for the whole call at once: a step then picks its active rows' column t
+    uniforms_BT = (keyed_uniforms(torch.tensor(row_seeds, dtype=torch.long, device=device), max_new_tokens)
+                   if row_seeds is not None and temperature > 0 else None)
     fast = fast_decode_ok(model) if fast is None else fast
     limit = L + max_new_tokens
     static = fast and (static_cache_fits(model, B, limit, device) if static is None else static)
@@ -462,7 +507,9 @@ def _sample(model, prompts, *, n, max_new_tokens, stop_ids, pad_id, temperature,
     for t in range(max_new_tokens):
         if logprobs or topk > 0:
             logp_BV = logits_BV.log_softmax(-1)
-        if temperature > 0:
+        if uniforms_BT is not None:
+            tok_B = draw_keyed(filter_logits(logits_BV, temperature, top_k, top_p), uniforms_BT[row_of, t])
+        elif temperature > 0:
             tok_B = draw(filter_logits(logits_BV, temperature, top_k, top_p), generator)
         else:
             tok_B = logits_BV.argmax(-1)
@@ -481,12 +528,12 @@ def _sample(model, prompts, *, n, max_new_tokens, stop_ids, pad_id, temperature,
         if static:
             # fixed shapes: no compaction (finished rows run on; `_collect` cuts them at their stop),
             # and the host looks at the stop flags only every 8 steps, so it queues steps ahead of the GPU
-            if t % 8 == 7 and not bool(alive_B.any()):
+            if t % 8 == 7 and not lockstep and not bool(alive_B.any()):
                 break
             logits_BV = stepper(tok_B, next_pos_B, slot)
             next_pos_B = next_pos_B + 1
             continue
-        n_alive = int(alive_B.sum())                 # the one host sync per step (generate has it too)
+        n_alive = alive_B.shape[0] if lockstep else int(alive_B.sum())   # the one host sync per step
         if n_alive == 0:
             break
         if n_alive * 4 <= alive_B.shape[0] * 3:     # a quarter of the slots are done: compact

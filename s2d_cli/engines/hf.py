@@ -99,17 +99,21 @@ class HFEngine:
         with the trainer, so `update_weights` has nothing to do.
     tokenizer: a tokenizer, a path, or None to load it from the model's path.
     seed: seeds calls whose `SamplingConfig.seed` is None (a per-engine stream, different each call).
+        `SamplingConfig.prompt_seeds` makes every completion a function of its own seed instead (the
+        batch it shares does not matter; the "generate" decoder then runs one row per call).
     batch_size: sequences (prompts x n) decoded together.
     decoder: "auto" (`decode.sample`: the fast step where the architecture allows it, replayed as a
         CUDA graph on a GPU), "static" (the fast step with fixed shapes, also off a GPU: what the CPU
         tests check), "loop" (`decode.sample` on the model's own forward) or "generate" (transformers'
         `model.generate`).
+    lockstep: every decode runs its full max_new_tokens steps (`decode.sample`): a model sharded over
+        processes (FSDP) joins a collective in every forward, so all processes must make the same number.
     """
 
     name = "hf"
 
     def __init__(self, model, *, tokenizer=None, seed: int = 0, dtype="auto", trust_remote_code: bool = False,
-                 batch_size: int = 64, device=None, decoder: str = "auto"):
+                 batch_size: int = 64, device=None, decoder: str = "auto", lockstep: bool = False):
         if decoder not in ("auto", "static", "loop", "generate"):
             raise ValueError(f"HFEngine: decoder must be auto, static, loop or generate, got {decoder!r}")
         self.decoder = decoder
@@ -130,6 +134,7 @@ class HFEngine:
         self.eos_ids = _eos_ids(tokenizer, self.model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.batch_size = batch_size
+        self.lockstep = lockstep
         self._seeds = random.Random(seed)
 
     # -- sampling -------------------------------------------------------------------------------------
@@ -137,6 +142,8 @@ class HFEngine:
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Completion]]:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("HFEngine.generate: every prompt needs at least one token")
+        if sampling.prompt_seeds is not None and len(sampling.prompt_seeds) != len(prompts):
+            raise ValueError(f"HFEngine.generate: {len(sampling.prompt_seeds)} prompt seeds for {len(prompts)} prompts")
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         seed = sampling.seed if sampling.seed is not None else self._seeds.getrandbits(63)
         stop_ids = self.eos_ids + [i for i in sampling.stop_token_ids if i not in self.eos_ids]
@@ -157,6 +164,13 @@ class HFEngine:
         model_generation_config = self.model.generation_config
         self.model.generation_config = GenerationConfig()
         try:
+            if sampling.prompt_seeds is not None:
+                # generate() draws a batch from one generator: a per-row seed needs a call of its own per row
+                with torch.inference_mode():
+                    for i, j in rows:
+                        with _seeded(sampling.prompt_seeds[i] + j, self.device):
+                            results[i][j] = self._generate_batch([prompts[i]], sampling, stop_ids)[0]
+                return results
             with torch.inference_mode(), _seeded(seed, self.device):
                 for start in range(0, len(rows), self.batch_size):
                     batch = rows[start:start + self.batch_size]
@@ -183,11 +197,14 @@ class HFEngine:
             calls = [([i], min(self.batch_size, n - j), j) for i in order for j in range(0, n, self.batch_size)]
         fast = False if self.decoder == "loop" else None
         static = True if self.decoder == "static" else None
+        keyed = sampling.prompt_seeds
         for idx, count, first in calls:
+            row_seeds = None if keyed is None else [keyed[i] + j for i in idx for j in range(first, first + count)]
             rows = sample(self.model, [prompts[i] for i in idx], n=count, max_new_tokens=sampling.max_new_tokens,
                           stop_ids=stop_ids, pad_id=self.pad_id, temperature=sampling.temperature,
                           top_p=sampling.top_p, top_k=sampling.top_k, logprobs=sampling.logprobs,
-                          topk=sampling.topk, generator=generator, fast=fast, static=static)
+                          topk=sampling.topk, generator=generator, row_seeds=row_seeds, fast=fast, static=static,
+                          lockstep=self.lockstep)
             for r, row in enumerate(rows):
                 completion = Completion(text=self.tokenizer.decode(row.token_ids, skip_special_tokens=True),
                                         token_ids=row.token_ids, finish_reason=row.finish_reason,
