@@ -203,11 +203,11 @@ def test_show_config_with_an_unknown_key_is_the_usual_error():
 # ---------------------------------------------------------------------------------------------- messages
 
 @pytest.mark.parametrize("args, message", [
-    # check_sampling is shared: grpo has no --top-p flag, so its message names the key --set takes
-    (["grpo", "--model", "m", "--dataset", "toy", "--out", "o", "--set", "top_p=2"],
-     "s2d: error: top_p: expected a value in (0, 1], got 2.0"),
-    (["rollout", "--model", "m", "--dataset", "toy", "--top-p", "2"],
-     "s2d: error: --top-p: expected a value in (0, 1], got 2.0"),
+    # check_sampling is shared: grpo has no --n flag, so its message names the key --set takes
+    (["grpo", "--model", "m", "--dataset", "toy", "--out", "o", "--set", "n=0"],
+     "s2d: error: n: expected >= 1, got 0"),
+    (["rollout", "--model", "m", "--dataset", "toy", "--n", "0"],
+     "s2d: error: --n: expected >= 1, got 0"),
     (["opd", "--student", "s", "--teacher", "t", "--dataset", "toy", "--out", "o", "--set", "top_k=0"],
      "s2d: error: top_k: expected -1 (off) or >= 1, got 0"),
 ])
