@@ -4,6 +4,7 @@ from __future__ import annotations
 import typer
 
 from . import __version__, evaluate, rollout, verify
+from .cliutil import S2DCommand
 
 app = typer.Typer(
     name="s2d",
@@ -16,9 +17,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-app.command("rollout", no_args_is_help=True)(rollout.command)
-app.command("verify", no_args_is_help=True)(verify.command)
-app.command("eval", no_args_is_help=True)(evaluate.command)
+# S2DCommand: resolved defaults in --help, --x/--no-x flags, the keys without a flag, --show-config
+app.command("rollout", no_args_is_help=True, cls=S2DCommand)(rollout.command)
+app.command("verify", no_args_is_help=True, cls=S2DCommand)(verify.command)
+app.command("eval", no_args_is_help=True, cls=S2DCommand)(evaluate.command)
 
 
 def _register_optional() -> None:
@@ -33,7 +35,7 @@ def _register_optional() -> None:
             if e.name != f"s2d_cli.{module}":
                 raise
             continue
-        app.command(name, no_args_is_help=True)(mod.command)
+        app.command(name, no_args_is_help=True, cls=S2DCommand)(mod.command)
 
 
 _register_optional()

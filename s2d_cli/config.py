@@ -6,6 +6,8 @@ dataclass is what goes into the output manifest.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import types
@@ -248,7 +250,7 @@ def resolve(cls: type[C], *, config_file: str | None = None, sets: list[str] | N
     check_float_ranges(cfg, sources)     # before validate(), which may compute with them
     check_out_path(cfg)
     validate = getattr(cfg, "validate", None)
-    if validate is not None:
+    if validate is not None and _VALIDATE.get():
         validate()
     return cfg
 
@@ -264,3 +266,79 @@ def require_run_dir(out: str | None) -> None:
 
 def as_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# the config as a user sees it: --show-config, and the keys --help lists
+
+_VALIDATE: contextvars.ContextVar[bool] = contextvars.ContextVar("s2d_validate", default=True)
+
+
+@contextlib.contextmanager
+def unvalidated():
+    """`resolve` without the config's `validate()`: for --help and --show-config, which show a config
+    (defaults, YAML, --set, flags) that need not be complete enough to run (no --model yet)."""
+    token = _VALIDATE.set(False)
+    try:
+        yield
+    finally:
+        _VALIDATE.reset(token)
+
+
+def to_yaml(cfg, header: str = "") -> str:
+    """The resolved config as a YAML file that `--config` reads back (same keys, same values)."""
+    text = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, default_flow_style=False,
+                          allow_unicode=True, width=1000)
+    return "".join(f"# {line}\n" for line in header.splitlines()) + text
+
+
+def field_notes(cls: type) -> dict[str, str]:
+    """Each field's comment in the source of `cls` and its bases: the comment at the end of the field's
+    line (with the comment lines that continue it below), else the comment lines just above it. These
+    comments are the only description most keys have; --help shows them beside the keys without a flag."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    notes: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        comments: dict[int, tuple[int, str, bool]] = {}   # line -> (column, text, alone on its line)
+        code_lines: set[int] = set()
+        try:
+            for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+                if tok.type == tokenize.COMMENT:
+                    text = tok.string.lstrip("#").strip()
+                    comments[tok.start[0]] = (tok.start[1], text, tok.start[0] not in code_lines)
+                elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                                      tokenize.ENDMARKER):
+                    code_lines.add(tok.start[0])
+            body = ast.parse(source).body[0].body
+        except (SyntaxError, tokenize.TokenError, IndexError, AttributeError):
+            continue
+        for node in body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            line, parts = node.lineno, []
+            if line in comments and not comments[line][2]:
+                col = comments[line][0]
+                parts.append(comments[line][1])
+                nxt = line + 1
+                while nxt in comments and comments[nxt][2] and comments[nxt][0] == col > node.col_offset:
+                    parts.append(comments[nxt][1])
+                    nxt += 1
+            else:
+                above = line - 1
+                while above in comments and comments[above][2] and comments[above][0] == node.col_offset:
+                    parts.insert(0, comments[above][1])
+                    above -= 1
+            if parts:
+                notes[node.target.id] = " ".join(parts)
+    return notes

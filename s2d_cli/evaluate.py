@@ -18,7 +18,7 @@ Named protocols (--protocol) fix the paper's evaluation settings; flags still ov
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import typer
@@ -57,11 +57,14 @@ class EvalConfig(PromptFields, SamplingFields):
     model: str = ""                  # checkpoint directory or hub id (not needed with --rollouts)
     rollouts: str | None = None      # re-score an existing rollout artifact / JSONL instead of sampling
     out: str | None = None           # output directory; none: metrics JSON on stdout, nothing written
+    split: str = "test"              # eval scores a held-out split (training commands default to train)
     protocol: str | None = None      # a named protocol (see above); recorded in metrics.json
     workers: int | None = None       # verifier processes (default or 0: one per CPU)
     timeout: float = 5.0             # verifier wall-clock seconds per item
     shard_size: int = 64             # prompts per shard (records per shard with --rollouts)
     force: bool = False
+    report_to: list[str] = field(default_factory=list)   # trackers that get the metrics (s2d_cli/trackers.py)
+    tracker_project: str | None = None                  # their project / experiment name (default: s2d)
 
     def validate(self) -> None:
         if self.rollouts is None:
@@ -74,6 +77,9 @@ class EvalConfig(PromptFields, SamplingFields):
             raise UsageError("--out: eval writes a directory; omit --out to get metrics JSON on stdout")
         check_pool_options(self.workers, self.timeout)
         check_shard_size(self.shard_size)
+        from .trackers import names_of
+        if "tensorboard" in names_of(self) and self.out is None:
+            raise UsageError("report_to: tensorboard writes into the output directory: give --out")
 
 
 def _sample_and_score(cfg: EvalConfig, examples: list[Example], slices: list[range], writer: ArtifactWriter | None,
@@ -162,11 +168,15 @@ def run(cfg: EvalConfig) -> dict:
         else {k: getattr(cfg, k) for k in keys}
     print_metrics(cu.console, metrics)
     if writer is None:
+        from .trackers import log_once
+        log_once(cfg, metrics, out=None, config=asdict(cfg))
         print(json.dumps(metrics, indent=2))
         return metrics
     writer.write_file("metrics.json", metrics)
     writer.commit(extra={"accuracy": metrics["accuracy"], "num_prompts": metrics["num_prompts"],
                          "skipped_long_prompts": metrics.get("skipped_long_prompts", 0)})
+    from .trackers import log_once
+    log_once(cfg, metrics, out=cfg.out, config=asdict(cfg))
     print(cfg.out)
     return metrics
 

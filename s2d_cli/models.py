@@ -55,13 +55,17 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) 
 
 
 def check_model_ref(name: str, *, expect: tuple[str, ...] = ("config.json",)) -> str:
-    """A local directory must exist and hold one of `expect`; anything shaped like a hub id passes through."""
+    """A local directory must exist and hold one of `expect`; anything shaped like a hub id passes through.
+    A training run's directory (where TRL's output_dir would be the model) says where its model is."""
     path = Path(name).expanduser()
     try:
         exists = path.exists()
     except OSError as e:             # a symlink loop, a name too long
         raise UsageError(f"{name}: cannot read it ({e.strerror})") from None
     if exists:
+        where = run_dir_model(path)
+        if where:
+            raise UsageError(f"{name}: a training run directory, not a model; {where}")
         if not path.is_dir() or not any((path / f).exists() for f in expect):
             raise UsageError(f"{name}: not a model directory (expected {' or '.join(expect)} inside)")
         check_weight_files(path)
@@ -70,6 +74,26 @@ def check_model_ref(name: str, *, expect: tuple[str, ...] = ("config.json",)) ->
     if looks_local:
         raise UsageError(f"{name}: model directory not found")
     return name  # hub id such as "Qwen/Qwen3-1.7B"
+
+
+def run_dir_model(path: Path) -> str | None:
+    """'use RUN/model' when `path` is an s2d training run (its config.json is the run's config, not a
+    model's); for an unfinished run, its newest checkpoint; None for anything else."""
+    if not path.is_dir():
+        return None
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if isinstance(config, dict) and "model_type" in config:
+        return None                              # a model directory (that may hold a model/ folder too)
+    if (path / "model" / "config.json").is_file():
+        return f"use {path / 'model'}"
+    root = path / "checkpoints"
+    steps = sorted(p for p in root.glob("step-*") if (p / "config.json").is_file()) if root.is_dir() else []
+    if steps:
+        return f"it has no model/ yet (unfinished); its newest checkpoint is {steps[-1]}"
+    return None
 
 
 def check_weight_files(path: Path) -> None:
@@ -300,7 +324,16 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    # training turns the KV cache off (Trainer); the saved model is for decoding, where it is wanted
+    config = getattr(model, "config", None)
+    cache_off = getattr(config, "use_cache", None) is False
+    if cache_off:
+        config.use_cache = True
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    finally:
+        if cache_off:
+            config.use_cache = False
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for name, obj in (extra_files or {}).items():

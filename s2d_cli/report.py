@@ -16,8 +16,11 @@ file names the arms and ties training runs to them, in its own order:
 `labels` defaults to the sum of the train runs' `labels_used`; steps and train time are their sums.
 Relative paths are read from the current directory, else from the arms file's directory.
 
-Writes DIR/results.md, DIR/accuracy.png (accuracy per arm with its 95% interval) and, with training
-runs, DIR/curves.png (reward, training accuracy, KL and loss over steps, one line per run); the
+Writes DIR/results.md, DIR/accuracy.png (accuracy per arm with its 95% interval, on an axis fitted to
+them) and, with training runs, DIR/curves.png (one panel per quantity a run logged: reward, training
+accuracy, GRPO's policy loss, cross-entropy, forward KL, the sampled reverse-KL estimate..., each with
+its y-axis label; one line per run, long noisy curves drawn under a moving average that the legend
+names), both titled --title; the
 directory is built under a temporary name and renamed, so a report is never half-written. The path of
 results.md goes to stdout. Without matplotlib (pip install 's2d[plots]') only results.md is written.
 """
@@ -40,14 +43,23 @@ from .errors import UsageError, located
 
 MANIFEST = "manifest.json"
 DASH = "—"
-# curves.png: one panel per entry whose keys some run logged; several keys share a panel by line style
+# curves.png: one panel per quantity some run logged: (title, y-axis label, metrics.jsonl key, run kinds
+# whose key means that quantity; None: any). "loss" is a different quantity per command: GRPO's is its
+# clipped surrogate; kl-warmup's repeats its cross-entropy / forward KL (not drawn twice); opd's is the
+# KL it descends plus the --alpha term.
 PANELS = (
-    ("reward", ("reward_mean",)),
-    ("training accuracy", ("accuracy",)),
-    ("KL", ("kl_ref", "reverse_kl", "forward_kl")),
-    ("loss", ("loss",)),
+    ("reward", "mean reward", "reward_mean", None),
+    ("training accuracy", "accuracy of the sampled completions", "accuracy", None),
+    ("policy loss (GRPO surrogate)", "loss", "loss", ("grpo",)),
+    ("KL to the reference model", "nats / token", "kl_ref", None),
+    ("cross-entropy on teacher tokens", "nats / token", "ce", None),
+    ("forward KL(teacher || student)", "nats / token", "forward_kl", None),
+    ("reverse KL, sampled estimate", "nats / token", "reverse_kl", None),
+    ("reverse KL, full vocabulary", "nats / token", "reverse_kl_exact", None),
+    ("reverse KL, top-K", "nats / token", "reverse_kl_topk", None),
+    ("OPD loss", "loss", "loss", ("opd",)),
 )
-STYLES = ("-", "--", ":")
+SMOOTH_ABOVE = 20     # a curve of more points is drawn faint, under its moving average over ~1/20 of them
 REPORT_FILES = ("results.md", "accuracy.png", "curves.png")
 
 
@@ -55,7 +67,7 @@ REPORT_FILES = ("results.md", "accuracy.png", "curves.png")
 class ReportConfig:
     runs: list[str] = field(default_factory=list)  # eval and training run directories
     out: str = ""                 # report directory (results.md + PNGs)
-    title: str = "s2d results"    # heading of results.md
+    title: str = "s2d results"    # heading of results.md and the title of every plot
     names: str | None = None      # comma-separated names for `runs`, in order
     arms: str | None = None       # JSON file: arm -> {"eval": dir, "train": [dirs], "labels": int}
 
@@ -389,39 +401,65 @@ def plot_accuracy(arms: list[Arm], path: Path, title: str) -> None:
         ax.annotate(f"{a:.3f}", (x, a), textcoords="offset points", xytext=(6, 3), fontsize=8)
     ax.set_xticks(xs, [a.name for a in arms], rotation=20 if len(arms) > 3 else 0,
                   ha="right" if len(arms) > 3 else "center")
-    ax.set_ylim(0, 1)
+    # the axis fits the data: accuracies of 0.005 and 0.015 are invisible on a fixed 0-1 axis
+    top = max([a + max(0.0, h) for a, h in zip(acc, hi)] + [1e-3])
+    ax.set_ylim(0, min(1.0, top * 1.2))
     ax.set_ylabel("accuracy (avg@n, 95% CI)")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=120)
 
 
-def plot_curves(runs: list[TrainRun], path: Path) -> bool:
-    """Reward, accuracy, KL and loss panels for the keys some run logged; False if there is nothing."""
+def curve_panels(runs: list[TrainRun]) -> list[tuple[str, str, list[tuple[int, TrainRun, list]]]]:
+    """The panels curves.png draws: (title, y label, [(run index, run, [(step, value)])]), one per quantity
+    of `PANELS` that some run logged."""
+    out = []
+    for title, ylabel, key, kinds in PANELS:
+        lines = []
+        for i, run in enumerate(runs):
+            if kinds is not None and run.kind not in kinds:
+                continue
+            pts = [(r["step"], r[key]) for r in run.rows if key in r]
+            if pts:
+                lines.append((i, run, pts))
+        if lines:
+            out.append((title, ylabel, lines))
+    return out
+
+
+def smoothing_window(points: int) -> int:
+    """Moving-average window of a curve of `points` steps (1: drawn as it is)."""
+    return max(2, points // 20) if points > SMOOTH_ABOVE else 1
+
+
+def plot_curves(runs: list[TrainRun], path: Path, title: str = "") -> bool:
+    """One panel per quantity some run logged (`PANELS`); False if there is nothing to draw."""
     from matplotlib.figure import Figure
 
-    panels = [(t, [k for k in keys if any(k in r for run in runs for r in run.rows)]) for t, keys in PANELS]
-    panels = [(t, keys) for t, keys in panels if keys]
+    panels = curve_panels(runs)
     if not panels:
         return False
-    ncols = min(2, len(panels))
+    ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(5.2 * ncols, 3.4 * nrows), layout="constrained")
+    fig = Figure(figsize=(4.6 * ncols, 3.3 * nrows + (0.4 if title else 0)), layout="constrained")
+    if title:
+        fig.suptitle(title)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, (title, keys) in zip(axes, panels):
-        for i, run in enumerate(runs):
-            for key, style in zip(keys, STYLES):
-                pts = [(r["step"], r[key]) for r in run.rows if key in r]
-                if not pts:
-                    continue
-                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-                label = run.name if len(keys) == 1 else f"{run.name} {key}"
-                if len(pts) > 20:  # noisy RL curves: faint raw values under a moving average
-                    ax.plot(xs, ys, style, color=_color(i, len(runs)), alpha=0.25, linewidth=0.8)
-                    ys = moving_average(ys, max(2, len(pts) // 20))
-                ax.plot(xs, ys, style, color=_color(i, len(runs)), label=label, linewidth=1.5)
-        ax.set_title(title)
+    for ax, (name, ylabel, lines) in zip(axes, panels):
+        for i, run, pts in lines:
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            color = _color(i, len(runs))
+            window = smoothing_window(len(pts))
+            if window > 1:  # noisy RL curves: faint raw values under a moving average, named in the legend
+                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+                ax.plot(xs, moving_average(ys, window), color=color, linewidth=1.5,
+                        label=f"{run.name} (mean of {window} steps)")
+            else:
+                ax.plot(xs, ys, color=color, linewidth=1.5, label=run.name, marker="o" if len(pts) < 8 else None,
+                        markersize=3)
+        ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes[len(panels):]:
@@ -465,7 +503,7 @@ def run(cfg: ReportConfig) -> Path:
         if have_plots and arms:
             plot_accuracy(arms, staging / "accuracy.png", cfg.title)
             plots.append("accuracy.png")
-        if have_plots and runs and plot_curves(runs, staging / "curves.png"):
+        if have_plots and runs and plot_curves(runs, staging / "curves.png", cfg.title):
             plots.append("curves.png")
         (staging / "results.md").write_text(results_markdown(cfg.title, arms, runs, plots), encoding="utf-8")
         replace_dir(staging, out)
@@ -482,7 +520,7 @@ def run(cfg: ReportConfig) -> Path:
 def command(
     runs: list[str] = typer.Argument(None, help="Eval and training run directories."),
     out: str = typer.Option(None, "--out", "-o", help="Report directory (results.md + PNG plots)."),
-    title: str = typer.Option(None, "--title", help="Heading of results.md."),
+    title: str = typer.Option(None, "--title", help="Heading of results.md and title of every plot."),
     names: str = typer.Option(None, "--names", help="Comma-separated names for the run directories, in order."),
     arms: str = typer.Option(None, "--arms", help="JSON file: arm name -> {eval, train, labels}."),
     config: cu.ConfigOpt = None, set_: cu.SetOpt = None,

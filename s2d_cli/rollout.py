@@ -32,7 +32,7 @@ from .errors import UsageError
 class PromptFields:
     """Where prompts come from and how they are rendered (shared by rollout, eval, grpo and opd)."""
     dataset: str = ""                       # bundled name, toy, local file, '-' or hub id
-    split: str = "test"                     # split, for hub datasets
+    split: str = "train"                    # split of a hub dataset or dataset folder (eval: test)
     limit: int | None = None                # first N prompts only
     prompt_field: str | None = None         # default: problem / question / prompt / input
     answer_field: str | None = None         # default: answer / gold / target / solution (last \boxed{})

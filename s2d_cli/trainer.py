@@ -48,7 +48,10 @@ a plain HF model.
 
 Run directory:
     out/config.json, out/metrics.jsonl, out/checkpoints/step-000010/ (HF model + optimizer.pt +
-    trainer_state.json, written last), out/model/ (final HF checkpoint), out/manifest.json (last).
+    master/master_fp32.safetensors for half-precision weights, in a folder of its own so that vLLM and
+    transformers, which load every *.safetensors beside config.json, never read it as weights +
+    trainer_state.json, written last), out/model/ (final HF checkpoint), out/manifest.json (last),
+    out/tb/ (with report_to: tensorboard).
 
 Deliberately left out: a value model, sequence parallelism, CPU offload.
 """
@@ -64,7 +67,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +113,14 @@ class TrainFields:
     # back): at lr 1e-6 a step is far below bf16's resolution (~4e-3 relative), so stepping bf16 weights
     # directly drops almost every update. 16 bytes a parameter instead of 8 (18 during the step); false trains them directly
     master_weights: bool = True
-    tensorboard: bool = False        # also log to out/tb (needs the tensorboard package)
-    wandb_project: str | None = None # also log to W&B (needs wandb)
+    # experiment trackers through accelerate: tensorboard (out/tb), wandb, mlflow, aim, clearml, comet_ml,
+    # dvclive, swanlab, trackio; all (every one installed) or none (s2d_cli/trackers.py)
+    report_to: list[str] = field(default_factory=list)
+    tracker_project: str | None = None  # the trackers' project / experiment name (default: s2d)
+    tensorboard: bool = False        # older spelling of report_to: [tensorboard]
+    wandb_project: str | None = None # older spelling of report_to: [wandb] with tracker_project: NAME
+    # seconds between plain progress lines where stderr is not a terminal (default: $S2D_PROGRESS_EVERY or 30; 0: none)
+    progress_every: float | None = None
     resume: bool = False             # continue from the newest checkpoint (also automatic on a rerun)
     force: bool = False              # replace a finished run, or a partial one of another config (a partial
                                      # run of this config resumes; delete it by hand to restart it)
@@ -136,6 +145,10 @@ class TrainFields:
         resolve_dtype(self.dtype, torch.device("cpu"))   # a bad name fails before the run directory is made
         from .models import check_attn_implementation
         check_attn_implementation(self.attn_implementation)
+        from .trackers import names_of
+        names_of(self)                                   # a tracker that is not installed: before any work
+        if self.progress_every is not None and not self.progress_every >= 0:
+            raise UsageError(f"progress_every: expected >= 0 seconds (0: no progress lines), got {self.progress_every}")
 
 
 
@@ -152,6 +165,7 @@ class StepInfo:
 
 
 MASTER_FILE = "master_fp32.safetensors"   # a checkpoint's fp32 master weights (TrainFields.master_weights)
+MASTER_PATH = Path("master") / MASTER_FILE   # inside the checkpoint, out of the model loaders' sight
 PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3")   # varlen kernels: boundaries from position ids
 
 
@@ -304,7 +318,7 @@ def seed_step(seed: int, step: int, rank: int = 0) -> None:
 
 # Settings that do not change what a run computes: rerunning with a different value resumes.
 VOLATILE = ("out", "force", "resume", "config", "workers", "save_every", "keep_checkpoints", "tensorboard",
-            "wandb_project", "attn_implementation")
+            "wandb_project", "attn_implementation", "report_to", "tracker_project", "progress_every")
 
 
 def run_config_diff(old: dict, new: dict, old_inputs: list[dict] | None, new_inputs: list[dict] | None,
@@ -337,7 +351,10 @@ class Trainer:
         self.fingerprint = fingerprint({k: v for k, v in config.items() if k not in volatile} | {"_kind": kind}
                                        | {"_inputs": [e.get("sha256") for e in self.inputs]})
         cuda = torch.cuda.is_available()
-        self.acc = Accelerator(cpu=not cuda)
+        from . import trackers
+        tracked = trackers.names_of(cfg)
+        self.acc = Accelerator(cpu=not cuda, **({"log_with": trackers.log_with(tracked, self.out),
+                                                 "project_dir": str(self.out)} if tracked else {}))
         # plain "cpu": under an FSDP config accelerate gives CPU processes "cpu:0", which safetensors and
         # torch.load cannot map checkpoints to
         self.device = torch.device("cpu") if self.acc.device.type == "cpu" else self.acc.device
@@ -403,7 +420,8 @@ class Trainer:
         elif self.acc.is_main_process and self.metrics_path_exists():
             (self.out / "metrics.jsonl").unlink()  # a run killed before its first checkpoint starts over
         self.metrics_path = self.out / "metrics.jsonl"
-        self._trackers = self._open_trackers()
+        if self.acc.is_main_process:
+            trackers.start(self.acc, cfg, out=self.out, config=config)
         self.wall_start = time.time()
 
     def _pick_layout(self) -> str:
@@ -526,7 +544,7 @@ class Trainer:
         from safetensors.torch import load_file
 
         state = {}
-        for f in sorted(f for f in ckpt.glob("*.safetensors") if f.name != MASTER_FILE):
+        for f in sorted(f for f in ckpt.glob("*.safetensors") if f.name != MASTER_FILE):   # (older checkpoints' place)
             state.update(load_file(f, device=str(self.device)))
         missing, unexpected = self.lm.load_state_dict(state, strict=False)
         missing = [m for m in missing if not (m == "lm_head.weight" and self.lm.config.tie_word_embeddings)]
@@ -538,11 +556,13 @@ class Trainer:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         opt = torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True)
         if self.masters is not None:
-            if not (ckpt / MASTER_FILE).is_file():
-                raise UsageError(f"{ckpt}: no {MASTER_FILE} to resume the fp32 master weights from "
+            # checkpoints of earlier versions kept it beside the weights
+            path = next((p for p in (ckpt / MASTER_PATH, ckpt / MASTER_FILE) if p.is_file()), None)
+            if path is None:
+                raise UsageError(f"{ckpt}: no {MASTER_PATH} to resume the fp32 master weights from "
                                  "(made with master_weights=false?)")
             from safetensors.torch import load_file
-            saved = load_file(ckpt / MASTER_FILE, device=str(self.device))
+            saved = load_file(path, device=str(self.device))
             with torch.no_grad():
                 for n, m in zip(self._master_names, self.masters):
                     m.copy_(saved[n])
@@ -616,8 +636,9 @@ class Trainer:
             torch.save(optimizer if optimizer is not None else self.optimizer.state_dict(), tmp / "optimizer.pt")
             if self.masters is not None:
                 from safetensors.torch import save_file
+                (tmp / MASTER_PATH).parent.mkdir()
                 save_file({n: m.detach().contiguous() for n, m in zip(self._master_names, self.masters)},
-                          str(tmp / MASTER_FILE))
+                          str(tmp / MASTER_PATH))
             state = {"step": step, "scheduler": self.scheduler.state_dict(), "fingerprint": self.fingerprint}
             _write_atomic(tmp / "trainer_state.json", json.dumps(state).encode())
             from .models import replace_dir
@@ -628,37 +649,15 @@ class Trainer:
         self.acc.wait_for_everyone()
 
     # -- logging ----------------------------------------------------------------------------------
-    def _open_trackers(self) -> list:
-        trackers = []
-        if not self.acc.is_main_process:
-            return trackers
-        if self.cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UsageError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-            trackers.append(("tb", SummaryWriter(str(self.out / "tb"))))
-        if self.cfg.wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                raise UsageError("wandb_project needs the wandb package (pip install wandb)") from None
-            trackers.append(("wandb", wandb.init(project=self.cfg.wandb_project, config=self.config,
-                                                 name=self.out.name)))
-        return trackers
-
     def log(self, metrics: dict[str, float]) -> None:
+        """One step's metrics: a line of metrics.jsonl, and an entry in every tracker (report_to)."""
         if not self.acc.is_main_process:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        for kind, t in self._trackers:
-            if kind == "tb":
-                for k, v in metrics.items():
-                    if k != "step" and isinstance(v, (int, float)):
-                        t.add_scalar(k, v, metrics["step"])
-            else:
-                t.log(metrics, step=metrics["step"])
+        if self.acc.trackers:
+            from .trackers import numeric
+            self.acc.log(numeric({k: v for k, v in metrics.items() if k != "step"}), step=metrics["step"])
 
     # -- collectives --------------------------------------------------------------------------------
     def all_sum(self, values: list[float]) -> list[float]:
@@ -692,9 +691,9 @@ class Trainer:
             *, update_epochs: int = 1, after_update: Callable[[int], None] | None = None,
             on_batch: Callable[[int, Batch], None] | None = None, display: tuple[str, ...] = ("loss",)) -> None:
         cfg = self.cfg
-        progress = cu.progress() if self.acc.is_main_process else contextlib.nullcontext()
+        progress = cu.progress(cfg.progress_every) if self.acc.is_main_process else contextlib.nullcontext()
         with progress as bar:
-            task = bar.add_task(self.kind, total=cfg.steps, completed=self.start_step) if bar else None
+            task = bar.add_task(self.kind, total=cfg.steps, completed=self.start_step, unit="step") if bar else None
             for step in range(self.start_step, cfg.steps):
                 t0 = time.perf_counter()
                 seed_step(cfg.seed, step, self.rank)
@@ -857,8 +856,13 @@ class Trainer:
                 "wall_time_s": time.time() - self.wall_start, "final_metrics": last, **(extra or {}),
             }
             _write_atomic(self.out / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
-            for kind, t in self._trackers:
-                t.close() if kind == "tb" else t.finish()
+            if self.acc.trackers:
+                from .trackers import finish, numeric
+                # held-out evaluations (kl-warmup's --eval-rollouts) reach the trackers too
+                held = numeric({k: v for k, v in (extra or {}).items() if k.startswith("heldout_")}, "eval/")
+                if held:
+                    self.acc.log(held, step=self.cfg.steps)
+                finish(self.acc)
         self.acc.wait_for_everyone()
         return self.out
 

@@ -289,6 +289,74 @@ def test_progress_writes_nothing_when_stderr_is_not_a_terminal(capfd):
     assert capfd.readouterr().err == ""
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_plain_progress_prints_a_line_every_n_seconds_with_an_eta():
+    """Where no bar can draw (nohup, Make, CI): a line every N seconds, nothing before the first N."""
+    import io
+
+    from s2d_cli.cliutil import PlainProgress
+
+    clock, log = FakeClock(), io.StringIO()
+    with PlainProgress(30, stream=log, clock=clock) as bar:
+        task = bar.add_task("grpo", total=100, completed=20, unit="step")     # a resumed run: 20 steps already done
+        clock.now += 10
+        bar.update(task, advance=1, description="grpo accuracy 0.25  loss 0.5")
+        assert log.getvalue() == ""                               # 10 s < 30 s: nothing yet
+        clock.now += 20
+        bar.update(task, advance=1, description="grpo accuracy 0.3  loss 0.4")
+        # 2 steps in 30 s (the 20 resumed ones cost nothing): 78 left at 15 s each = 19m30s
+        assert log.getvalue() == "grpo accuracy 0.3  loss 0.4 | step 22/100 | 30s elapsed, ETA 19m30s\n"
+        clock.now += 29
+        bar.advance(task, 2)
+        assert log.getvalue().count("\n") == 1                  # 29 s since the last line
+        clock.now += 1
+        bar.advance(task, 1)
+        # 5 steps in 60 s: 75 left at 12 s each = 15m00s
+        assert log.getvalue().splitlines()[-1] == "grpo accuracy 0.3  loss 0.4 | step 25/100 | 1m00s elapsed, ETA 15m00s"
+        clock.now += 3600
+        bar.update(task, completed=100)
+    # the closing line: done, no ETA
+    assert log.getvalue().splitlines()[-1] == "grpo accuracy 0.3  loss 0.4 | step 100/100 | 1h01m00s elapsed"
+    assert log.getvalue().count("\n") == 3
+
+
+def test_plain_progress_interval_comes_from_the_config_key_then_the_environment(monkeypatch):
+    from s2d_cli.cliutil import PROGRESS_EVERY_ENV, progress, progress_every
+
+    monkeypatch.delenv(PROGRESS_EVERY_ENV, raising=False)
+    assert progress_every() == 30.0
+    monkeypatch.setenv(PROGRESS_EVERY_ENV, "5")
+    assert progress_every() == 5.0 and progress_every(12) == 12.0
+    assert progress().every == 5.0             # stderr is not a terminal under pytest
+    monkeypatch.setenv(PROGRESS_EVERY_ENV, "soon")
+    with pytest.raises(Exception, match="S2D_PROGRESS_EVERY='soon': expected a number of seconds"):
+        progress_every()
+
+
+def test_plain_progress_off_and_quiet_for_short_commands():
+    import io
+
+    from s2d_cli.cliutil import PlainProgress
+
+    clock, log = FakeClock(), io.StringIO()
+    with PlainProgress(0, stream=log, clock=clock) as bar:          # 0: off
+        task = bar.add_task("rollout", total=3)
+        clock.now += 1e6
+        bar.advance(task, 3)
+    with PlainProgress(30, stream=log, clock=clock) as bar:         # done within 30 s: no line at all
+        task = bar.add_task("rollout", total=3)
+        clock.now += 29
+        bar.advance(task, 3)
+    assert log.getvalue() == ""
+
+
 # the help examples form one chain, runnable in this order in an empty directory (checked by hand)
 EXAMPLE_CHAIN = ["make-tiny", "toy", "grpo", "rollout", "verify", "eval", "kl-warmup", "opd", "report"]
 
@@ -323,3 +391,24 @@ def test_training_out_dash_says_a_directory_is_needed(args):
     line = one_line_error(invoke(*args, "--out", "-"))
     assert "missing" not in line and "--out: a training run writes a directory" in line
     assert "missing required option --out" in one_line_error(invoke(*args))
+
+
+# ---------------------------------------------------------------------------------------------- example data
+
+@pytest.mark.parametrize("example, args, dataset", [
+    ("qwen3", [], "DigitalLearningGmbH/MATH-lighteval:split=train"),
+    ("llama", [], "DigitalLearningGmbH/MATH-lighteval:split=train"),
+    ("qwen3", ["MATH_TRAIN=data/math-train.jsonl"], "data/math-train.jsonl"),
+    ("smollm2", ["TASK=gsm8k"], "openai/gsm8k:main,split=train"),
+    ("smollm2", ["TASK=gsm8k", "GSM8K_TRAIN=gsm8k-train.jsonl"], "gsm8k-train.jsonl"),
+])
+def test_examples_read_the_datasets_hub_ids_unless_given_a_local_file(example, args, dataset):
+    """What a user has: the hub ids through --dataset, not this repository's ../shared/data."""
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(["make", "-n", "-C", str(root / "examples" / example), "all", "S2D=s2d", *args],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "shared/data" not in p.stdout
+    datasets = {line.split("--dataset ", 1)[1].split()[0] for line in p.stdout.splitlines() if "--dataset " in line}
+    training = {d for d in datasets if not d.startswith(("math500", "aime", "amc", "gsm8k ", "toy"))} - {"gsm8k"}
+    assert training == {dataset}, datasets

@@ -197,3 +197,93 @@ def test_records_without_a_gold_are_refused_or_left_out_on_request(tmp_path, cap
     kept = load_examples(str(path), require_answer=True, skip_missing_answers=True)
     assert [(e.id, e.answer) for e in kept] == [("0", "2"), ("2", "6")]
     assert "left out 1 of 3 records with no gold answer" in " ".join(capsys.readouterr().err.split())
+
+
+# ---------------------------------------------------------------------------------------------- dataset folders, hub ids
+
+GSM_TRAIN = [{"question": "Ann has 2 apples and buys 3. How many?", "answer": "2 + 3 = 5\n#### 5"},
+             {"question": "Bo has 10 pens and loses 4. How many?", "answer": "10 - 4 = 6\n#### 6"}]
+GSM_TEST = [{"question": "Cy has 7 cats and 1 dog. How many pets?", "answer": "7 + 1 = 8\n#### 8"}]
+SOCRATIC = [{"question": "How many legs do 3 ducks have?", "answer": "How many? 3 * 2 = 6\n#### 6"}]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """GSM8K-shaped dataset folders built here: save_to_disk (a DatasetDict and a single Dataset), and the
+    hub repository layout of openai/gsm8k (one folder per subset, train-/test- parquet files in each)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    root = tmp_path_factory.mktemp("folders")
+    train, test = datasets.Dataset.from_list(GSM_TRAIN), datasets.Dataset.from_list(GSM_TEST)
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(root / "dict"))
+    test.save_to_disk(str(root / "single"))
+    for subset, rows in (("main", {"train": GSM_TRAIN, "test": GSM_TEST}), ("socratic", {"train": SOCRATIC})):
+        (root / "hub" / subset).mkdir(parents=True)
+        for split, recs in rows.items():
+            datasets.Dataset.from_list(recs).to_parquet(str(root / "hub" / subset / f"{split}-00000-of-00001.parquet"))
+    (root / "flat" / "data").mkdir(parents=True)
+    train.to_parquet(str(root / "flat" / "data" / "train-00000-of-00001.parquet"))
+    test.to_parquet(str(root / "flat" / "data" / "test-00000-of-00001.parquet"))
+    return root
+
+
+def questions(examples) -> list[str]:
+    return [ex.problem for ex in examples]
+
+
+def test_save_to_disk_folders_load_their_split(folders):
+    assert questions(load_examples(str(folders / "dict"))) == [r["question"] for r in GSM_TRAIN]   # train default
+    test = load_examples(str(folders / "dict"), split="test")
+    assert questions(test) == [GSM_TEST[0]["question"]] and test[0].answer == "8"
+    assert [ex.answer for ex in load_examples(f"{folders / 'dict'}:split=test")] == ["8"]
+    assert [ex.answer for ex in load_examples(str(folders / "single"), split="validation")] == ["8"]   # one split
+    with pytest.raises(UsageError, match=r"dict: no split 'validation' \(it has train, test;"):
+        load_examples(str(folders / "dict"), split="validation")
+
+
+def test_hub_layout_folders_take_a_subset_and_a_split(folders):
+    hub = folders / "hub"
+    assert [ex.answer for ex in load_examples(f"{hub}:main")] == ["5", "6"]
+    assert [ex.answer for ex in load_examples(f"{hub}:main,split=test")] == ["8"]
+    assert [ex.answer for ex in load_examples(f"{hub}:main", split="test")] == ["8"]
+    assert questions(load_examples(f"{hub}:socratic")) == [SOCRATIC[0]["question"]]
+    with pytest.raises(UsageError, match=r"holds several subsets \(main, socratic\): name one, e\.g\. --dataset .*hub:main"):
+        load_examples(str(hub))
+    flat = folders / "flat"
+    assert [ex.answer for ex in load_examples(str(flat))] == ["5", "6"]
+    assert [ex.answer for ex in load_examples(str(flat), split="test")] == ["8"]
+    with pytest.raises(UsageError, match="could not load split 'validation'"):
+        load_examples(str(flat), split="validation")
+
+
+def test_hub_ids_pass_their_subset_and_split_to_datasets(monkeypatch):
+    """No download: `datasets.load_dataset` is replaced by a recorder that returns GSM8K-shaped rows."""
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name=None, split=None, **_):
+        calls.append((path, name, split))
+        return GSM_TEST if split == "test" else GSM_TRAIN
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert [ex.answer for ex in load_examples("openai/gsm8k:main")] == ["5", "6"]
+    assert [ex.answer for ex in load_examples("openai/gsm8k:main,split=test")] == ["8"]
+    load_examples("openai/gsm8k", split="test")
+    load_examples("openai/gsm8k:subset=socratic,split=train")
+    assert calls == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test"),
+                     ("openai/gsm8k", None, "test"), ("openai/gsm8k", "socratic", "train")]
+    with pytest.raises(UsageError, match=r"'test': expected split=NAME \(the subset is 'main'\)"):
+        load_examples("openai/gsm8k:main,test")
+
+
+@pytest.mark.parametrize("command, split", [("rollout", "train"), ("grpo", "train"), ("opd", "train"),
+                                            ("eval", "test")])
+def test_default_split_is_train_for_training_and_test_for_eval(command, split):
+    from typer.main import get_command
+
+    from s2d_cli.cli import app
+
+    cfg = get_command(app).commands[command].resolved_config()
+    assert cfg.split == split

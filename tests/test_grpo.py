@@ -34,6 +34,7 @@ from typer.testing import CliRunner
 from s2d_cli.artifacts import read_records
 from s2d_cli.cli import app
 from s2d_cli.engines import vllm_available
+from s2d_cli.trainer import MASTER_PATH
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -281,7 +282,7 @@ def test_two_processes_train_bf16_weights_through_the_same_fp32_masters(tiny_mod
     start = load_file(Path(tiny_model_dir) / "model.safetensors")
 
     def update(run):
-        masters = load_file(run / "checkpoints" / "step-000003" / "master_fp32.safetensors")
+        masters = load_file(run / "checkpoints" / "step-000003" / MASTER_PATH)
         return torch.cat([(masters[k] - start[k].to(torch.bfloat16).float()).flatten() for k in sorted(masters)])
 
     a, b = update(one), update(two)
@@ -410,12 +411,12 @@ def test_bad_inputs(tiny_model_dir, tmp_path):
         bad.write_text("".join(json.dumps(r) + "\n" for r in records))
         cases[f"rollouts: {name}"] = (["--model", str(tiny_model_dir), "--rollouts", str(bad), "-G", str(G),
                                        "-P", "2", "--steps", "1"], message)
-    for key, value, message in [("dtype", "fp64", "--dtype: expected auto, bf16, fp16 or fp32, got 'fp64'"),
+    for key, value, message in [("dtype", "fp64", "error: dtype: expected auto, bf16, fp16 or fp32, got 'fp64'"),
                                 ("chunk_size", "0", "chunk_size: expected >= 1, got 0"),
                                 ("adam_beta2", "1.5", "--set: adam_beta2: expected a finite number in [0, 1), got 1.5"),
                                 ("lr", "nan", "--set: lr: expected a finite number in (0, 1], got nan"),
                                 ("timeout", "nan", "--set: timeout: expected a finite number in (0, 86400], got nan"),
-                                ("workers", "-1", "--workers: expected a process count >= 0")]:
+                                ("workers", "-1", "error: workers: expected a process count >= 0")]:
         cases[f"--set {key}"] = ([*ok, "--set", f"{key}={value}"], message)
     if os.geteuid() != 0:  # root writes into read-only directories anyway
         read_only = tmp_path / "read-only"

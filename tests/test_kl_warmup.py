@@ -31,6 +31,7 @@ from typer.testing import CliRunner
 from s2d_cli.artifacts import read_records
 from s2d_cli.cli import app
 from s2d_cli.models import build_tiny_model, load_model, load_tokenizer, save_checkpoint
+from s2d_cli.trainer import MASTER_PATH
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -296,7 +297,7 @@ def _update(run: Path, start: dict, *, masters: bool = False) -> torch.Tensor:
     """The whole update a run made: final (master or model) weights minus the start in the dtype the run
     loaded it in, flattened."""
     ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
-    final = load_file(ckpt / "master_fp32.safetensors") if masters else weights(run)
+    final = load_file(ckpt / MASTER_PATH) if masters else weights(run)
     return torch.cat([(final[k].float() - start[k].to(weights(run)[k].dtype).float()).flatten()
                       for k in sorted(final)])
 
@@ -323,10 +324,10 @@ def test_bf16_weights_train_through_fp32_masters_like_fp32(world, tmp_path):
     assert abs(moved - ref_moved) < 0.01 * ref_moved, (moved, ref_moved)
     assert cos(direct, ref) < 0.8 and (direct != 0).sum() < 0.5 * (ref != 0).sum()
     ckpt = sorted((tmp_path / "masters" / "checkpoints").glob("step-*"))[-1]
-    m = load_file(ckpt / "master_fp32.safetensors")
+    m = load_file(ckpt / MASTER_PATH)
     w = weights(tmp_path / "masters")
     assert all(w[k].dtype == torch.bfloat16 and torch.equal(w[k], m[k].to(torch.bfloat16)) for k in m)
-    assert not (sorted((tmp_path / "direct" / "checkpoints").glob("step-*"))[-1] / "master_fp32.safetensors").exists()
+    assert not (sorted((tmp_path / "direct" / "checkpoints").glob("step-*"))[-1] / MASTER_PATH).exists()
 
 
 def test_bf16_run_resumes_its_masters(world, tmp_path):
@@ -341,7 +342,7 @@ def test_bf16_run_resumes_its_masters(world, tmp_path):
     run(tmp_path / "resumed")
     cut_back_to_step_2(tmp_path / "resumed")
     run(tmp_path / "resumed")
-    a, b = (load_file(tmp_path / d / "checkpoints" / "step-000004" / "master_fp32.safetensors")
+    a, b = (load_file(tmp_path / d / "checkpoints" / "step-000004" / MASTER_PATH)
             for d in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     wa, wb = weights(tmp_path / "straight"), weights(tmp_path / "resumed")

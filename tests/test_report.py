@@ -174,3 +174,70 @@ def test_run_names_from_relative_paths_and_eleven_distinct_colours(tmp_path, mon
     assert _unique_names([Path(".")]) == [tmp_path.name]
     assert len({to_rgba(_color(i, 11)) for i in range(11)}) == 11
     assert [_color(i, 3) for i in range(3)] == ["C0", "C1", "C2"]
+
+
+# ---------------------------------------------------------------------------------------------- what the plots show
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the report draws, by file name (savefig is where a test can see them)."""
+    from matplotlib.figure import Figure
+
+    seen = []
+    save = Figure.savefig
+
+    def keep(self, path, *args, **kwargs):
+        seen.append((Path(path).name, self))
+        return save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return seen
+
+
+def test_plots_fit_the_data_label_every_axis_and_carry_the_title(tmp_path, figures):
+    low = make_eval(tmp_path / "eval-low", accuracy=0.005, ci=[0.0, 0.01], pass_at_k={"1": 0.005}, maj=0.005)
+    high = make_eval(tmp_path / "eval-high", accuracy=0.015, ci=[0.01, 0.02], pass_at_k={"1": 0.015}, maj=0.015)
+    grpo = make_train(tmp_path / "grpo", kind="grpo", steps=40, labels=64, wall=10.0,
+                      rows=[{"step": s, "loss": 0.1 * (-1) ** s, "reward_mean": s / 39, "accuracy": s / 39}
+                            for s in range(1, 41)])
+    kl = make_train(tmp_path / "kl", kind="kl-warmup", steps=5, labels=0, wall=5.0,
+                    rows=[{"step": s, "loss": 3.0 - s / 10, "ce": 3.0 - s / 10} for s in range(1, 6)])
+    fkl = make_train(tmp_path / "klf", kind="kl-warmup", steps=5, labels=0, wall=5.0,
+                     rows=[{"step": s, "loss": 1.0 / s, "forward_kl": 1.0 / s} for s in range(1, 6)])
+    opd = make_train(tmp_path / "opd", kind="opd", steps=5, labels=0, wall=5.0,
+                     rows=[{"step": s, "loss": 0.5 / s, "reverse_kl": 0.4 / s} for s in range(1, 6)])
+    out = tmp_path / "report"
+    result = invoke([low, high, grpo, kl, fkl, opd, "--title", "Toy recipe, seed 0", "--out", out])
+    assert result.exit_code == 0, result.output
+    shown = dict(figures)
+    assert set(shown) == {"accuracy.png", "curves.png"}
+
+    (acc_ax,) = shown["accuracy.png"].axes
+    assert acc_ax.get_title() == "Toy recipe, seed 0"
+    # the top of the axis: the highest interval end (0.02) plus a fifth, not 1
+    assert acc_ax.get_ylim() == pytest.approx((0.0, 0.024))
+    assert acc_ax.get_ylabel() == "accuracy (avg@n, 95% CI)"
+
+    fig = shown["curves.png"]
+    assert fig.get_suptitle() == "Toy recipe, seed 0"
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    # one panel per quantity: GRPO's surrogate, the cross-entropy, the forward KL and the sampled reverse KL
+    # apart; kl-warmup's loss (its CE / forward KL again) is not drawn a second time
+    assert set(panels) == {"reward", "training accuracy", "policy loss (GRPO surrogate)",
+                           "cross-entropy on teacher tokens", "forward KL(teacher || student)",
+                           "reverse KL, sampled estimate", "OPD loss"}
+    assert all(ax.get_ylabel() for ax in panels.values())
+    assert panels["reverse KL, sampled estimate"].get_ylabel() == "nats / token"
+
+    def legend(title):
+        return [t.get_text() for t in panels[title].get_legend().get_texts()]
+
+    # 40 GRPO steps: drawn under a moving average over 2 steps (40 // 20), and the legend says so
+    assert legend("reward") == ["grpo (mean of 2 steps)"]
+    assert legend("policy loss (GRPO surrogate)") == ["grpo (mean of 2 steps)"]
+    assert legend("cross-entropy on teacher tokens") == ["kl"]          # 5 points: as they are
+    assert legend("OPD loss") == ["opd"]
+    # the loss alternates -0.1, 0.1: the faint raw line, then its mean of 2 steps, 0 after the first step
+    raw, mean = panels["policy loss (GRPO surrogate)"].get_lines()
+    assert list(raw.get_ydata()) == pytest.approx([0.1 * (-1) ** s for s in range(1, 41)])
+    assert mean.get_ydata()[0] == pytest.approx(-0.1) and all(y == pytest.approx(0.0) for y in mean.get_ydata()[1:])
