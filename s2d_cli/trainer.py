@@ -309,8 +309,8 @@ class Trainer:
             raise UsageError(f"{self.out}: --resume, but no checkpoint to resume from")
         if ckpt is not None:
             self._load_weights(ckpt)
-        if cfg.grad_checkpointing:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from .kernels import apply_training_switches, fused_adamw   # S2D_COMPILE, S2D_CHECKPOINT_LAYERS, ...
+        apply_training_switches(self.lm, self.device, grad_checkpointing=cfg.grad_checkpointing)
         self.lm.config.use_cache = False
         self.attn_impl = getattr(self.lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.layout = self._pick_layout()
@@ -331,7 +331,7 @@ class Trainer:
         no_decay = [p for p in params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=fused_adamw())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.policy, self.optimizer = self.acc.prepare(Policy(self.lm), self.optimizer)
         if ckpt is not None:
