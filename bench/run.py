@@ -92,6 +92,22 @@ WHAT = {
     "rollout": "rollout: s2d vllm engine vs s2d hf engine",
 }
 UNIT = {"verify": "items/s"}
+# a second peer for rows 2-4 (CUDA only): the same TRL trainer with use_liger_kernel=True (bench/child.py)
+LIGER_ROWS = ("update", "opd", "kl")
+LIGER_SUMMARIES: dict = {}      # row -> summary of the "liger" side
+
+
+def liger_ready() -> str | None:
+    """None when the TRL + liger peers can run here, else why not (one line)."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "needs CUDA (liger-kernel is Triton)"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "needs liger-kernel (pip install liger-kernel; bench/gpu.sh installs it from .whl/)"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,6 +363,7 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
                 else:
                     cells.append("—")
         lines.append("| " + " | ".join(cells) + " |")
+        lines += liger_line(i, row, s, gpu)
     errors = [(row, side, e) for row, pair in summaries.items() for side, x in zip(("s2d", "peer"), pair)
               if x for e in x["errors"]]
     failed = [(row, side) for row, pair in summaries.items() for side, x in zip(("s2d", "peer"), pair) if x is None]
@@ -378,6 +395,9 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
         lines += ["", "## GPU", "", "Copied verbatim from `bench/RESULTS-gpu.md` (the `$OUT/gpu_results.md` and "
                   "`gpu_check.txt` of a `bash bench/gpu.sh` run; not measured by this run):", "",
                   "\n".join("###" + x[1:] if x.startswith("# ") else x for x in gpu_file.read_text().splitlines())]
+    why = liger_ready()
+    if why and any(r in specs for r in LIGER_ROWS):
+        lines.append(f"- TRL + liger peer (rows 2-4, `use_liger_kernel=True`): {why}; not run here")
     if gpu:
         lines.append(f"- MFU = 6 x parameters x (tok/s of the row) / {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s "
                      "(H100 dense bf16); for grpo and opd that counts completion tokens over whole steps "
@@ -386,6 +406,32 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
 
 
 ROW_ORDER = ["grpo", "update", "opd", "kl", "verify", "rollout"]
+
+
+def liger_line(i: int, row: str, s: dict | None, gpu: bool) -> list[str]:
+    """The row's second peer, TRL with use_liger_kernel=True, as line "<i>L" under the row's own."""
+    if row not in LIGER_SUMMARIES:
+        return []
+    x = LIGER_SUMMARIES[row]
+
+    def med(y, key):
+        return statistics.median(y[key]) if y and y.get(key) else None
+
+    def ratio(a, b):
+        return "—" if a is None or b is None else f"{a / b:.2f}"
+
+    cells = [f"{i}L", WHAT[row], PEER[row] + " + liger (use_liger_kernel)",
+             "(as above)" if s else "—",
+             "—" if x is None else " / ".join(fmt(v) for v in (min(x["rates"]), med(x, "rates"), max(x["rates"]))),
+             f"**{ratio(med(s, 'rates'), med(x, 'rates'))}x**"]
+    if not gpu:
+        cells += ["(as above)", fmt(med(x, "cpu")) if x and med(x, "cpu") else "—",
+                  f"**{ratio(med(s, 'cpu'), med(x, 'cpu'))}x**"]
+    cells += ["(as above)", fmt(med(x, "mem")) if x else "—", ratio(med(s, "mem"), med(x, "mem"))]
+    if gpu:
+        cells += ["(as above)", f"{6 * x['params'] * med(x, 'rates') / H100_BF16_FLOPS:.1%}"
+                  if x and x.get("params") else "—"]
+    return ["| " + " | ".join(cells) + " |"]
 
 
 def available_rows(profile_name: str, data: Path) -> list[str]:
@@ -430,6 +476,9 @@ def main() -> int:
     log_path = args.log or Path(tempfile.gettempdir()) / "s2d-bench.log"
     root = Path(tempfile.mkdtemp(prefix="s2d-bench-"))
     print(f"[bench] {profile_name} profile, rows {','.join(rows)}, {args.repeats} repeats; log {log_path}", file=sys.stderr)
+    no_liger = liger_ready()
+    if no_liger and any(r in rows for r in LIGER_ROWS):
+        print(f"[bench] TRL + liger peers (rows {', '.join(LIGER_ROWS)}): {no_liger}; skipped", file=sys.stderr)
     summaries: dict = {}
     specs: dict = {}
 
@@ -445,14 +494,17 @@ def main() -> int:
         specs = build_fixtures(profile, root, rows, args.data)
         with open(log_path, "w") as log:
             for row in rows:
-                results = {"s2d": [], "peer": []}
+                results = {"s2d": [], "peer": [], "liger": []}
+                sides = ("s2d", "peer") + (("liger",) if row in LIGER_ROWS and not no_liger else ())
                 for rep in range(args.repeats):
-                    for side in (("s2d", "peer") if rep % 2 == 0 else ("peer", "s2d")):
+                    for side in (sides if rep % 2 == 0 else sides[::-1]):
                         out = run_child(row, side, specs[row], timeout, log)
                         results[side].append(out)
                         shown = out.get("error") or f"{statistics.median(out['tok_per_s']):,.1f} /s, {out['peak_mb']:,.0f} MiB"
                         print(f"[bench] {row:8s} {side:4s} #{rep + 1}: {shown}", file=sys.stderr, flush=True)
                 summaries[row] = (summarize(results["s2d"]), summarize(results["peer"]))
+                if results["liger"]:
+                    LIGER_SUMMARIES[row] = summarize(results["liger"])
                 write(final=row == rows[-1])      # a run cut short still leaves the rows it finished
     finally:
         shutil.rmtree(root, ignore_errors=True)

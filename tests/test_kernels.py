@@ -183,3 +183,68 @@ def test_liger_refusals(monkeypatch):
     monkeypatch.setitem(sys.modules, "liger_kernel", None)       # not installed
     with pytest.raises(UsageError, match=r"pip install 's2d\[liger\]'"):
         kernels.apply_liger(tiny_qwen3(), "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# bench/bench_step.py: the training-step row's wiring and arithmetic (its speed lives in the bench)
+
+def bench_step():
+    import importlib
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "bench"))
+    return importlib.import_module("bench_step")
+
+
+def test_step_row_mfu_by_hand():
+    """Qwen3-0.6B, tied: embedding 151,936 x 1,024 = 155,582,464; a layer q 1,024 x 2,048 + k, v 1,024 x 1,024
+    each + o 2,048 x 1,024 + MLP 3 x 1,024 x 3,072 + norms 128 + 128 + 1,024 + 1,024 = 15,730,944, x 28;
+    final norm 1,024: N = 596,049,920. The issue's liger step, 71.7k tokens/s: 6 N x 71,700 / 989e12 = 25.9 %."""
+    bs = bench_step()
+    with torch.device("meta"):
+        n = bs.unique_params(bs.build("0.6b", "meta"))
+    assert n == 155_582_464 + 28 * 15_730_944 + 1_024 == 596_049_920
+    assert bs.mfu(n, 71_700) == pytest.approx(6 * 596_049_920 * 71_700 / 989e12)
+    assert round(bs.mfu(n, 71_700), 3) == 0.259
+
+
+def test_step_row_runs_one_step():
+    """One timed step of each side on a tiny shape: 2 x 16 tokens, N by hand (embedding 96 x 32 = 3,072 once;
+    q 1,024 + k 512 + v 512 + o 1,024 + MLP 6,144 + norms 80; final norm 32: 12,400), tokens/s and MFU from
+    the step's own seconds, and both sides' first loss the same next-token cross-entropy (same weights,
+    same tokens; about ln 96 = 4.56 nats for a random-init model)."""
+    bs = bench_step()
+    out = {side: bs.child(side, "tiny", batch=2, seq=16, steps=1) for side in ("s2d", "peer")}
+    for x in out.values():
+        assert x["tokens"] == 32 and x["params"] == 12_400 and len(x["step_s"]) == 1
+        assert x["tok_per_s"] == pytest.approx(32 / x["step_s"][0])
+        assert x["mfu"] == pytest.approx(6 * 12_400 * x["tok_per_s"] / 989e12)
+    assert out["s2d"]["loss"][0] == pytest.approx(out["peer"]["loss"][0], abs=1e-5)
+    assert abs(out["s2d"]["loss"][0] - 4.564) < 0.1
+    assert out["peer"]["peer"] == "transformers"                 # liger-kernel only on CUDA
+
+
+def test_trl_liger_peer_wiring(tmp_path, monkeypatch):
+    """bench/child.py's "liger" side of the update row: TRL's GRPOTrainer with use_liger_kernel=True, whose
+    liger config keeps TRL's own chunked head (fused linear cross-entropy off), handed to transformers'
+    apply_liger_kernel with the trainer's model before the timed steps. liger-kernel is Triton, so on a CPU
+    the apply function is a recorder; the rest of the peer runs for real (1 warm-up + 1 timed step)."""
+    import importlib
+
+    bench_step()                                        # puts bench/ on sys.path
+    run, child = importlib.import_module("run"), importlib.import_module("child")
+    import transformers.integrations.liger as hf_liger
+
+    profile = {"model": dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2), "teacher": None,
+               "big_vocab": None, "micro_batch_tokens": 4096,
+               "rows": {"update": dict(prompts=2, group=2, max_new_tokens=8, steps=1)}}
+    spec = run.build_fixtures(profile, tmp_path, ["update"], tmp_path)["update"]
+    calls = []
+    monkeypatch.setattr(hf_liger, "apply_liger_kernel", lambda model, config: calls.append((model, config)))
+    out = child.update_trl({**spec, "trl_liger": True}, tmp_path / "run")
+    assert len(calls) == 1
+    model, config = calls[0]
+    assert type(model).__name__ == "Qwen3ForCausalLM" and config == {"fused_linear_cross_entropy": False}
+    assert len(out["tok_per_s"]) == 1 and out["tok_per_s"][0] > 0
+    calls.clear()
+    child.update_trl(spec, tmp_path / "plain")          # the plain peer never applies liger
+    assert calls == []
