@@ -25,8 +25,8 @@ applies:
   compilation prints its seconds on stderr. `S2D_COMPILE=1` means inductor; any other value names a
   torch.compile backend (`aot_eager` traces the same forward and backward graphs without generating code:
   the tests use it, inductor's CPU code generation takes minutes on two cores). Inductor keeps its
-  generated kernels under S2D_COMPILE_CACHE (TORCHINDUCTOR_CACHE_DIR, unless that is set), so a second
-  run of the same shapes starts in seconds.
+  generated kernels in S2D_COMPILE_CACHE (set as TORCHINDUCTOR_CACHE_DIR; if neither is set,
+  ~/.cache/s2d/torch-compile), so a second run of the same shapes skips code generation.
 - activation checkpointing (`checkpoint_layers`): the `grad_checkpointing` key, as before; with
   S2D_CHECKPOINT_LAYERS=N only the first N decoder layers recompute their activations in backward, so a
   run that needs a little memory pays for a little recomputation, not for all of it.
@@ -170,7 +170,8 @@ def compile_layers(lm: torch.nn.Module, backend: str | None = None) -> int:
     backend = backend or compile_backend()
     if backend is None:
         return 0
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+    if os.environ.get("S2D_COMPILE_CACHE") or not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())    # inductor reads it at each use
     if not _CLOCK_ON:
         from torch._dynamo.callback import callback_handler
 
