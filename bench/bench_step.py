@@ -2,7 +2,7 @@
 
     python bench/bench_step.py --out $OUT/gpu_step.md             # GPU: Qwen3-0.6B shape, 8 x 2,048 and 16 x 2,048
     python bench/bench_step.py --repeats 3                         # min / median / max over 3 processes a side
-    S2D_LIGER=1 S2D_COMPILE=1 python bench/bench_step.py           # s2d with its switches (s2d_cli/kernels.py)
+    python bench/bench_step.py --variants plain,liger,compile,liger+compile   # s2d with its switches (s2d_cli/kernels.py)
     python bench/bench_step.py --child s2d --batch 2 --seq 64 --steps 1 --shape tiny   # one process, one JSON line
 
 One step = forward, backward and a fused AdamW step on B rows of T random tokens (every row full, no
@@ -141,11 +141,17 @@ def child(side: str, shape: str, batch: int, seq: int, steps: int) -> dict:
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "switches": switches}
 
 
-def run_child(side: str, shape: str, batch: int, seq: int, steps: int, timeout: float) -> dict:
+# s2d variants: the switches of s2d_cli/kernels.py each s2d process runs with (on top of the caller's environment)
+VARIANTS = {"plain": {}, "liger": {"S2D_LIGER": "1"}, "compile": {"S2D_COMPILE": "1"},
+            "liger+compile": {"S2D_LIGER": "1", "S2D_COMPILE": "1"}}
+
+
+def run_child(side: str, shape: str, batch: int, seq: int, steps: int, timeout: float, env: dict | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--shape", shape, "--batch", str(batch), "--seq", str(seq),
            "--steps", str(steps)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return {"error": f"timeout {timeout:.0f} s"}
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -166,6 +172,7 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=2048 if gpu else 256)
     ap.add_argument("--steps", type=int, default=5 if gpu else 2)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--variants", default="plain", help=f"comma-separated s2d variants: {', '.join(VARIANTS)}")
     ap.add_argument("--timeout", type=float, default=240)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -175,35 +182,48 @@ def main() -> int:
     from common import emit
 
     switches = {k: v for k, v in os.environ.items() if k in ("S2D_LIGER", "S2D_COMPILE", "S2D_CHECKPOINT_LAYERS",
-                                                            "S2D_FUSED_NORMS", "S2D_FUSED_ADAMW")}
+                                                            "S2D_FUSED_NORMS", "S2D_FUSED_ADAMW", "S2D_COMPILE_CACHE")}
     lines = [f"Training step alone (bench/bench_step.py), shape {args.shape} {SHAPES[args.shape]}, tied embeddings, "
              f"{'bf16 on ' + torch.cuda.get_device_name() if gpu else 'float32 on a CPU (wiring only: no liger)'}; "
-             f"{args.steps} timed steps a process after one warm-up, {args.repeats} process(es) a side; s2d switches: "
-             f"{switches or 'none'}.", "",
-             "| tokens | side | tok/s min / med / max | MFU (med) | peak MiB | first step s | s2d / peer |",
+             f"{args.steps} timed steps a process after one warm-up, {args.repeats} process(es) a side; environment: "
+             f"{switches or 'no S2D_ switch'}. First step: the untimed warm-up (with S2D_COMPILE, the compilation; "
+             "a later process finds the kernels in the cache).", "",
+             "| tokens | side | tok/s min / med / max | MFU (med) | peak MiB | first step s (each process) | s2d / peer |",
              "|---|---|---|---|---|---|---|"]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown[0]!r}; expected {', '.join(VARIANTS)}")
+    sides = ["peer"] + [f"s2d:{v}" for v in variants]
+    ok = []
     for batch in args.batch:
-        got = {"s2d": [], "peer": []}
+        got = {side: [] for side in sides}
         for rep in range(args.repeats):
-            for side in (("s2d", "peer") if rep % 2 == 0 else ("peer", "s2d")):
-                out = run_child(side, args.shape, batch, args.seq, args.steps, args.timeout)
+            for side in (sides if rep % 2 == 0 else sides[::-1]):       # alternate who runs first
+                name, _, variant = side.partition(":")
+                out = run_child(name, args.shape, batch, args.seq, args.steps, args.timeout, VARIANTS.get(variant))
                 got[side].append(out)
                 print(f"[step] {batch} x {args.seq} {side} #{rep + 1}: "
                       + (out.get("error") or f"{out['tok_per_s']:,.0f} tok/s, MFU {out['mfu']:.1%}, "
-                                             f"{out['peak_mib']:,.0f} MiB"), file=sys.stderr, flush=True)
-        meds = {}
-        for side in ("s2d", "peer"):
+                                             f"{out['peak_mib']:,.0f} MiB, first step {out['first_step_s']:.1f} s"),
+                      file=sys.stderr, flush=True)
+        peer_med = None
+        for side in sides:
             ok = [x for x in got[side] if "error" not in x]
             if not ok:
                 lines.append(f"| {batch} x {args.seq} | {side} | {got[side][0]['error']} | | | | |")
                 continue
             rates = sorted(x["tok_per_s"] for x in ok)
-            meds[side] = statistics.median(rates)
-            name = "s2d trunk + chunked head" if side == "s2d" else ok[0]["peer"]
-            ratio = f"**{meds['s2d'] / meds['peer']:.2f}x**" if side == "peer" and "s2d" in meds else ""
-            lines.append(f"| {batch} x {args.seq} | {name} | {rates[0]:,.0f} / {meds[side]:,.0f} / {rates[-1]:,.0f} | "
-                         f"{mfu(ok[0]['params'], meds[side]):.1%} | {statistics.median(x['peak_mib'] for x in ok):,.0f} | "
-                         f"{statistics.median(x['first_step_s'] for x in ok):.1f} | {ratio} |")
+            med = statistics.median(rates)
+            if side == "peer":
+                peer_med, name, ratio = med, ok[0]["peer"], ""
+            else:
+                name = f"s2d trunk + chunked head, {side[4:]} ({', '.join(f'{k}={v}' for k, v in VARIANTS[side[4:]].items()) or 'defaults'})"
+                ratio = f"**{med / peer_med:.2f}x**" if peer_med else "—"
+            first = sorted(x["first_step_s"] for x in ok)
+            lines.append(f"| {batch} x {args.seq} | {name} | {rates[0]:,.0f} / {med:,.0f} / {rates[-1]:,.0f} | "
+                         f"{mfu(ok[0]['params'], med):.1%} | {statistics.median(x['peak_mib'] for x in ok):,.0f} | "
+                         f"{' / '.join(f'{t:.1f}' for t in first)} | {ratio} |")
     lines += ["", f"MFU = 6 x {ok[0]['params'] if ok else 'N'} parameters (tied embedding once) x tok/s / 989 TFLOP/s "
               "(H100 SXM dense bf16 peak); attention FLOPs not counted."]
     emit(lines, args.out)
