@@ -370,6 +370,8 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
     errors = [(row, side, e) for row, pair in summaries.items() for side, x in zip(("s2d", "peer"), pair)
               if x for e in x["errors"]]
     failed = [(row, side) for row, pair in summaries.items() for side, x in zip(("s2d", "peer"), pair) if x is None]
+    errors += [(row, "TRL + liger", e) for row, x in LIGER_SUMMARIES.items() if x for e in x["errors"]]
+    failed += [(row, "TRL + liger") for row, x in LIGER_SUMMARIES.items() if x is None]
     if errors or failed:
         lines += ["", "Failures:"]
         lines += [f"- {row} {side}: {e}" for row, side, e in errors]
@@ -420,16 +422,18 @@ def liger_line(i: int, row: str, s: dict | None, gpu: bool) -> list[str]:
     def med(y, key):
         return statistics.median(y[key]) if y and y.get(key) else None
 
-    def ratio(a, b):
-        return "—" if a is None or b is None else f"{a / b:.2f}"
+    def ratio(a, b, bold=False):
+        if a is None or b is None:
+            return "—"
+        return f"**{a / b:.2f}x**" if bold else f"{a / b:.2f}"
 
     cells = [f"{i}L", WHAT[row], PEER[row] + " + liger (use_liger_kernel)",
              "(as above)" if s else "—",
              "—" if x is None else " / ".join(fmt(v) for v in (min(x["rates"]), med(x, "rates"), max(x["rates"]))),
-             f"**{ratio(med(s, 'rates'), med(x, 'rates'))}x**"]
+             ratio(med(s, "rates"), med(x, "rates"), bold=True)]
     if not gpu:
         cells += ["(as above)", fmt(med(x, "cpu")) if x and med(x, "cpu") else "—",
-                  f"**{ratio(med(s, 'cpu'), med(x, 'cpu'))}x**"]
+                  ratio(med(s, "cpu"), med(x, "cpu"), bold=True)]
     cells += ["(as above)", fmt(med(x, "mem")) if x else "—", ratio(med(s, "mem"), med(x, "mem"))]
     if gpu:
         cells += ["(as above)", f"{6 * x['params'] * med(x, 'rates') / H100_BF16_FLOPS:.1%}"
