@@ -248,3 +248,19 @@ def test_trl_liger_peer_wiring(tmp_path, monkeypatch):
     calls.clear()
     child.update_trl(spec, tmp_path / "plain")          # the plain peer never applies liger
     assert calls == []
+
+
+def test_trainer_hook(tmp_path, monkeypatch, tiny_model_dir):
+    """The trainer applies the switches to the model it trains: here checkpointing of 1 of 2 layers, layers
+    compiled (not run: compilation is lazy), foreach AdamW instead of the fused default."""
+    from s2d_cli.trainer import Trainer, TrainFields
+
+    monkeypatch.setenv("S2D_CHECKPOINT_LAYERS", "1")
+    monkeypatch.setenv("S2D_COMPILE", "aot_eager")
+    monkeypatch.setenv("S2D_FUSED_ADAMW", "0")
+    tr = Trainer(TrainFields(steps=1, grad_checkpointing=True), model=str(tiny_model_dir), out=str(tmp_path / "run"),
+                 kind="test", config={"x": 1})
+    layers = tr.lm.model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert not tr.optimizer.param_groups[0]["fused"]
