@@ -5,6 +5,8 @@
 #     bash bench/gpu.sh                    # from the repo root on the GPU machine, with .whl/ carried
 #     REPEATS=3 bash bench/gpu.sh          # 3 processes a side for every row: min / median / max (the issue's report)
 #     STEP_VARIANTS=plain,compile bash bench/gpu.sh    # which s2d variants the training-step row runs
+#     ONLY="check step" bash bench/gpu.sh  # some sections only (check head norms step decode rows): at
+#                                          # REPEATS=3 the whole script outlasts one 10-minute device call
 #
 # The machine's image has torch, transformers and accelerate but not trl, datasets or math-verify:
 # their wheels (and the few dependencies the image lacks) travel in .whl/ and are installed into a
@@ -32,6 +34,9 @@ fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 
+# ONLY="step rows" bash bench/gpu.sh: just those sections (check head norms step decode rows); default all
+want() { [[ -z "${ONLY:-}" || " $ONLY " == *" $1 "* ]]; }
+
 echo "== versions"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$PY" - <<'EOF' || true
@@ -46,29 +51,41 @@ for name in ("torch", "transformers", "accelerate", "trl", "datasets", "math-ver
         print(f"  {name} (not installed)")
 EOF
 
+if want check; then
 echo "== lm-head fast path check"
 timeout 300 "$PY" bench/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt" || echo "gpu_check failed (exit $?); continuing"
 
+fi
+if want head; then
 echo "== token log-prob head vs TRL's"
 timeout 150 "$PY" bench/bench_head.py --device cuda --positions 16384 --hidden 1024 --dtype bfloat16 \
     --out "$OUT/gpu_head.md" 2>&1 | tail -n 8 || echo "bench_head failed; continuing"
 timeout 120 "$PY" bench/bench_head.py --loss topk --device cuda --positions 16384 --hidden 1024 --dtype bfloat16 \
     --out "$OUT/gpu_head_topk.md" 2>&1 | tail -n 8 || echo "bench_head --loss topk failed; continuing"
 
+fi
+if want norms; then
 echo "== fused RMSNorm vs transformers' (trunk forward + backward)"
 timeout 60 "$PY" bench/gpu_norms.py 2>&1 | grep -v Warn | tee "$OUT/gpu_norms.txt" || echo "gpu_norms failed; continuing"
 
+fi
+if want step; then
 echo "== training step alone: s2d trunk + head (4 variants) vs transformers + liger-kernel, 8 and 16 x 2,048 tokens"
 S2D_COMPILE_CACHE="${S2D_COMPILE_CACHE:-/tmp/s2d-compile-cache}" timeout "${STEP_TIMEOUT:-900}" "$PY" bench/bench_step.py \
     --repeats "${REPEATS:-1}" --variants "${STEP_VARIANTS:-plain,liger,compile,liger+compile}" --out "$OUT/gpu_step.md" \
     2>&1 | grep -v Warn | tee "$OUT/gpu_step.txt" || echo "bench_step failed; continuing"
 
+fi
+if want decode; then
 echo "== hf engine samplers"
 { timeout 90 "$PY" bench/gpu_probe.py check && timeout 120 "$PY" bench/gpu_probe.py decode; } 2>&1 \
     | grep -v Warning | tee "$OUT/gpu_decode.txt" || echo "gpu_probe failed; continuing"
 
+fi
+if want rows; then
 echo "== comparisons"
 timeout "${BENCH_TIMEOUT:-$((600 * ${REPEATS:-1}))}" "$PY" bench/run.py --profile gpu --repeats "${REPEATS:-1}" --out "$OUT/gpu_results.md" \
     --log "$OUT/gpu_results.log" \
     || echo "bench/run.py exit $? (the table holds the rows finished before it)"
 if [[ -f "$OUT/gpu_results.md" ]]; then cat "$OUT/gpu_results.md"; fi
+fi
