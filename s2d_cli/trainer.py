@@ -309,7 +309,7 @@ class Trainer:
             raise UsageError(f"{self.out}: --resume, but no checkpoint to resume from")
         if ckpt is not None:
             self._load_weights(ckpt)
-        from .kernels import apply_training_switches, fused_adamw   # S2D_COMPILE, S2D_CHECKPOINT_LAYERS, ...
+        from .kernels import apply_training_switches, fused_adamw  # S2D_COMPILE, S2D_CHECKPOINT_LAYERS, ...
         apply_training_switches(self.lm, self.device, grad_checkpointing=cfg.grad_checkpointing)
         self.lm.config.use_cache = False
         self.attn_impl = getattr(self.lm.config, "_attn_implementation", "sdpa") or "sdpa"
