@@ -60,13 +60,15 @@ bench: install install-vllm
 	$(PY) bench/run.py --out bench/RESULTS.md
 
 # bench/gpu.sh's wheels for a GPU machine with no network whose image has torch, transformers and
-# accelerate but not these (Python 3.12, x86-64): carry WHEELS to it and run `bash bench/gpu.sh` there
+# accelerate but not these (Python 3.12, x86-64): carry WHEELS to it and run `bash bench/gpu.sh` there.
+# liger-kernel (pure Python, Triton kernels; 0.8.5 works with TRL 1.16, which needs >= 0.8.2): the TRL + liger
+# peers, the training-step row's peer and S2D_LIGER
 WHEELS ?= .whl
 gpu-wheels: install
 	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(WHEELS) \
 	  trl==1.16.0 datasets==5.2.0 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
-	  antlr4-python3-runtime==4.13.2 dill==0.4.1 multiprocess==0.70.19
+	  antlr4-python3-runtime==4.13.2 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5
 
 clean:
 	rm -rf runs .pytest_cache

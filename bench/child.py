@@ -20,6 +20,14 @@ Rows (see bench/run.py for the shapes):
           `run_sequential` (one timed pass per process).
   rollout generation only: s2d's hf engine vs its vllm engine (bench/bench_rollout.py's child).
 
+TRL with liger (side "liger", rows update, opd and kl, CUDA only: liger-kernel is Triton): the same
+peer with `use_liger_kernel=True`, TRL 1.16's liger option. Its GRPOTrainer then applies liger's layer
+kernels (RMSNorm, RoPE, SwiGLU) and keeps its own chunked log-prob head (it refuses liger's fused linear
+cross-entropy, and TRL 1.16 has no liger GRPO loss left to turn on); DistillationTrainer and GKDTrainer
+get transformers' default liger set (fused linear cross-entropy included, unused by their losses, which
+read the logits). `Trainer.train` applies the kernels; the update row calls the same
+`apply_liger_kernel` itself, since it drives `compute_loss` without `train()`.
+
 s2d children skip `Trainer.finish` (the final checkpoint and model save): the timed steps never
 include it, and on a GPU it would spend tens of seconds writing optimizer state.
 """
@@ -166,7 +174,8 @@ def trl_common(spec: dict, out: str) -> dict:
                 bf16=gpu, use_cpu=not gpu, dataloader_num_workers=0, seed=0, max_grad_norm=1.0,
                 gradient_checkpointing=False,      # TRL defaults to True; s2d to False: same FLOPs both sides
                 lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-                model_init_kwargs={"dtype": "bfloat16" if gpu else "float32"})
+                model_init_kwargs={"dtype": "bfloat16" if gpu else "float32"},
+                **({"use_liger_kernel": True} if spec.get("trl_liger") else {}))
 
 
 def tokenizer_of(spec: dict, side: str = "left"):
@@ -270,6 +279,10 @@ def update_trl(spec: dict, tmp: Path) -> dict:
     trainer = GRPOTrainer(model=spec["model"], reward_funcs=reward_trl, args=args,
                           train_dataset=Dataset.from_list([{"prompt": "x"}] * P), processing_class=tok)
     trainer.current_gradient_accumulation_steps = 1   # set by Trainer.train's loop, which we do not enter
+    if args.use_liger_kernel:                         # what Trainer.train does first (liger side)
+        import transformers.integrations.liger as hf_liger
+
+        hf_liger.apply_liger_kernel(trainer.model, args.liger_kernel_config)
     model = trainer.model
     model.train()
     optimizer = trainer.create_optimizer()
@@ -443,6 +456,9 @@ ROWS = {
 }
 
 
+LIGER_ROWS = ("update", "opd", "kl")       # side "liger": the TRL peer of these rows with use_liger_kernel=True
+
+
 def main() -> None:
     row, side, spec = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     import tempfile
@@ -450,6 +466,10 @@ def main() -> None:
     import torch
 
     torch.manual_seed(0)
+    if side == "liger":
+        if row not in LIGER_ROWS:
+            sys.exit(f"child.py: no TRL + liger peer for row {row} (rows {', '.join(LIGER_ROWS)})")
+        spec = {**spec, "trl_liger": True}
     fn = ROWS[row][0 if side == "s2d" else 1]
     tmp = Path(tempfile.mkdtemp(prefix=f"s2d-bench-{row}-{side}-"))
     try:

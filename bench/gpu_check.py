@@ -13,6 +13,15 @@ kernel, which runs only on CUDA): whether `kernel_agrees` accepts the kernel at 
 and, on a random-init Qwen3-0.6B shape in bf16 with GRPO-update-like rows (64 sequences, 29-token
 prompts, completions of 40..256 tokens), the token log-probs of one packed row against those of padded
 rows (max |difference|) and the forward + backward time of each layout.
+
+Then the speed switches of `s2d_cli.kernels` (`switches_check`): on a Qwen3-0.6B shape cut to 4 layers,
+bf16, 4 x 512 tokens through the training path (`hidden_at` + `chunked_token_logprobs`, backward), each
+path against the plain one (the default CUDA path: fused norms, no switch): activation checkpointing,
+regional torch.compile (inductor), liger-kernel (RoPE, SwiGLU, RMSNorm) and liger + compile. It prints the
+max |log-prob difference| and the relative L2 error of all gradients, next to the plain bf16 path's own
+error against float32 (the size of bf16 rounding), and each path's forward + backward milliseconds.
+`python bench/gpu_check.py switches` runs that part alone (on a CPU: float32, 2 layers, compile with
+aot_eager, no liger: a smoke run of the script).
 """
 from __future__ import annotations
 
@@ -90,6 +99,8 @@ def main() -> int:
     L.HALF_MM_FP32_OUT = True
     print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     packed_check(dev)
+    torch.cuda.empty_cache()
+    switches_check(dev)
     return 0
 
 
@@ -139,5 +150,97 @@ def packed_check(dev: torch.device, layers: int = 28) -> None:
     print(f"| packed / padded | | {rows['padded'][0] / rows['packed'][0]:.2f}x faster | |")
 
 
+def switches_check(dev: torch.device, layers: int = 4, batch: int = 4, seq: int = 512) -> None:
+    import copy
+    import importlib.util
+    import os
+    import time
+
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from s2d_cli import kernels
+    from s2d_cli.models import fuse_rms_norms
+    from s2d_cli.trainer import Sequence, hidden_at, pack
+
+    gpu = dev.type == "cuda"
+    if not gpu:
+        layers, batch, seq = 2, 2, 64
+    shape = dict(hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                 intermediate_size=3072, vocab_size=151_936) if gpu else dict(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=4096)
+    cfg = Qwen3Config(num_hidden_layers=layers, tie_word_embeddings=True, use_cache=False, **shape)
+    torch.manual_seed(0)
+    ref32 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(dev).train()
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randint(3, cfg.vocab_size, (batch, seq), generator=g).tolist()
+    (mb,) = pack([Sequence(r[:16], r[16:]) for r in rows], batch * seq, layout="padded", device=dev)
+    w_M = torch.linspace(0.1, 1.0, len(mb.targets), device=dev)
+
+    def run(lm):
+        lm.zero_grad(set_to_none=True)
+        logp, _ = L.chunked_token_logprobs(hidden_at(lm, mb), lm.get_output_embeddings().weight, mb.targets)
+        (logp * w_M).sum().backward()
+        return logp.detach().float(), {n: p.grad.float() for n, p in lm.named_parameters()}
+
+    def timed_run(lm):
+        out = run(lm)                                   # warm-up (compilation happens here)
+        if gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            out = run(lm)
+        if gpu:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / 3 * 1e3, out
+
+    def err(a, b):
+        return float((a[0] - b[0]).abs().max()), rel(torch.cat([x.flatten() for x in a[1].values()]),
+                                                     torch.cat([x.flatten() for x in b[1].values()]))
+
+    want32 = run(ref32)
+    dtype = torch.bfloat16 if gpu else torch.float32
+    base = copy.deepcopy(ref32).to(dtype)
+    if gpu:
+        fuse_rms_norms(base)
+    ms, plain = timed_run(base)
+    results = [("plain (fused norms)", ms, err(plain, want32), None)]
+    backend = "inductor" if gpu else "aot_eager"
+    variants = [("checkpointing", {}, True), (f"compile ({backend})", {"S2D_COMPILE": backend}, False)]
+    if gpu and importlib.util.find_spec("liger_kernel") is not None:
+        # liger's RoPE replaces transformers' Qwen3 rotary function for the whole process: liger runs last
+        variants += [("liger", {"S2D_LIGER": "1"}, False),
+                     ("liger + compile", {"S2D_LIGER": "1", "S2D_COMPILE": backend}, False)]
+    elif gpu:
+        print("switches: liger-kernel not installed, its paths skipped")
+    for name, env, ckpt in variants:
+        os.environ.update(env)
+        try:
+            lm = copy.deepcopy(base)
+            kernels.apply_liger(lm, dev)
+            kernels.apply_training_switches(lm, dev, grad_checkpointing=ckpt)
+            first = time.perf_counter()
+            run(lm)                                     # the first call: compilation, if any
+            first = time.perf_counter() - first
+            ms, got = timed_run(lm)
+            results.append((name, ms, err(got, plain), first))
+        except Exception as e:                          # one failing path must not hide the others
+            nan = float("nan")
+            results.append((name, nan, (nan, nan), f"failed: {type(e).__name__}: {str(e)[:120]}"))
+        finally:
+            for k in env:
+                os.environ.pop(k, None)
+    print(f"\nspeed switches (s2d_cli.kernels), Qwen3-0.6B shape cut to {layers} layers, {str(dtype)[6:]}, "
+          f"{batch} x {seq} tokens, training path forward + backward:\n")
+    print("| path | ms (fwd+bwd) | max abs logp diff | grad rel err | against | first call s |")
+    print("|---|---|---|---|---|---|")
+    for name, ms, (d, e), first in results:
+        against = "float32" if first is None else "plain"
+        extra = "" if first is None else (first if isinstance(first, str) else f"{first:.1f}")
+        print(f"| {name} | {ms:.1f} | {d:.2e} | {e:.2e} | {against} | {extra} |")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["switches"]:
+        switches_check(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        sys.exit(0)
     sys.exit(main())

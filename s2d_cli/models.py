@@ -194,6 +194,8 @@ def load_model(name: str, *, dtype: str | torch.dtype = "auto", device: str | to
     model = model.to(device).eval()
     if device.type == "cuda" and FUSED_NORMS:
         fuse_rms_norms(model)
+    from .kernels import apply_liger  # S2D_LIGER (off by default): liger-kernel's fused ops, CUDA only
+    apply_liger(model, device)
     return model
 
 

@@ -380,8 +380,8 @@ class Trainer:
             raise UsageError(f"{self.out}: --resume, but no checkpoint to resume from")
         if ckpt is not None:
             self._load_weights(ckpt)
-        if cfg.grad_checkpointing:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from .kernels import apply_training_switches, fused_adamw  # S2D_COMPILE, S2D_CHECKPOINT_LAYERS, ...
+        apply_training_switches(self.lm, self.device, grad_checkpointing=cfg.grad_checkpointing)
         self.lm.config.use_cache = False
         self.attn_impl = getattr(self.lm.config, "_attn_implementation", "sdpa") or "sdpa"
         self.layout = self._pick_layout()
@@ -409,7 +409,8 @@ class Trainer:
         no_decay = [p for p in params if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=not self.fsdp_cpu)   # no fused DTensors
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            fused=fused_adamw() and not self.fsdp_cpu)   # no fused DTensors
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         if self.fsdp_cpu:                         # already sharded: accelerate would wrap it in DDP
             self.policy, self.optimizer = policy, self.acc.prepare(self.optimizer)
