@@ -38,6 +38,7 @@ from .compat import token_ids
 from .config import require_run_dir, resolve
 from .data import Example
 from .errors import UsageError
+from .grading import GradingFields
 from .rollout import (
     PromptFields,
     SamplingFields,
@@ -53,7 +54,7 @@ CLIP_DEFAULTS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28),
 
 
 @dataclass
-class GRPOConfig(PromptFields, SamplingFields, TrainFields):
+class GRPOConfig(PromptFields, SamplingFields, TrainFields, GradingFields):
     model: str = ""                  # policy to train (checkpoint directory or hub id)
     out: str = ""                    # run directory
     rollouts: str | None = None      # train on existing verified rollouts instead of sampling
@@ -98,6 +99,7 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
         check_sampling(self)
         from .verifier import check_pool_options
         check_pool_options(self.workers, self.timeout)   # before the run directory exists
+        self.grading_rules()
         self.check_training()
         lo, hi = CLIP_DEFAULTS[self.loss]
         self.clip_low = lo if self.clip_low is None else self.clip_low
@@ -244,9 +246,7 @@ def run(cfg: GRPOConfig):
     verifier = None
     if cfg.rollouts is None and reward_fn is None:
         from .verifier import Verifier
-        from .verify import warm_up_golds
-        verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout,
-                            warm_up=warm_up_golds(ex.answer for ex in examples if ex.answer is not None))
+        verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout, rules=cfg.grading_rules())
     writer = ArtifactWriter(trainer.out / "rollouts", kind="grpo-rollouts", config=asdict(cfg), volatile=VOLATILE,
                             num_shards=cfg.steps) if (trainer.acc.is_main_process and cfg.rollouts is None) else None
     local_p = cfg.prompts_per_step // trainer.world

@@ -53,6 +53,7 @@ from .compat import (
 )
 from .config import require_run_dir, resolve
 from .errors import UsageError
+from .grading import GradingFields
 from .grpo import labels_used, prompt_schedule
 from .rollout import (
     PromptFields,
@@ -69,7 +70,7 @@ LOSSES = ("sampled", "full", "topk")
 
 
 @dataclass
-class OPDConfig(PromptFields, SamplingFields, TrainFields):
+class OPDConfig(PromptFields, SamplingFields, TrainFields, GradingFields):
     student: str = ""                # model to train (checkpoint directory or hub id)
     teacher: str = ""                # frozen teacher that scores the student's samples
     out: str = ""                    # run directory
@@ -111,6 +112,7 @@ class OPDConfig(PromptFields, SamplingFields, TrainFields):
         check_sampling(self)
         from .verifier import check_pool_options
         check_pool_options(self.workers, self.timeout)   # before the run directory exists
+        self.grading_rules()
         self.check_training()
 
 
@@ -272,10 +274,7 @@ def run(cfg: OPDConfig):
             engine = HFEngine(lm, tokenizer=tok, seed=cfg.seed, batch_size=cfg.batch_size)
         if has_answers:
             from .verifier import Verifier
-            from .verify import warm_up_golds
-
-            verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout,
-                                warm_up=warm_up_golds(ex.answer for ex in examples if ex.answer is not None))
+            verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout, rules=cfg.grading_rules())
         trainer.fit(make_batch, loss_fn, after_update=after_update,
                     display=("reverse_kl", "accuracy", "loss") if has_answers else ("reverse_kl", "loss"))
         out = trainer.finish(extra={"loss": cfg.loss, "teacher": cfg.teacher, "vocab": vocab, "alpha": cfg.alpha,
