@@ -111,12 +111,13 @@ def _worker_main(fd: int, memory_mb: int | None) -> None:
             return
         for index, completion, gold in chunk:
             key = (repr(gold), rules)
-            if key not in golds_seen:  # tell the parent the clock now runs on this gold's parse
+            if key not in golds_seen:  # tell the parent when the clock runs on this gold's parse
                 conn.send((index,))
                 try:
                     prepare_gold(gold, rules)
                 except Exception:
                     pass  # verify_one gives the verdict
+                conn.send((index, None))  # ... and no longer
                 if len(golds_seen) > 65536:
                     golds_seen.clear()
                 golds_seen.add(key)
@@ -432,8 +433,8 @@ class Verifier:
                     try:
                         while w.conn.poll():
                             msg = w.conn.recv()
-                            if len(msg) == 1:  # the worker starts parsing this item's gold
-                                w.parsing_gold = True
+                            if len(msg) < 3:  # the worker starts (1) or ends (2) parsing this item's gold
+                                w.parsing_gold = len(msg) == 1
                                 continue
                             index, reward, correct, extracted, verdict, multi_box = msg
                             results[index] = Verdict(reward, correct, extracted, verdict, multi_box)
