@@ -394,6 +394,8 @@ def _prenormalize(text: str) -> str:
     s = _CONSTANT_RE.sub(lambda m: m.group(1) or m.group(2), text)
     if not _BARE_THOUSANDS_RE.fullmatch(s.strip().strip("$").strip()):  # a bare 70,110: see _readings
         s = _INNER_THOUSANDS_RE.sub(lambda m: (m.group(1) or m.group(2)).replace(",", ""), s)
+        if re.search(r",\s", s):  # elements are separated by ", ": a comma with no space is a thousands one
+            s = re.sub(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d.]|,\d)", lambda m: m.group().replace(",", ""), s)
     return s
 
 
@@ -430,14 +432,14 @@ def _time_of_day(text: str) -> tuple[int, int, int, str] | None:
     return int(m.group(5)), int(m.group(6)), int(m.group(7) or 0), ""
 
 
-_SOLUTION_SPLIT_RE = re.compile(r";|\\text\{\s*(?:and|or)\s*\}|\\(?:quad|qquad)|\\\\|\b(?:and|or)\b")
+_SOLUTION_SPLIT_RE = re.compile(r";|\\text\{\s*(?:and|or)\s*\}|\\\\|\b(?:and|or)\b")
 _LABELLED_RE = re.compile(r"\s*([A-Za-z](?:_\{?\w+\}?)?)\s*=\s*([^=]+?)\s*")
 
 
 def _solutions(text: str) -> list[dict[str, str]] | None:
     """'p=5,q=2; p=7,q=2' -> [{'p': '5', 'q': '2'}, {'p': '7', 'q': '2'}]; None unless every part is a
     list of `name = value`. A part that names a variable twice (`x=1, x=2`) is one solution per item."""
-    s = re.sub(r"\\[ ,;:!]", " ", text).strip().strip("$").strip()  # LaTeX spaces: `\ `, `\,`, `\;`
+    s = re.sub(r"\\(?:[ ,;:!]|q?quad)", " ", text).strip().strip("$").strip()  # LaTeX spaces: `\ `, `\quad`
     if "=" not in s:
         return None
     out = []
@@ -478,9 +480,8 @@ def _normalized_verdict(gold: str, pred: str, rules: GradingRules) -> bool | Non
     if numeral is not None:
         return numeral
     g_time, p_time = _time_of_day(gold), _time_of_day(pred)
-    if g_time or p_time:  # math-verify reads 12:00 as a ratio (zoo): compare clock readings
-        return g_time is not None and p_time is not None and g_time[:3] == p_time[:3] and (
-            g_time[3] == p_time[3] or "" in (g_time[3], p_time[3]))
+    if g_time and p_time:  # math-verify reads 12:00 as a ratio (zoo): compare clock readings
+        return g_time[:3] == p_time[:3] and (g_time[3] == p_time[3] or "" in (g_time[3], p_time[3]))
     return _same_solutions(gold, pred, rules)
 
 
@@ -514,6 +515,7 @@ FINAL_MARKERS = (
     r"final\s+answer(?:\s+is)?",      # Final Answer: 5 / The final answer is $5$ / **Final Answer**
     r"the\s+answer\s+is",             # The answer is 18.
     r"\banswer\s*[:：]",               # Answer: 18
+    r"^[\s*#]*answer\b",               # a line that starts with "Answer" (then the answer, or a display)
     r"^\s*####",                       # GSM8K's "#### 18"
     r"最终答案(?:是|为|為)?",            # Chinese
     r"答案(?:是|为|為)?",
@@ -527,37 +529,78 @@ FINAL_MARKERS = (
     r"risposta(?:\s+finale)?",         # Italian
 )
 _MARKER_RE = re.compile("|".join(f"(?:{m})" for m in FINAL_MARKERS), re.IGNORECASE | re.MULTILINE)
-_MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_MATH_SPAN_RE = re.compile(  # `\$` inside is a dollar sign, not a delimiter
+    r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 _LEADING_NUMBER_RE = re.compile(r"([-+−]?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?)\s+[^\W\d_]")
 _MAX_BOXES = 16  # more distinct boxes than this is no answer anyone would grade as a list
+
+
+def _clean_line(text: str) -> str:
+    text = re.sub(r"\*\*|__", "", text)
+    return text.lstrip(" \t*:：").rstrip(" \t*,.。")  # never "-" or "." on the left: -5, .4
+
+
+def _marker_content(text: str, start: int) -> str:
+    """The text after a marker: the rest of its line, extended to the end of a display (`\\[ ... \\]`,
+    `$$ ... $$`) opened on it; the next line when the marker ends its line ("**Final Answer**")."""
+    line_end = text.find("\n", start)
+    end = len(text) if line_end < 0 else line_end
+    rest = text[start:end]
+    for opener, closer in (("\\[", "\\]"), ("$$", "$$")):
+        at = rest.rfind(opener)
+        if at >= 0 and closer not in rest[at + len(opener):]:
+            close = text.find(closer, start + at + len(opener))
+            if close >= 0:
+                rest = text[start: close + len(closer)]
+    content = _clean_line(rest)
+    if not content and line_end >= 0:
+        content = _clean_line(text[line_end + 1:].lstrip("\n").split("\n", 1)[0])
+    return re.sub(r"^(?:is|est|es|é|ist|è|是|为|為|は|은|:|：)\s*", "", content, flags=re.I).strip()
 
 
 def _final_line(text: str) -> tuple[int, str] | None:
     """(where the marker starts, its answer) for the last final-answer marker of `text` that gives one."""
     for m in reversed(list(_MARKER_RE.finditer(text))):
-        line_end = text.find("\n", m.end())
-        rest = text[m.end(): len(text) if line_end < 0 else line_end]
-        content = re.sub(r"\*\*|__", "", rest).strip(" \t*:：=-—,.。")
-        if not content and line_end >= 0:  # "**Final Answer**" then the answer on the next line
-            following = text[line_end + 1:].lstrip("\n").split("\n", 1)[0]
-            content = re.sub(r"\*\*|__", "", following).strip(" \t*:：=-—,.。")
-        content = re.sub(r"^(?:is|est|es|é|ist|è|是|为|為|は|은|:|：)\s*", "", content, flags=re.I).strip()
-        answer = _line_answer(content)
+        answer = _line_answer(_marker_content(text, m.end()))
         if answer:
             return m.start(), answer
     return None
 
 
+_IS_RE = re.compile(r"\s(?:is|are|equals|est|es|ist)\s|\s=\s")
+_WORDS_NUMBER_RE = re.compile(r"(?<![A-Za-z0-9.,])[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?(?![A-Za-z0-9])")
+_TRAILING_NUMBER_RE = re.compile(r"(?<![A-Za-z0-9.,])([-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?)\s*(?:[€$%°²]|[^\W\d_]{1,3}²?)?$")
+
+
 def _line_answer(content: str) -> str | None:
-    """The answer in a final-answer line's text: its last math span, a leading number followed by words
-    ("18 dollars"), else the text itself when it looks like an answer (a number, a formula, a short word)."""
-    spans = [next(g for g in m.groups() if g is not None) for m in _MATH_SPAN_RE.finditer(content)]
+    """The answer in a final-answer line's first sentence: what follows its last " is " outside math
+    ("The largest $n$ is 34"), then its math spans (several: their list), a leading number followed
+    by words ("18 dollars"), a trailing number ("计划的比例为13/28"), the only number among words, else
+    the text itself when it looks like an answer (a number, a formula, a short word). Two numbers in
+    words ("220 $ within 12 months") are no answer: which one is meant is a guess."""
+    outside = _MATH_SPAN_RE.sub(lambda m: " " * len(m.group()), content)
+    sentence_end = re.search(r"[.!?。](?:\s|$)", outside)  # "... is $5$. I hope it is correct."
+    if sentence_end:
+        content, outside = content[: sentence_end.start()], outside[: sentence_end.start()]
+    cut = list(_IS_RE.finditer(outside))
+    if cut and content[: cut[-1].start()].strip():  # "The largest $n$ is 34", "面积 = 72000 / 18 = 4000"
+        content = content[cut[-1].end():].strip()
+    spans = list(dict.fromkeys(next(g for g in m.groups() if g is not None).strip()
+                               for m in _MATH_SPAN_RE.finditer(content)))
+    spans = [s for s in spans if s]
     if spans:
-        return spans[-1].strip() or None
+        return ", ".join(spans)
     m = _LEADING_NUMBER_RE.match(content)
     if m:
         return m.group(1).replace("−", "-")
     content = content.rstrip(" .。!")
+    if not re.match(r"[-+.\d\\(\[{$]", content):
+        m = _TRAILING_NUMBER_RE.search(content)
+        if m:
+            return m.group(1)
+        numbers = _WORDS_NUMBER_RE.findall(content)
+        if len(numbers) == 1:  # "Jane started growing it 3 hours ago": one number among words
+            return numbers[0]
     if re.search(r"[\d\\^=+(){}\[\]]", content) or re.fullmatch(r"[^\W\d_]{1,20}", content):
         return content
     return None
