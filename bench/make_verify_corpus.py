@@ -224,8 +224,9 @@ def main() -> None:
             form = overrides[r["source"]].get("form")
         # a short one-line prediction without a box is the suite's final answer itself, not a completion
         bare = "\\boxed" not in r["answer"] and "\n" not in r["answer"].strip() and len(r["answer"]) <= 80
-        rows.append(case(r["gold"], r["answer"], expected, r["source"], "peer-suite", note=note,
-                         form=form or ("answer" if bare else "completion")))
+        row = case(r["gold"], r["answer"], expected, r["source"], "peer-suite", note=note,
+                   form=form or ("answer" if bare else "completion"))
+        rows.append({**row, "suite_verdict": r["suite_verdict"]})
     for gold, answer, correct, where in PEER_ANSWERS:
         rows.append(case(gold, answer, "correct" if correct else "wrong", where, "peer-grader", form="answer"))
     for gold, answer, expected, rule in HAND:
