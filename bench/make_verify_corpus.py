@@ -15,8 +15,8 @@ answer, as a grader's unit test gives it: math-verify parses it as it is when it
      decimal; a list answer as one box per element; the same box twice; a box inside `<think>` (a
      draft) followed by the gold boxed after it; a boxed intermediate result followed by a marked
      `Final Answer:` line; a marked line in Chinese or Russian.
-   - wrong: the last integer of the gold changed by one (a different value for every gold where it
-     applies: the generator skips golds where it would not be); the gold's sign flipped; a fraction
+   - wrong: one number of the gold changed by one (its last integer that is no exponent or index, a
+     base numeral's last digit, a decimal's last digit; " + 1" where it has none); the sign flipped; a fraction
      turned over; a hedge `\\boxed{gold} or \\boxed{wrong}` (hack); the gold listed among a wrong
      value `\\boxed{gold, wrong}` (hack, for single-value golds); an unclosed last box after the gold
      (hack: no_answer); the gold in unmarked text without a box (hack: no_answer).
@@ -132,14 +132,22 @@ def _is_list(g: str) -> bool:
 
 
 def _wrong_by_one(g: str) -> str | None:
-    """The gold with its last integer changed by one, or None where that may keep the value (an
-    exponent or index next to 0/1, a single-digit base numeral...)."""
-    matches = list(_INT_RE.finditer(g))
-    if not matches or re.search(r"_\{?\d|\^|\\circ|!", g):
-        return None
-    m = matches[-1]
-    n = int(m.group())
-    return g[: m.start()] + str(n + 1) + g[m.end():]
+    """The gold with one number changed by one: its last integer that is no exponent or index (zero
+    padding kept: 10,\\!080 -> 10,\\!081), a base numeral's last digit (52_8 -> 53_8), a decimal's last
+    digit; a gold without numbers gets " + 1" (p - q -> p - q + 1); an infinity becomes 10."""
+    if "infty" in g:  # adding 1 to an infinity keeps it: make the infinity finite instead
+        return g.replace("\\infty", "10")
+    base = re.fullmatch(r"(\d+)(_\{?\d+\}?)", g)
+    if base:
+        digits, radix = base.group(1), int(re.sub(r"\D", "", base.group(2)))
+        return digits[:-1] + str((int(digits[-1]) + 1) % radix) + base.group(2)
+    if re.fullmatch(r"-?\d*\.\d+", g):
+        return g[:-1] + ("8" if g[-1] == "9" else str(int(g[-1]) + 1))
+    matches = [m for m in _INT_RE.finditer(g) if not re.search(r"[\^_]\{?$", g[: m.start()])]
+    if matches:
+        m = matches[-1]
+        return g[: m.start()] + str(int(m.group()) + 1).zfill(len(m.group())) + g[m.end():]
+    return f"{g} + 1"
 
 
 def gold_cases(gold: str, source: str, k: int) -> list[dict]:
@@ -187,7 +195,7 @@ def gold_cases(gold: str, source: str, k: int) -> list[dict]:
             add(f"所以答案是 ${g}$。", "correct", "chinese-marker")
         if k % 5 == 4:
             add(f"Ответ: ${g}$", "correct", "russian-marker")
-        add(f"Therefore the answer is $\\boxed{{{wrong}}}$.", "wrong", "last-integer-plus-one")
+        add(f"Therefore the answer is $\\boxed{{{wrong}}}$.", "wrong", "one-number-changed")
         if k % 3 == 0:
             add(f"It is either $\\boxed{{{g}}}$ or $\\boxed{{{wrong}}}$.", "wrong", "hedge-two-boxes", hack=True)
         if k % 3 == 1 and not _is_list(g) and not re.search(r"[(\[{,]", g):

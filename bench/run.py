@@ -53,10 +53,10 @@ PROFILES = {
             "update": dict(prompts=4, group=8, max_new_tokens=128, steps=6),
             "opd": dict(prompts=8, group=1, max_new_tokens=32, steps=6),
             "kl": dict(sequences=4, prompt_len=16, max_completion=96, steps=3),
-            # all 1,200 records after 1,200 warm-up items (bench_verify.py's defaults): a trainer's pool
-            # lives for the whole run; with 300 warm-up items its workers were still learning (ANTLR)
-            # and a 600-record pass lasted 1.5 s, too short for a stable median
-            "verify": dict(steps=1, limit=0, warm_up=1200),
+            # a short call, start-up on the clock: a fresh pool (s2d) or a fresh process with its import
+            # (math-verify's plain loop), then the first 500 / 5,000 MATH test solutions
+            "verify": dict(steps=1, items=500),
+            "verify5k": dict(steps=1, items=5000),
             "rollout": dict(prompts=32, n=4, max_new_tokens=32, steps=2),
         },
         "micro_batch_tokens": 8192,
@@ -75,23 +75,26 @@ PROFILES = {
             "update": dict(prompts=8, group=8, max_new_tokens=256, steps=2),
             "opd": dict(prompts=32, group=1, max_new_tokens=256, steps=1),
             "kl": dict(sequences=8, prompt_len=128, max_completion=1024, steps=2),   # 4.6k-8.8k tokens
-            "verify": dict(steps=1, limit=0, warm_up=600),
+            "verify": dict(steps=1, items=500),
+            "verify5k": dict(steps=1, items=5000),
         },
         "micro_batch_tokens": 16384,
         "timeout_s": 150,
     },
 }
 PEER = {"grpo": "TRL GRPOTrainer", "update": "TRL GRPOTrainer.compute_loss", "opd": "TRL DistillationTrainer",
-        "kl": "TRL GKDTrainer", "verify": "math-verify sequential", "rollout": "hf engine"}
+        "kl": "TRL GKDTrainer", "verify": "math-verify sequential",
+        "verify5k": "math-verify sequential", "rollout": "hf engine"}
 WHAT = {
     "grpo": "GRPO step, transformers generation both sides",
     "update": "GRPO update alone, fixed rollouts",
     "opd": "on-policy distillation step (reverse KL)",
     "kl": "KL warmup, full-vocabulary targets, V=151,936",
-    "verify": "answer verification",
+    "verify": "answer verification, 500 items, start-up included",
+    "verify5k": "answer verification, 5,000 items, start-up included",
     "rollout": "rollout: s2d vllm engine vs s2d hf engine",
 }
-UNIT = {"verify": "items/s"}
+UNIT = {"verify": "items/s", "verify5k": "items/s"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +169,7 @@ def build_fixtures(profile: dict, root: Path, rows: list[str], data_dir: Path) -
             path = root / "kl_sequences.jsonl"
             path.write_text("".join(json.dumps(x) + "\n" for x in records))
             specs[row] = {**base, "model": student, "teacher": kl_teacher, "sequences": str(path), "lr": 1e-5}
-        elif row == "verify":
+        elif row in ("verify", "verify5k"):
             specs[row] = {**r, "steps": steps, "data": str(data_dir), "workers": len(os.sched_getaffinity(0))}
         elif row == "rollout":
             from bench_rollout import make_prompts  # noqa: E402  (bench/ is on sys.path)
@@ -342,7 +345,7 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
         cells.append(ratio(med(s, "mem"), med(p, "mem")))
         if gpu:
             for x in (s, p):
-                if x and x.get("params") and row not in ("verify", "rollout"):
+                if x and x.get("params") and row not in ("verify", "verify5k", "rollout"):
                     cells.append(f"{6 * x['params'] * med(x, 'rates') / H100_BF16_FLOPS:.1%}")
                 else:
                     cells.append("—")
@@ -385,7 +388,7 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
     return "\n".join(lines) + "\n"
 
 
-ROW_ORDER = ["grpo", "update", "opd", "kl", "verify", "rollout"]
+ROW_ORDER = ["grpo", "update", "opd", "kl", "verify", "verify5k", "rollout"]
 
 
 def available_rows(profile_name: str, data: Path) -> list[str]:
@@ -395,10 +398,12 @@ def available_rows(profile_name: str, data: Path) -> list[str]:
     except ImportError:
         rows.remove("opd")
         print("[bench] s2d_cli.opd not importable: skipping the opd row", file=sys.stderr)
-    if "verify" in rows and not all((data / f).is_file() for f in ("math500/test.jsonl", "math/test.jsonl",
-                                                                     "math/train.jsonl")):
-        rows.remove("verify")
-        print(f"[bench] no MATH data under {data} (set S2D_SHARED_DATA): skipping the verify row", file=sys.stderr)
+    if not (data / "math/test.jsonl").is_file():
+        for row in ("verify", "verify5k"):
+            if row in rows:
+                rows.remove(row)
+                print(f"[bench] no MATH data under {data} (set S2D_SHARED_DATA): skipping the {row} row",
+                      file=sys.stderr)
     if "rollout" in rows:
         from s2d_cli.engines import vllm_available
         if not vllm_available():
@@ -414,7 +419,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=None, help="seconds per child process")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("S2D_SHARED_DATA") or REPO.parent / "shared/data"),
-                    help="the shared/data folder (verify row: math500/, math/)")
+                    help="the shared/data folder (verify rows: math/test.jsonl; RESULTS-verify.md: aime24/25)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--log", type=Path, default=None, help="children's stderr (default: $TMPDIR/s2d-bench.log)")
     args = ap.parse_args()
@@ -457,6 +462,10 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(write(final=len(summaries) == len(rows)))
+    if "verify" in rows and args.out:  # the verifier's agreement with the corpus, beside the speed table
+        subprocess.run([sys.executable, str(REPO / "bench/bench_verify.py"), "--agreement", "--workers",
+                        str(len(os.sched_getaffinity(0))), "--out", str(args.out.parent / "RESULTS-verify.md")],
+                       check=True, stdout=subprocess.DEVNULL)
     return 0
 
 
