@@ -140,7 +140,7 @@ def run(cfg: EvalConfig) -> dict:
                                 force=cfg.force)
         if writer.complete:
             metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
-            print_metrics(cu.console, metrics)
+            _print_metrics(metrics)
             print(cfg.out)
             return metrics
     # the pool's zygote imports math-verify while the model loads and samples
@@ -162,8 +162,7 @@ def run(cfg: EvalConfig) -> dict:
     # with this command's defaults
     metrics["sampling"] = ({k: made[k] for k in keys if k in made} or None) if cfg.rollouts is not None \
         else {k: getattr(cfg, k) for k in keys}
-    print_metrics(cu.console, metrics)
-    cu.console.print("verdicts: " + rates_line(metrics["verdict_rates"]), soft_wrap=True)
+    _print_metrics(metrics)
     if writer is None:
         print(json.dumps(metrics, indent=2))
         return metrics
@@ -171,6 +170,13 @@ def run(cfg: EvalConfig) -> dict:
     writer.commit(extra={"accuracy": metrics["accuracy"], "num_prompts": metrics["num_prompts"]})
     print(cfg.out)
     return metrics
+
+
+def _print_metrics(metrics: dict) -> None:
+    """The table, then the verdict rates (an eval written before they existed has none)."""
+    print_metrics(cu.console, metrics)
+    if "verdict_rates" in metrics:
+        cu.console.print("verdicts: " + rates_line(metrics["verdict_rates"]), soft_wrap=True)
 
 
 def _made_with(source: str) -> dict:
