@@ -13,8 +13,8 @@ directly only on text you trust to parse quickly (math-verify has no usable time
 
 What the answer is (`GradingRules`; each rule is the config key `grade_<rule>` of verify, eval, grpo
 and opd, recorded in their manifests; the old behaviour is one `--set` away):
-- The answer part is the text after the last `</think>` when there is one (a reasoning model's boxes
-  inside its thinking are drafts), else the whole completion.
+- With `boxes="all"`, the answer part is the text after the last `</think>` when there is one (a
+  reasoning model's boxes inside its thinking are drafts), else the whole completion.
 - `boxes="all"`: every `\\boxed{}` / `\\fbox{}` counts. Boxes that say the same thing are one answer;
   different ones are read together as one list ("a, b, c"), right only when the gold is that list —
   so `\\boxed{3} or \\boxed{4}`, two contradicting boxes, or a list that contains the gold among wrong
@@ -25,9 +25,12 @@ and opd, recorded in their manifests; the old behaviour is one `--set` away):
 - `final_line=True`: a clearly marked final-answer line after the last box replaces it (a boxed
   intermediate result, then "Final Answer: 5"). `FINAL_MARKERS` lists the markers: "Final Answer",
   "The answer is", "Answer:", and their Chinese, Japanese, Korean, Russian, French, Spanish,
-  Portuguese, German and Italian forms. The last marker of the text counts; its answer is the last
-  `$...$` / `\\(...\\)` / `\\[...\\]` of its line (the next line when the marker ends its line), else
-  the line's text; `**bold**` is removed.
+  Portuguese, German and Italian forms, GSM8K's `####`, and a line that starts with "Answer". The
+  last marker that gives an answer counts; its answer is read from the first sentence after it (the
+  next line when the marker ends its line; a display `\\[...\\]` opened on it, to its end): the text
+  after its last " is " or " = " ("The largest $n$ is 34", "面积 = 72000 / 18 = 4000"), its `$...$` / `\\(...\\)` /
+  `\\[...\\]` math (several: their list), a number followed by words ("18 dollars"), a trailing
+  number, the only number among words; `**bold**` is removed. Two numbers among words are no answer.
 - `no_box="marked"`: with no box, the answer is that marked line's; no marker, `no_answer` (so a
   completion cannot score by scattering numbers for a whole-text search to find). `no_box="search"`:
   math-verify's own extraction over the whole text, as before.
@@ -573,8 +576,8 @@ _TRAILING_NUMBER_RE = re.compile(r"(?<![A-Za-z0-9.,])([-+]?\d[\d,]*(?:\.\d+)?(?:
 
 
 def _line_answer(content: str) -> str | None:
-    """The answer in a final-answer line's first sentence: what follows its last " is " outside math
-    ("The largest $n$ is 34"), then its math spans (several: their list), a leading number followed
+    """The answer in a final-answer line's first sentence: what follows its last " is " / " = " outside
+    math ("The largest $n$ is 34"), then its math spans (several: their list), a leading number followed
     by words ("18 dollars"), a trailing number ("计划的比例为13/28"), the only number among words, else
     the text itself when it looks like an answer (a number, a formula, a short word). Two numbers in
     words ("220 $ within 12 months") are no answer: which one is meant is a guess."""
