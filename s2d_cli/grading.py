@@ -24,8 +24,8 @@ and opd, recorded in their manifests; the old behaviour is one `--set` away):
   before it; an empty `\\boxed{}` too.
 - `final_line=True`: a clearly marked final-answer line after the last box replaces it (a boxed
   intermediate result, then "Final Answer: 5"). `FINAL_MARKERS` lists the markers: "Final Answer",
-  "The answer is", "Answer:", and their Chinese, Japanese, Korean, Russian, French, Spanish,
-  Portuguese, German and Italian forms, GSM8K's `####`, and a line that starts with "Answer". The
+  "The answer is", a line that starts with "Answer", and their Chinese, Japanese, Korean, Russian, French, Spanish,
+  Portuguese, German and Italian forms, and GSM8K's `####`. A word does not replace a box. The
   last marker that gives an answer counts; its answer is read from the first sentence after it (the
   next line when the marker ends its line; a display `\\[...\\]` opened on it, to its end): the text
   after its last " is " or " = " ("The largest $n$ is 34", "面积 = 72000 / 18 = 4000"), its `$...$` / `\\(...\\)` /
@@ -517,8 +517,7 @@ def _same(gold_text: str, pred_text: str, pred_parsed: list | None = None,
 FINAL_MARKERS = (
     r"final\s+answer(?:\s+is)?",      # Final Answer: 5 / The final answer is $5$ / **Final Answer**
     r"the\s+answer\s+is",             # The answer is 18.
-    r"\banswer\s*[:：]",               # Answer: 18
-    r"^[\s*#]*answer\b",               # a line that starts with "Answer" (then the answer, or a display)
+    r"^[\s*#>-]*answer\b",             # a line that starts with "Answer" ("Answer: 18", "**Answer**", a display)
     r"^\s*####",                       # GSM8K's "#### 18"
     r"最终答案(?:是|为|為)?",            # Chinese
     r"答案(?:是|为|為)?",
@@ -627,7 +626,8 @@ def extract(completion: str, rules: GradingRules = DEFAULT_RULES) -> _Extracted:
     final = _final_line(text) if (rules.final_line or rules.no_box == "marked") else None
     if boxes:
         last_box_end = _last_box_end(text)
-        if rules.final_line and final is not None and final[0] > last_box_end:
+        # a word ("so our answer: ... is correct") does not replace a box; a number or formula does
+        if rules.final_line and final is not None and final[0] > last_box_end and re.search(r"[\d\\]", final[1]):
             return _Extracted(answers=(final[1],))
         if rules.boxes == "last":
             return _Extracted(answers=(boxes[-1],) if boxes[-1] else ())
