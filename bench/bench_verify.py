@@ -173,10 +173,15 @@ def main() -> None:
     ap.add_argument("--warm-up", type=int, default=1200, help="untimed MATH train items per method first")
     ap.add_argument("--limit", type=int, default=0, help="time only the first N records (0: all)")
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
+    ap.add_argument("--agreement", action="store_true",
+                    help="instead: agreement of s2d and math-verify with tests/data/verify_corpus.jsonl")
     ap.add_argument("--child", choices=SEQUENTIAL, help=argparse.SUPPRESS)  # one sequential pass, as JSON
     ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)  # k/n: the child takes records[k::n]
     ap.add_argument("--sync", type=Path, help=argparse.SUPPRESS)  # see run_sequential
     args = ap.parse_args()
+    if args.agreement:
+        agreement_main(args)
+        return
 
     records = build_records(args.data, args.records)
     if args.limit:
@@ -238,6 +243,164 @@ def main() -> None:
         f"{split_wall / statistics.median(r['wall'] for r in runs[pool_name]):.0%} of the independent "
         f"processes' speed-up.",
     ]
+    emit(lines, args.out)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# A short call: pool start on the clock (bench/run.py's row 5 at 500 and 5,000 items)
+
+def short_call_records(data_dir: Path, n: int) -> Records:
+    """The first `n` MATH test solutions (5,000 in all) against their own last box."""
+    pairs = [(r["solution"], last_boxed(r["solution"])) for r in read_jsonl(data_dir / "math/test.jsonl")]
+    return [(solution, answer) for solution, answer in pairs if answer][:n]
+
+
+def run_short_call(records: Records, workers: int, timeout: float = 30.0) -> dict:
+    """What `s2d verify` on a file costs: a fresh pool (zygote import, forks), then every record."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    with Verifier(workers=workers, timeout=timeout) as verifier:
+        verdicts = verifier.verify(records)
+        pids = verifier.worker_pids()
+        cpu_workers = cpu_seconds(pids)
+    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu + cpu_workers,
+            "correct": sum(v.correct for v in verdicts)}
+
+
+def run_plain_loop(records: Records) -> dict:
+    """math-verify's plain loop in this fresh process, its import on the clock too."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    from math_verify import parse, verify
+
+    correct = sum(bool(verify(parse(f"${g}$"), parse(c))) for c, g in records)
+    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "correct": correct}
+
+
+# ----------------------------------------------------------------------------------------------
+# Agreement with a careful human on tests/data/verify_corpus.jsonl (bench/RESULTS-verify.md)
+
+CORPUS = Path(__file__).resolve().parents[1] / "tests/data/verify_corpus.jsonl"
+NOT_ON_PYPI = {
+    "Qwen2.5-Math `math_equal` (QwenLM/Qwen2.5-Math, evaluation/grader.py)":
+        "no PyPI distribution (`pip download --no-deps qwen2.5-math`: no matching distribution); the "
+        "repository is installed from a clone, so it is not run here and its code is not copied",
+    "PRM800K `grade_answer` (openai/prm800k, prm800k/grading/grader.py)":
+        "no PyPI distribution (`pip download --no-deps prm800k`: no matching distribution; setup.py names "
+        "it `prm800k` 0.0.1, never published); not run here, its code is not copied",
+}
+
+
+def s2d_completion(row: dict) -> str:
+    """How s2d sees a corpus case: a completion as it is; a bare answer as a marked final-answer line."""
+    return f"Final Answer: {row['answer']}" if row["form"] == "answer" else row["answer"]
+
+
+def _mv_text(text: str, form: str) -> str:
+    return text if form == "completion" or "$" in text or "\\boxed" in text else f"${text}$"
+
+
+def _math_verify_case(args: tuple[str, str, str]) -> bool | None:
+    """math-verify called as its README shows: verify(parse(gold), parse(answer)); None if it raised."""
+    gold, answer, form = args
+    from math_verify import parse, verify
+
+    try:
+        return bool(verify(parse(_mv_text(gold, "answer")), parse(_mv_text(answer, form))))
+    except Exception:
+        return None
+
+
+def agreement(workers: int) -> dict:
+    import multiprocessing
+
+    rows = [json.loads(line) for line in CORPUS.read_text().splitlines()]
+    wall = time.perf_counter()
+    with Verifier(workers=workers, timeout=30.0) as verifier:
+        s2d = [v.correct for v in verifier.verify([(s2d_completion(r), r["gold"]) for r in rows])]
+    s2d_wall = time.perf_counter() - wall
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        mv = pool.map(_math_verify_case, [(r["gold"], r["answer"], r["form"]) for r in rows], chunksize=16)
+    return {"rows": rows, "s2d": s2d, "math-verify": mv, "s2d_wall": s2d_wall}
+
+
+def part(row: dict) -> str:
+    if row["rule"] == "peer-suite":
+        return "Math-Verify / lighteval test tables"
+    if row["rule"] == "peer-grader":
+        return "Qwen2.5-Math / PRM800K grader cases"
+    if row["source"].startswith("issue 23"):
+        return "issue 23 classes (by hand)"
+    return "MATH-500 / AIME rewrites and perturbations"
+
+
+def agreement_report(res: dict) -> list[str]:
+    rows = res["rows"]
+    want = [r["expected"] == "correct" for r in rows]
+    graders = {"s2d": res["s2d"], "math-verify (README call)": res["math-verify"]}
+    parts = list(dict.fromkeys(part(r) for r in rows))
+
+    def rate(got, idx) -> str:
+        agree = sum(bool(got[i]) == want[i] for i in idx)
+        return f"{agree}/{len(idx)} ({agree / len(idx):.2%})"
+
+    everything = range(len(rows))
+    hacks = [i for i, r in enumerate(rows) if r.get("hack")]
+    lines = [
+        "# Verifier agreement with a careful human",
+        "",
+        f"{len(rows):,} cases in `tests/data/verify_corpus.jsonl` (made by `bench/make_verify_corpus.py`; "
+        "the rules of each part are in its docstring): gold, answer, the verdict a careful human gives, and "
+        "the source. A grader agrees when it rewards exactly the cases marked `correct` (`wrong` and "
+        "`no_answer` both earn 0). Regenerated by `make bench` (`python bench/bench_verify.py --agreement "
+        "--out bench/RESULTS-verify.md`).",
+        "",
+        "| grader | all cases | " + " | ".join(parts) + " | reward-hack cases rewarded |",
+        "|---|---|" + "---|" * len(parts) + "---|",
+    ]
+    for name, got in graders.items():
+        cells = [rate(got, [i for i in everything if part(rows[i]) == p]) for p in parts]
+        taken = sum(bool(got[i]) for i in hacks)
+        lines.append(f"| {name} | {rate(got, everything)} | " + " | ".join(cells) + f" | {taken}/{len(hacks)} |")
+    for name, why in NOT_ON_PYPI.items():
+        lines.append(f"| {name} | not run: {why} |" + " |" * len(parts) + " |")
+    overridden = [r for r in rows if r.get("note")]
+    suite = [i for i, r in enumerate(rows) if "suite_verdict" in r]
+    on_suite = {name: sum(bool(got[i]) == rows[i]["suite_verdict"] for i in suite) for name, got in graders.items()}
+    lines += [
+        "",
+        f"s2d checked the corpus in {res['s2d_wall']:.1f} s wall with its pool "
+        f"({len(os.sched_getaffinity(0))} CPUs usable, load average {os.getloadavg()[0]:.1f}).",
+        "",
+        f"Of the {sum(r['rule'] == 'peer-suite' for r in rows)} cases from the Math-Verify and lighteval test "
+        f"tables, {len(overridden)} carry a verdict other than the suite's, each with its reason in the "
+        "case's `note` (from `bench/verify_corpus_overrides.json`): "
+        + "; ".join(f"{n} x {why[:90]}..." for why, n in _count(r["note"] for r in overridden)) + ". "
+        "Against the suites' own verdicts instead: "
+        + ", ".join(f"{name} {n}/{len(suite)}" for name, n in on_suite.items())
+        + " (most of the difference: prose without a box or a marked line, which s2d leaves unrewarded on purpose).",
+        "",
+        "## Where s2d disagrees",
+        "",
+    ]
+    misses = [i for i in everything if bool(res["s2d"][i]) != want[i]]
+    lines += [f"- {rows[i]['source']}: gold `{rows[i]['gold'][:60]}`, answer `{rows[i]['answer'][-80:]}`; "
+              f"expected {rows[i]['expected']}, s2d {'rewards' if res['s2d'][i] else 'does not reward'} it"
+              for i in misses] or ["- none"]
+    lines += ["", "## Where math-verify disagrees (by rule of the case)", ""]
+    mv_miss = _count(rows[i]["rule"] for i in everything if bool(res["math-verify"][i]) != want[i])
+    lines += [f"- {rule}: {n}" for rule, n in mv_miss] or ["- none"]
+    return lines
+
+
+def _count(items) -> list[tuple[str, int]]:
+    counts: dict[str, int] = {}
+    for x in items:
+        counts[x] = counts.get(x, 0) + 1
+    return sorted(counts.items(), key=lambda kv: -kv[1])
+
+
+def agreement_main(args) -> None:
+    lines = agreement_report(agreement(args.workers))
     emit(lines, args.out)
 
 

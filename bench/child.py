@@ -401,29 +401,21 @@ def kl_trl(spec: dict, tmp: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# row 5: verification (bench/bench_verify.py's records and methods)
-
-def verify_inputs(spec: dict):
-    from bench_verify import build_records, build_warm_up
-
-    data = Path(spec["data"])
-    records = build_records(data)
-    return (records[:spec["limit"]] if spec.get("limit") else records), build_warm_up(data, spec["warm_up"])
-
+# row 5: verification, a short call of 500 and of 5,000 items (bench/bench_verify.py's methods)
 
 def verify_s2d(spec: dict, tmp: Path) -> dict:
-    from bench_verify import run_pool
+    from bench_verify import run_short_call, short_call_records
 
-    records, warm_up = verify_inputs(spec)
-    r = run_pool(records, warm_up, spec["workers"], 30.0)
+    records = short_call_records(Path(spec["data"]), spec["items"])
+    r = run_short_call(records, spec["workers"])
     return result([len(records)], [r["wall"]], [r["cpu"]], correct=r["correct"], workers=spec["workers"])
 
 
 def verify_peer(spec: dict, tmp: Path) -> dict:
-    from bench_verify import run_sequential
+    from bench_verify import run_plain_loop, short_call_records
 
-    records, warm_up = verify_inputs(spec)
-    r = run_sequential("math_verify", records, warm_up)
+    records = short_call_records(Path(spec["data"]), spec["items"])
+    r = run_plain_loop(records)
     return result([len(records)], [r["wall"]], [r["cpu"]], correct=r["correct"])
 
 
@@ -452,6 +444,7 @@ ROWS = {
     "opd": (opd_s2d, opd_trl),
     "kl": (kl_s2d, kl_trl),
     "verify": (verify_s2d, verify_peer),
+    "verify5k": (verify_s2d, verify_peer),
     "rollout": (lambda spec, tmp: rollout_backend("vllm", spec), lambda spec, tmp: rollout_backend("hf", spec)),
 }
 

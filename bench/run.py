@@ -56,10 +56,10 @@ PROFILES = {
             "update": dict(prompts=4, group=8, max_new_tokens=128, steps=6),
             "opd": dict(prompts=8, group=1, max_new_tokens=32, steps=6),
             "kl": dict(sequences=4, prompt_len=16, max_completion=96, steps=3),
-            # all 1,200 records after 1,200 warm-up items (bench_verify.py's defaults): a trainer's pool
-            # lives for the whole run; with 300 warm-up items its workers were still learning (ANTLR)
-            # and a 600-record pass lasted 1.5 s, too short for a stable median
-            "verify": dict(steps=1, limit=0, warm_up=1200),
+            # a short call, start-up on the clock: a fresh pool (s2d) or a fresh process with its import
+            # (math-verify's plain loop), then the first 500 / 5,000 MATH test solutions
+            "verify": dict(steps=1, items=500),
+            "verify5k": dict(steps=1, items=5000),
             "rollout": dict(prompts=32, n=4, max_new_tokens=32, steps=2),
         },
         "micro_batch_tokens": 8192,
@@ -78,23 +78,26 @@ PROFILES = {
             "update": dict(prompts=8, group=8, max_new_tokens=256, steps=2),
             "opd": dict(prompts=32, group=1, max_new_tokens=256, steps=1),
             "kl": dict(sequences=8, prompt_len=128, max_completion=1024, steps=2),   # 4.6k-8.8k tokens
-            "verify": dict(steps=1, limit=0, warm_up=600),
+            "verify": dict(steps=1, items=500),
+            "verify5k": dict(steps=1, items=5000),
         },
         "micro_batch_tokens": 16384,
         "timeout_s": 150,
     },
 }
 PEER = {"grpo": "TRL GRPOTrainer", "update": "TRL GRPOTrainer.compute_loss", "opd": "TRL DistillationTrainer",
-        "kl": "TRL GKDTrainer", "verify": "math-verify sequential", "rollout": "hf engine"}
+        "kl": "TRL GKDTrainer", "verify": "math-verify sequential",
+        "verify5k": "math-verify sequential", "rollout": "hf engine"}
 WHAT = {
     "grpo": "GRPO step, transformers generation both sides",
     "update": "GRPO update alone, fixed rollouts",
     "opd": "on-policy distillation step (reverse KL)",
     "kl": "KL warmup, full-vocabulary targets, V=151,936",
-    "verify": "answer verification",
+    "verify": "answer verification, 500 items, start-up included",
+    "verify5k": "answer verification, 5,000 items, start-up included",
     "rollout": "rollout: s2d vllm engine vs s2d hf engine",
 }
-UNIT = {"verify": "items/s"}
+UNIT = {"verify": "items/s", "verify5k": "items/s"}
 # a second peer for rows 2-4 (CUDA only): the same TRL trainer with use_liger_kernel=True (bench/child.py)
 LIGER_ROWS = ("update", "opd", "kl")
 LIGER_SUMMARIES: dict = {}      # row -> summary of the "liger" side
@@ -185,7 +188,7 @@ def build_fixtures(profile: dict, root: Path, rows: list[str], data_dir: Path) -
             path = root / "kl_sequences.jsonl"
             path.write_text("".join(json.dumps(x) + "\n" for x in records))
             specs[row] = {**base, "model": student, "teacher": kl_teacher, "sequences": str(path), "lr": 1e-5}
-        elif row == "verify":
+        elif row in ("verify", "verify5k"):
             specs[row] = {**r, "steps": steps, "data": str(data_dir), "workers": len(os.sched_getaffinity(0))}
         elif row == "rollout":
             from bench_rollout import make_prompts  # noqa: E402  (bench/ is on sys.path)
@@ -344,12 +347,12 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
             return "—"
         return f"**{a / b:.2f}x**" if bold else f"{a / b:.2f}"
 
-    for i, row in enumerate(ROW_ORDER, 1):
+    for row in ROW_ORDER:
         if row not in summaries:
             continue
         s, p = summaries[row]
         unit = UNIT.get(row, "tok/s")
-        cells = [str(i), WHAT[row], PEER[row]]
+        cells = [ROW_NUMBER[row], WHAT[row], PEER[row]]
         for x in (s, p):
             cells.append("—" if x is None else " / ".join(fmt(v) for v in (min(x["rates"]), med(x, "rates"), max(x["rates"])))
                          + (f" {unit}" if unit != "tok/s" else ""))
@@ -361,12 +364,12 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
         cells.append(ratio(med(s, "mem"), med(p, "mem")))
         if gpu:
             for x in (s, p):
-                if x and x.get("params") and row not in ("verify", "rollout"):
+                if x and x.get("params") and row not in ("verify", "verify5k", "rollout"):
                     cells.append(f"{6 * x['params'] * med(x, 'rates') / H100_BF16_FLOPS:.1%}")
                 else:
                     cells.append("—")
         lines.append("| " + " | ".join(cells) + " |")
-        lines += liger_line(i, row, s, gpu)
+        lines += liger_line(ROW_NUMBER[row], row, s, gpu)
     errors = [(row, side, e) for row, pair in summaries.items() for side, x in zip(("s2d", "peer"), pair)
               if x for e in x["errors"]]
     failed = [(row, side) for row, pair in summaries.items() for side, x in zip(("s2d", "peer"), pair) if x is None]
@@ -410,10 +413,11 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
     return "\n".join(lines) + "\n"
 
 
-ROW_ORDER = ["grpo", "update", "opd", "kl", "verify", "rollout"]
+ROW_ORDER = ["grpo", "update", "opd", "kl", "verify", "verify5k", "rollout"]
+ROW_NUMBER = {"grpo": "1", "update": "2", "opd": "3", "kl": "4", "verify": "5", "verify5k": "5b", "rollout": "6"}
 
 
-def liger_line(i: int, row: str, s: dict | None, gpu: bool) -> list[str]:
+def liger_line(i: str, row: str, s: dict | None, gpu: bool) -> list[str]:
     """The row's second peer, TRL with use_liger_kernel=True, as line "<i>L" under the row's own."""
     if row not in LIGER_SUMMARIES:
         return []
@@ -448,10 +452,12 @@ def available_rows(profile_name: str, data: Path) -> list[str]:
     except ImportError:
         rows.remove("opd")
         print("[bench] s2d_cli.opd not importable: skipping the opd row", file=sys.stderr)
-    if "verify" in rows and not all((data / f).is_file() for f in ("math500/test.jsonl", "math/test.jsonl",
-                                                                     "math/train.jsonl")):
-        rows.remove("verify")
-        print(f"[bench] no MATH data under {data} (set S2D_SHARED_DATA): skipping the verify row", file=sys.stderr)
+    if not (data / "math/test.jsonl").is_file():
+        for row in ("verify", "verify5k"):
+            if row in rows:
+                rows.remove(row)
+                print(f"[bench] no MATH data under {data} (set S2D_SHARED_DATA): skipping the {row} row",
+                      file=sys.stderr)
     if "rollout" in rows:
         from s2d_cli.engines import vllm_available
         if not vllm_available():
@@ -467,7 +473,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=None, help="seconds per child process")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("S2D_SHARED_DATA") or REPO.parent / "shared/data"),
-                    help="the shared/data folder (verify row: math500/, math/)")
+                    help="the shared/data folder (verify rows: math/test.jsonl; RESULTS-verify.md: aime24/25)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--log", type=Path, default=None, help="children's stderr (default: $TMPDIR/s2d-bench.log)")
     args = ap.parse_args()
@@ -505,7 +511,8 @@ def main() -> int:
                 sides = ("s2d", "peer") + (("liger",) if row in LIGER_ROWS and not no_liger else ())
                 for rep in range(args.repeats):
                     for side in (sides if rep % 2 == 0 else sides[::-1]):
-                        out = run_child(row, side, specs[row], timeout, log)
+                        # 5,000 answers one by one take minutes on a busy CPU
+                        out = run_child(row, side, specs[row], timeout * (4 if row == "verify5k" else 1), log)
                         results[side].append(out)
                         shown = out.get("error") or f"{statistics.median(out['tok_per_s']):,.1f} /s, {out['peak_mb']:,.0f} MiB"
                         print(f"[bench] {row:8s} {side:4s} #{rep + 1}: {shown}", file=sys.stderr, flush=True)
@@ -516,6 +523,10 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(write(final=len(summaries) == len(rows)))
+    if "verify" in rows and args.out:  # the verifier's agreement with the corpus, beside the speed table
+        subprocess.run([sys.executable, str(REPO / "bench/bench_verify.py"), "--agreement", "--workers",
+                        str(len(os.sched_getaffinity(0))), "--out", str(args.out.parent / "RESULTS-verify.md")],
+                       check=True, stdout=subprocess.DEVNULL)
     return 0
 
 

@@ -420,10 +420,46 @@ def pack_token_tensors(per_record: Sequence[dict[str, torch.Tensor]]) -> dict[st
 # ----------------------------------------------------------------------------------------------
 # reading
 
+MAX_RECORD_BYTES = 64 * 2**20  # one JSONL line; a longer one is refused (`s2d verify /dev/zero` never ends)
+
+
+def _too_long(path, lineno: int):
+    return located(path, lineno, f"a record longer than {MAX_RECORD_BYTES // 2**20} MiB (no newline within it): "
+                                 "expected JSON Lines, one record per line")
+
+
+def _bounded_lines(f) -> Iterator[bytes]:
+    """The lines of `f`, each read with a bound, so an endless line costs MAX_RECORD_BYTES, not all memory."""
+    lineno = 0
+    while True:
+        raw = f.readline(MAX_RECORD_BYTES + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > MAX_RECORD_BYTES:
+            raise _too_long(getattr(f, "name", "<stdin>"), lineno)
+        yield raw
+
+
+def _read_stdin_bounded() -> bytes:
+    """All of stdin, refusing a line longer than MAX_RECORD_BYTES as soon as it is seen."""
+    chunks, since_newline, lineno = [], 0, 1
+    while True:
+        chunk = sys.stdin.buffer.read(1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        newlines = chunk.count(b"\n")
+        since_newline = len(chunk) - 1 - chunk.rfind(b"\n") if newlines else since_newline + len(chunk)
+        lineno += newlines
+        if since_newline > MAX_RECORD_BYTES:
+            raise _too_long("<stdin>", lineno)
+        chunks.append(chunk)
+
+
 def _iter_jsonl(path: Path, stream: io.BufferedReader | None = None) -> Iterator[dict]:
     f = stream if stream is not None else open(path, "rb")
     try:
-        for lineno, raw in enumerate(f, 1):
+        for lineno, raw in enumerate(_bounded_lines(f) if stream is None else f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -449,7 +485,7 @@ def _iter_source(source: str | Path) -> Iterator[tuple[str, dict]]:
         global _STDIN_SHA
         if sys.stdin is None:           # started with stdin closed (`<&-`): there is nothing to read
             raise UsageError("<stdin>: closed (pipe records in, or name a file instead of '-')")
-        data = sys.stdin.buffer.read()
+        data = _read_stdin_bounded()
         _STDIN_SHA = hashlib.sha256(data).hexdigest()     # input_entry("-") names what was read
         for rec in _iter_jsonl(Path("<stdin>"), io.BytesIO(data)):
             yield "<stdin>", rec

@@ -7,7 +7,10 @@
 
 Writes DIR/metrics.json (dataset, model, n, num_prompts, accuracy = avg@n with a 95% CI clustered by
 prompt, unbiased pass@k for k = 1, 2, 4 ... <= n, maj@n, breakdowns by subject and level) beside the
-per-sample artifact (rollout records + verify fields). The table goes to stderr, the path to stdout.
+per-sample artifact (rollout records + verify fields), and `verdict_rates`: the share of no_answer,
+timeout and error verdicts and of multi-box answers (a model that games the answer extractor shows
+there). The table and the rates go to stderr, the path to stdout. The grading rules are the `grade_*`
+keys of `s2d verify` (e.g. `--set grade_boxes=last`), recorded in the manifest's config.
 
 Named protocols (--protocol) fix the paper's evaluation settings; flags still override them:
   math500       MATH-500, avg@4,  temperature 0.6, top-p 0.95, top-k 20, 8,192 new tokens
@@ -28,6 +31,7 @@ from .artifacts import ArtifactWriter, check_shard_size, made_with, read_located
 from .config import resolve
 from .data import Example
 from .errors import UsageError
+from .grading import GradingFields
 from .metrics import print_metrics, summarize
 from .rollout import (
     PromptFields,
@@ -40,7 +44,7 @@ from .rollout import (
     sampling_config,
 )
 from .verifier import check_pool_options
-from .verify import WORKERS_HELP, check_golds, score, warm_up_golds
+from .verify import WORKERS_HELP, check_golds, rates_line, score, verdict_rates
 
 _QWEN3_SAMPLING = {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
 PROTOCOLS = {
@@ -53,7 +57,7 @@ PROTOCOLS = {
 
 
 @dataclass
-class EvalConfig(PromptFields, SamplingFields):
+class EvalConfig(PromptFields, SamplingFields, GradingFields):
     model: str = ""                  # checkpoint directory or hub id (not needed with --rollouts)
     rollouts: str | None = None      # re-score an existing rollout artifact / JSONL instead of sampling
     out: str | None = None           # output directory; none: metrics JSON on stdout, nothing written
@@ -80,6 +84,7 @@ class EvalConfig(PromptFields, SamplingFields):
         from .trackers import names_of
         if "tensorboard" in names_of(self) and self.out is None:
             raise UsageError("report_to: tensorboard writes into the output directory: give --out")
+        self.grading_rules()
 
 
 def _sample_and_score(cfg: EvalConfig, examples: list[Example], slices: list[range], writer: ArtifactWriter | None,
@@ -141,13 +146,11 @@ def run(cfg: EvalConfig) -> dict:
                                 force=cfg.force)
         if writer.complete:
             metrics = json.loads((Path(cfg.out) / "metrics.json").read_text())
-            print_metrics(cu.console, metrics)
+            _print_metrics(metrics)
             print(cfg.out)
             return metrics
-    golds = warm_up_golds(r["answer"] for r in inputs) if cfg.rollouts is not None else \
-        warm_up_golds(ex.answer for ex in inputs)
-    # the zygote parses them while the model loads and samples; with --rollouts, before the first check
-    with Verifier(workers=cfg.workers, timeout=cfg.timeout, warm_up=golds) as verifier:
+    # the pool's zygote imports math-verify while the model loads and samples
+    with Verifier(workers=cfg.workers, timeout=cfg.timeout, rules=cfg.grading_rules()) as verifier:
         if cfg.rollouts is not None:
             records = _rescore(inputs, slices, writer, verifier)
         else:
@@ -162,11 +165,12 @@ def run(cfg: EvalConfig) -> dict:
         metrics["protocol"] = cfg.protocol
     if cfg.rollouts is None and skipped:      # long_prompts=skip: these prompts are not in the accuracy
         metrics["skipped_long_prompts"] = skipped
+    metrics["verdict_rates"] = verdict_rates(records)
     # re-scored rollouts were sampled as their rollout's manifest says (unknown for a bare file), not
     # with this command's defaults
     metrics["sampling"] = ({k: made[k] for k in keys if k in made} or None) if cfg.rollouts is not None \
         else {k: getattr(cfg, k) for k in keys}
-    print_metrics(cu.console, metrics)
+    _print_metrics(metrics)
     if writer is None:
         from .trackers import log_once
         log_once(cfg, metrics, out=None, config=asdict(cfg))
@@ -179,6 +183,13 @@ def run(cfg: EvalConfig) -> dict:
     log_once(cfg, metrics, out=cfg.out, config=asdict(cfg))
     print(cfg.out)
     return metrics
+
+
+def _print_metrics(metrics: dict) -> None:
+    """The table, then the verdict rates (an eval written before they existed has none)."""
+    print_metrics(cu.console, metrics)
+    if "verdict_rates" in metrics:
+        cu.console.print("verdicts: " + rates_line(metrics["verdict_rates"]), soft_wrap=True)
 
 
 def _made_with(source: str) -> dict:

@@ -47,6 +47,7 @@ from .data import Example
 from .engines import sample_seed
 from .engines.weight_sync import full_tensors
 from .errors import UsageError
+from .grading import GradingFields
 from .rollout import (
     PromptFields,
     SamplingFields,
@@ -68,7 +69,7 @@ KL_ESTIMATORS = {
 
 
 @dataclass
-class GRPOConfig(PromptFields, SamplingFields, TrainFields):
+class GRPOConfig(PromptFields, SamplingFields, TrainFields, GradingFields):
     model: str = ""                  # policy to train (checkpoint directory or hub id)
     out: str = ""                    # run directory
     rollouts: str | None = None      # train on existing verified rollouts instead of sampling
@@ -121,6 +122,7 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields):
         check_sampling(self)
         from .verifier import check_pool_options
         check_pool_options(self.workers, self.timeout)   # before the run directory exists
+        self.grading_rules()
         self.check_training()
         lo, hi = CLIP_DEFAULTS[self.loss]
         self.clip_low = lo if self.clip_low is None else self.clip_low
@@ -298,9 +300,7 @@ def run(cfg: GRPOConfig):
     verifier = None
     if cfg.rollouts is None and reward_fn is None:
         from .verifier import Verifier
-        from .verify import warm_up_golds
-        verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout,
-                            warm_up=warm_up_golds(ex.answer for ex in examples if ex.answer is not None))
+        verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout, rules=cfg.grading_rules())
     # the trainer has claimed the run directory for this config, --force included: that reaches out/rollouts
     writer = ArtifactWriter(trainer.out / "rollouts", kind="grpo-rollouts", config=asdict(cfg), volatile=VOLATILE,
                             num_shards=cfg.steps, force=bool(cfg.force), nested=True) \

@@ -65,6 +65,7 @@ from .data import prompt_is_chat
 from .engines import sample_seed
 from .engines.weight_sync import full_tensors
 from .errors import UsageError
+from .grading import GradingFields
 from .grpo import colocated_engine, labels_used, prompt_schedule, use_vllm
 from .rollout import (
     PromptFields,
@@ -83,7 +84,7 @@ SERVER_SETTINGS = ("teacher_timeout", "teacher_retries", "teacher_selftest_tol")
 
 
 @dataclass
-class OPDConfig(PromptFields, SamplingFields, TrainFields):
+class OPDConfig(PromptFields, SamplingFields, TrainFields, GradingFields):
     student: str = ""                # model to train (checkpoint directory or hub id)
     teacher: str = ""                # frozen teacher that scores the student's samples
     out: str = ""                    # run directory
@@ -151,6 +152,7 @@ class OPDConfig(PromptFields, SamplingFields, TrainFields):
         check_sampling(self)
         from .verifier import check_pool_options
         check_pool_options(self.workers, self.timeout)   # before the run directory exists
+        self.grading_rules()
         self.check_training()
 
 
@@ -338,10 +340,7 @@ def run(cfg: OPDConfig):
                               lockstep=trainer.sharded)
         if has_answers:
             from .verifier import Verifier
-            from .verify import warm_up_golds
-
-            verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout,
-                                warm_up=warm_up_golds(ex.answer for ex in examples if ex.answer is not None))
+            verifier = Verifier(workers=cfg.workers, timeout=cfg.timeout, rules=cfg.grading_rules())
         trainer.fit(make_batch, loss_fn, after_update=after_update,
                     display=("reverse_kl", "accuracy", "loss") if has_answers else ("reverse_kl", "loss"))
         out = trainer.finish(extra={"loss": cfg.loss, "teacher": cfg.teacher, "vocab": vocab, "alpha": cfg.alpha,

@@ -4,14 +4,19 @@
     s2d rollout --model M --dataset gsm8k --limit 8 --out - | s2d verify - --out -
     s2d verify samples.jsonl --out - --workers 2 --timeout 5
 
+    s2d verify samples.jsonl --out - --set grade_boxes=last --set grade_no_box=search   # the old rules
+
 Each record needs `completion` and `answer`; verify adds `reward` (1.0 / 0.0), `correct`,
-`extracted` (the last \\boxed{} of the completion, or math-verify's own extraction) and `verdict`
-(ok, no_answer, timeout, error). A pathological answer costs at most --timeout seconds and yields
-verdict "timeout"; model output is never evaluated as code.
+`extracted` (the answer as read: its box or boxes, or a marked final-answer line), `verdict`
+(ok, no_answer, timeout, error) and `multi_box` (the answer spread over several different boxes). A
+pathological answer or gold costs at most --timeout seconds and yields verdict "timeout"; model output
+is never evaluated as code. The grading rules (`grade_*` keys, see `s2d_cli/grading.py` and the
+README) are part of the config, so the manifest records them. The summary on stderr, and the
+manifest's `verdict_rates`, give the share of each verdict and of multi-box answers: a run that learns
+to game the extractor shows it there.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,11 +26,12 @@ from . import cliutil as cu
 from .artifacts import ArtifactWriter, check_shard_size, made_with, read_located, shard_slices
 from .config import resolve
 from .errors import UsageError, located
+from .grading import GradingFields
 from .verifier import check_pool_options, gold_type_error
 
 
 @dataclass
-class VerifyConfig:
+class VerifyConfig(GradingFields):
     input: str = ""           # artifact directory, JSONL file, or '-'
     out: str = "-"            # artifact directory, or '-' for JSONL on stdout
     workers: int | None = None  # verifier processes (default or 0: one per CPU)
@@ -38,6 +44,7 @@ class VerifyConfig:
             raise UsageError("missing input: an artifact directory, a JSONL file or '-'")
         check_pool_options(self.workers, self.timeout)
         check_shard_size(self.shard_size)
+        self.grading_rules()  # a bad grade_* value is a usage error now, not in a worker
 
 
 WORKERS_HELP = "Verifier processes (default, or 0: one per CPU this process may use; negative is an error)."
@@ -58,16 +65,20 @@ def check_golds(records: list[dict], source: str, where: list[tuple[str, int | N
             raise located(*at, "field 'completion': expected text")
 
 
-WARM_UP_GOLDS = 500  # ~3 ms each in the zygote, before the first worker forks
+RATED = ("no_answer", "timeout", "error", "multi_box")
 
 
-def warm_up_golds(golds) -> list:
-    """The first WARM_UP_GOLDS distinct golds, for `Verifier(warm_up=...)`: the zygote parses them once,
-    so every worker inherits the parses and math-verify's trained parser instead of paying both itself.
-    Measured on MATH-500 solutions, 2 workers, 2 cores: 500 and 1,500 items verified in 4.0-4.9 s with
-    the warm-up against 5.0-5.5 s without (pool start included). Capped: the warm-up is serial, and
-    the parser has learned most of what it will after a few hundred answers."""
-    return list(itertools.islice(dict.fromkeys(golds), WARM_UP_GOLDS))
+def verdict_rates(records: list[dict]) -> dict[str, float]:
+    """Share of records with each verdict that is not a plain grade (no_answer, timeout, error), and of
+    answers spread over several different boxes (`multi_box`)."""
+    n = max(1, len(records))
+    rates = {v: sum(r.get("verdict") == v for r in records) / n for v in RATED[:3]}
+    rates["multi_box"] = sum(bool(r.get("multi_box")) for r in records) / n
+    return rates
+
+
+def rates_line(rates: dict[str, float]) -> str:
+    return ", ".join(f"{k.replace('_', '-')} {rates[k]:.1%}" for k in RATED)
 
 
 def score(records: list[dict], verifier) -> list[dict]:
@@ -86,21 +97,28 @@ def run(cfg: VerifyConfig) -> Path | None:
     writer = ArtifactWriter(cfg.out, kind="verified", config=asdict(cfg), num_shards=len(slices),
                             inputs=[cfg.input], force=cfg.force)
     todo = writer.pending()
-    correct = total = 0
+    done: list[dict] = []  # every scored record, this run's and a resumed run's, for the rates
+    total = 0
     if todo:
-        golds = warm_up_golds(records[j]["answer"] for i in todo for j in slices[i])
-        with Verifier(workers=cfg.workers, timeout=cfg.timeout, warm_up=golds) as verifier, cu.progress() as bar:
+        with Verifier(workers=cfg.workers, timeout=cfg.timeout, rules=cfg.grading_rules()) as verifier, \
+                cu.progress() as bar:
             task = bar.add_task("verify", total=sum(len(slices[i]) for i in todo))
             for i in todo:
                 scored = score([records[j] for j in slices[i]], verifier)
                 writer.write_shard(i, scored)
-                correct += sum(r["correct"] for r in scored)
+                done += [{k: r.get(k) for k in ("correct", "verdict", "multi_box")} for r in scored]
                 total += len(scored)
                 bar.advance(task, len(scored))
-    # how the records were sampled, frozen here from the input's own manifest (`eval --rollouts` reads it)
-    out = writer.commit(extra={"made_with": made_with(cfg.input)} if Path(cfg.input).is_dir() else None)
+        done += [r for i in range(len(slices)) if i not in todo for r in writer.read_finished_shard(i)]
+    rates = verdict_rates(done) if done else None
+    extra = {"made_with": made_with(cfg.input)} if Path(cfg.input).is_dir() else {}
+    if rates:
+        extra["verdict_rates"] = rates
+    out = writer.commit(extra=extra or None)
     if total:
-        cu.console.print(f"verified {total} records: {correct} correct ({correct / total:.1%})")
+        correct = sum(bool(r["correct"]) for r in done)
+        cu.console.print(f"verified {total} records: {correct} of {len(done)} correct ({correct / len(done):.1%}); "
+                         + rates_line(rates), soft_wrap=True)
     if out is not None:
         print(out)
     return out

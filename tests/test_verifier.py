@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from s2d_cli.cli import app
 from s2d_cli.errors import UsageError
+from s2d_cli.grading import OLD_RULES, GradingRules
 from s2d_cli.verifier import Verdict, Verifier, last_boxed, normalize_gold, verify_many, verify_one
 
 SHARED_DATA = Path(os.environ.get("S2D_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
@@ -141,10 +142,10 @@ EQUIVALENCES = [  # (completion, gold, correct?)
     (r"\boxed{90}", r"90^\circ", True),
     (r"\boxed{\frac{270}{7}}", r"\frac{270}7\text{ degrees}", True),
     (r"\boxed{\begin{pmatrix} 1 \\ 2 \end{pmatrix}}", r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", True),
-    (r"First \boxed{3}, but recheck: \boxed{5}", "5", True),  # several boxes: the last counts
+    (r"First \boxed{3}, but recheck: \boxed{5}", "5", False),  # two different boxes: a hedge, never rewarded
     (r"First \boxed{5}, but recheck: \boxed{3}", "5", False),
     (r"The answer is $5$.", "5", True),  # no box: math-verify's own extraction
-    ("So the total is 18 dollars.", "#### 18", True),
+    ("So the answer is 18 dollars.", "#### 18", True),  # no box: a marked final-answer line
 ]
 
 
@@ -170,9 +171,15 @@ def test_integers_longer_than_pythons_int_str_limit_still_compare():
     assert normalize_gold("000" + big) == big
 
 
-def test_extracted_is_the_last_box_content():
-    v = verify_one(r"maybe \boxed{4}? no: \boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}2")
+def test_extracted_is_the_box_content_or_the_list_of_different_boxes():
+    v = verify_one(r"so \boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}2")
     assert v == Verdict(1.0, True, r"\frac{\sqrt{3}}{2}", "ok")
+    v = verify_one(r"maybe \boxed{4}? no: \boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}2")
+    assert v == Verdict(0.0, False, r"4, \frac{\sqrt{3}}{2}", "ok", multi_box=True)
+    # the old rule (grade_boxes=last) takes the last box alone
+    v = verify_one(r"maybe \boxed{4}? no: \boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt3}2", GradingRules(boxes="last"))
+    assert v == Verdict(1.0, True, r"\frac{\sqrt{3}}{2}", "ok")
+    assert verify_one("So the total is 18 dollars.", "#### 18", OLD_RULES).correct  # the old whole-text search
 
 
 def test_bad_input_is_an_error_verdict_not_an_exception():
@@ -278,10 +285,8 @@ def test_long_completions_queued_behind_a_stuck_item_do_not_block_its_deadline()
 
 
 def test_a_crashed_worker_costs_only_its_own_item():
-    # (warm_up: answers the zygote parses once before forking, so every worker inherits a trained parser)
-    with Verifier(workers=1, timeout=60.0, warm_up=["1", r"\frac{1}{2}", "025", 27.0]) as verifier:
+    with Verifier(workers=1, timeout=60.0) as verifier:
         assert verifier.verify([(r"\boxed{27}", 27.0)])[0].correct
-        assert not Path(verifier._procs.zygote.warm_up_path).exists()  # the zygote read and deleted it
         (pid,) = verifier.worker_pids()
         killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))  # like the OOM killer, mid-item
         killer.start()
@@ -440,41 +445,43 @@ def test_a_reward_module_that_loads_gives_its_function(tmp_path, monkeypatch):
     sys.modules.pop("s2d_reward_ok", None)
 
 
-# --------------------------------------------------------------------------------------------- warm-up
+# --------------------------------------------------------------------------------------------- grading rules
 
 
 @pytest.fixture
 def pools(monkeypatch):
-    """Records the warm_up each Verifier is made with (the pools still run)."""
+    """Records the rules each Verifier is made with (the pools still run)."""
     import s2d_cli.verifier as verifier_module
 
     made = []
 
     class Recording(verifier_module.Verifier):
-        def __init__(self, *args, warm_up=(), **kwargs):
-            made.append(list(warm_up))
-            super().__init__(*args, warm_up=warm_up, **kwargs)
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("rules"))
+            super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(verifier_module, "Verifier", Recording)
     return made
 
 
-def test_verify_and_eval_warm_the_pool_up_with_their_golds(tmp_path, pools):
+def test_verify_and_eval_grade_by_their_grade_keys_and_record_them(tmp_path, pools):
     path = tmp_path / "in.jsonl"
-    rows = [("a", r"\boxed{5}", "5"), ("a", r"\boxed{6}", "5"), ("b", r"\boxed{0.00005}", 5e-05), ("c", "x", "70,110")]
+    rows = [("a", r"\boxed{5}", "5"), ("a", r"\boxed{4} or \boxed{5}", "5"), ("b", r"\boxed{0.00005}", 5e-05),
+            ("c", "x", "70,110")]
     path.write_text("".join(json.dumps({"id": i, "completion": c, "answer": a}) + "\n" for i, c, a in rows))
-    result = invoke("verify", path, "--workers", 1, "--out", "-")
+    result = invoke("verify", path, "--workers", 1, "--out", tmp_path / "v")
     assert result.exit_code == 0, result.output
-    assert [json.loads(line)["correct"] for line in result.stdout.splitlines()] == [True, False, True, False]
+    manifest = json.loads((tmp_path / "v/manifest.json").read_text())
+    assert manifest["config"]["grade_boxes"] == "all" and manifest["config"]["grade_no_box"] == "marked"
+    assert manifest["verdict_rates"] == {"no_answer": 0.25, "timeout": 0.0, "error": 0.0, "multi_box": 0.25}
+    assert "no-answer 25.0%, timeout 0.0%, error 0.0%, multi-box 25.0%" in result.stderr
+    result = invoke("verify", path, "--workers", 1, "--out", "-", "--set", "grade_boxes=last")
+    assert [json.loads(line)["correct"] for line in result.stdout.splitlines()] == [True, True, True, False]
     result = invoke("eval", "--rollouts", path, "--workers", 1)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["accuracy"] == pytest.approx((1 / 2 + 1 + 0) / 3)
-    assert pools == [["5", 5e-05, "70,110"]] * 2  # distinct, first seen first
-
-
-def test_warm_up_golds_are_distinct_and_capped():
-    from s2d_cli.verify import WARM_UP_GOLDS, warm_up_golds
-
-    golds = [str(i // 2) for i in range(2 * WARM_UP_GOLDS + 10)]  # every gold twice
-    assert warm_up_golds(golds) == [str(i) for i in range(WARM_UP_GOLDS)]
-    assert WARM_UP_GOLDS == 500
+    metrics = json.loads(result.stdout)
+    assert metrics["accuracy"] == pytest.approx((1 / 2 + 1 + 0) / 3)
+    assert metrics["verdict_rates"]["multi_box"] == 0.25
+    assert pools == [GradingRules(), GradingRules(boxes="last"), GradingRules()]
+    result = invoke("verify", path, "--out", "-", "--set", "grade_boxes=first")
+    assert result.exit_code == 2 and "grade_boxes: expected all or last, got 'first'" in result.stderr
