@@ -123,7 +123,7 @@ FLOAT_RANGES: dict[str, Range] = {
     "error_rate": UNIT,
     "teacher_timeout": Range(0, 86_400, lo_open=True),   # served teacher: seconds per HTTP request
     "teacher_selftest_tol": NON_NEGATIVE,                 # served teacher: nats
-    "progress_every": Range(0, 86_400),                   # seconds between plain progress lines (0: every update)
+    "progress_every": Range(0, 86_400),                   # seconds between plain progress lines (0: none)
 }
 # where one command means something else by a key
 FLOAT_RANGES_OF: dict[str, dict[str, Range]] = {
