@@ -22,17 +22,18 @@ ARMS = ["student-base", "student-grpo", "teacher-base", "teacher-grpo", "bridge-
         "bridge-rl", "bridge-rl-grpo", "bridge-rl-replay"]
 
 
-def make(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def make(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     if shutil.which("make") is None:
         pytest.fail("make is not installed; the demo and the reproductions are Makefiles")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "S2D_NO_COLOR": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "S2D_NO_COLOR": "1", **(env or {})}
     return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=1500)
 
 
-def demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    return make("-C", str(TOY), "demo", "SMALL=1", f"OUT={out}", f"S2D={BIN / 's2d'}", f"PY={sys.executable}",
-                *extra)
+def demo(out: Path, *extra: str, target: str = "demo", env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess:
+    return make("-C", str(TOY), target, "SMALL=1", f"OUT={out}", f"S2D={BIN / 's2d'}", f"PY={sys.executable}",
+                *extra, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,35 @@ def test_second_run_is_a_no_op_and_one_deletion_redoes_only_its_dependents(small
     assert len(planned) == 3, plan
     assert "grpo" in planned[0] and f"{run}/bridge-rl-grpo" in planned[0]
     assert " eval " in planned[1] and " report " in planned[2]
+
+
+def _records(eval_dir: Path) -> list[dict]:
+    """An eval artifact's records without the model path (the one field that names the run directory)."""
+    return [{k: v for k, v in json.loads(line).items() if k != "model"}
+            for shard in sorted(eval_dir.glob("data-*.jsonl")) for line in shard.read_text().splitlines()]
+
+
+def test_same_seed_gives_the_same_numbers_bit_for_bit(small_demo, tmp_path):
+    """One cheap arm (student SFT, then GRPO, then its eval) rebuilt from nothing in another directory, with
+    the caller asking for two threads and no -j: the Makefile pins one thread and the CPU kernels, so the
+    weights, every sampled token and the metrics are the same bytes as the demo's own run."""
+    out, _ = small_demo
+    arm = tmp_path / "seed-0" / "eval" / "student-grpo" / "manifest.json"
+    again = demo(tmp_path, target=str(arm), env={"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                                                 "TOKENIZERS_PARALLELISM": "true"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    first, second = out / "seed-0", tmp_path / "seed-0"
+    for weights in ("student-base/model/model.safetensors", "student-grpo/model/model.safetensors"):
+        assert (first / weights).read_bytes() == (second / weights).read_bytes(), weights
+    a, b = _records(first / "eval" / "student-grpo"), _records(second / "eval" / "student-grpo")
+    assert len(a) == 12 and a == b
+    m1, m2 = (json.loads((d / "eval" / "student-grpo" / "metrics.json").read_text()) for d in (first, second))
+    m1.pop("model"), m2.pop("model")
+    assert m1 == m2
+    grpo1, grpo2 = ((d / "student-grpo" / "metrics.jsonl").read_text().splitlines() for d in (first, second))
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if "time" not in k and "per_s" not in k}
+                          for r in rows]
+    assert strip(grpo1) == strip(grpo2)
 
 
 @pytest.mark.parametrize("example", ["qwen3", "llama", "smollm2"])
