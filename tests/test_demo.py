@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "examples" / "toy"
 BIN = Path(sys.executable).parent
-ARMS = ["student-base", "student-grpo", "teacher-base", "teacher-grpo", "bridge-base", "kl-rl", "opd-rl",
+ARMS = ["student-base", "student-grpo", "student-sft-more", "teacher-base", "teacher-grpo", "bridge-base", "kl-rl", "opd-rl",
         "bridge-rl", "bridge-rl-grpo", "bridge-rl-replay"]
 
 
@@ -61,6 +61,15 @@ def test_demo_runs_every_arm_and_writes_table_and_report(small_demo):
     assert by_arm["teacher-grpo"]["labels"] == by_arm["bridge-rl"]["labels"] == by_arm["bridge-rl-grpo"]["labels"] == 8
     # Stage 3 and its replay control add the same number of steps to the same bridge
     assert by_arm["bridge-rl-grpo"]["steps"] == by_arm["bridge-rl-replay"]["steps"] > by_arm["bridge-rl"]["steps"]
+    # the SFT-continuation control trains the student as many steps as the bridge's KL warmup and OPD
+    assert by_arm["student-sft-more"]["labels"] == 0
+    assert (by_arm["student-sft-more"]["steps"]
+            == by_arm["bridge-rl"]["steps"] - by_arm["teacher-grpo"]["steps"] == by_arm["student-base"]["steps"] + 4)
+    # every claim of the paper, paired over the 12 held-out problems of this seed
+    claims = (run / "claims.md").read_text()
+    assert claims.count("(12 pairs)") == 7 and claims in first.stderr
+    assert all(v in ("holds", "does not hold", "undecided")
+               for v in (line.rsplit("**", 2)[-2] for line in claims.splitlines() if "**" in line))
     grpo = json.loads((run / "teacher-grpo" / "manifest.json").read_text())
     assert grpo["kind"] == "grpo" and grpo["labels_used"] == 8
     assert (run / "table.md").read_text().count("\n") == 2 + len(ARMS)
