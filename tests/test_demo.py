@@ -27,7 +27,7 @@ def make(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> sub
         pytest.fail("make is not installed; the demo and the reproductions are Makefiles")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "S2D_NO_COLOR": "1", **(env or {})}
     return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=1500)
+                          text=True, timeout=3600)
 
 
 def demo(out: Path, *extra: str, target: str = "demo", env: dict[str, str] | None = None
