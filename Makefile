@@ -12,7 +12,7 @@ VLLM_STAMP := $(VENV)/.s2d-vllm-installed
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install install-vllm demo test lint bench gpu-wheels clean
+.PHONY: install install-vllm demo demo-all-seeds test lint bench gpu-wheels clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ endif
 # a second `make demo` redoes nothing
 demo: install
 	$(MAKE) -C examples/toy demo S2D=$(abspath $(S2D)) PY=$(abspath $(PY)) OUT=$(abspath runs/toy$(if $(filter 1,$(SMALL)),-small))
+
+# every seed (ALL_SEEDS, 0-4), then the claims table over problems x seeds written into README.md
+demo-all-seeds: install
+	$(MAKE) -C examples/toy all-seeds readme S2D=$(abspath $(S2D)) PY=$(abspath $(PY)) OUT=$(abspath runs/toy)
 
 test: install install-vllm
 	$(PY) -m pytest -q $(PYTEST_ARGS)

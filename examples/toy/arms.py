@@ -13,6 +13,7 @@ import sys
 CHAINS = {  # arm -> every training run it depends on (the teacher's included), in order
     "student-base": ["student-base"],
     "student-grpo": ["student-base", "student-grpo"],
+    "student-sft-more": ["student-base", "student-sft-more"],
     "teacher-base": ["teacher-base"],
     "teacher-grpo": ["teacher-base", "teacher-grpo"],
     "bridge-base": ["teacher-base", "student-base", "kl-base", "bridge-base"],

@@ -3,7 +3,9 @@
     python examples/toy/table.py runs/toy/seed-0 student-base student-grpo ...
 
 Reads each arm's eval metrics.json and the manifests of the training runs that made it (arms.json);
-writes RUN/table.md and prints a rich table on stderr.
+writes RUN/table.md and prints a rich table on stderr. Then the paper's claims on this seed alone, each a
+paired difference over the held-out problems with its 95% interval and verdict (s2d_cli/claims.py), to
+RUN/claims.md and stderr; over several seeds: `python -m s2d_cli.claims RUN...`.
 """
 from __future__ import annotations
 
@@ -44,6 +46,11 @@ def main(run: str, arms: list[str]) -> None:
     Console(stderr=True).print(t)
     (Path(run) / "table.md").write_text("\n".join(lines) + "\n")
     (Path(run) / "table.json").write_text(json.dumps(data, indent=2) + "\n")
+    from s2d_cli.claims import claims_markdown, evaluate_claims
+
+    text = claims_markdown(evaluate_claims([Path(run)]), 1)
+    (Path(run) / "claims.md").write_text(text)
+    sys.stderr.write(text)
     print(Path(run) / "table.md")
 
 

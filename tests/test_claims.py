@@ -1,0 +1,100 @@
+"""Paired differences, their 95% intervals and the verdicts of the paper's claims, with numbers by hand."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import pytest
+
+from s2d_cli import claims
+from s2d_cli.claims import FAILS, HOLDS, UNDECIDED
+from s2d_cli.errors import UsageError
+
+
+def test_interval_by_hand():
+    # d = 0.5, 0, 1, 0: mean 0.375; squared deviations 0.015625 + 0.140625 + 0.390625 + 0.140625 = 0.6875,
+    # sd = sqrt(0.6875 / 3) = 0.478714, se = sd / 2 = 0.239357, half = 1.959964 * se = 0.469131
+    c = claims.compare([0.5, 0.0, 1.0, 0.0], "A", "B")
+    assert c.difference == pytest.approx(0.375)
+    assert c.lo == pytest.approx(0.375 - 0.469131, abs=1e-6) and c.hi == pytest.approx(0.375 + 0.469131, abs=1e-6)
+    assert c.pairs == 4 and c.verdict == UNDECIDED
+
+
+def test_verdicts_by_hand():
+    # the same four differences, nine times over: m = 36, sd = sqrt(0.6875 * 9 / 35) = 0.420459,
+    # half = 1.959964 * 0.420459 / 6 = 0.137348 -> [0.2377, 0.5123], above 0
+    c = claims.compare([0.5, 0.0, 1.0, 0.0] * 9)
+    assert c.lo == pytest.approx(0.375 - 0.137348, abs=1e-6) and c.verdict == HOLDS
+    # mirrored: below 0
+    assert claims.compare([-0.5, 0.0, -1.0, 0.0] * 9).verdict == FAILS
+    # no difference at all: the interval is [0, 0], no gain, so the claim does not hold
+    c = claims.compare([0.0, 0.0, 0.0])
+    assert (c.lo, c.hi, c.verdict) == (0.0, 0.0, FAILS)
+    assert claims.verdict(-0.01, 0.02) == UNDECIDED and claims.verdict(1e-9, 0.1) == HOLDS
+    with pytest.raises(UsageError, match="at least 2"):
+        claims.compare([0.3])
+
+
+def test_combined_claim():
+    assert claims.combine([HOLDS, HOLDS]) == HOLDS
+    assert claims.combine([HOLDS, UNDECIDED]) == UNDECIDED
+    assert claims.combine([UNDECIDED, FAILS]) == FAILS
+
+
+def test_pairs_by_problem_across_seeds():
+    # seed 0: A - B = (1 - 0.5), (0 - 0); seed 1: (0.25 - 0.75), (1 - 0) -> ids sorted within each seed
+    a = [{"p1": 1.0, "p2": 0.0}, {"q2": 1.0, "q1": 0.25}]
+    b = [{"p2": 0.0, "p1": 0.5}, {"q1": 0.75, "q2": 0.0}]
+    assert claims.paired_differences(a, b) == [0.5, 0.0, -0.5, 1.0]
+    with pytest.raises(UsageError, match="'p3' is in one only"):
+        claims.paired_differences([{"p1": 1.0, "p3": 1.0}], [{"p1": 1.0}], names=("A", "B"))
+
+
+def _eval(path, correct_by_id: dict[str, list[bool]]):
+    """A minimal finished eval artifact: one JSONL shard of (id, correct) records and a manifest."""
+    path.mkdir(parents=True)
+    lines = [json.dumps({"id": i, "sample": k, "correct": c}) for i, cs in correct_by_id.items()
+             for k, c in enumerate(cs)]
+    shard = path / "data-00000-of-00001.jsonl"
+    shard.write_text("\n".join(lines) + "\n")
+    (path / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "eval", "shards": [
+        {"file": shard.name, "records": len(lines), "sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}]}))
+
+
+def test_claims_table_and_readme_block_from_eval_artifacts(tmp_path, capsys):
+    run = tmp_path / "seed-0"
+    # per problem, 2 samples each: A arms all right on x, y; B arms right once on x
+    good, bad = {"x": [True, True], "y": [True, True]}, {"x": [True, False], "y": [False, False]}
+    for arm in ("teacher-grpo", "bridge-rl", "bridge-rl-grpo"):
+        _eval(run / "eval" / arm, good)
+    for arm in ("teacher-base", "student-grpo", "student-sft-more", "bridge-base", "kl-rl", "bridge-rl-replay"):
+        _eval(run / "eval" / arm, bad)
+    _eval(run / "eval" / "opd-rl", good)  # OPD alone as good as the bridge: "KL then OPD > either" fails
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{claims.BEGIN}\nold table\n{claims.END}\noutro\n")
+    assert claims.main([str(run), "--readme", str(readme)]) == 0
+    out = capsys.readouterr().out
+    # d = 1 - 0.5, 1 - 0 -> mean 0.75, sd = sqrt(2 * 0.0625) = 0.353553, half = 1.959964 * 0.25 = 0.489991
+    assert "| RL teacher > pre-RL teacher (Stage 1 pays) (teacher-grpo vs teacher-base) | +0.750 (2 pairs) " \
+           "| [+0.260, +1.240] | **holds** |" in out
+    assert "(bridge-rl vs kl-rl) | +0.750 (2 pairs) | [+0.260, +1.240] | holds |" in out
+    assert "(bridge-rl vs opd-rl) | +0.000 (2 pairs) | [+0.000, +0.000] | does not hold; claim: **does not hold** |" \
+           in out
+    text = readme.read_text()
+    assert text == f"intro\n{claims.BEGIN}\n{out}{claims.END}\noutro\n"
+    assert math.isclose(claims.compare([0.5, 1.0]).hi, 0.75 + 0.489991, abs_tol=1e-6)
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert claims.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval/teacher-grpo: not a finished eval run" in err
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    run = tmp_path / "r"
+    for arm in {a for _, pairs in claims.PAPER_CLAIMS for p in pairs for a in p}:
+        _eval(run / "eval" / arm, {"x": [True], "y": [False]})
+    assert claims.main([str(run), "--readme", str(readme)]) == 2
+    assert "README.md: no claims block" in capsys.readouterr().err
+    assert readme.read_text() == "no markers\n"
