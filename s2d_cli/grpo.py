@@ -15,7 +15,8 @@ turns rewards into group advantages. Loss variants (--loss):
   dapo     token mean over the batch, clip 0.2/0.28, groups with zero reward variance dropped
   gspo     one importance ratio per sequence (geometric mean), clip 3e-4/4e-4
 PPO clipping over --update-epochs (mu) passes; KL to a frozen reference (k1/k3) only when --beta > 0
-(no reference model is loaded otherwise); truncated importance sampling when the engine's
+(no reference model is loaded otherwise; with --lora-rank the reference is the frozen base itself, its
+adapters switched off); truncated importance sampling when the engine's
 log-probs differ from the trainer's (vllm).
 
 The scarce-label setting: --max-labels N caps the distinct labelled prompts ever used; the manifest
@@ -38,6 +39,7 @@ from .compat import token_ids
 from .config import require_run_dir, resolve
 from .data import Example
 from .errors import UsageError
+from .lora import LoraRankOpt, adapter_off, engine_weights
 from .rollout import (
     PromptFields,
     SamplingFields,
@@ -226,9 +228,13 @@ def run(cfg: GRPOConfig):
     lm, tok = trainer.lm, trainer.tokenizer
     if cfg.rollouts is not None:
         check_stored(stored, cfg.rollouts, lm.get_input_embeddings().weight.shape[0])
-    ref = load_model(cfg.model, dtype=trainer.frozen_dtype, device=trainer.device, trust_remote_code=cfg.trust_remote_code,
-                     attn_implementation=cfg.attn_implementation).requires_grad_(False) if cfg.beta > 0 else None
-    if ref is not None:
+    ref = None
+    if cfg.beta > 0 and trainer.peft is not None:
+        ref = lm           # LoRA: the base is the reference, scored with the adapters off (lora.adapter_off)
+    elif cfg.beta > 0:
+        ref = load_model(cfg.model, dtype=trainer.frozen_dtype, device=trainer.device,
+                         trust_remote_code=cfg.trust_remote_code,
+                         attn_implementation=cfg.attn_implementation).requires_grad_(False)
         trainer.adopt(ref, "reference model")
     engine = None
     if cfg.rollouts is None:
@@ -237,7 +243,7 @@ def run(cfg: GRPOConfig):
             engine = make_engine("vllm", cfg.model, tokenizer=tok, seed=cfg.seed, dtype=cfg.dtype,
                                  trust_remote_code=cfg.trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,
                                  gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
-            engine.update_weights(lm.state_dict().items())  # resumed runs: the engine starts from our weights
+            engine.update_weights(engine_weights(lm))  # resumed runs: the engine starts from our weights
         else:
             from .engines.hf import HFEngine
             engine = HFEngine(lm, tokenizer=tok, seed=cfg.seed, batch_size=cfg.batch_size)
@@ -319,7 +325,7 @@ def run(cfg: GRPOConfig):
         loss, m = policy_loss(cfg, logp_BT, old_BT, mb.scalars["adv"].to(logp_BT.dtype), mask_BT, is_BT,
                               n_seq, n_tok)
         if ref is not None:
-            with torch.no_grad():
+            with torch.no_grad(), adapter_off(ref):
                 ref_M = trainer_ref_logprobs(ref, mb)
             kl_BT = L.kl_penalty(logp_BT, mb.to_BT(ref_M), mask_BT, estimator=cfg.kl_estimator)
             loss = loss + cfg.beta * L.masked_sum(kl_BT, mask_BT) / n_tok
@@ -334,7 +340,7 @@ def run(cfg: GRPOConfig):
 
     def after_update(step: int) -> None:
         if engine is not None and engine.name == "vllm":
-            engine.update_weights(lm.state_dict().items())
+            engine.update_weights(engine_weights(lm))
 
     try:
         trainer.fit(make_batch, loss_fn, update_epochs=cfg.update_epochs, after_update=after_update,
@@ -376,7 +382,7 @@ def command(
     rollouts: str = typer.Option(None, "--rollouts", help="Update from existing verified rollouts."),
     reward: str = typer.Option(None, "--reward", help="math (verifier) or module:function."),
     resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
-    backend: cu.TrainBackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
+    lora_rank: LoraRankOpt = None, backend: cu.TrainBackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
     """Sparse-reward RL (GRPO and variants) on verified math rewards.
@@ -386,5 +392,5 @@ def command(
     flags = cu.given(model=model, dataset=dataset, out=out, steps=steps, group_size=group_size,
                      prompts_per_step=prompts_per_step, loss=loss, max_new_tokens=max_new_tokens,
                      temperature=temperature, lr=lr, beta=beta, max_labels=max_labels, rollouts=rollouts,
-                     reward=reward, resume=resume, backend=backend, seed=seed, limit=limit, force=force)
+                     reward=reward, resume=resume, lora_rank=lora_rank, backend=backend, seed=seed, limit=limit, force=force)
     cu.execute(run, lambda: resolve(GRPOConfig, config_file=config, sets=set_, flags=flags))

@@ -249,11 +249,15 @@ def check_plain_head(model, name: str) -> None:
 
 
 def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[str, dict] | None = None) -> Path:
-    """save_pretrained into a temp dir beside `out_dir`, then rename: readers never see half a model."""
+    """save_pretrained into a temp dir beside `out_dir`, then rename: readers never see half a model.
+    A model with LoRA adapters (`s2d_cli.lora`) is saved merged, as the plain model it computes."""
+    from .lora import is_lora, merged_state_dict
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    model.save_pretrained(tmp, safe_serialization=True)
+    merged = {"state_dict": merged_state_dict(model)} if is_lora(model) else {}
+    model.save_pretrained(tmp, safe_serialization=True, **merged)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for name, obj in (extra_files or {}).items():

@@ -53,6 +53,7 @@ from .compat import (
 )
 from .config import require_run_dir, resolve
 from .errors import UsageError
+from .lora import LoraRankOpt, engine_weights
 from .grpo import labels_used, prompt_schedule
 from .rollout import (
     PromptFields,
@@ -253,7 +254,7 @@ def run(cfg: OPDConfig):
 
     def after_update(step: int) -> None:
         if engine.name == "vllm":
-            engine.update_weights(lm.state_dict().items())
+            engine.update_weights(engine_weights(lm))
 
     try:
         if cfg.backend == "vllm":
@@ -265,7 +266,7 @@ def run(cfg: OPDConfig):
             engine = make_engine("vllm", cfg.student, tokenizer=tok, seed=cfg.seed, dtype=cfg.dtype,
                                  trust_remote_code=cfg.trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,
                                  gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len)
-            engine.update_weights(lm.state_dict().items())  # a resumed run: the engine starts from our weights
+            engine.update_weights(engine_weights(lm))  # a resumed run: the engine starts from our weights
         else:  # auto: the live hf model needs no weight sync and is exact; vllm is opt-in for training
             from .engines.hf import HFEngine
 
@@ -301,6 +302,7 @@ def command(
     discount: float = typer.Option(None, "--discount", help="sampled loss: discount of future per-token advantages."),
     allow_vocab_size_mismatch: AllowMismatchOpt = None,
     resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
+    lora_rank: LoraRankOpt = None,
     backend: cu.TrainBackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
@@ -312,5 +314,5 @@ def command(
                      alpha=alpha, n=n, prompts_per_step=prompts_per_step, max_new_tokens=max_new_tokens,
                      temperature=temperature, lr=lr, topk_k=topk_k, discount=discount,
                      allow_vocab_size_mismatch=allow_vocab_size_mismatch, resume=resume, backend=backend,
-                     seed=seed, limit=limit, force=force)
+                     lora_rank=lora_rank, seed=seed, limit=limit, force=force)
     cu.execute(run, lambda: resolve(OPDConfig, config_file=config, sets=set_, flags=flags))

@@ -40,6 +40,8 @@ materialised.
 Run directory:
     out/config.json, out/metrics.jsonl, out/checkpoints/step-000010/ (HF model + optimizer.pt +
     trainer_state.json, written last), out/model/ (final HF checkpoint), out/manifest.json (last).
+    With --lora-rank R (`s2d_cli.lora`): checkpoints hold the adapter in place of the HF model, out/model/
+    is the merged model and out/adapter/ the PEFT adapter.
 
 Deliberately left out: a value model, sequence parallelism, CPU offload.
 """
@@ -75,11 +77,12 @@ from .batching import (  # noqa: F401  (re-exported: the loss functions' and tes
     pack,
 )
 from .errors import UsageError
+from .lora import LoraFields
 
 
 @dataclass
-class TrainFields:
-    """Options of the training core (every trainer's config inherits them)."""
+class TrainFields(LoraFields):
+    """Options of the training core (every trainer's config inherits them; LoRA's from `lora.LoraFields`)."""
     steps: int = 100                 # optimizer steps
     lr: float = 1e-6                 # peak learning rate (AdamW)
     lr_schedule: str = "constant"    # constant | cosine (linear warmup, cosine decay to min_lr_ratio * lr)
@@ -134,6 +137,7 @@ class TrainFields:
         resolve_dtype(self.dtype, torch.device("cpu"))   # a bad name fails before the run directory is made
         from .models import check_attn_implementation
         check_attn_implementation(self.attn_implementation)
+        self.check_lora()
 
 
 
@@ -303,6 +307,14 @@ class Trainer:
         self.lm = load_model(model, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code,
                              attn_implementation=cfg.attn_implementation)
         check_plain_head(self.lm, model)
+        self.peft = None       # lora_rank > 0: the peft.PeftModel around self.lm (adapters injected in place)
+        if cfg.lora_rank:
+            from .lora import trainable_parameters, wrap
+            self.peft = wrap(self.lm, cfg, name=model, seed=cfg.seed)
+            if self.acc.is_main_process:
+                trained, total = trainable_parameters(self.lm)
+                cu.console.print(f"[dim]LoRA rank {cfg.lora_rank}: {trained:,} of {total:,} parameters trained "
+                                 f"({100 * trained / total:.2f}%)[/]")
         self.start_step = 0
         ckpt = self._latest_checkpoint()
         if cfg.resume and ckpt is None:
@@ -448,6 +460,10 @@ class Trainer:
     def _load_weights(self, ckpt: Path) -> None:
         from safetensors.torch import load_file
 
+        if self.peft is not None:             # a LoRA checkpoint holds the adapter only; the base is the model's
+            from .lora import load_adapter
+            load_adapter(self.peft, ckpt)
+            return
         state = {}
         for f in sorted(f for f in ckpt.glob("*.safetensors") if f.name != MASTER_FILE):
             state.update(load_file(f, device=str(self.device)))
@@ -493,7 +509,12 @@ class Trainer:
             final = root / f"step-{step:06d}"
             tmp = root / f".step-{step:06d}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp)
+            if self.peft is not None:             # LoRA: the adapter, not the (frozen, merged) weights
+                from .lora import save_adapter
+                tmp.mkdir(parents=True)
+                save_adapter(self.peft, tmp)
+            else:
+                save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             if self.masters is not None:
                 from safetensors.torch import save_file
@@ -668,7 +689,15 @@ class Trainer:
 
         self.save_checkpoint(self.cfg.steps)
         if self.acc.is_main_process:
-            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, self.out / "model")
+            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, self.out / "model")  # merged
+            if self.peft is not None:
+                from .lora import save_adapter
+                from .models import replace_dir
+                tmp = self.out / f".adapter.tmp-{uuid.uuid4().hex[:8]}"
+                tmp.mkdir()
+                save_adapter(self.peft, tmp)
+                replace_dir(tmp, self.out / "adapter")
+                extra = {"adapter": "adapter", **(extra or {})}
             last = {}
             if (self.out / "metrics.jsonl").is_file():
                 lines = (self.out / "metrics.jsonl").read_text().splitlines()
