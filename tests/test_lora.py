@@ -32,7 +32,7 @@ from test_grpo import (
     weights,
     write_rollouts,
 )
-from test_kl_warmup import exact_kl, make_teacher
+from test_kl_warmup import exact_kl
 from test_kl_warmup import s2d as s2d_cli
 from typer.testing import CliRunner
 
@@ -55,6 +55,30 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def rewards_importable(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
+
+
+def louder_head(src: Path, out: Path, factor: float = 8.0) -> Path:
+    """`src` with its output head x `factor`. LoRA adapts the blocks, never the head, and a random-init
+    head (std 0.02, hidden 64) gives logits of std ~0.16 that no change of the trunk moves far: measured,
+    16 grpo steps at lr 0.3 leave the vowel reward at ~0.15 and the entropy at 6.19 nats (full training
+    moves the head itself). A head of a trained model's scale is one the trunk can steer."""
+    model = load_model(str(src), device="cpu")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(factor)
+    return save_checkpoint(model, load_tokenizer(str(src)), out)
+
+
+def blocks_changed(student: Path, out: Path) -> Path:
+    """A teacher that differs from `student` in its blocks only (another seed's MLPs, scaled x4, attention
+    output zeroed), head and embeddings shared: one that adapters on the blocks can reach."""
+    model = load_model(str(student), device="cpu")
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * 0.08)
+    return save_checkpoint(model, load_tokenizer(str(student)), out)
 
 
 def wrapped(model_dir: Path, rank: int = 4, seed: int = 0, **fields):
@@ -143,18 +167,20 @@ def test_engine_weights_are_the_merged_adapted_blocks(tiny_model_dir):
 # 2. learning
 
 def test_lora_grpo_raises_the_reward(tiny_model_dir, tmp_path):
-    """test_grpo's vowel task (~16% of first tokens qualify at random init) with rank-8 adapters."""
+    """test_grpo's vowel task (~16% of first tokens qualify at random init) with rank-8 adapters on the
+    tiny model with a louder head (`louder_head`). Seen: steps 1-2 rewards .16 .16, steps 13-16 1.0 1.0
+    1.0 .97."""
+    start = louder_head(tiny_model_dir, tmp_path / "start")
     run = tmp_path / "run"
-    grpo("--model", tiny_model_dir, "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 16,
+    grpo("--model", start, "--dataset", "toy:split=train", "--reward", VOWEL, "--steps", 16,
          "--group-size", 8, "--prompts-per-step", 4, "--max-new-tokens", 2, "--lr", 3e-2, "--backend", "hf",
          "--lora-rank", 8, "--out", run)
     rewards = [m["reward_mean"] for m in metrics(run)]
-    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    print("rewards", rewards)
+    first, last = sum(rewards[:2]) / 2, sum(rewards[-4:]) / 4
     assert 0.05 <= first <= 0.3, rewards
     assert last - first >= 0.3, rewards
     # out/model is a plain checkpoint: the weights outside the adapted projections are the base's, exactly
-    start, final = load_file(tiny_model_dir / "model.safetensors"), weights(run)
+    start, final = load_file(start / "model.safetensors"), weights(run)
     assert set(final) == set(start)
     assert all(torch.equal(final[k], start[k]) for k in start if not any(t in k for t in TARGETS))
     assert any(not torch.equal(final[k], start[k]) for k in start if "q_proj" in k)
@@ -174,8 +200,9 @@ def kl_world(tmp_path_factory, tokenizer_dir):
 
     root = tmp_path_factory.mktemp("lora-kl")
     tok = load_tokenizer(str(tokenizer_dir))
-    student = build_tiny_model(root / "student", tokenizer=tok, seed=0, hidden_size=32, num_layers=2)
-    teacher = make_teacher(root / "teacher", tok)
+    student = louder_head(build_tiny_model(root / "student-init", tokenizer=tok, seed=0, hidden_size=32,
+                                           num_layers=2), root / "student")
+    teacher = blocks_changed(student, root / "teacher")
     common = ["--model", teacher, "--max-new-tokens", 24, "--topk", 8, "--backend", "hf"]
     s2d_cli("rollout", *common, "--dataset", "toy:split=pool,n=48", "--n", 4, "--out", root / "train")
     s2d_cli("rollout", *common, "--dataset", "toy:split=test,n=8", "--n", 2, "--out", root / "heldout")
@@ -187,12 +214,12 @@ def test_lora_kl_warmup_lowers_the_forward_kl(kl_world, tmp_path):
     w = kl_world
     out = tmp_path / "kl"
     s2d_cli("kl-warmup", "--student", w["student"], "--teacher", w["teacher"], "--rollouts", w["train"],
-            "--eval-rollouts", w["heldout"], "--targets", "full", "--steps", 20, "--lr", 3e-2, "--batch-size", 16,
+            "--eval-rollouts", w["heldout"], "--targets", "full", "--steps", 20, "--lr", 1e-2, "--batch-size", 16,
             "--lora-rank", 8, "--set", "micro_batch_tokens=1024", "--out", out)
     before = exact_kl(w["student"], w["teacher"], w["heldout_records"])
     after = exact_kl(out / "model", w["teacher"], w["heldout_records"])
     print(f"LoRA kl-warmup: held-out forward KL {before:.3f} -> {after:.3f}")
-    assert before > 3.0 and after <= 0.7 * before, (before, after)
+    assert before > 0.5 and after <= 0.6 * before, (before, after)     # seen: 0.648 -> 0.338
     manifest = json.loads((out / "manifest.json").read_text())
     # the trainer's chunked, packed KL of the LoRA model is the merged checkpoint's plain one
     assert manifest["heldout_kl_start"] == pytest.approx(before, rel=1e-4)
@@ -206,14 +233,14 @@ def test_opd_with_a_lora_student_runs_and_lowers_the_reverse_kl(kl_world, tmp_pa
     prompts.write_text("".join(json.dumps({"problem": r["problem"]}) + "\n" for r in toy_records("toy:split=pool,n=32")))
     out = tmp_path / "opd"
     s2d_cli("opd", "--student", w["student"], "--teacher", w["teacher"], "--dataset", prompts, "--loss", "full",
-            "--steps", 12, "--n", 4, "--prompts-per-step", 4, "--max-new-tokens", 16, "--lr", 3e-2,
+            "--steps", 12, "--n", 4, "--prompts-per-step", 4, "--max-new-tokens", 16, "--lr", 1e-2,
             "--lora-rank", 8, "--set", "micro_batch_tokens=1024", "--out", out)
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 13))
     first = sum(r["reverse_kl_exact"] for r in rows[:3]) / 3
     last = sum(r["reverse_kl_exact"] for r in rows[-3:]) / 3
     print(f"LoRA opd: reverse KL {first:.3f} -> {last:.3f}")
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.8 * first, (first, last)          # seen: 0.617 -> 0.442
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
