@@ -53,8 +53,8 @@ from .compat import (
 )
 from .config import require_run_dir, resolve
 from .errors import UsageError
-from .lora import LoraRankOpt, engine_weights
 from .grpo import labels_used, prompt_schedule
+from .lora import LoraRankOpt, engine_weights
 from .rollout import (
     PromptFields,
     SamplingFields,
