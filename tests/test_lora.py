@@ -365,3 +365,26 @@ def test_vllm_engine_samples_from_the_merged_lora_weights(tokenizer_dir, tmp_pat
 
     assert from_engine == hf_greedy(run / "model")
     assert from_engine != hf_greedy(start)
+
+
+def test_qwen3_makefile_runs_stage_1_with_lora_on_one_gpu():
+    """`make -n teacher-lora` prints one plain `s2d grpo` (no accelerate launch) with --lora-rank, and the
+    stage YAML with its flags resolves to a valid config."""
+    import shlex
+
+    from s2d_cli.config import resolve
+    from s2d_cli.grpo import GRPOConfig
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(["make", "--no-print-directory", "-n", "-C", str(root / "examples" / "qwen3"), "teacher-lora",
+                          "S2D=s2d", f"MATH_TRAIN={root / 'README.md'}"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    (cmd,) = [shlex.split(line) for line in res.stdout.splitlines() if line.startswith("s2d ")]
+    assert cmd[:2] == ["s2d", "grpo"] and "accelerate" not in res.stdout
+    flags = dict(zip(cmd[4::2], cmd[5::2]))      # after: s2d grpo --config FILE
+    assert cmd[2] == "--config" and flags["--lora-rank"] == "64"
+    cfg = resolve(GRPOConfig, config_file=cmd[3], sets=[flags["--set"]],
+                  flags={"model": flags["--model"], "dataset": flags["--dataset"], "out": flags["--out"],
+                         "lora_rank": 64, "lr": float(flags["--lr"]), "backend": flags["--backend"]})
+    assert (cfg.lora_rank, cfg.lr, cfg.backend, cfg.gpu_memory_utilization) == (64, 1e-5, "vllm", 0.35)
+    assert cfg.grad_checkpointing          # the stage YAML's, which the README's memory arithmetic assumes
