@@ -6,7 +6,8 @@
   learning        grpo raises the vowel reward; kl-warmup halves the held-out forward KL; opd runs and
                   lowers the reverse KL
   checkpoints     adapter + optimizer state only; SIGKILL + rerun == an uninterrupted run
-  two processes   `accelerate launch` x2 == one process, LoRA and beta > 0
+  two processes   `accelerate launch` x2 == one process, LoRA and beta > 0; FSDP on two CPU processes too
+  makefile        examples/qwen3's teacher-lora target: Stage 1 with LoRA on one GPU, a config that resolves
   bad input       rank < 0, a module the model lacks, the head, a LoRA change on a partial run
   vllm            the engine takes the merged weights of the adapted blocks and samples from them
 """
@@ -293,6 +294,53 @@ def test_two_processes_match_one_with_lora(tiny_model_dir, tmp_path):
         assert [m[key] for m in m2] == pytest.approx([m[key] for m in m1], rel=1e-5, abs=1e-8), key
     assert m1[0]["kl_ref"] == 0.0 and m1[2]["kl_ref"] > 1e-4
     assert_same_weights(weights(one), weights(two), atol=1e-5)
+
+
+FSDP_CPU = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+num_machines: 1
+num_processes: 2
+mixed_precision: "no"
+use_cpu: false
+fsdp_config:
+  fsdp_version: 1
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_state_dict_type: FULL_STATE_DICT
+  fsdp_use_orig_params: true
+  fsdp_sync_module_states: false
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+"""
+
+
+def test_fsdp_on_two_cpu_processes_matches_one_with_lora(tiny_model_dir, tmp_path):
+    """examples/accelerate/fsdp-8gpu.yaml's settings on two gloo CPU processes, except what torch's FSDP
+    cannot do on a CPU (sync_module_states, and cpu_ram_efficient_loading, which needs it): the same
+    losses, merged model and adapter as one process."""
+    from test_grpo import free_port
+
+    path = tmp_path / "rollouts.jsonl"
+    write_rollouts(path, len(load_tokenizer(str(tiny_model_dir))))
+    config = tmp_path / "fsdp-cpu.yaml"
+    config.write_text(FSDP_CPU)
+    args = ["--model", str(tiny_model_dir), "--rollouts", str(path), "--steps", "2", "-G", "4", "-P", "4",
+            "--lr", "3e-2", "--lora-rank", "4", "--set", "save_every=1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch = [str(BIN / "accelerate"), "launch", "--config_file", str(config), "--main_process_port",
+              str(free_port()), "-m", "s2d_cli.cli", "grpo", *args, "--out", str(two)]
+    proc = subprocess.Popen(launch, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    grpo(*args, "--out", one)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-3000:]
+    assert json.loads((two / "manifest.json").read_text())["world_size"] == 2
+    m1, m2 = metrics(one), metrics(two)
+    for key in ("loss", "grad_norm", "entropy"):
+        assert [m[key] for m in m2] == pytest.approx([m[key] for m in m1], rel=1e-5, abs=1e-8), key
+    assert_same_weights(weights(one), weights(two), atol=1e-5)
+    a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (one, two))
+    assert_same_weights(a, b, atol=1e-6)
+    assert max(t.abs().max().item() for k, t in a.items() if "lora_B" in k) > 1e-3      # trained, not the init
 
 
 # ------------------------------------------------------------------------------------------------
