@@ -286,8 +286,10 @@ class Trainer:
         self.out = Path(out)
         # the model and data it starts from are inputs: a rerun after either changed is not this run
         self.inputs = [input_entry(p) for p in (model, *inputs)]
-        self.fingerprint = fingerprint({k: v for k, v in config.items() if k not in volatile} | {"_kind": kind}
-                                       | {"_inputs": [e.get("sha256") for e in self.inputs]})
+        # full training (lora_rank 0): the other LoRA keys change nothing, and runs made before they existed resume
+        unused = () if config.get("lora_rank") else ("lora_alpha", "lora_dropout", "lora_targets", "lora_rank")
+        self.fingerprint = fingerprint({k: v for k, v in config.items() if k not in volatile and k not in unused}
+                                       | {"_kind": kind} | {"_inputs": [e.get("sha256") for e in self.inputs]})
         cuda = torch.cuda.is_available()
         self.acc = Accelerator(cpu=not cuda)
         self.device = self.acc.device
