@@ -382,7 +382,8 @@ def command(
     rollouts: str = typer.Option(None, "--rollouts", help="Update from existing verified rollouts."),
     reward: str = typer.Option(None, "--reward", help="math (verifier) or module:function."),
     resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
-    lora_rank: LoraRankOpt = None, backend: cu.TrainBackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
+    lora_rank: LoraRankOpt = None,
+    backend: cu.TrainBackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
     """Sparse-reward RL (GRPO and variants) on verified math rewards.
@@ -392,5 +393,6 @@ def command(
     flags = cu.given(model=model, dataset=dataset, out=out, steps=steps, group_size=group_size,
                      prompts_per_step=prompts_per_step, loss=loss, max_new_tokens=max_new_tokens,
                      temperature=temperature, lr=lr, beta=beta, max_labels=max_labels, rollouts=rollouts,
-                     reward=reward, resume=resume, lora_rank=lora_rank, backend=backend, seed=seed, limit=limit, force=force)
+                     reward=reward, resume=resume, lora_rank=lora_rank, backend=backend, seed=seed, limit=limit,
+                     force=force)
     cu.execute(run, lambda: resolve(GRPOConfig, config_file=config, sets=set_, flags=flags))

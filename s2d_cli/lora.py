@@ -62,6 +62,8 @@ class LoraFields:
             raise UsageError(f"lora_dropout: expected a value in [0, 1), got {self.lora_dropout}")
         if self.lora_targets is not None and not self.lora_targets:
             raise UsageError("lora_targets: expected module names, got an empty list")
+        if self.lora_rank:
+            require_peft()          # before the run directory is made
 
 
 def require_peft():
