@@ -398,6 +398,9 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
                                                             "a step)" if computed else ""))
     if layouts:
         lines.append("- s2d micro-batch layout (first process): " + "; ".join(layouts))
+    lora_file = REPO / "bench" / "results" / "lora.md"     # bench/bench_lora.py's tables, kept across reruns
+    if not gpu and lora_file.is_file():
+        lines += ["", lora_file.read_text().rstrip()]
     gpu_file = REPO / "bench" / "RESULTS-gpu.md"
     if not gpu and gpu_file.is_file():
         lines += ["", "## GPU", "", "Copied verbatim from `bench/RESULTS-gpu.md` (the `$OUT/gpu_results.md` and "

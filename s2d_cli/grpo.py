@@ -16,7 +16,8 @@ turns rewards into group advantages. Loss variants (--loss):
   gspo     one importance ratio per sequence (geometric mean), clip 3e-4/4e-4
 PPO clipping over --update-epochs (mu) passes; truncated importance sampling when the engine's
 log-probs differ from the trainer's (vllm). KL to a frozen reference only when --beta > 0 (no
-reference model is loaded otherwise), inside each variant's own normaliser (as DeepSeekMath and TRL);
+reference model is loaded otherwise; with --lora-rank the reference is the frozen base itself,
+its adapters switched off), inside each variant's own normaliser (as DeepSeekMath and TRL);
 --kl-estimator says how it is trained. k1 and k3 both estimate KL(policy || ref) as values; the
 gradients differ (exact expectations on-policy, tests/test_losses.py):
   k3     beta * k3 in each token's loss (DeepSeekMath's GRPO): follows grad KL(ref || policy)
@@ -45,9 +46,9 @@ from .compat import token_ids
 from .config import require_run_dir, resolve
 from .data import Example
 from .engines import sample_seed
-from .engines.weight_sync import full_tensors
 from .errors import UsageError
 from .grading import GradingFields
+from .lora import LoraRankOpt, adapter_off, engine_weights
 from .rollout import (
     PromptFields,
     SamplingFields,
@@ -285,9 +286,13 @@ def run(cfg: GRPOConfig):
     lm, tok = trainer.lm, trainer.tokenizer
     if cfg.rollouts is not None:
         check_stored(stored, cfg.rollouts, lm.get_input_embeddings().weight.shape[0])
-    ref = load_model(cfg.model, dtype=trainer.frozen_dtype, device=trainer.device, trust_remote_code=cfg.trust_remote_code,
-                     attn_implementation=cfg.attn_implementation).requires_grad_(False) if cfg.beta > 0 else None
-    if ref is not None:
+    ref = None
+    if cfg.beta > 0 and trainer.peft is not None:
+        ref = lm           # LoRA: the base is the reference, scored with the adapters off (lora.adapter_off)
+    elif cfg.beta > 0:
+        ref = load_model(cfg.model, dtype=trainer.frozen_dtype, device=trainer.device,
+                         trust_remote_code=cfg.trust_remote_code,
+                         attn_implementation=cfg.attn_implementation).requires_grad_(False)
         trainer.adopt(ref, "reference model")
     engine = None
     if cfg.rollouts is None:
@@ -384,7 +389,7 @@ def run(cfg: GRPOConfig):
         n_seq, n_tok = info.num_sequences / info.world_size, info.num_tokens / info.world_size
         ref_BT = None
         if ref is not None:
-            with torch.no_grad():
+            with torch.no_grad(), adapter_off(ref):
                 ref_BT = mb.to_BT(trainer_ref_logprobs(ref, mb))
         loss, m = policy_loss(cfg, logp_BT, old_BT, mb.scalars["adv"].to(logp_BT.dtype), mask_BT, is_BT,
                               n_seq, n_tok, ref_BT)
@@ -398,7 +403,7 @@ def run(cfg: GRPOConfig):
 
     def after_update(step: int) -> None:
         if engine is not None and engine.name == "vllm":
-            engine.update_weights(full_tensors(lm))     # under FSDP: gathered one tensor at a time
+            engine.update_weights(engine_weights(lm))   # under FSDP: gathered one tensor at a time
 
     try:
         trainer.fit(make_batch, loss_fn, update_epochs=cfg.update_epochs, after_update=after_update,
@@ -431,13 +436,12 @@ def colocated_engine(cfg, model: str, trainer: Trainer):
     launch) that samples this process's share of each step, starting from the trainer's weights (a
     resumed run's included)."""
     from .engines import make_engine
-    from .engines.weight_sync import full_tensors
 
     engine = make_engine("vllm", model, tokenizer=trainer.tokenizer, seed=cfg.seed, dtype=cfg.dtype,
                          trust_remote_code=cfg.trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,
                          gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
                          sleep_level=cfg.vllm_sleep_level)
-    engine.update_weights(full_tensors(trainer.lm))
+    engine.update_weights(engine_weights(trainer.lm))   # LoRA: the adapted blocks, merged
     return engine
 
 
@@ -458,6 +462,7 @@ def command(
     rollouts: str = typer.Option(None, "--rollouts", help="Update from existing verified rollouts."),
     reward: str = typer.Option(None, "--reward", help="math (verifier) or module:function."),
     resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
+    lora_rank: LoraRankOpt = None,
     backend: cu.TrainBackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
@@ -468,6 +473,6 @@ def command(
     flags = cu.given(model=model, dataset=dataset, out=out, steps=steps, group_size=group_size,
                      prompts_per_step=prompts_per_step, loss=loss, max_new_tokens=max_new_tokens,
                      temperature=temperature, lr=lr, beta=beta, kl_estimator=kl_estimator, max_labels=max_labels,
-                     rollouts=rollouts, reward=reward, resume=resume, backend=backend, seed=seed, limit=limit,
+                     rollouts=rollouts, reward=reward, resume=resume, lora_rank=lora_rank, backend=backend, seed=seed, limit=limit,
                      force=force)
     cu.execute(run, lambda: resolve(GRPOConfig, config_file=config, sets=set_, flags=flags))

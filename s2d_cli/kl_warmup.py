@@ -64,6 +64,7 @@ from .compat import (
 from .config import require_run_dir, resolve
 from .data import DEFAULT_INSTRUCTION, encode_prompt, prompt_is_chat, render_prompt
 from .errors import UsageError
+from .lora import LoraRankOpt
 from .served_teacher import TOKENIZER_PROBES, ServedTeacher, is_served
 from .trainer import Batch, Sequence, Trainer, TrainFields, hidden_at, pack
 
@@ -436,6 +437,7 @@ def command(
     eval_rollouts: str = typer.Option(None, "--eval-rollouts", help="Held-out teacher sequences to score."),
     allow_vocab_size_mismatch: AllowMismatchOpt = None,
     resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
+    lora_rank: LoraRankOpt = None,
     seed: cu.SeedOpt = None, force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
     """Stage 2a: forward KL from the teacher's sequences to the student (sampled, top-K or full).
@@ -444,5 +446,6 @@ def command(
     """
     flags = cu.given(student=student, teacher=teacher, rollouts=rollouts, targets=targets, out=out, steps=steps,
                      lr=lr, batch_size=batch_size, temperature=temperature, eval_rollouts=eval_rollouts,
-                     allow_vocab_size_mismatch=allow_vocab_size_mismatch, resume=resume, seed=seed, force=force)
+                     allow_vocab_size_mismatch=allow_vocab_size_mismatch, resume=resume, lora_rank=lora_rank,
+                     seed=seed, force=force)
     cu.execute(run, lambda: resolve(KLWarmupConfig, config_file=config, sets=set_, flags=flags))

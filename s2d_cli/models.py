@@ -322,7 +322,10 @@ def check_plain_head(model, name: str) -> None:
 def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[str, dict] | None = None,
                     state_dict: dict | None = None) -> Path:
     """save_pretrained into a temp dir beside `out_dir`, then rename: readers never see half a model.
-    state_dict: the tensors to save instead of the model's own (a sharded model's, gathered whole)."""
+    state_dict: the tensors to save instead of the model's own (a sharded model's, gathered whole).
+    A model with LoRA adapters (`s2d_cli.lora`) is saved merged, as the plain model it computes."""
+    from .lora import is_lora, merged_state_dict
+
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -331,6 +334,8 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[
     cache_off = getattr(config, "use_cache", None) is False
     if cache_off:
         config.use_cache = True
+    if state_dict is None and is_lora(model):
+        state_dict = merged_state_dict(model)
     try:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     finally:

@@ -63,10 +63,10 @@ from .compat import (
 from .config import require_run_dir, resolve
 from .data import prompt_is_chat
 from .engines import sample_seed
-from .engines.weight_sync import full_tensors
 from .errors import UsageError
 from .grading import GradingFields
 from .grpo import colocated_engine, labels_used, prompt_schedule, use_vllm
+from .lora import LoraRankOpt, engine_weights
 from .rollout import (
     PromptFields,
     SamplingFields,
@@ -328,7 +328,7 @@ def run(cfg: OPDConfig):
 
     def after_update(step: int) -> None:
         if engine.name == "vllm":
-            engine.update_weights(full_tensors(lm))     # under FSDP: gathered one tensor at a time
+            engine.update_weights(engine_weights(lm))   # under FSDP: gathered one tensor at a time
 
     try:
         if vllm:
@@ -368,6 +368,7 @@ def command(
     discount: float = typer.Option(None, "--discount", help="sampled loss: discount of future per-token advantages."),
     allow_vocab_size_mismatch: AllowMismatchOpt = None,
     resume: bool = typer.Option(None, "--resume", help="Continue from the newest checkpoint."),
+    lora_rank: LoraRankOpt = None,
     backend: cu.TrainBackendOpt = None, seed: cu.SeedOpt = None, limit: cu.LimitOpt = None,
     force: cu.ForceOpt = None, config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
@@ -379,5 +380,5 @@ def command(
                      alpha=alpha, n=n, prompts_per_step=prompts_per_step, max_new_tokens=max_new_tokens,
                      temperature=temperature, lr=lr, topk_k=topk_k, discount=discount,
                      allow_vocab_size_mismatch=allow_vocab_size_mismatch, resume=resume, backend=backend,
-                     seed=seed, limit=limit, force=force)
+                     lora_rank=lora_rank, seed=seed, limit=limit, force=force)
     cu.execute(run, lambda: resolve(OPDConfig, config_file=config, sets=set_, flags=flags))

