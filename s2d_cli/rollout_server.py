@@ -141,7 +141,10 @@ def command(
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
     set_: Annotated[list[str], typer.Option("--set", help="Extra vLLM engine argument, key=value.")] = [],  # noqa: B006
 ):
-    """Serve rollouts for `grpo`/`opd --backend server` from a vLLM engine on GPUs of its own."""
+    """Serve rollouts for `grpo`/`opd --backend server` from a vLLM engine on GPUs of its own.
+
+    Example: s2d rollout-server --model runs/sft/model --host 0.0.0.0 --port 8100
+    """
     import yaml
 
     from .engines.vllm import VLLMEngine
