@@ -183,3 +183,31 @@ def test_a_killed_server_is_one_line_and_the_run_resumes(start_model, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_opd_through_the_server_equals_the_colocated_engine(start_model, server, tmp_path):
+    """opd samples the student through the server too: per-step completion lengths, reverse KL and loss
+    equal the colocated run's, and so do the final weights (the server started from the student's
+    architecture and was sent the student's weights before step 1 and after each update)."""
+    from s2d_cli.models import build_tiny_model, build_tokenizer
+
+    teacher = build_tiny_model(tmp_path / "teacher", arch="qwen3", tokenizer=build_tokenizer(), seed=3, **VLLM_SHAPE)
+
+    def opd(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "s2d_cli.cli", "opd", "--student", str(start_model), "--teacher", str(teacher),
+               "--dataset", "toy:split=pool,n=16", "--steps", "2", "--n", "2", "-P", "4", "--max-new-tokens", "6",
+               "--lr", "1e-2", "--set", "dtype=fp32", "--out", str(out), *extra]
+        return subprocess.run(cmd, env=env(tmp_path), capture_output=True, text=True, timeout=600)
+
+    colocated = opd(tmp_path / "colocated", "--backend", "vllm")
+    assert colocated.returncode == 0, colocated.stderr[-3000:]
+    served = opd(tmp_path / "served", "--backend", "server", "--set", f"rollout_server={server}")
+    assert served.returncode == 0, served.stderr[-3000:]
+    m1, m2 = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("colocated", "served")]
+    assert len(m1) == 2
+    for key in ("completion_len", "reverse_kl", "loss"):
+        assert [m[key] for m in m2] == pytest.approx([m[key] for m in m1], rel=1e-5, abs=1e-7), key
+    wa, wb = weights(tmp_path / "colocated"), weights(tmp_path / "served")
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-5), k
