@@ -23,13 +23,13 @@ class WeightGroup:
                                                      datetime.timedelta(seconds=timeout))
 
     @classmethod
-    def host(cls, address: tuple[str, int], *, timeout: float) -> "WeightGroup":
+    def host(cls, address: tuple[str, int], *, timeout: float) -> WeightGroup:
         store = torch.distributed.TCPStore(address[0], address[1], 2, is_master=True, wait_for_workers=False,
                                            timeout=datetime.timedelta(seconds=timeout))
         return cls(store, 0, timeout)
 
     @classmethod
-    def join(cls, address: tuple[str, int], *, timeout: float) -> "WeightGroup":
+    def join(cls, address: tuple[str, int], *, timeout: float) -> WeightGroup:
         store = torch.distributed.TCPStore(address[0], address[1], 2, is_master=False,
                                            timeout=datetime.timedelta(seconds=timeout))
         return cls(store, 1, timeout)
