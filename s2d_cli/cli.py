@@ -28,7 +28,7 @@ def _register_optional() -> None:
     import importlib
 
     for module, name in (("grpo", "grpo"), ("kl_warmup", "kl-warmup"), ("opd", "opd"),
-                         ("report", "report"), ("tiny", "make-tiny"), ("toy", "toy")):
+                         ("report", "report"), ("tiny", "make-tiny"), ("toy", "toy"), ("rollout_server", "rollout-server")):
         try:
             mod = importlib.import_module(f"s2d_cli.{module}")
         except ModuleNotFoundError as e:

@@ -138,7 +138,7 @@ BackendOpt = Annotated[str | None, typer.Option("--backend", help="auto (vllm on
 # eval: a directory or nothing (metrics JSON on stdout); '-' is refused, so its help must not offer it
 EvalOutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Output directory (records, metrics.json); without it the metrics JSON goes to stdout.")]
 RunOutOpt = Annotated[str | None, typer.Option("--out", "-o", help="Run directory (config, metrics.jsonl, checkpoints, model).")]
-TrainBackendOpt = Annotated[str | None, typer.Option("--backend", help="Rollout engine: hf (the policy itself; what auto picks) or vllm (weights pushed after every update).")]
+TrainBackendOpt = Annotated[str | None, typer.Option("--backend", help="Rollout engine: hf (the policy itself; what auto picks), vllm (weights pushed after every update) or server (an `s2d rollout-server`, --set rollout_server=URL).")]
 
 
 PROGRESS_EVERY_ENV = "S2D_PROGRESS_EVERY"

@@ -98,6 +98,9 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields, GradingFields):
     # (every update resends them anyway), 0 keeps both
     gpu_memory_utilization: float = 0.3
     vllm_sleep_level: int = 1
+    # --backend server: an `s2d rollout-server` on GPUs of its own samples; seconds per request / weight push
+    rollout_server: str = ""
+    rollout_timeout: float = 600.0
 
     def validate(self) -> None:
         if not self.model:
@@ -426,6 +429,8 @@ def use_vllm(backend: str) -> bool:
     vLLM engine. Elsewhere the live hf model samples (no weight sync, exact)."""
     from .engines import auto_backend, vllm_available
 
+    if backend == "server":              # a rollout server's vLLM: no vLLM needed in the trainer
+        return True
     if backend == "vllm" and not vllm_available():
         raise UsageError("--backend vllm: vllm is not installed (pip install 's2d[vllm]')")
     return backend == "vllm" or (backend == "auto" and auto_backend() == "vllm")
@@ -434,8 +439,20 @@ def use_vllm(backend: str) -> bool:
 def colocated_engine(cfg, model: str, trainer: Trainer):
     """A vLLM engine in this process (one per process, or per tensor-parallel group, under accelerate
     launch) that samples this process's share of each step, starting from the trainer's weights (a
-    resumed run's included)."""
+    resumed run's included). --backend server: a client of `s2d rollout-server` (`rollout_server=URL`)
+    instead, sent the same weights."""
     from .engines import make_engine
+
+    if cfg.backend == "server":
+        from .engines.served import ServedEngine
+
+        if not cfg.rollout_server:
+            raise UsageError("--backend server: missing --set rollout_server=http://host:port (an `s2d rollout-server`)")
+        engine = ServedEngine(cfg.rollout_server, tokenizer=trainer.tokenizer, timeout=cfg.rollout_timeout,
+                              weight_timeout=cfg.rollout_timeout,
+                              vocab=trainer.lm.get_input_embeddings().weight.shape[0])
+        engine.update_weights(full_tensors(trainer.lm))
+        return engine
 
     engine = make_engine("vllm", model, tokenizer=trainer.tokenizer, seed=cfg.seed, dtype=cfg.dtype,
                          trust_remote_code=cfg.trust_remote_code, tensor_parallel_size=cfg.tensor_parallel_size,

@@ -107,7 +107,10 @@ def check_sampling(cfg: SamplingFields) -> None:
     limit = getattr(cfg, "limit", None)
     if limit is not None and limit < 1:
         raise UsageError(f"--limit: expected >= 1, got {limit}")
-    if cfg.backend not in ("auto", "hf", "vllm"):
+    if hasattr(cfg, "rollout_server"):       # grpo/opd: also an `s2d rollout-server` (--backend server)
+        if cfg.backend not in ("auto", "hf", "vllm", "server"):
+            raise UsageError(f"--backend: expected auto, hf, vllm or server, got {cfg.backend!r}")
+    elif cfg.backend not in ("auto", "hf", "vllm"):
         raise UsageError(f"--backend: expected auto, hf or vllm, got {cfg.backend!r}")
 
 
