@@ -451,7 +451,7 @@ def colocated_engine(cfg, model: str, trainer: Trainer):
         engine = ServedEngine(cfg.rollout_server, tokenizer=trainer.tokenizer, timeout=cfg.rollout_timeout,
                               weight_timeout=cfg.rollout_timeout,
                               vocab=trainer.lm.get_input_embeddings().weight.shape[0])
-        engine.update_weights(full_tensors(trainer.lm))
+        engine.update_weights(engine_weights(trainer.lm))
         return engine
 
     engine = make_engine("vllm", model, tokenizer=trainer.tokenizer, seed=cfg.seed, dtype=cfg.dtype,
