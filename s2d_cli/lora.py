@@ -142,9 +142,14 @@ def is_lora(model: nn.Module) -> bool:
     return bool(lora_layers(model))
 
 
-def save_adapter(peft_model, out_dir: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors into `out_dir` (which exists; the caller renames)."""
-    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+def save_adapter(peft_model, out_dir: Path, whole: dict[str, torch.Tensor] | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors into `out_dir` (which exists; the caller renames).
+    whole: the model's tensors gathered whole (a sharded model's, keyed as its own state dict), saved in
+    place of its parameters (under FSDP, DTensor shards that peft cannot save)."""
+    state = None
+    if whole is not None:
+        state = {f"base_model.model.{k}": t for k, t in whole.items() if ".lora_" in k}
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True, state_dict=state)
     (out_dir / "README.md").unlink(missing_ok=True)     # peft's model-card template, not ours to ship
 
 
@@ -173,9 +178,12 @@ def delta(layer: nn.Module) -> torch.Tensor | None:
     """s B A of one LoRA layer's active adapter, in the base weight's dtype (None when off)."""
     if layer.disable_adapters or ADAPTER_NAME not in layer.lora_A:
         return None
-    base = layer.get_base_layer().weight
-    A, B = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
-    return ((B.float() @ A.float()) * layer.scaling[ADAPTER_NAME]).to(base.dtype)
+    return _delta(layer, layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight,
+                  layer.get_base_layer().weight.dtype)
+
+
+def _delta(layer: nn.Module, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return ((B.float() @ A.float()) * layer.scaling[ADAPTER_NAME]).to(dtype)
 
 
 @torch.no_grad()
@@ -205,13 +213,24 @@ def _module_name(key: str) -> str:
 
 
 @torch.no_grad()
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, whole: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The state dict of the plain model that computes what `model` (with its adapters) computes: the
     adapters' tensors dropped, `x.base_layer.weight` renamed `x.weight` and merged. The tensors of
-    unadapted weights are the model's own (no copy)."""
-    merged_w = {name: merged_linear(m)[0] for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    unadapted weights are the model's own (no copy). whole: the model's state dict gathered whole (a
+    sharded model's), merged in place of the model's own parameters (DTensor shards under FSDP)."""
+    if whole is None:
+        merged_w = {name: merged_linear(m)[0] for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    else:
+        merged_w = {}
+        for name, m in model.named_modules():
+            if hasattr(m, "lora_A") and f"{name}.base_layer.weight" in whole:
+                w = whole[f"{name}.base_layer.weight"]
+                if not m.disable_adapters and ADAPTER_NAME in m.lora_A:
+                    w = w + _delta(m, whole[f"{name}.lora_A.{ADAPTER_NAME}.weight"],
+                                   whole[f"{name}.lora_B.{ADAPTER_NAME}.weight"], w.dtype)
+                merged_w[name] = w
     out = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in (model.state_dict() if whole is None else whole).items():
         if ".lora_" in key:
             continue
         if ".base_layer." in key:
@@ -228,22 +247,21 @@ def engine_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     A LoRA model: the merged weights of each transformer block that holds an adapter, and nothing else
     (the embeddings, norms outside those blocks and the head never change). Each adapted block goes whole,
     merged where adapted: vLLM fuses q/k/v and gate/up and processes a fused layer from the tensors that
-    arrive, so sending q and v without k would be sending a third of a layer."""
-    if not is_lora(model):
-        from .engines.weight_sync import full_tensors
+    arrive, so sending q and v without k would be sending a third of a layer. Under FSDP every process
+    iterates it in step: the adapted blocks' tensors are gathered whole (a collective per tensor) and merged."""
+    from .engines.weight_sync import full_tensors
 
+    if not is_lora(model):
         yield from full_tensors(model)   # under FSDP: gathered one tensor at a time
         return
     import re
 
     block = re.compile(r"^(.*?\.layers\.\d+)\.")
-    state = merged_state_dict(model)
     adapted = {m.group(1) for name, mod in model.named_modules() if hasattr(mod, "lora_A")
                for m in [block.match(name + ".")] if m}
-    for key, tensor in state.items():
-        m = block.match(key)
-        if m and m.group(1) in adapted:
-            yield key, tensor
+    whole = {key: tensor for key, tensor in full_tensors(model)      # no copy when not sharded
+             if (m := block.match(key)) and m.group(1) in adapted}
+    yield from merged_state_dict(model, whole).items()
 
 
 @contextlib.contextmanager

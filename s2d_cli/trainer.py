@@ -654,7 +654,7 @@ class Trainer:
             if self.peft is not None:             # LoRA: the adapter, not the (frozen, merged) weights
                 from .lora import save_adapter
                 tmp.mkdir(parents=True)
-                save_adapter(self.peft, tmp)
+                save_adapter(self.peft, tmp, whole=weights)   # under CPU FSDP: from the gathered tensors
             else:
                 save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, tmp, state_dict=weights)
             torch.save(optimizer if optimizer is not None else self.optimizer.state_dict(), tmp / "optimizer.pt")
@@ -864,16 +864,21 @@ class Trainer:
         from .models import save_checkpoint
 
         self.save_checkpoint(self.cfg.steps)
-        weights, _ = self._whole_state()
+        weights, _ = self._whole_state()          # collective: every process
         if self.acc.is_main_process:
+            merged = weights
+            # LoRA under CPU FSDP: merged from the gathered tensors (else save_checkpoint merges the model)
+            if self.peft is not None and weights is not None:
+                from .lora import merged_state_dict
+                merged = merged_state_dict(self.lm, weights)
             save_checkpoint(self.acc.unwrap_model(self.policy).lm, self.tokenizer, self.out / "model",
-                            state_dict=None if self.peft is not None else weights)   # LoRA: saved merged
+                            state_dict=merged)
             if self.peft is not None:
                 from .lora import save_adapter
                 from .models import replace_dir
                 tmp = self.out / f".adapter.tmp-{uuid.uuid4().hex[:8]}"
                 tmp.mkdir()
-                save_adapter(self.peft, tmp)
+                save_adapter(self.peft, tmp, whole=weights)
                 replace_dir(tmp, self.out / "adapter")
                 extra = {"adapter": "adapter", **(extra or {})}
             last = {}

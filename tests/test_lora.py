@@ -339,7 +339,9 @@ def test_fsdp_on_two_cpu_processes_matches_one_with_lora(tiny_model_dir, tmp_pat
         assert [m[key] for m in m2] == pytest.approx([m[key] for m in m1], rel=1e-5, abs=1e-8), key
     assert_same_weights(weights(one), weights(two), atol=1e-5)
     a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (one, two))
-    assert_same_weights(a, b, atol=1e-6)
+    # 1e-5 as for the merged weights: step 1 agrees to 1e-8, but A's first gradient comes at step 2 (B starts
+    # at 0), where AdamW's g / sqrt(v) turns the reduce-scatter's rounding in a near-zero gradient into ~1e-6
+    assert_same_weights(a, b, atol=1e-5)
     assert max(t.abs().max().item() for k, t in a.items() if "lora_B" in k) > 1e-3      # trained, not the init
 
 
