@@ -109,7 +109,8 @@ def run(cfg: VerifyConfig) -> Path | None:
                 done += [{k: r.get(k) for k in ("correct", "verdict", "multi_box")} for r in scored]
                 total += len(scored)
                 bar.advance(task, len(scored))
-        done += [r for i in range(len(slices)) if i not in todo for r in writer.read_finished_shard(i)]
+    # a resumed run's finished shards count too, also when nothing was left to do (killed at the commit)
+    done += [r for i in range(len(slices)) if i not in todo for r in writer.read_finished_shard(i)]
     rates = verdict_rates(done) if done else None
     extra = {"made_with": made_with(cfg.input)} if Path(cfg.input).is_dir() else {}
     if rates:
