@@ -41,8 +41,7 @@ import torch
 from . import __version__
 from .errors import UsageError, located
 from .evalsets import BUNDLED, BUNDLED_DIR
-from .models import replace_dir
-from .outputs import _locks, lock_output, on_failure, release_locks, try_lock, unlock  # noqa: F401
+from .outputs import _locks, lock_output, on_failure, release_locks, replace_dir, try_lock, unlock  # noqa: F401
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"

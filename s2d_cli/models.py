@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from pathlib import Path
 
 import torch
 
 from .errors import UsageError
+from .outputs import replace_dir  # noqa: F401  (re-exported: the trainer's and tests' name)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -347,17 +347,6 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, *, extra_files: dict[
         (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
     replace_dir(tmp, out_dir)
     return out_dir
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Atomically put directory `src` at `dst` (an old `dst` is moved aside first, then removed)."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,3 +124,14 @@ def undo_failed() -> None:
             _on_failure.pop()()
         except Exception:  # pragma: no cover - cleaning up must not hide the real error
             pass
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Atomically put directory `src` at `dst` (an old `dst` is moved aside first, then removed)."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
