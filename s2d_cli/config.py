@@ -123,6 +123,9 @@ FLOAT_RANGES: dict[str, Range] = {
     "error_rate": UNIT,
     "teacher_timeout": Range(0, 86_400, lo_open=True),   # served teacher: seconds per HTTP request
     "teacher_selftest_tol": NON_NEGATIVE,                 # served teacher: nats
+    "rollout_timeout": Range(0, 86_400, lo_open=True),    # rollout server: seconds per request
+    "lora_alpha": Range(0, lo_open=True),                 # adapters' output scale alpha / r
+    "lora_dropout": UNIT_OPEN_TOP,
     "progress_every": Range(0, 86_400),                   # seconds between plain progress lines (0: none)
 }
 # where one command means something else by a key
