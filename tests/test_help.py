@@ -118,6 +118,8 @@ def test_no_flag_switches_off_what_the_yaml_switched_on(tmp_path):
 
 def test_every_config_key_is_an_option_or_in_the_keys_panel():
     for name, cmd in commands().items():
+        if name == "rollout-server":      # a service with plain flags and no config dataclass
+            continue
         cfg = cmd.resolved_config()
         assert cfg is not None, name
         text = invoke(name, "--help").stdout

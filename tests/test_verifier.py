@@ -369,9 +369,9 @@ def test_no_more_workers_than_items():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--timeout", "nan"], "--timeout: expected > 0"),
-    (["--timeout", "inf"], "--timeout: expected > 0"),
-    (["--set", "timeout=nan"], "--timeout: expected > 0"),
+    (["--timeout", "nan"], "--timeout: expected a finite number in (0, 86400], got nan"),
+    (["--timeout", "inf"], "--timeout: expected a finite number in (0, 86400], got inf"),
+    (["--set", "timeout=nan"], "--set: timeout: expected a finite number in (0, 86400], got nan"),
     (["--workers", "-1"], "--workers: expected a process count >= 0"),
     (["--set", "shard_size=0"], "shard_size: expected >= 1, got 0"),
     (["--set", "shard_size=-5"], "shard_size: expected >= 1, got -5"),
