@@ -268,7 +268,7 @@ def test_two_update_epochs_match_trl(trl_trainer, batch, tiny_model_dir, monkeyp
     cfg = s2d_config(keys)
     lm = s2d_model(tiny_model_dir, "padded")
     micro = pack([Sequence(s.prompt_ids, s.completion_ids, scalars=dict(s.scalars)) for s in seqs], 40)
-    Trainer._store_old_logprobs(SimpleNamespace(lm=lm, cfg=SimpleNamespace(chunk_size=cfg.chunk_size)), micro)
+    Trainer._old_logprobs(SimpleNamespace(lm=lm, cfg=SimpleNamespace(chunk_size=cfg.chunk_size)), micro)
     for mb in micro:
         mb.token_data["ref_logp"] = mb.token_data["old_logp"]
     n_seq, n_tok = float(len(seqs)), float(sum(len(s.completion_ids) for s in seqs))
