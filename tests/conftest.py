@@ -17,6 +17,19 @@ def shared_data_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two intra-op threads on two shared cores spin against each other and everything else running:
+    10x slower under load, and the numbers are the same with one thread. A module that trains in-process
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _release_output_locks():
     """A test that builds writers or trainers directly (not through a command) holds their output locks

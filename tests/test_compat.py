@@ -28,12 +28,7 @@ from s2d_cli.models import build_tiny_model, build_tokenizer, load_model, load_t
 EXTRA_ROWS = 14
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def s2d(*args, ok: bool = True):

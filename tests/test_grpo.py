@@ -42,14 +42,7 @@ BIN = Path(sys.executable).parent
 VOWEL = "rewards_for_tests:starts_with_vowel"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two intra-op threads on two shared cores spin against each other and everything else running:
-    10x slower under load, and the numbers are the same with one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.fixture(autouse=True)

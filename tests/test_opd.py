@@ -32,13 +32,7 @@ from s2d_cli.models import build_tiny_model, load_model, load_tokenizer, save_ch
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two intra-op threads on two shared cores spin against each other: much slower under load."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 def s2d(*args, ok: bool = True):

@@ -40,12 +40,7 @@ VOWEL = "rewards_for_tests:starts_with_vowel"
 M64 = (1 << 64) - 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.fixture(autouse=True)
