@@ -339,14 +339,6 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
         head += " MFU s2d | MFU peer |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
 
-    def med(x, key):
-        return statistics.median(x[key]) if x and x.get(key) else None
-
-    def ratio(a, b, bold=False):
-        if a is None or b is None:
-            return "—"
-        return f"**{a / b:.2f}x**" if bold else f"{a / b:.2f}"
-
     for row in ROW_ORDER:
         if row not in summaries:
             continue
@@ -416,6 +408,17 @@ def report(args, profile_name: str, specs: dict, summaries: dict, wall: float, l
     return "\n".join(lines) + "\n"
 
 
+def med(x: dict | None, key: str) -> float | None:
+    """The median of a side's `key` over its processes (repeats), None where it has none."""
+    return statistics.median(x[key]) if x and x.get(key) else None
+
+
+def ratio(a: float | None, b: float | None, bold: bool = False) -> str:
+    if a is None or b is None:
+        return "—"
+    return f"**{a / b:.2f}x**" if bold else f"{a / b:.2f}"
+
+
 ROW_ORDER = ["grpo", "update", "opd", "kl", "verify", "verify5k", "rollout"]
 ROW_NUMBER = {"grpo": "1", "update": "2", "opd": "3", "kl": "4", "verify": "5", "verify5k": "5b", "rollout": "6"}
 
@@ -425,14 +428,6 @@ def liger_line(i: str, row: str, s: dict | None, gpu: bool) -> list[str]:
     if row not in LIGER_SUMMARIES:
         return []
     x = LIGER_SUMMARIES[row]
-
-    def med(y, key):
-        return statistics.median(y[key]) if y and y.get(key) else None
-
-    def ratio(a, b, bold=False):
-        if a is None or b is None:
-            return "—"
-        return f"**{a / b:.2f}x**" if bold else f"{a / b:.2f}"
 
     cells = [f"{i}L", WHAT[row], PEER[row] + " + liger (use_liger_kernel)",
              "(as above)" if s else "—",
