@@ -150,8 +150,6 @@ class TrainFields(LoraFields):
         check_attn_implementation(self.attn_implementation)
         from .trackers import names_of
         names_of(self)                                   # a tracker that is not installed: before any work
-        if self.progress_every is not None and not self.progress_every >= 0:
-            raise UsageError(f"progress_every: expected >= 0 seconds (0: no progress lines), got {self.progress_every}")
         self.check_lora()
 
 
