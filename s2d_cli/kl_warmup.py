@@ -106,8 +106,6 @@ class KLWarmupConfig(TrainFields):
                              "top-K log-probs, not the whole vocabulary; use --targets topk on `s2d rollout --topk K`")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size: expected >= 1, got {self.batch_size}")
-        if self.temperature <= 0:
-            raise UsageError(f"--temperature: expected > 0, got {self.temperature}")
         if self.targets == "topk" and self.temperature != 1.0:
             raise UsageError("--temperature: topk targets are the teacher's stored log-probs at temperature 1; "
                              "use --targets full for another temperature")

@@ -126,12 +126,8 @@ class OPDConfig(PromptFields, SamplingFields, TrainFields, GradingFields):
             raise UsageError(f"--loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.prompts_per_step < 1:
             raise UsageError(f"--prompts-per-step: expected >= 1, got {self.prompts_per_step}")
-        if self.alpha < 0:
-            raise UsageError(f"--alpha: expected >= 0, got {self.alpha}")
         if self.alpha > 0 and self.n < 2:
             raise UsageError(f"--alpha needs --n >= 2 (rewards are compared within a prompt's group), got {self.n}")
-        if not 0.0 <= self.discount <= 1.0:
-            raise UsageError(f"--discount: expected a value in [0, 1], got {self.discount}")
         if self.discount > 0 and self.loss != "sampled":
             raise UsageError(f"--discount applies to --loss sampled only (the {self.loss} loss is exact per position)")
         if self.topk_k < 1:

@@ -12,7 +12,6 @@ sampled with seed + i so a resumed run writes what an uninterrupted one would ha
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,18 +91,12 @@ def check_sampling(cfg: SamplingFields) -> None:
         raise UsageError(f"--n: expected >= 1, got {cfg.n}")
     if cfg.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens: expected >= 1, got {cfg.max_new_tokens}")
-    if not 0 <= cfg.temperature < math.inf:
-        raise UsageError(f"--temperature: expected a finite value >= 0, got {cfg.temperature}")
-    if not 0 < cfg.top_p <= 1:
-        raise UsageError(f"--top-p: expected a value in (0, 1], got {cfg.top_p}")
     if cfg.top_k != -1 and cfg.top_k < 1:
         raise UsageError(f"--top-k: expected -1 (off) or >= 1, got {cfg.top_k}")
     if cfg.batch_size < 1:
         raise UsageError(f"batch_size: expected >= 1, got {cfg.batch_size}")
     if cfg.tensor_parallel_size < 1:
         raise UsageError(f"tensor_parallel_size: expected >= 1, got {cfg.tensor_parallel_size}")
-    if not 0 < cfg.gpu_memory_utilization <= 1:
-        raise UsageError(f"gpu_memory_utilization: expected a value in (0, 1], got {cfg.gpu_memory_utilization}")
     limit = getattr(cfg, "limit", None)
     if limit is not None and limit < 1:
         raise UsageError(f"--limit: expected >= 1, got {limit}")
