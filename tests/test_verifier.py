@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from conftest import shared_data_dir
 from s2d_cli.cli import app
 from s2d_cli.errors import UsageError
 from s2d_cli.grading import OLD_RULES, GradingRules
 from s2d_cli.verifier import Verdict, Verifier, last_boxed, normalize_gold, verify_many, verify_one
 
-SHARED_DATA = Path(os.environ.get("S2D_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
+SHARED_DATA = shared_data_dir()
 
 # Inputs math-verify needs seconds (or forever) for: a tower of powers, deep nesting, a 20k-term sum.
 TOWER = r"\boxed{9^{9^{9^{9^{9}}}}}"

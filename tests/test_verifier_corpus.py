@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_data_dir
 from s2d_cli.verifier import Verifier
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests/data/verify_corpus.jsonl"
-SHARED_DATA = Path(os.environ.get("S2D_SHARED_DATA") or ROOT.parents[1] / "shared/data")
+SHARED_DATA = shared_data_dir()
 
 
 @pytest.fixture(scope="module")
