@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import shared_data_dir
 from typer.testing import CliRunner
 
-from conftest import shared_data_dir
 from s2d_cli.cli import app
 from s2d_cli.errors import UsageError
 from s2d_cli.grading import OLD_RULES, GradingRules

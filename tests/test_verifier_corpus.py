@@ -7,14 +7,13 @@ agrees with it on at least 99.7 % of the cases, and no reward-hack case earns a 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import shared_data_dir
+
 from s2d_cli.verifier import Verifier
 
 ROOT = Path(__file__).resolve().parents[1]
