@@ -50,7 +50,8 @@ Run directory:
     out/config.json, out/metrics.jsonl, out/checkpoints/step-000010/ (HF model + optimizer.pt +
     master/master_fp32.safetensors for half-precision weights, in a folder of its own so that vLLM and
     transformers, which load every *.safetensors beside config.json, never read it as weights +
-    trainer_state.json, written last), out/model/ (final HF checkpoint), out/manifest.json (last),
+    trainer_state.json, written last, with the sha256 of every other file: checked before a resume),
+    out/model/ (final HF checkpoint), out/manifest.json (last),
     out/tb/ (with report_to: tensorboard).
     With --lora-rank R (`s2d_cli.lora`): checkpoints hold the adapter in place of the HF model, out/model/
     is the merged model and out/adapter/ the PEFT adapter.
@@ -292,6 +293,59 @@ def remove_leftovers(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_digests(ckpt: Path) -> dict[str, str]:
+    """sha256 of every file a checkpoint holds (its trainer_state.json aside), by path inside it: written
+    into trainer_state.json when the checkpoint is saved, checked before a run resumes from it."""
+    from .artifacts import sha256_file
+
+    return {p.relative_to(ckpt).as_posix(): sha256_file(p)
+            for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != STATE_FILE}
+
+
+def check_checkpoint(ckpt: Path) -> None:
+    """Refuse, in one line, to resume from a checkpoint whose files are not the ones it was saved with
+    (truncated, edited, missing): its weights would be resumed silently wrong or fail mid-load.
+    Checkpoints of versions that recorded no digests are loaded as they are."""
+    try:
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        saved = state.get("files") if isinstance(state, dict) else None
+    except (OSError, ValueError) as e:
+        raise UsageError(_damaged_line(ckpt, f"{STATE_FILE} is unreadable ({e})")) from None
+    if saved is None:
+        return
+    now = checkpoint_digests(ckpt)
+    for name, digest in saved.items():
+        if name not in now:
+            raise UsageError(_damaged_line(ckpt, f"{name} is missing"))
+        if now[name] != digest:
+            raise UsageError(_damaged_line(ckpt, f"{name} is not the file that was saved (its sha256 differs)"))
+
+
+def _damaged_line(ckpt: Path, what: str) -> str:
+    older = sorted(p.name for p in ckpt.parent.glob("step-*") if p != ckpt and (p / STATE_FILE).is_file())
+    way = (f"move it away to resume from {older[-1]}" if older else "move it away to start the run over")
+    return f"checkpoint {ckpt}: {what}; {way}, or start a new --out"
+
+
+@contextlib.contextmanager
+def _damaged(ckpt: Path):
+    """Loading a checkpoint that fails (a damaged file of a checkpoint with no digests) is one line."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except UsageError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(_damaged_line(ckpt, f"cannot be loaded ({first})")) from None
+
+
 def _metrics_step(line: str) -> float:
     """The step of one metrics.jsonl line; a blank or torn one (a write cut short) ranks past every step,
     so resuming drops it."""
@@ -391,7 +445,9 @@ class Trainer:
         if cfg.resume and ckpt is None:
             raise UsageError(f"{self.out}: --resume, but no checkpoint to resume from")
         if ckpt is not None:
-            self._load_weights(ckpt)
+            check_checkpoint(ckpt)
+            with _damaged(ckpt):
+                self._load_weights(ckpt)
         from .kernels import apply_training_switches, fused_adamw  # S2D_COMPILE, S2D_CHECKPOINT_LAYERS, ...
         apply_training_switches(self.lm, self.device, grad_checkpointing=cfg.grad_checkpointing)
         self.lm.config.use_cache = False
@@ -429,7 +485,8 @@ class Trainer:
         else:
             self.policy, self.optimizer = self.acc.prepare(policy, self.optimizer)
         if ckpt is not None:
-            self._load_state(ckpt)
+            with _damaged(ckpt):
+                self._load_state(ckpt)
         elif self.acc.is_main_process and self.metrics_path_exists():
             (self.out / "metrics.jsonl").unlink()  # a run killed before its first checkpoint starts over
         self.metrics_path = self.out / "metrics.jsonl"
@@ -550,7 +607,7 @@ class Trainer:
 
     def _latest_checkpoint(self) -> Path | None:
         root = self.out / "checkpoints"
-        done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
+        done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
         return done[-1] if done else None
 
     def _load_weights(self, ckpt: Path) -> None:
@@ -570,7 +627,7 @@ class Trainer:
                                f"unexpected {unexpected[:3]})")
 
     def _load_state(self, ckpt: Path) -> None:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        state = json.loads((ckpt / STATE_FILE).read_text())
         opt = torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True)
         if self.masters is not None:
             # checkpoints of earlier versions kept it beside the weights
@@ -646,7 +703,7 @@ class Trainer:
         final = root / f"step-{step:06d}"
         # already there when resumed from this very checkpoint with nothing left to train (killed after
         # it, before the manifest): rewriting it would only open a moment with no checkpoint at all
-        if self.acc.is_main_process and not (final / "trainer_state.json").is_file():
+        if self.acc.is_main_process and not (final / STATE_FILE).is_file():
             tmp = root / f".step-{step:06d}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             if self.peft is not None:             # LoRA: the adapter, not the (frozen, merged) weights
@@ -661,8 +718,9 @@ class Trainer:
                 (tmp / MASTER_PATH).parent.mkdir()
                 save_file({n: m.detach().contiguous() for n, m in zip(self._master_names, self.masters)},
                           str(tmp / MASTER_PATH))
-            state = {"step": step, "scheduler": self.scheduler.state_dict(), "fingerprint": self.fingerprint}
-            _write_atomic(tmp / "trainer_state.json", json.dumps(state).encode())
+            state = {"step": step, "scheduler": self.scheduler.state_dict(), "fingerprint": self.fingerprint,
+                     "files": checkpoint_digests(tmp)}
+            _write_atomic(tmp / STATE_FILE, json.dumps(state).encode())
             from .models import replace_dir
             replace_dir(tmp, final)
         if self.acc.is_main_process:   # also after a skipped save: a kill may have cut the last pruning short

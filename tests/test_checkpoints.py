@@ -32,9 +32,9 @@ def seqs(tmp_path_factory) -> Path:
     return path
 
 
-def train(student, data, out, *sets):
+def train(student, data, out, *sets, ok: bool = True):
     return s2d("kl-warmup", "--student", student, "--rollouts", data, "--targets", "sampled", "--steps", 4,
-               "--batch-size", 4, "--lr", 1e-3, *[x for kv in sets for x in ("--set", kv)], "--out", out)
+               "--batch-size", 4, "--lr", 1e-3, *[x for kv in sets for x in ("--set", kv)], "--out", out, ok=ok)
 
 
 def top_level_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -75,6 +75,9 @@ def test_a_checkpoint_of_the_older_layout_still_resumes(tmp_path, tiny_model_dir
     step2 = run / "checkpoints" / "step-000002"
     (step2 / MASTER_PATH).rename(step2 / MASTER_FILE)
     (step2 / MASTER_PATH).parent.rmdir()
+    state = json.loads((step2 / "trainer_state.json").read_text())
+    del state["files"]                                     # (they recorded no digests either)
+    (step2 / "trainer_state.json").write_text(json.dumps(state))
     result = train(tiny_model_dir, seqs, run, "dtype=bf16", "save_every=2")
     assert "step-000002 (step 2)" in " ".join(result.stderr.split())
     a, b = (load_file(tmp_path / d / "checkpoints" / "step-000004" / MASTER_PATH) for d in ("straight", "old"))
@@ -127,3 +130,70 @@ def test_an_unfinished_run_points_at_its_newest_checkpoint(tmp_path, run_dir):
     result = s2d("rollout", "--model", partial, "--dataset", "toy:n=2", "--out", "-", ok=False)
     assert result.stderr == (f"s2d: error: {partial}: a training run directory, not a model; it has no model/ "
                              f"yet (unfinished); its newest checkpoint is {partial}/checkpoints/step-000004\n")
+
+
+# ---------------------------------------------------------------------------------------------- damaged checkpoints
+
+def unfinished(run: Path) -> Path:
+    """The run as a kill after its last checkpoint leaves it: checkpoints, no model/, no manifest."""
+    shutil.rmtree(run / "model")
+    (run / "manifest.json").unlink()
+    return run
+
+
+def test_checkpoints_record_the_digest_of_every_file(tmp_path, run_dir):
+    from s2d_cli.artifacts import sha256_file
+
+    ckpt = run_dir / "checkpoints" / "step-000004"
+    files = json.loads((ckpt / "trainer_state.json").read_text())["files"]
+    on_disk = sorted(p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*")
+                     if p.is_file() and p.name != "trainer_state.json")
+    assert sorted(files) == on_disk and "model.safetensors" in files and "optimizer.pt" in files
+    assert files["model.safetensors"] == sha256_file(ckpt / "model.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
+def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_way_on(tmp_path, run_dir, tiny_model_dir, seqs,
+                                                                       damage):
+    run = unfinished(Path(shutil.copytree(run_dir, tmp_path / "run")))
+    ckpt = run / "checkpoints" / "step-000004"
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "flip":               # one bit in the middle of a tensor: it would still load, silently wrong
+        data[len(data) // 2 + 7] ^= 0x10
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate":
+        weights.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        weights.unlink()
+    result = train(tiny_model_dir, seqs, run, "save_every=2", ok=False)
+    what = "is missing" if damage == "remove" else "is not the file that was saved (its sha256 differs)"
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (f"s2d: error: checkpoint {ckpt}: model.safetensors {what}; move it away to resume "
+                             f"from step-000002, or start a new --out\n")
+    assert not (run / "model").exists() and not (run / "manifest.json").exists()
+
+
+def test_moving_the_damaged_checkpoint_away_resumes_from_the_one_before(tmp_path, run_dir, tiny_model_dir, seqs):
+    run = unfinished(Path(shutil.copytree(run_dir, tmp_path / "run")))
+    shutil.move(run / "checkpoints" / "step-000004", tmp_path / "aside")
+    result = train(tiny_model_dir, seqs, run, "save_every=2")
+    assert "step-000002 (step 2)" in " ".join(result.stderr.split())
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (run_dir, run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_without_digests_that_fails_to_load_is_one_line(tmp_path, run_dir, tiny_model_dir, seqs):
+    """Checkpoints of earlier versions carry no digests: a damaged file there still ends in one line."""
+    run = unfinished(Path(shutil.copytree(run_dir, tmp_path / "run")))
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        del state["files"]
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    ckpt = run / "checkpoints" / "step-000004"
+    (ckpt / "optimizer.pt").write_bytes((ckpt / "optimizer.pt").read_bytes()[:100])
+    result = train(tiny_model_dir, seqs, run, "save_every=2", ok=False)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"s2d: error: checkpoint {ckpt}: cannot be loaded (")
+    assert result.stderr.endswith("); move it away to resume from step-000002, or start a new --out\n")
+    assert result.stderr.count("\n") == 1
