@@ -281,14 +281,14 @@ def run_plain_loop(records: Records) -> dict:
 # Agreement with a careful human on tests/data/verify_corpus.jsonl (bench/RESULTS-verify.md)
 
 CORPUS = Path(__file__).resolve().parents[1] / "tests/data/verify_corpus.jsonl"
-PEER_TIMEOUT = 10.0  # seconds per case; upstream Qwen2.5-Math's evaluate.py gives 3 on a dedicated machine
+PEER_TIMEOUT = 30.0  # seconds per case, as s2d's pool gets here (Qwen2.5-Math's evaluate.py: 3, on a dedicated machine)
 QWEN_CACHE = Path(__file__).resolve().parent / "peers/qwen25_math_verdicts.jsonl"
 # Peer graders run from their upstream code in bench/peers/.venv (bench/peers/*.py say where each comes
 # from, its licence and commit, and how a completion's answer is extracted for it).
 PEERS = {
     "qwen25_math": "Qwen2.5-Math `math_equal` (QwenLM/Qwen2.5-Math@a45202b evaluation/grader.py, from a "
-                   "checkout; extraction: its `extract_answer` + `strip_string`: last `boxed`, else \"the answer "
-                   "is\", else the last number)",
+                   "checkout; extraction: its `extract_answer` + `strip_string`: Minerva's \"final answer is $...$. I "
+                   "hope\", else the last `boxed`, else after \"the answer is\", else the last number)",
     "prm800k": "PRM800K `grade_answer` (openai/prm800k@7ecc794 prm800k/grading/grader.py, via PyPI `mathruler` "
                "0.1.0; extraction: the last `\\boxed{}`, none is no answer)",
 }
@@ -344,9 +344,13 @@ def peer_verdicts(rows: list[dict], workers: int) -> dict:
     from peers import qwen25_math
     from peers.pool import ensure_venv, grade_all
 
-    python = ensure_venv()
-    cases = [(r["gold"], r["answer"], r["form"]) for r in rows]
     out, how = {}, {}
+    try:
+        python = ensure_venv()
+    except (OSError, subprocess.CalledProcessError) as e:  # no PyPI, say: the other rows still come
+        why = f"not run: bench/peers/.venv could not be made ({e})"
+        return {"peers": out, "peers_how": {p: why for p in PEERS}}
+    cases = [(r["gold"], r["answer"], r["form"]) for r in rows]
     wall = time.perf_counter()
     out["prm800k"] = grade_all("prm800k", cases, workers, PEER_TIMEOUT, python=python)
     how["prm800k"] = f"run now, {time.perf_counter() - wall:.0f} s wall"
@@ -433,16 +437,28 @@ def agreement_report(res: dict) -> list[str]:
     if res.get("peers_how"):
         lines += [
             "",
-            "The peers run their upstream code unchanged, in their own venv (`bench/peers/.venv`, upstream's "
+            "The peers run upstream's own code (no port), in their own venv (`bench/peers/.venv`, upstream's "
             "pins: sympy 1.12, antlr4 4.11.1), one worker process per CPU, each case limited to "
-            f"{PEER_TIMEOUT:.0f} s (a timeout or an exception earns 0, as in Qwen2.5-Math's own evaluate.py). "
+            f"{PEER_TIMEOUT:.0f} s, as s2d's pool is here (a timeout or an exception earns 0, as in Qwen2.5-Math's own "
+            "evaluate.py). "
             "Where each comes from, its licence, and why it is not a port: `bench/peers/qwen25_math.py`, "
             "`bench/peers/prm800k.py`. A bare answer (the unit-test cases, `form: answer`) goes to each "
             "grader as an already extracted answer. "
             + " ".join(f"{short[PEERS[p]]}: {res['peers_how'][p]}"
-                       + (f", {sum(v == 'timeout' for v in peers[p])} timeouts, "
-                          f"{sum(v == 'error' for v in peers[p])} exceptions." if p in peers else ".")
+                       + (f"; timeouts: {sum(v == 'timeout' for v in peers[p])}, "
+                          f"exceptions: {sum(v == 'error' for v in peers[p])}." if p in peers else ".")
                        for p in PEERS),
+        ]
+    if peers:
+        no_box = [i for i in everything if rows[i]["form"] == "completion" and "\\boxed{" not in rows[i]["answer"]]
+        lines += [
+            "",
+            "Much of the peers' disagreement is their extraction, not their comparison: of the completions with "
+            f"no `\\boxed{{` ({len(no_box)}; a marked `Final Answer:` line, prose, a non-English marker), "
+            + ", ".join(f"{short[PEERS[p]]} disagrees on {len(no_box) - agree([v is True for v in peers[p]], no_box)}"
+                        for p in PEERS if p in peers)
+            + f", s2d on {len(no_box) - agree(res['s2d'], no_box)}, math-verify on "
+            f"{len(no_box) - agree(res['math-verify'], no_box)}.",
         ]
     lines += [
         "",
