@@ -174,7 +174,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="time only the first N records (0: all)")
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
     ap.add_argument("--agreement", action="store_true",
-                    help="instead: agreement of s2d and math-verify with tests/data/verify_corpus.jsonl")
+                    help="instead: agreement of s2d, math-verify and the peer graders (bench/peers/) with "
+                         "tests/data/verify_corpus.jsonl")
     ap.add_argument("--child", choices=SEQUENTIAL, help=argparse.SUPPRESS)  # one sequential pass, as JSON
     ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)  # k/n: the child takes records[k::n]
     ap.add_argument("--sync", type=Path, help=argparse.SUPPRESS)  # see run_sequential
@@ -280,13 +281,16 @@ def run_plain_loop(records: Records) -> dict:
 # Agreement with a careful human on tests/data/verify_corpus.jsonl (bench/RESULTS-verify.md)
 
 CORPUS = Path(__file__).resolve().parents[1] / "tests/data/verify_corpus.jsonl"
-NOT_ON_PYPI = {
-    "Qwen2.5-Math `math_equal` (QwenLM/Qwen2.5-Math, evaluation/grader.py)":
-        "no PyPI distribution (`pip download --no-deps qwen2.5-math`: no matching distribution); the "
-        "repository is installed from a clone, so it is not run here and its code is not copied",
-    "PRM800K `grade_answer` (openai/prm800k, prm800k/grading/grader.py)":
-        "no PyPI distribution (`pip download --no-deps prm800k`: no matching distribution; setup.py names "
-        "it `prm800k` 0.0.1, never published); not run here, its code is not copied",
+PEER_TIMEOUT = 30.0  # seconds per case, as s2d's pool gets here (Qwen2.5-Math's evaluate.py: 3, on a dedicated machine)
+QWEN_CACHE = Path(__file__).resolve().parent / "peers/qwen25_math_verdicts.jsonl"
+# Peer graders run from their upstream code in bench/peers/.venv (bench/peers/*.py say where each comes
+# from, its licence and commit, and how a completion's answer is extracted for it).
+PEERS = {
+    "qwen25_math": "Qwen2.5-Math `math_equal` (QwenLM/Qwen2.5-Math@a45202b evaluation/grader.py, from a "
+                   "checkout; extraction: its `extract_answer` + `strip_string`: Minerva's \"final answer is $...$. I "
+                   "hope\", else the last `boxed`, else after \"the answer is\", else the last number)",
+    "prm800k": "PRM800K `grade_answer` (openai/prm800k@7ecc794 prm800k/grading/grader.py, via PyPI `mathruler` "
+               "0.1.0; extraction: the last `\\boxed{}`, none is no answer)",
 }
 
 
@@ -320,7 +324,59 @@ def agreement(workers: int) -> dict:
     s2d_wall = time.perf_counter() - wall
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         mv = pool.map(_math_verify_case, [(r["gold"], r["answer"], r["form"]) for r in rows], chunksize=16)
-    return {"rows": rows, "s2d": s2d, "math-verify": mv, "s2d_wall": s2d_wall}
+    return {"rows": rows, "s2d": s2d, "math-verify": mv, "s2d_wall": s2d_wall, **peer_verdicts(rows, workers)}
+
+
+def _case_key(row: dict) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps([row["gold"], row["answer"], row["form"]]).encode()).hexdigest()[:16]
+
+
+def peer_verdicts(rows: list[dict], workers: int) -> dict:
+    """Each peer's verdict per case (True, False, "timeout", "error"; None: not run), and how it ran.
+
+    PRM800K runs from PyPI every time. Qwen2.5-Math runs from a checkout named by
+    $S2D_QWEN25_MATH_EVAL (its `evaluation/` folder) and its verdicts are recorded in
+    bench/peers/qwen25_math_verdicts.jsonl; without a checkout the recorded verdicts are used.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers import qwen25_math
+    from peers.pool import ensure_venv, grade_all
+
+    out, how = {}, {}
+    try:
+        python = ensure_venv()
+    except (OSError, subprocess.CalledProcessError) as e:  # no PyPI, say: the other rows still come
+        why = f"not run: bench/peers/.venv could not be made ({e})"
+        return {"peers": out, "peers_how": {p: why for p in PEERS}}
+    cases = [(r["gold"], r["answer"], r["form"]) for r in rows]
+    wall = time.perf_counter()
+    out["prm800k"] = grade_all("prm800k", cases, workers, PEER_TIMEOUT, python=python)
+    how["prm800k"] = f"run now, {time.perf_counter() - wall:.0f} s wall"
+    src = qwen25_math.source_dir()
+    if src is not None:
+        wall = time.perf_counter()
+        out["qwen25_math"] = grade_all("qwen25_math", cases, workers, PEER_TIMEOUT, python=python)
+        how["qwen25_math"] = (f"run now from a checkout (${qwen25_math.ENV}), "
+                              f"{time.perf_counter() - wall:.0f} s wall, verdicts recorded in {QWEN_CACHE.name}")
+        lines = [json.dumps({"upstream": qwen25_math.UPSTREAM, "timeout_s": PEER_TIMEOUT})]
+        by_key = {_case_key(r): v for r, v in zip(rows, out["qwen25_math"])}  # a repeated case once
+        lines += [json.dumps({"key": key, "v": v}) for key, v in by_key.items()]
+        tmp = QWEN_CACHE.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(QWEN_CACHE)
+    elif QWEN_CACHE.exists():
+        recorded = [json.loads(line) for line in QWEN_CACHE.read_text().splitlines()]
+        by_key = {d["key"]: d["v"] for d in recorded[1:]}
+        out["qwen25_math"] = [by_key.get(_case_key(r)) for r in rows]
+        missing = sum(v is None for v in out["qwen25_math"])
+        how["qwen25_math"] = (f"verdicts recorded in {QWEN_CACHE.name} ({recorded[0]['upstream']}); set "
+                              f"${qwen25_math.ENV} to a checkout's evaluation/ folder to rerun"
+                              + (f"; {missing} cases have no recorded verdict (not rewarded)" if missing else ""))
+    else:
+        how["qwen25_math"] = f"not run: set ${qwen25_math.ENV} to a checkout's evaluation/ folder"
+    return {"peers": out, "peers_how": how}
 
 
 def part(row: dict) -> str:
@@ -336,14 +392,19 @@ def part(row: dict) -> str:
 def agreement_report(res: dict) -> list[str]:
     rows = res["rows"]
     want = [r["expected"] == "correct" for r in rows]
+    peers = res.get("peers", {})
     graders = {"s2d": res["s2d"], "math-verify (README call)": res["math-verify"]}
+    graders.update({PEERS[p]: [v is True for v in peers[p]] for p in PEERS if p in peers})
+    short = {name: name.split(" (")[0] for name in graders}
     parts = list(dict.fromkeys(part(r) for r in rows))
+    everything = range(len(rows))
+
+    def agree(got, idx) -> int:
+        return sum(bool(got[i]) == want[i] for i in idx)
 
     def rate(got, idx) -> str:
-        agree = sum(bool(got[i]) == want[i] for i in idx)
-        return f"{agree}/{len(idx)} ({agree / len(idx):.2%})"
+        return f"{agree(got, idx)}/{len(idx)} ({agree(got, idx) / len(idx):.2%})"
 
-    everything = range(len(rows))
     hacks = [i for i, r in enumerate(rows) if r.get("hack")]
     lines = [
         "# Verifier agreement with a careful human",
@@ -361,15 +422,45 @@ def agreement_report(res: dict) -> list[str]:
         cells = [rate(got, [i for i in everything if part(rows[i]) == p]) for p in parts]
         taken = sum(bool(got[i]) for i in hacks)
         lines.append(f"| {name} | {rate(got, everything)} | " + " | ".join(cells) + f" | {taken}/{len(hacks)} |")
-    for name, why in NOT_ON_PYPI.items():
-        lines.append(f"| {name} | not run: {why} |" + " |" * len(parts) + " |")
+    for p in PEERS:
+        if p not in peers:
+            lines.append(f"| {PEERS[p]} | {res['peers_how'][p]} |" + " |" * len(parts) + " |")
     overridden = [r for r in rows if r.get("note")]
     suite = [i for i, r in enumerate(rows) if "suite_verdict" in r]
-    on_suite = {name: sum(bool(got[i]) == rows[i]["suite_verdict"] for i in suite) for name, got in graders.items()}
+    on_suite = {short[name]: sum(bool(got[i]) == rows[i]["suite_verdict"] for i in suite)
+                for name, got in graders.items()}
     lines += [
         "",
         f"s2d checked the corpus in {res['s2d_wall']:.1f} s wall with its pool "
         f"({len(os.sched_getaffinity(0))} CPUs usable, load average {os.getloadavg()[0]:.1f}).",
+    ]
+    if res.get("peers_how"):
+        lines += [
+            "",
+            "The peers run upstream's own code (no port), in their own venv (`bench/peers/.venv`, upstream's "
+            "pins: sympy 1.12, antlr4 4.11.1), one worker process per CPU, each case limited to "
+            f"{PEER_TIMEOUT:.0f} s, as s2d's pool is here (a timeout or an exception earns 0, as in Qwen2.5-Math's own "
+            "evaluate.py). "
+            "Where each comes from, its licence, and why it is not a port: `bench/peers/qwen25_math.py`, "
+            "`bench/peers/prm800k.py`. A bare answer (the unit-test cases, `form: answer`) goes to each "
+            "grader as an already extracted answer. "
+            + " ".join(f"{short[PEERS[p]]}: {res['peers_how'][p]}"
+                       + (f"; timeouts: {sum(v == 'timeout' for v in peers[p])}, "
+                          f"exceptions: {sum(v == 'error' for v in peers[p])}." if p in peers else ".")
+                       for p in PEERS),
+        ]
+    if peers:
+        no_box = [i for i in everything if rows[i]["form"] == "completion" and "\\boxed{" not in rows[i]["answer"]]
+        lines += [
+            "",
+            "Much of the peers' disagreement is their extraction, not their comparison: of the completions with "
+            f"no `\\boxed{{` ({len(no_box)}; a marked `Final Answer:` line, prose, a non-English marker), "
+            + ", ".join(f"{short[PEERS[p]]} disagrees on {len(no_box) - agree([v is True for v in peers[p]], no_box)}"
+                        for p in PEERS if p in peers)
+            + f", s2d on {len(no_box) - agree(res['s2d'], no_box)}, math-verify on "
+            f"{len(no_box) - agree(res['math-verify'], no_box)}.",
+        ]
+    lines += [
         "",
         f"Of the {sum(r['rule'] == 'peer-suite' for r in rows)} cases from the Math-Verify and lighteval test "
         f"tables, {len(overridden)} carry a verdict other than the suite's, each with its reason in the "
@@ -379,16 +470,32 @@ def agreement_report(res: dict) -> list[str]:
         + ", ".join(f"{name} {n}/{len(suite)}" for name, n in on_suite.items())
         + " (most of the difference: prose without a box or a marked line, which s2d leaves unrewarded on purpose).",
         "",
-        "## Where s2d disagrees",
+        "## Where a peer does better than s2d",
         "",
     ]
+    better = []
+    for label, groups in (("part", parts), ("rule", sorted({r["rule"] for r in rows}))):
+        for g in groups:
+            idx = [i for i in everything if (part(rows[i]) if label == "part" else rows[i]["rule"]) == g]
+            mine = agree(res["s2d"], idx)
+            better += [f"- {label} `{g}`: {short[name]} {agree(got, idx)}/{len(idx)}, s2d {mine}/{len(idx)}"
+                       for name, got in graders.items() if name != "s2d" and agree(got, idx) > mine]
+    lines += better or ["- nowhere: on every part and every rule of the corpus, s2d agrees at least as often "
+                        "as each peer"]
+    lines += ["", "## Where s2d disagrees", ""]
     misses = [i for i in everything if bool(res["s2d"][i]) != want[i]]
     lines += [f"- {rows[i]['source']}: gold `{rows[i]['gold'][:60]}`, answer `{rows[i]['answer'][-80:]}`; "
               f"expected {rows[i]['expected']}, s2d {'rewards' if res['s2d'][i] else 'does not reward'} it"
               for i in misses] or ["- none"]
-    lines += ["", "## Where math-verify disagrees (by rule of the case)", ""]
-    mv_miss = _count(rows[i]["rule"] for i in everything if bool(res["math-verify"][i]) != want[i])
-    lines += [f"- {rule}: {n}" for rule, n in mv_miss] or ["- none"]
+    names = list(graders)
+    lines += ["", "## Disagreements by rule of the case (cases where each grader disagrees)", "",
+              "| rule | cases | " + " | ".join(short[n] for n in names) + " |",
+              "|---|---|" + "---|" * len(names)]
+    for rule, n in _count(r["rule"] for r in rows):
+        idx = [i for i in everything if rows[i]["rule"] == rule]
+        miss = [len(idx) - agree(graders[name], idx) for name in names]
+        if any(miss):
+            lines.append(f"| {rule} | {n} | " + " | ".join(str(m) for m in miss) + " |")
     return lines
 
 
