@@ -396,6 +396,39 @@ def test_the_backend_and_the_group_size():
         choose_backend("mpi", trainer_device="cuda", server_device="cuda")
 
 
+@pytest.mark.parametrize("vllm_here", [True, False])
+def test_auto_is_nccl_between_cuda_ends_where_vllm_is_installed(monkeypatch, vllm_here):
+    """A trainer on cuda:0 and a server whose /health says cuda with 4 workers: auto builds an NCCL group of
+    5 (the trainer as rank 0 on cuda:0) and asks the server for the same; without vLLM beside the trainer
+    (no PyNcclCommunicator) it settles for the 2-member gloo group."""
+    from s2d_cli.engines import served, weight_group
+    from s2d_cli.engines.served import ServedEngine
+
+    built, asked = [], []
+
+    def nccl(address, *, rank, world_size, device, timeout):
+        built.append(("nccl", rank, world_size, str(device)))
+        return "nccl group"
+
+    def call(self, path, body, check=lambda answer: answer):
+        if path == "/health":
+            return {"model": "m", "tied_embeddings": False, "device": "cuda", "workers": 4}
+        asked.append((path, body["backend"], body["world_size"]))
+        return {"ok": True}
+
+    monkeypatch.setattr(weight_group, "NcclWeightGroup", nccl)
+    monkeypatch.setattr(weight_group.WeightGroup, "host",
+                        classmethod(lambda cls, address, timeout: built.append(("gloo", 0, 2, "cpu")) or "gloo group"))
+    monkeypatch.setattr(served, "vllm_available", lambda: vllm_here)
+    monkeypatch.setattr(ServedEngine, "_call", call)
+    engine = ServedEngine("http://127.0.0.1:9")
+    engine._connect(torch.device("cuda", 0))
+    if vllm_here:
+        assert built == [("nccl", 0, 5, "cuda:0")] and asked == [("/weights/group", "nccl", 5)]
+    else:
+        assert built == [("gloo", 0, 2, "cpu")] and asked == [("/weights/group", "gloo", 2)]
+
+
 class FakeWorker:
     """A vLLM worker of a tensor-parallel engine as the extension sees it: its rank, its device, and a
     `reload_weights` that keeps what it was given."""

@@ -32,8 +32,8 @@ import torch
 
 from ..errors import UsageError
 from ..served_teacher import ServedTeacher, ServerError
-from . import Completion, SamplingConfig
-from .weight_group import DTYPES
+from . import Completion, SamplingConfig, vllm_available
+from .weight_group import BACKENDS, DTYPES
 from .weight_sync import with_specs
 
 
@@ -57,8 +57,6 @@ class ServedEngine:
         self.retries = retries
         self.group = None
         self.rank = torch.distributed.get_rank() if _distributed() else 0
-        from .weight_group import BACKENDS
-
         if weight_backend not in BACKENDS:
             raise UsageError(f"weight_backend: expected one of {', '.join(BACKENDS)}, got {weight_backend!r}")
         self.weight_backend = weight_backend
@@ -159,6 +157,8 @@ class ServedEngine:
         from .weight_group import NcclWeightGroup, WeightGroup, choose_backend, group_size
 
         backend = choose_backend(self.weight_backend, trainer_device=device.type, server_device=self.server_device)
+        if backend == "nccl" and self.weight_backend == "auto" and not vllm_available():
+            backend = "gloo"            # vLLM's communicator is not installed here: auto settles for gloo
         if backend == "nccl" and device.type != "cuda" and torch.cuda.is_available():
             device = torch.device("cuda", torch.cuda.current_device())
         world = group_size(backend, self.server_workers)
