@@ -98,9 +98,11 @@ class GRPOConfig(PromptFields, SamplingFields, TrainFields, GradingFields):
     # (every update resends them anyway), 0 keeps both
     gpu_memory_utilization: float = 0.3
     vllm_sleep_level: int = 1
-    # --backend server: an `s2d rollout-server` on GPUs of its own samples; seconds per request / weight push
+    # --backend server: an `s2d rollout-server` on GPUs of its own samples; seconds per request / weight push;
+    # how weights reach it: auto (nccl when trainer and server are both on CUDA, else gloo), gloo or nccl
     rollout_server: str = ""
     rollout_timeout: float = 600.0
+    weight_backend: str = "auto"
 
     def validate(self) -> None:
         if not self.model:
@@ -449,7 +451,7 @@ def colocated_engine(cfg, model: str, trainer: Trainer):
         if not cfg.rollout_server:
             raise UsageError("--backend server: missing --set rollout_server=http://host:port (an `s2d rollout-server`)")
         engine = ServedEngine(cfg.rollout_server, tokenizer=trainer.tokenizer, timeout=cfg.rollout_timeout,
-                              weight_timeout=cfg.rollout_timeout,
+                              weight_timeout=cfg.rollout_timeout, weight_backend=cfg.weight_backend,
                               vocab=trainer.lm.get_input_embeddings().weight.shape[0])
         engine.update_weights(engine_weights(trainer.lm))
         return engine

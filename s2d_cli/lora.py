@@ -26,7 +26,7 @@ Deliberately left out: DoRA, rsLoRA, LoRA on the embeddings or the output head (
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -242,9 +242,10 @@ def merged_state_dict(model: nn.Module, whole: dict[str, torch.Tensor] | None = 
     return out
 
 
-def engine_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs a sampling engine needs after an update. A plain model: its whole state dict.
-    A LoRA model: the merged weights of each transformer block that holds an adapter, and nothing else
+def engine_weights(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs a sampling engine needs after an update. A plain model: its whole state dict
+    (`weight_sync.full_tensors`: names, dtypes and shapes known before anything is gathered). A LoRA model:
+    the merged weights of each transformer block that holds an adapter, and nothing else
     (the embeddings, norms outside those blocks and the head never change). Each adapted block goes whole,
     merged where adapted: vLLM fuses q/k/v and gate/up and processes a fused layer from the tensors that
     arrive, so sending q and v without k would be sending a third of a layer. Under FSDP every process
@@ -252,9 +253,14 @@ def engine_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     from .engines.weight_sync import full_tensors
 
     if not is_lora(model):
-        yield from full_tensors(model)   # under FSDP: gathered one tensor at a time
-        return
+        return full_tensors(model)   # under FSDP: gathered one tensor at a time
+    return _merged_adapted_blocks(model)
+
+
+def _merged_adapted_blocks(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     import re
+
+    from .engines.weight_sync import full_tensors
 
     block = re.compile(r"^(.*?\.layers\.\d+)\.")
     adapted = {m.group(1) for name, mod in model.named_modules() if hasattr(mod, "lora_A")

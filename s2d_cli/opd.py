@@ -110,9 +110,11 @@ class OPDConfig(PromptFields, SamplingFields, TrainFields, GradingFields):
     # (every update resends them anyway), 0 keeps both
     gpu_memory_utilization: float = 0.3
     vllm_sleep_level: int = 1
-    # --backend server: an `s2d rollout-server` on GPUs of its own samples; seconds per request / weight push
+    # --backend server: an `s2d rollout-server` on GPUs of its own samples; seconds per request / weight push;
+    # how weights reach it: auto (nccl when trainer and server are both on CUDA, else gloo), gloo or nccl
     rollout_server: str = ""
     rollout_timeout: float = 600.0
+    weight_backend: str = "auto"
 
     def validate(self) -> None:
         if not self.student:

@@ -103,6 +103,8 @@ def check_sampling(cfg: SamplingFields) -> None:
     if hasattr(cfg, "rollout_server"):       # grpo/opd: also an `s2d rollout-server` (--backend server)
         if cfg.backend not in ("auto", "hf", "vllm", "server"):
             raise UsageError(f"--backend: expected auto, hf, vllm or server, got {cfg.backend!r}")
+        if cfg.weight_backend not in ("auto", "gloo", "nccl"):      # engines.weight_group.BACKENDS
+            raise UsageError(f"weight_backend: expected auto, gloo or nccl, got {cfg.weight_backend!r}")
     elif cfg.backend not in ("auto", "hf", "vllm"):
         raise UsageError(f"--backend: expected auto, hf or vllm, got {cfg.backend!r}")
 

@@ -5,15 +5,18 @@
 
 The trainer (`--backend server`, grpo and opd) sends each step's prompts as token ids with their per-prompt
 seeds, so a completion is the one a colocated vLLM engine of the same dtype samples; after every update its
-main process pushes the new weights, one tensor at a time, over a two-member gloo group that it hosts
-(`engines.weight_group`) and the server joins. The model the server starts from only fixes the architecture:
+main process pushes the new weights, one tensor at a time, over a group that it hosts (`engines.weight_group`):
+gloo, which this process joins and feeds its engine from (`VLLMEngine.update_weights`: every tensor-parallel
+worker takes its shard), or NCCL, which every engine worker joins itself through the worker extension
+(`_vllm_worker`) and receives into its GPU. The model the server starts from only fixes the architecture:
 the trainer sends its own weights before the first step (a resumed run's included).
 
 HTTP (JSON, standard library; one request at a time, since there is one engine):
-  GET  /health           {"model", "tied_embeddings"}
+  GET  /health           {"model", "tied_embeddings", "device" ("cuda"/"cpu"), "workers" (the engine's)}
   POST /generate         {"prompts": [[ids]], "sampling": {SamplingConfig fields}} -> {"groups": [[completion]]}
-  POST /weights/group    {"host", "port", "timeout"}: join the trainer's group (in the background: the trainer
-                         joins its side after the answer)
+  POST /weights/group    {"host", "port", "timeout", "backend" ("gloo"/"nccl"), "world_size"}: join the trainer's
+                         group (in the background: the trainer joins its side after the answer); NCCL wants
+                         world_size = workers + 1, gloo 2
   POST /weights          {"tensors": [[name, dtype, shape], ...]}: receive those tensors by broadcast, in that
                          order, streaming them into the engine; the next request waits for the load to finish
                          and fails (500) if it did.
@@ -31,13 +34,15 @@ from typing import Annotated
 
 import typer
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}   # torch names the trainer sends
-
 
 class RolloutServer:
     def __init__(self, engine, model: str):
         self.engine, self.model = engine, model
-        self.group = None
+        self.group = None               # gloo: this process's member of the weight group
+        self.backend: str | None = None     # the weight group's, once a trainer asked to join one
+        config = engine.llm.llm_engine.vllm_config
+        self.workers = int(config.parallel_config.world_size)
+        self.device = "cuda" if str(getattr(config.device_config, "device_type", "cpu")) == "cuda" else "cpu"
         self.pending: threading.Thread | None = None    # a group join or a weight load running in the background
         self.failure: str | None = None
 
@@ -63,7 +68,8 @@ class RolloutServer:
     def handle(self, path: str, body: dict | None) -> dict:
         self.settle()
         if path == "/health":
-            return {"model": self.model, "tied_embeddings": self.engine.tied_embeddings}
+            return {"model": self.model, "tied_embeddings": self.engine.tied_embeddings, "device": self.device,
+                    "workers": self.workers}
         if path == "/generate":
             from .engines import SamplingConfig
 
@@ -71,24 +77,42 @@ class RolloutServer:
             groups = self.engine.generate([list(map(int, p)) for p in body["prompts"]], sampling)
             return {"groups": [[asdict(c) for c in group] for group in groups]}
         if path == "/weights/group":
-            from .engines.weight_group import WeightGroup
+            from .engines.weight_group import WeightGroup, group_size
 
             address, timeout = (str(body["host"]), int(body["port"])), float(body["timeout"])
-            self.background(lambda: setattr(self, "group", WeightGroup.join(address, timeout=timeout)), "joining the weight group")
+            backend, world = str(body.get("backend", "gloo")), int(body.get("world_size", 2))
+            if backend not in ("gloo", "nccl") or world != group_size(backend, self.workers):
+                raise ValueError(f"a {backend} weight group of {world} members (this engine has {self.workers} "
+                                 f"workers: gloo 2, nccl {self.workers + 1})")
+            self.group, self.backend = None, backend
+            if backend == "gloo":
+                self.background(lambda: setattr(self, "group", WeightGroup.join(address, timeout=timeout)),
+                                "joining the weight group")
+            else:       # every worker joins as rank 1 + its rank in the engine
+                self.background(lambda: self.engine.llm.collective_rpc(
+                    "s2d_join_weight_group", args=(address[0], address[1], world, timeout)), "joining the NCCL weight group")
             return {"ok": True}
         if path == "/weights":
-            if self.group is None:
+            if self.backend is None or (self.backend == "gloo" and self.group is None):
                 raise RuntimeError("no weight group: POST /weights/group first")
-            specs = [(str(n), DTYPES[d], [int(x) for x in s]) for n, d, s in body["tensors"]]
-            self.background(lambda: self.engine.update_weights(self._receive(specs)), "receiving weights")
+            from .engines.weight_group import DTYPES, receive
+
+            specs = [(str(n), str(d), [int(x) for x in s]) for n, d, s in body["tensors"]]
+            for name, dtype, _ in specs:
+                if dtype not in DTYPES:
+                    raise ValueError(f"{name}: dtype {dtype!r}, expected one of {', '.join(DTYPES)}")
+            if self.backend == "gloo":
+                self.background(lambda: self.engine.update_weights(receive(self.group, specs)), "receiving weights")
+            else:
+                self.background(lambda: self._receive_in_workers(specs), "receiving weights over NCCL")
             return {"ok": True, "tensors": len(specs)}
         raise KeyError(path)
 
-    def _receive(self, specs):
-        import torch
-
-        for name, dtype, shape in specs:
-            yield name, self.group.broadcast(torch.empty(shape, dtype=getattr(torch, dtype)))
+    def _receive_in_workers(self, specs) -> None:
+        """NCCL: each engine worker receives every tensor onto its GPU and loads its shard of it; the prefix
+        cache's KV blocks were computed by the old weights."""
+        self.engine.llm.collective_rpc("s2d_receive_weights", args=(specs, self.engine.tied_embeddings))
+        self.engine.llm.reset_prefix_cache()
 
 
 def serve(server: RolloutServer, host: str, port: int) -> None:

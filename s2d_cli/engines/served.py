@@ -1,13 +1,18 @@
 """Rollouts from an `s2d rollout-server` (a vLLM engine on other GPUs or another node): the client side.
 
-    engine = ServedEngine("http://rollouts:8100", timeout=600, retries=3)
+    engine = ServedEngine("http://rollouts:8100", timeout=600, retries=3, weight_backend="auto")
     groups = engine.generate(prompt_ids, SamplingConfig(n=8, prompt_seeds=seeds, logprobs=True))
     engine.update_weights(full_tensors(lm))      # every process calls it; the main process sends
 
 Every process of a run sends its own share of prompts (with their per-prompt seeds, so the completions
-are the colocated engine's). Weights go only from the main process (rank 0), which hosts a two-member gloo
-group (`weight_group.WeightGroup`) that the server joins on the first push; the other processes still
-iterate the tensors (under FSDP gathering each is a collective) and then wait at a barrier, so no process
+are the colocated engine's). Weights go only from the main process (rank 0), which hosts a weight group
+of its own (`weight_group`) that the server joins on the first push: gloo through host memory (two
+members, the server's main process hands the tensors to its engine), or NCCL GPU to GPU (the server's
+engine workers join it themselves), NCCL by default when the trainer's tensors and the server's engine
+are both on CUDA. A push tells the server every tensor's name, dtype and shape first (`full_tensors`
+knows them from the state dict's metadata, nothing gathered), then gathers and sends one tensor at a time:
+no process ever stages the model, on a GPU or in host memory; the peak is one tensor. The other processes
+iterate the same tensors (under FSDP gathering each is a collective) and wait at a barrier, so no process
 asks for rollouts before the server has the new weights queued.
 
 The server is an untrusted peer: HTTP errors, timeouts and refused connections are retried with backoff
@@ -27,7 +32,9 @@ import torch
 
 from ..errors import UsageError
 from ..served_teacher import ServedTeacher, ServerError
-from . import Completion, SamplingConfig
+from . import Completion, SamplingConfig, vllm_available
+from .weight_group import BACKENDS, DTYPES
+from .weight_sync import with_specs
 
 
 def _distributed() -> bool:
@@ -38,7 +45,7 @@ class ServedEngine:
     name = "vllm"      # sampled by vLLM: the trainer treats it as it treats a colocated engine
 
     def __init__(self, url: str, *, tokenizer=None, vocab: int | None = None, timeout: float = 600.0,
-                 retries: int = 3, weight_timeout: float = 600.0):
+                 retries: int = 3, weight_timeout: float = 600.0, weight_backend: str = "auto"):
         if not str(url).startswith(("http://", "https://")):
             raise UsageError(f"rollout_server: expected http://host:port, got {url!r}")
         self.url = str(url).rstrip("/")
@@ -50,7 +57,15 @@ class ServedEngine:
         self.retries = retries
         self.group = None
         self.rank = torch.distributed.get_rank() if _distributed() else 0
-        self.tied_embeddings = bool(self._call("/health", None).get("tied_embeddings"))
+        if weight_backend not in BACKENDS:
+            raise UsageError(f"weight_backend: expected one of {', '.join(BACKENDS)}, got {weight_backend!r}")
+        self.weight_backend = weight_backend
+        health = self._call("/health", None)
+        self.tied_embeddings = bool(health.get("tied_embeddings"))
+        # where the server's engine runs and how many workers it has (a server of an older s2d says neither)
+        self.server_device = str(health.get("device", "cpu"))
+        workers = health.get("workers", 1)
+        self.server_workers = workers if type(workers) is int and 1 <= workers <= 4096 else 1
 
     def _call(self, path: str, body: dict | None, check=lambda answer: answer):
         for attempt in range(self.retries + 1):
@@ -104,29 +119,49 @@ class ServedEngine:
                 pass
             torch.distributed.barrier()
             return
-        tensors = [(name, t) for name, t in named_tensors] if not _distributed() or torch.distributed.get_world_size() == 1 \
-            else None
-        if tensors is None:              # several processes: names first is impossible without gathering twice
-            tensors = [(name, t.detach().to("cpu", copy=True)) for name, t in named_tensors]
-        self._connect()
-        specs = [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in tensors]
-        self._call("/weights", {"tensors": specs})
+        specs, device, named_tensors = with_specs(named_tensors)
+        for spec in specs:
+            if str(spec.dtype).removeprefix("torch.") not in DTYPES:
+                raise UsageError(f"rollout server {self.url}: cannot send {spec.name} as {spec.dtype} "
+                                 f"(expected one of {', '.join(DTYPES)})")
+        self._connect(device)
+        self._call("/weights", {"tensors": [[s.name, str(s.dtype).removeprefix("torch."), list(s.shape)] for s in specs]})
+        sent = 0
         try:
-            for _, t in tensors:
-                self.group.broadcast(t.detach().to("cpu").contiguous())
+            # a plain loop, and `del`: the tensor just sent is unreferenced before the next one is gathered
+            # (zip/enumerate would keep the last pair alive through the next gather)
+            for name, tensor in named_tensors:
+                spec = specs[sent] if sent < len(specs) else None
+                if spec is None or (name, tensor.dtype, tuple(tensor.shape)) != tuple(spec):
+                    raise UsageError(f"rollout server {self.url}: tensor {sent} ({name}) is not the one announced "
+                                     f"({spec.name if spec else 'none'})")
+                self.group.broadcast(tensor.detach().to(self.group.device).contiguous())
+                del tensor
+                sent += 1
+            self.group.sync()
         except RuntimeError as e:
             raise UsageError(f"rollout server {self.url}: the weight push broke off ({str(e).splitlines()[0][:160]})") from None
+        if sent != len(specs):
+            raise UsageError(f"rollout server {self.url}: announced {len(specs)} tensors, sent {sent}")
         if _distributed():
             torch.distributed.barrier()
 
-    def _connect(self) -> None:
-        """Host the weight group on a free port of the address the server reaches us by, and have it join."""
+    def _connect(self, device: torch.device) -> None:
+        """Host the weight group on a free port of the address the server reaches us by, and have the server
+        (gloo: its main process; NCCL: each of its engine workers) join it."""
         if self.group is not None:
             return
+        import threading
         from urllib.parse import urlsplit
 
-        from .weight_group import WeightGroup
+        from .weight_group import NcclWeightGroup, WeightGroup, choose_backend, group_size
 
+        backend = choose_backend(self.weight_backend, trainer_device=device.type, server_device=self.server_device)
+        if backend == "nccl" and self.weight_backend == "auto" and not vllm_available():
+            backend = "gloo"            # vLLM's communicator is not installed here: auto settles for gloo
+        if backend == "nccl" and device.type != "cuda" and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        world = group_size(backend, self.server_workers)
         parts = urlsplit(self.url)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:   # our address on the route to the server
             probe.connect((parts.hostname, parts.port or 80))
@@ -134,21 +169,24 @@ class ServedEngine:
         with socket.socket() as s:
             s.bind((host, 0))
             port = s.getsockname()[1]
-        store_group = {}
+        joined: dict = {}
 
         def join():
-            store_group["g"] = WeightGroup.host((host, port), timeout=self.weight_timeout)
-
-        import threading
+            try:
+                joined["group"] = WeightGroup.host((host, port), timeout=self.weight_timeout) if backend == "gloo" else \
+                    NcclWeightGroup((host, port), rank=0, world_size=world, device=device, timeout=self.weight_timeout)
+            except Exception as e:      # reported below, in one line
+                joined["error"] = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
 
         t = threading.Thread(target=join, daemon=True)
         t.start()                       # the store listens before the server is told to connect
-        self._call("/weights/group", {"host": host, "port": port, "timeout": self.weight_timeout})
+        self._call("/weights/group", {"host": host, "port": port, "timeout": self.weight_timeout,
+                                      "backend": backend, "world_size": world})
         t.join(self.weight_timeout)
-        if "g" not in store_group:
-            raise UsageError(f"rollout server {self.url}: did not join the weight group on {host}:{port} "
-                             f"within {self.weight_timeout:g} s")
-        self.group = store_group["g"]
+        if "group" not in joined:
+            why = joined.get("error") or f"did not join within {self.weight_timeout:g} s"
+            raise UsageError(f"rollout server {self.url}: {backend} weight group on {host}:{port} ({world} members): {why}")
+        self.group = joined["group"]
 
     def close(self) -> None:
         self.group = None
