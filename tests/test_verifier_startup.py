@@ -5,7 +5,9 @@ math-verify's LaTeX parser learning its prediction tables; the pool's processes 
 (`s2d_cli/two_stage_parse.py`: ANTLR's SLL prediction, LL only where SLL fails). Here, by effect: the
 two-stage parser gives latex2sympy's own trees and errors, including on the inputs only its LL stage
 can parse; the zygote every worker is forked from parses two-stage; and the pool's verdicts equal
-in-process checking with latex2sympy's own parser on MATH solutions and on the verify corpus.
+in-process checking with latex2sympy's own parser on MATH solutions and on the verify corpus. Golds that
+are plain numbers (most of MATH's) are parsed lazily, only when a prediction needs it: which golds those
+are is checked on a table.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from conftest import shared_data_dir
 from latex2sympy2_extended.latex2sympy2 import latex2sympy
 
 from s2d_cli import two_stage_parse
-from s2d_cli.verifier import Verifier, verify_one
+from s2d_cli.grading import DEFAULT_RULES, OLD_RULES
+from s2d_cli.verifier import Verifier, _plain_decimal_gold, verify_one
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = shared_data_dir()
@@ -105,3 +108,30 @@ def test_the_pool_grades_like_latex2sympys_own_parser_in_process(latex_parser_re
     assert not two_stage_parse.installed()  # the comparison really was against latex2sympy's own parser
     assert [i for i, (a, b) in enumerate(zip(pooled, in_process)) if a != b] == []
     assert sum(v.correct for v in pooled) > 90 and sum(not v.correct for v in pooled) > 60
+
+
+@pytest.mark.parametrize(
+    ("gold", "plain"),
+    [
+        ("161", True), (161, True), (27.0, True), (5e-05, True), ("-3", True), ("025", True), ("0.5", True),
+        (r"\$18.90", True), (r"10{,}080", True), ("#### 1,600", True),
+        (r"so the answer is \boxed{12}.", True),  # a solution: its box is the gold
+        ("1,000", False), ("70,110", False),  # may be the list 1, 0 / 70, 110: math-verify reads those
+        (r"\frac{1}{2}", False), ("x^2+1", False), (r"\text{(A)}", False), ("2516_8", False),
+        (r"\boxed{1}, \boxed{2}", False),  # two boxes: the list "1, 2"
+    ],
+)
+def test_golds_that_are_plain_numbers_are_left_for_a_prediction_to_parse(gold, plain):
+    assert _plain_decimal_gold(gold, DEFAULT_RULES) is plain
+    # with the old rules only the last box is the gold: the number 2
+    assert _plain_decimal_gold(gold, OLD_RULES) is (plain or gold == r"\boxed{1}, \boxed{2}")
+
+
+def test_a_plain_number_gold_still_grades_predictions_that_need_its_parse():
+    pairs = [(r"\boxed{\frac{1}{2}}", "0.5"), (r"\boxed{0.50}", "0.5"), (r"\boxed{\frac{3}{6}}", 0.5),
+             (r"\boxed{\frac{1}{3}}", "0.5"), (r"\boxed{161}", "161"), (r"\boxed{16.1}", "161"),
+             (r"\boxed{\sqrt{25921}}", "161")]
+    with Verifier(workers=1, timeout=60.0) as verifier:
+        verdicts = verifier.verify(pairs)
+    assert [(v.verdict, v.correct) for v in verdicts] == [
+        ("ok", True), ("ok", True), ("ok", True), ("ok", False), ("ok", True), ("ok", False), ("ok", True)]
