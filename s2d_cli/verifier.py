@@ -21,10 +21,11 @@ Workers are forks of a clean helper process (see "The pool" below), so the pool 
 process that has torch loaded and threads running, and replacing a killed worker costs milliseconds.
 
 A short call (500 records) pays the pool's start: the helper imports math-verify (~1 s of CPU, as
-math-verify's own loop does) and warms it up (~0.3 s); most of the rest is math-verify's LaTeX parser
-learning its tables on new answer shapes. The pool's processes parse two-stage (`two_stage_parse`: the
-same trees, 1.5x faster on new shapes, 3x on known ones), which is what puts a short call ahead of
-math-verify's plain loop.
+math-verify's own loop does) and warms it up (~0.3 s, which saves the workers more than it costs);
+most of the rest is math-verify's LaTeX parser learning its tables on new answer shapes. So the pool's
+processes parse two-stage (`two_stage_parse`: the same trees, 1.5x faster on new shapes, 3x on known
+ones), and parse a plain-number gold only when a prediction needs it: together they put a short call
+ahead of math-verify's plain loop (bench row 5).
 """
 from __future__ import annotations
 
@@ -223,9 +224,13 @@ class _Zygote:
     def __init__(self, memory_mb: int | None):
         self.start_timeout = self.START_TIMEOUT
         self.sock, theirs = socket.socketpair()
-        root = str(Path(__file__).resolve().parents[1])  # so a source checkout works without install
+        # The parent's own s2d_cli: not one in the current directory, which `python -c` puts first on
+        # sys.path (a benchmark run from another checkout would grade with that checkout's code), and
+        # found also when this is a source checkout that is not installed.
+        root = str(Path(__file__).resolve().parents[1])
         code = (
-            f"import sys; root = {root!r}; sys.path[:0] = [] if root in sys.path else [root]; "
+            f"import sys; root = {root!r}; sys.path[:] = [p for p in sys.path if p != '']; "
+            f"sys.path[:0] = [] if root in sys.path else [root]; "
             f"from s2d_cli.verifier import _zygote_main; "
             f"_zygote_main({theirs.fileno()}, {memory_mb!r})"
         )

@@ -12,6 +12,7 @@ are is checked on a table.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,19 @@ def test_a_plain_number_gold_still_grades_predictions_that_need_its_parse():
         verdicts = verifier.verify(pairs)
     assert [(v.verdict, v.correct) for v in verdicts] == [
         ("ok", True), ("ok", True), ("ok", True), ("ok", False), ("ok", True), ("ok", False), ("ok", True)]
+
+
+def test_the_pool_grades_with_its_parents_s2d_not_one_in_the_current_directory(tmp_path):
+    # `python -c` puts the current directory first on sys.path: the zygote must still import the s2d_cli
+    # its parent runs, not another checkout's (here, one that refuses to be imported)
+    (tmp_path / "s2d_cli").mkdir()
+    (tmp_path / "s2d_cli/__init__.py").write_text("raise ImportError('the s2d_cli of the current directory')\n")
+    script = tmp_path / "scripts/check.py"
+    script.parent.mkdir()
+    script.write_text("from s2d_cli.verifier import Verifier\n"
+                      "with Verifier(workers=1, timeout=60.0) as v:\n"
+                      "    print([x.correct for x in v.verify([(r'\\boxed{\\frac{1}{2}}', '0.5'), (r'\\boxed{3}', '4')])])\n")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[True, False]"
