@@ -12,9 +12,8 @@ Every repeat starts fresh processes for every method. Before the clock starts, e
 `--warm-up` MATH *train* solutions (other problems than the timed ones): math-verify's LaTeX parser
 (ANTLR) learns its prediction tables as it meets new inputs, and a fresh process is about twice as slow
 on its first few hundred items as later. A trainer's pool lives for the whole run, so the warm numbers
-are the ones that matter. The pool also gets the warm-up golds as `Verifier(warm_up=...)`, parsed once
-in its zygote before the workers fork. `--warm-up 0` measures cold processes, where every worker pays
-that learning on its own. Repeats are interleaved, so a busy machine slows all methods alike. Methods:
+are the ones that matter; the pool checks the warm-up items with its workers, off the clock.
+`--warm-up 0` measures cold processes, where every worker pays that learning on its own. Repeats are interleaved, so a busy machine slows all methods alike. Methods:
 
 - `verify_one`, sequential: s2d's own checking (last box, gold normalisation) in a loop, one process;
 - math-verify, sequential: `verify(parse("$gold$"), parse(completion))` with its defaults, one process;
@@ -139,8 +138,8 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def run_pool(records: Records, warm_up: Records, workers: int, timeout: float) -> dict:
-    # The trainer's way: the zygote parses the warm-up golds once, then the workers check the items.
-    with Verifier(workers=workers, timeout=timeout, warm_up=[gold for _, gold in warm_up]) as verifier:
+    # The trainer's way: one pool for the whole run; its workers meet the warm-up items first.
+    with Verifier(workers=workers, timeout=timeout) as verifier:
         start = time.perf_counter()
         verifier.verify([(r"\boxed{1}", "1")])  # zygote start and worker forks, off the clock
         startup = time.perf_counter() - start
