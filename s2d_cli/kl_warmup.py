@@ -27,8 +27,9 @@ Step k takes the next --batch-size sequences of a seeded shuffle (epochs over th
 run sees what an uninterrupted one would. --eval-rollouts R2 measures the mean per-token KL (CE for
 sampled) on held-out teacher sequences before training and at the end: manifest `heldout_kl_start`,
 `heldout_kl_end`; with --set eval_every=N also every N steps, a curve to choose --steps on: one line
-{"step": k, "<metric>": value} per evaluation (step 0 the start, the last the end) in out/heldout.jsonl. The teacher and student must share a tokenizer (`s2d_cli.compat`): --teacher is checked
-when given; the rollouts' recorded tokenizer digest always (the model a manifest names is never read).
+{"step": k, "<metric>": value} per evaluation (step 0 the start, the last the end) in out/heldout.jsonl.
+The teacher and student must share a tokenizer (`s2d_cli.compat`): --teacher is checked when given; the
+rollouts' recorded tokenizer digest always (the model a manifest names is never read).
 --teacher may also be the URL of a vLLM server (http://host:port/v1, as for `s2d opd`): its /tokenize
 endpoint is checked against the student's tokenizer on the records' prompts and its model name goes into
 the manifest; --targets full needs the teacher's whole distribution, which a server does not return, so it
