@@ -26,8 +26,10 @@ distribution is taken over the first V = min(V_s, V_t) head rows (see `s2d_cli.c
 Step k takes the next --batch-size sequences of a seeded shuffle (epochs over the data), so a resumed
 run sees what an uninterrupted one would. --eval-rollouts R2 measures the mean per-token KL (CE for
 sampled) on held-out teacher sequences before training and at the end: manifest `heldout_kl_start`,
-`heldout_kl_end`. The teacher and student must share a tokenizer (`s2d_cli.compat`): --teacher is checked
-when given; the rollouts' recorded tokenizer digest always (the model a manifest names is never read).
+`heldout_kl_end`; with --set eval_every=N also every N steps, a curve to choose --steps on: one line
+{"step": k, "<metric>": value} per evaluation (step 0 the start, the last the end) in out/heldout.jsonl.
+The teacher and student must share a tokenizer (`s2d_cli.compat`): --teacher is checked when given; the
+rollouts' recorded tokenizer digest always (the model a manifest names is never read).
 --teacher may also be the URL of a vLLM server (http://host:port/v1, as for `s2d opd`): its /tokenize
 endpoint is checked against the student's tokenizer on the records' prompts and its model name goes into
 the manifest; --targets full needs the teacher's whole distribution, which a server does not return, so it
@@ -70,6 +72,7 @@ from .trainer import Batch, Sequence, Trainer, TrainFields, hidden_at, pack
 
 TARGETS = ("sampled", "topk", "full")
 HELDOUT_START = "heldout_start.json"   # the start-of-run evaluation, kept for a resumed run's manifest
+HELDOUT_CURVE = "heldout.jsonl"        # eval_every: the held-out value every N steps
 
 
 @dataclass
@@ -78,6 +81,7 @@ class KLWarmupConfig(TrainFields):
     teacher: str | None = None          # teacher checkpoint: needed by --targets full; always checked for compatibility
     rollouts: str = ""                  # teacher sequences: rollout artifact, JSONL/JSON/Parquet file or '-'
     eval_rollouts: str | None = None    # held-out teacher sequences: mean per-token KL at the start and the end
+    eval_every: int = 0                 # with eval_rollouts: also every N steps, into out/heldout.jsonl (0: not)
     out: str = ""                       # run directory
     targets: str = "sampled"            # sampled | topk | full
     batch_size: int = 32                # sequences per optimizer step (global, across processes)
@@ -111,6 +115,10 @@ class KLWarmupConfig(TrainFields):
                              "use --targets full for another temperature")
         if self.chat not in ("auto", "chat", "plain"):
             raise UsageError(f"--chat: expected auto, chat or plain, got {self.chat!r}")
+        if self.eval_every < 0:
+            raise UsageError(f"eval_every: expected >= 0, got {self.eval_every}")
+        if self.eval_every and not self.eval_rollouts:
+            raise UsageError("eval_every: needs --eval-rollouts (the held-out sequences to score)")
         if self.long_prompts not in ("error", "skip"):
             raise UsageError(f"long_prompts: expected error or skip, got {self.long_prompts!r}")
         self.check_training()
@@ -370,11 +378,24 @@ def run(cfg: KLWarmupConfig):
                                                          layout=trainer.layout, device=trainer.device)))
         return total / max(count, 1)
 
+    curve_file = trainer.out / HELDOUT_CURVE
+    curve: list[str] = []          # heldout.jsonl's lines; a resumed run keeps those up to its start step
+    if cfg.eval_every and trainer.start_step > 0 and curve_file.is_file():
+        curve = [line for line in curve_file.read_text().splitlines()
+                 if line.strip() and json.loads(line)["step"] <= trainer.start_step]
+
+    def record(step: int, value: float) -> None:
+        if cfg.eval_every and trainer.acc.is_main_process:
+            curve.append(json.dumps({"step": step, metric: value}))
+            _write_atomic(curve_file, "".join(line + "\n" for line in curve).encode())
+
     start_file = trainer.out / HELDOUT_START
     if trainer.start_step == 0:
         heldout_start = heldout_mean()
         if trainer.acc.is_main_process:
             _write_atomic(start_file, json.dumps({"heldout_kl_start": heldout_start}).encode())
+        if heldout_start is not None:
+            record(0, heldout_start)
     elif start_file.is_file():
         heldout_start = json.loads(start_file.read_text())["heldout_kl_start"]
     else:   # evaluating the resumed weights would report them as the start
@@ -409,8 +430,15 @@ def run(cfg: KLWarmupConfig):
             return loss, {"forward_kl": kl_M.mean().detach()}
         return kl_M.sum() / n_tok, {"forward_kl": kl_M.detach().mean()}
 
-    trainer.fit(make_batch, loss_fn, display=(metric, "loss"))
+    def after_update(step: int) -> None:
+        # the evaluation draws no random numbers and each step reseeds, so training is the same without it
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            record(step + 1, heldout_mean())
+
+    trainer.fit(make_batch, loss_fn, after_update=after_update, display=(metric, "loss"))
     heldout_end = heldout_mean()
+    if heldout_end is not None:
+        record(cfg.steps, heldout_end)
     out = trainer.finish(extra={
         "targets": cfg.targets, "teacher": teacher_ref, "vocab": vocab, "num_sequences": len(data),
         "epochs": cfg.steps * cfg.batch_size / len(data), "labels_used": 0,

@@ -284,6 +284,40 @@ def test_resumed_run_equals_an_uninterrupted_one(world, tmp_path):
     assert m_c["heldout_kl_start"] is None and m_c["heldout_kl_end"] == m_a["heldout_kl_end"]
 
 
+def test_eval_every_writes_the_heldout_curve(world, tmp_path):
+    """--set eval_every=2: out/heldout.jsonl holds the exact held-out forward KL of the weights at steps
+    0, 2 and 4 (the start, the step-2 checkpoint's and the final model's); training is the same as
+    without it; a run resumed at step 2 keeps the first two lines and writes the rest once."""
+    def run(out, *extra):
+        s2d("kl-warmup", "--student", world.student, "--teacher", world.teacher, "--rollouts", world.train,
+            "--eval-rollouts", world.heldout, "--targets", "full", "--steps", 4, "--batch-size", 8, "--lr", 1e-2,
+            "--set", "save_every=2", "--set", "keep_checkpoints=3", "--set", "micro_batch_tokens=1024",
+            *extra, "--out", out)
+
+    out = tmp_path / "curve"
+    run(out, "--set", "eval_every=2")
+    rows = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 4] and all(set(r) == {"step", "forward_kl"} for r in rows)
+    models = [world.student, out / "checkpoints" / "step-000002", out / "model"]
+    for r, m in zip(rows, models):
+        assert r["forward_kl"] == pytest.approx(exact_kl(m, world.teacher, world.heldout_records), rel=1e-4)
+    assert rows[0]["forward_kl"] > rows[1]["forward_kl"] > rows[2]["forward_kl"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["heldout_kl_start"], manifest["heldout_kl_end"]) == (rows[0]["forward_kl"], rows[2]["forward_kl"])
+
+    run(tmp_path / "plain")
+    a, b = weights(out), weights(tmp_path / "plain")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not (tmp_path / "plain" / "heldout.jsonl").exists()
+
+    cut_back_to_step_2(out)
+    run(out, "--set", "eval_every=2")
+    assert [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()] == rows
+
+    r = s2d("kl-warmup", "--student", world.student, "--rollouts", world.train, "--set", "eval_every=2",
+            "--out", tmp_path / "bad", ok=False)
+    assert r.exit_code == 2 and "eval_every: needs --eval-rollouts" in r.output and not (tmp_path / "bad").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # half-precision weights: fp32 masters
 
