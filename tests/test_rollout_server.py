@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_scaleout import FSDP_CONFIG  # the same FSDP2 accelerate config
 
 from s2d_cli.artifacts import read_records
 from s2d_cli.engines import SamplingConfig
@@ -135,21 +136,6 @@ def test_grpo_through_the_server_equals_the_colocated_engine(start_model, served
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
-
-
-FSDP_CONFIG = """\
-compute_environment: LOCAL_MACHINE
-distributed_type: FSDP
-num_machines: 1
-num_processes: 2
-mixed_precision: "no"
-use_cpu: false
-fsdp_config:
-  fsdp_version: 2
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_state_dict_type: FULL_STATE_DICT
-  fsdp_cpu_ram_efficient_loading: true
-"""
 
 
 def update_gap(start: Path, one: Path, two: Path) -> float:
