@@ -3,6 +3,7 @@
     s2d report runs/toy/eval-base runs/toy/eval-student runs/toy/grpo --out runs/toy/report
     s2d report runs/a/eval runs/b/eval --names base,distilled --title "Toy recipe" --out report
     s2d report --arms runs/toy/arms.json --out runs/toy/report
+    s2d report --claims runs/toy/seed-0 runs/toy/seed-1 ... [--readme README.md]
 
 Reads each directory's manifest.json (written last, so its presence means the run is complete):
   eval runs (kind "eval")                    -> a row of the table from metrics.json
@@ -23,6 +24,11 @@ its y-axis label; one line per run, long noisy curves drawn under a moving avera
 names), both titled --title; the
 directory is built under a temporary name and renamed, so a report is never half-written. The path of
 results.md goes to stdout. Without matplotlib (pip install 's2d[plots]') only results.md is written.
+
+--claims: the run directories are seeds of the toy demo (each holding eval/ARM for the paper's arms);
+prints the paper's claims, each a paired difference over problems x seeds with its 95% interval and
+verdict (holds / does not hold / undecided; s2d_cli/claims.py), as a markdown table on stdout and one
+line per claim on stderr. --readme FILE also rewrites FILE's generated claims block.
 """
 from __future__ import annotations
 
@@ -70,8 +76,18 @@ class ReportConfig:
     title: str = "s2d results"    # heading of results.md and the title of every plot
     names: str | None = None      # comma-separated names for `runs`, in order
     arms: str | None = None       # JSON file: arm -> {"eval": dir, "train": [dirs], "labels": int}
+    claims: bool = False          # runs are seeds of the toy demo: print the paper's claims over them
+    readme: str | None = None     # with claims: rewrite this file's generated claims block too
 
     def validate(self) -> None:
+        if self.claims:
+            if not self.runs:
+                raise UsageError("--claims needs the seeds' run directories (each holding eval/ARM)")
+            if self.arms or self.out or self.names:
+                raise UsageError("--claims takes only run directories and --readme (not --arms, --out, --names)")
+            return
+        if self.readme:
+            raise UsageError("--readme goes with --claims")
         if not self.out:
             raise UsageError("missing required option --out")
         if not self.runs and not self.arms:
@@ -480,9 +496,25 @@ def _check_out(out: Path) -> None:
             raise UsageError(f"{out}: exists and holds more than a report ({foreign[0]}); choose another --out")
 
 
-def run(cfg: ReportConfig) -> Path:
+def run_claims(cfg: ReportConfig) -> str:
+    from . import claims
+
+    results = claims.evaluate_claims([Path(r) for r in cfg.runs])
+    text = claims.claims_markdown(results, len(cfg.runs))
+    if cfg.readme:
+        claims.replace_block(Path(cfg.readme), text)
+    for claim, comps, verdict in results:
+        diffs = ", ".join(f"{c.a} - {c.b} {c.difference:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]" for c in comps)
+        cu.console.print(f"claim: {claim}: {verdict} ({diffs})")
+    print(text, end="")
+    return text
+
+
+def run(cfg: ReportConfig) -> Path | str:
     from .models import replace_dir
 
+    if cfg.claims:
+        return run_claims(cfg)
     out = Path(cfg.out)
     _check_out(out)
     arms, runs = collect(cfg)
@@ -523,11 +555,17 @@ def command(
     title: str = typer.Option(None, "--title", help="Heading of results.md and title of every plot."),
     names: str = typer.Option(None, "--names", help="Comma-separated names for the run directories, in order."),
     arms: str = typer.Option(None, "--arms", help="JSON file: arm name -> {eval, train, labels}."),
+    claims: bool = typer.Option(False, "--claims", help="The run directories are seeds of the toy demo: print "
+                                "the paper's claims (paired difference, 95% interval, verdict) over them."),
+    readme: str = typer.Option(None, "--readme", help="With --claims: also rewrite this file's claims block."),
     config: cu.ConfigOpt = None, set_: cu.SetOpt = None,
 ):
     """Compare eval runs in a table and plot training curves: DIR/results.md + PNGs.
 
+    With --claims, the runs are seeds of the toy demo and the paper's claims over them go to stdout.
+
     Example: s2d report runs/eval runs/grpo runs/opd --out runs/report
     """
-    flags = cu.given(runs=runs or None, out=out, title=title, names=names, arms=arms)
+    flags = cu.given(runs=runs or None, out=out, title=title, names=names, arms=arms, claims=claims or None,
+                     readme=readme)
     cu.execute(run, lambda: resolve(ReportConfig, config_file=config, sets=set_, flags=flags))

@@ -98,3 +98,38 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert claims.main([str(run), "--readme", str(readme)]) == 2
     assert "README.md: no claims block" in capsys.readouterr().err
     assert readme.read_text() == "no markers\n"
+
+
+def test_s2d_report_claims_prints_the_table_and_rewrites_the_readme(tmp_path):
+    """`s2d report --claims SEED_DIR...`: the same table on stdout over problems x seeds, a line per claim on
+    stderr, the README block rewritten; misuse is one line, exit 2, the README untouched."""
+    from typer.testing import CliRunner
+
+    from s2d_cli.cli import app
+
+    good, bad = {"x": [True, True], "y": [True, True]}, {"x": [True, False], "y": [False, False]}
+    runs = [tmp_path / "seed-0", tmp_path / "seed-1"]
+    for run in runs:
+        for arm in ("teacher-grpo", "bridge-rl", "bridge-rl-grpo", "opd-rl"):
+            _eval(run / "eval" / arm, good)
+        for arm in ("teacher-base", "student-grpo", "student-sft-more", "bridge-base", "kl-rl", "bridge-rl-replay"):
+            _eval(run / "eval" / arm, bad)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{claims.BEGIN}\nold\n{claims.END}\n")
+    res = CliRunner().invoke(app, ["report", "--claims", *map(str, runs), "--readme", str(readme)])
+    assert res.exit_code == 0, res.output
+    # 4 pairs: d = 0.5, 1, 0.5, 1 -> mean 0.75, sd = sqrt(4 * 0.0625 / 3) = 0.288675, half = 1.959964 * 0.144338
+    # = 0.282898
+    row = ("| RL teacher > pre-RL teacher (Stage 1 pays) (teacher-grpo vs teacher-base) | +0.750 (4 pairs) "
+           "| [+0.467, +1.033] | **holds** |")
+    assert row in res.stdout and "paired over problems × 2 seeds" in res.stdout
+    assert "claim: KL then OPD > either alone: does not hold" in res.stderr
+    assert readme.read_text() == f"intro\n{claims.BEGIN}\n{res.stdout}{claims.END}\n"
+    for args, message in ((["--claims"], "--claims needs the seeds' run directories"),
+                          (["--claims", str(runs[0]), "--out", str(tmp_path / "r")], "--claims takes only"),
+                          ([str(runs[0]), "--out", str(tmp_path / "r"), "--readme", str(readme)],
+                           "--readme goes with --claims"),
+                          (["--claims", str(tmp_path / "nothing")], "not a finished eval run")):
+        res = CliRunner().invoke(app, ["report", *args])
+        assert res.exit_code == 2 and res.stderr.count("\n") == 1 and message in res.stderr, (args, res.stderr)
+    assert readme.read_text().count("+0.750 (4 pairs)") == 6
