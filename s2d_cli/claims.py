@@ -136,15 +136,18 @@ def claims_markdown(results, seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(path: Path, block: str) -> None:
-    """Rewrite the text between BEGIN and END in `path` (atomically); both markers must be there."""
-    text = path.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
-        raise UsageError(f"{path}: no claims block (expected the lines {BEGIN!r} ... {END!r})")
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
+def replace_block(path: Path, block: str, begin: str = BEGIN, end: str = END, what: str = "claims") -> None:
+    """Rewrite the text between `begin` and `end` in `path` (atomically); both markers must be there."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    if begin not in text or end not in text or text.index(begin) > text.index(end):
+        raise UsageError(f"{path}: no {what} block (expected the lines {begin!r} ... {end!r})")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(f"{head}{BEGIN}\n{block}{END}{tail}", encoding="utf-8")
+    tmp.write_text(f"{head}{begin}\n{block}{end}{tail}", encoding="utf-8")
     os.replace(tmp, path)
 
 

@@ -133,3 +133,40 @@ def test_s2d_report_claims_prints_the_table_and_rewrites_the_readme(tmp_path):
         res = CliRunner().invoke(app, ["report", *args])
         assert res.exit_code == 2 and res.stderr.count("\n") == 1 and message in res.stderr, (args, res.stderr)
     assert readme.read_text().count("+0.750 (4 pairs)") == 6
+
+
+def test_the_arms_table_over_seeds_by_hand(tmp_path):
+    """examples/toy/aggregate.py: mean and sample std of each arm's accuracy over the seeds, the per-seed
+    values, and --readme writes the table (without the clock readings) into the README's toy-arms block."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "examples" / "toy"))
+    try:
+        import aggregate
+    finally:
+        sys.path.pop(0)
+    accs = {"student-base": [0.5, 0.25, 0.75], "teacher-grpo": [0.6, 0.6, 0.9]}
+    reports = []
+    for s in range(3):
+        (tmp_path / f"seed-{s}").mkdir()
+        rows = [{"arm": arm, "accuracy": a[s], "labels": 64 * k, "steps": 1500 + 60 * k, "wall_s": 100.0 + s}
+                for k, (arm, a) in enumerate(accs.items())]
+        (tmp_path / f"seed-{s}" / "table.json").write_text(json.dumps(rows))
+        reports.append(str(tmp_path / f"seed-{s}" / "report"))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{aggregate.BEGIN}\nold\n{aggregate.END}\nb\n")
+    done = subprocess.run([sys.executable, str(root / "examples/toy/aggregate.py"), *reports, "--out",
+                           str(tmp_path / "summary.md"), "--readme", str(readme)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    # student-base: mean 0.5, sd sqrt((0 + 0.0625 + 0.0625) / 2) = 0.25; teacher-grpo: mean 0.7,
+    # sd sqrt((0.01 + 0.01 + 0.04) / 2) = 0.173205
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| student-base | 0.500 ± 0.250 | 0.500, 0.250, 0.750 | 0 | 1500 | 101 |" in summary
+    assert "| teacher-grpo | 0.700 ± 0.173 | 0.600, 0.600, 0.900 | 64 | 1560 | 101 |" in summary
+    block = ("| arm | accuracy (mean ± std over 3 seeds) | per seed | labels | steps |\n|---|---|---|---|---|\n"
+             "| student-base | 0.500 ± 0.250 | 0.500, 0.250, 0.750 | 0 | 1500 |\n"
+             "| teacher-grpo | 0.700 ± 0.173 | 0.600, 0.600, 0.900 | 64 | 1560 |\n")
+    assert readme.read_text() == f"a\n{aggregate.BEGIN}\n{block}{aggregate.END}\nb\n"
