@@ -505,7 +505,7 @@ def run_claims(cfg: ReportConfig) -> str:
         claims.replace_block(Path(cfg.readme), text)
     for claim, comps, verdict in results:
         diffs = ", ".join(f"{c.a} - {c.b} {c.difference:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]" for c in comps)
-        cu.console.print(f"claim: {claim}: {verdict} ({diffs})")
+        cu.console.print(f"claim: {claim}: {verdict} ({diffs})", soft_wrap=True, markup=False, highlight=False)
     print(text, end="")
     return text
 

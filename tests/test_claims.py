@@ -77,10 +77,10 @@ def test_claims_table_and_readme_block_from_eval_artifacts(tmp_path, capsys):
     out = capsys.readouterr().out
     # d = 1 - 0.5, 1 - 0 -> mean 0.75, sd = sqrt(2 * 0.0625) = 0.353553, half = 1.959964 * 0.25 = 0.489991
     assert "| RL teacher > pre-RL teacher (Stage 1 pays) (teacher-grpo vs teacher-base) | +0.750 (2 pairs) " \
-           "| [+0.260, +1.240] | **holds** |" in out
-    assert "(bridge-rl vs kl-rl) | +0.750 (2 pairs) | [+0.260, +1.240] | holds |" in out
-    assert "(bridge-rl vs opd-rl) | +0.000 (2 pairs) | [+0.000, +0.000] | does not hold; claim: **does not hold** |" \
-           in out
+           "| [+0.260, +1.240] | **holds** | 1 of 1 |" in out
+    assert "(bridge-rl vs kl-rl) | +0.750 (2 pairs) | [+0.260, +1.240] | holds | 1 of 1 |" in out
+    assert "(bridge-rl vs opd-rl) | +0.000 (2 pairs) | [+0.000, +0.000] | does not hold; claim: **does not hold** " \
+           "| 0 of 1 |" in out
     text = readme.read_text()
     assert text == f"intro\n{claims.BEGIN}\n{out}{claims.END}\noutro\n"
     assert math.isclose(claims.compare([0.5, 1.0]).hi, 0.75 + 0.489991, abs_tol=1e-6)
@@ -121,7 +121,7 @@ def test_s2d_report_claims_prints_the_table_and_rewrites_the_readme(tmp_path):
     # 4 pairs: d = 0.5, 1, 0.5, 1 -> mean 0.75, sd = sqrt(4 * 0.0625 / 3) = 0.288675, half = 1.959964 * 0.144338
     # = 0.282898
     row = ("| RL teacher > pre-RL teacher (Stage 1 pays) (teacher-grpo vs teacher-base) | +0.750 (4 pairs) "
-           "| [+0.467, +1.033] | **holds** |")
+           "| [+0.467, +1.033] | **holds** | 2 of 2 |")
     assert row in res.stdout and "paired over problems × 2 seeds" in res.stdout
     assert "claim: KL then OPD > either alone: does not hold" in res.stderr
     assert readme.read_text() == f"intro\n{claims.BEGIN}\n{res.stdout}{claims.END}\n"
@@ -132,7 +132,7 @@ def test_s2d_report_claims_prints_the_table_and_rewrites_the_readme(tmp_path):
                           (["--claims", str(tmp_path / "nothing")], "not a finished eval run")):
         res = CliRunner().invoke(app, ["report", *args])
         assert res.exit_code == 2 and res.stderr.count("\n") == 1 and message in res.stderr, (args, res.stderr)
-    assert readme.read_text().count("+0.750 (4 pairs)") == 6
+    assert readme.read_text().count("+0.750 (4 pairs)") == 7
 
 
 def test_the_arms_table_over_seeds_by_hand(tmp_path):
@@ -170,3 +170,18 @@ def test_the_arms_table_over_seeds_by_hand(tmp_path):
              "| student-base | 0.500 ± 0.250 | 0.500, 0.250, 0.750 | 0 | 1500 |\n"
              "| teacher-grpo | 0.700 ± 0.173 | 0.600, 0.600, 0.900 | 64 | 1560 |\n")
     assert readme.read_text() == f"a\n{aggregate.BEGIN}\n{block}{aggregate.END}\nb\n"
+
+
+def test_seeds_with_a_above_b_counts_each_seeds_own_mean(tmp_path):
+    """The pooled interval can hold on one lucky seed; the seed count says how many seeds agree. Seed 0:
+    teacher-grpo right on both problems, teacher-base on none (+1); seed 1: -0.5; seed 2: 0 (not above)."""
+    runs = [tmp_path / f"seed-{s}" for s in range(3)]
+    grpo = [{"x": [True], "y": [True]}, {"x": [False], "y": [False]}, {"x": [True], "y": [False]}]
+    base = [{"x": [False], "y": [False]}, {"x": [True], "y": [False]}, {"x": [False], "y": [True]}]
+    for run, g, b in zip(runs, grpo, base):
+        _eval(run / "eval" / "teacher-grpo", g)
+        _eval(run / "eval" / "teacher-base", b)
+    [(_, [c], verdict)] = claims.evaluate_claims(runs, [("c", [("teacher-grpo", "teacher-base")])])
+    # pairs: 1, 1, 0, -1, 1, -1 -> mean 1/6
+    assert (c.seeds_above, c.seeds, c.pairs) == (1, 3, 6) and c.difference == pytest.approx(1 / 6)
+    assert claims.claims_markdown([("c", [c], verdict)], 3).splitlines()[-1].endswith("| 1 of 3 |")

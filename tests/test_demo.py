@@ -67,7 +67,7 @@ def test_demo_runs_every_arm_and_writes_table_and_report(small_demo):
             == by_arm["bridge-rl"]["steps"] - by_arm["teacher-grpo"]["steps"] == by_arm["student-base"]["steps"] + 4)
     # every claim of the paper, paired over the 12 held-out problems of this seed
     claims = (run / "claims.md").read_text()
-    assert claims.count("(12 pairs)") == 7 and claims in first.stderr
+    assert claims.count("(12 pairs)") == 8 and claims.count("of 1 |") == 8 and claims in first.stderr
     assert all(v in ("holds", "does not hold", "undecided")
                for v in (line.rsplit("**", 2)[-2] for line in claims.splitlines() if "**" in line))
     grpo = json.loads((run / "teacher-grpo" / "manifest.json").read_text())
