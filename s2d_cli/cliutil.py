@@ -23,7 +23,9 @@ from typer.core import TyperCommand
 from .errors import UsageError
 from .outputs import forget_failure_undos, on_failure, release_locks, undo_failed  # noqa: F401
 
-console = Console(stderr=True)
+# On a terminal rich wraps long lines to its width; anywhere else (a log file, nohup, Make, CI) a line
+# stays one line, so a path in it is never cut in two and grep finds it.
+console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 
 
 def quiet_libraries() -> None:
