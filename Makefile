@@ -11,6 +11,8 @@ STAMP := $(VENV)/.s2d-installed
 VLLM_STAMP := $(VENV)/.s2d-vllm-installed
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
+# two pytest workers (whole test files each, the longest first: tests/conftest.py), one thread apiece; 0: one process
+TEST_WORKERS ?= 2
 
 .PHONY: install install-vllm demo demo-all-seeds test lint bench gpu-wheels clean
 
@@ -54,7 +56,7 @@ demo-all-seeds: install
 	$(MAKE) -C examples/toy all-seeds readme S2D=$(abspath $(S2D)) PY=$(abspath $(PY)) OUT=$(abspath runs/toy)
 
 test: install install-vllm
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check s2d_cli tests bench

@@ -82,3 +82,16 @@ def scaled_head_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     root, tok = tmp_path_factory.mktemp("scaled"), load_tokenizer(str(tokenizer_dir))
     return {arch: build_tiny_model(root / arch, arch=arch, tokenizer=tok, seed=2, num_heads=2, num_kv_heads=1, **extra)
             for arch, extra in SCALED_HEADS.items()}
+
+
+# The longest files first (about in order of their wall time on 2 cores): `make test` runs two pytest
+# workers (xdist, whole files per worker, --no-loadscope-reorder), and starting the long ones first keeps
+# one worker from being left with a 5-minute file at the end. Order within a file is kept.
+LONGEST_FIRST = ("test_rollout_server.py", "test_demo.py", "test_lora.py", "test_scaleout.py",
+                 "test_served_teacher.py", "test_grpo.py", "test_artifacts.py", "test_adversarial_artifacts.py",
+                 "test_opd.py", "test_eval.py", "test_engines.py", "test_kl_warmup.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: file order kept otherwise
