@@ -65,8 +65,9 @@ class Comparison:
     seeds: int = 0
 
 
-def per_problem(eval_dir: Path) -> dict[str, float]:
-    """Problem id -> mean correctness of its samples, from an eval artifact's records."""
+def per_problem(eval_dir: Path, answers: dict[str, str] | None = None) -> dict[str, float]:
+    """Problem id -> mean correctness of its samples, from an eval artifact's records (and, into `answers`,
+    problem id -> its gold answer, to tell one problem set from another that reuses the same ids)."""
     from .artifacts import read_records
 
     if not (eval_dir / "manifest.json").is_file():
@@ -74,7 +75,37 @@ def per_problem(eval_dir: Path) -> dict[str, float]:
     groups: dict[str, list[bool]] = defaultdict(list)
     for r in read_records(eval_dir, required=("id", "correct")):
         groups[str(r["id"])].append(bool(r["correct"]))
+        if answers is not None:
+            answers.setdefault(str(r["id"]), str(r.get("answer")))
     return {i: sum(c) / len(c) for i, c in groups.items()}
+
+
+def check_runs(runs: list[Path], acc: dict[str, list[dict[str, float]]], answers: dict[str, list[dict[str, str]]]
+               ) -> None:
+    """Each run directory a different seed, each seed's arms evaluated on one problem set. The same
+    directory twice, or two directories with the same results (a copied or rerun seed: every arm's
+    per-problem accuracy and gold answers equal), would count one seed as two; an arm evaluated on another
+    seed's problems (the toy's ids repeat from seed to seed) would pair unrelated problems.
+    `acc` / `answers`: arm -> per run, problem id -> accuracy / gold answer."""
+    seen: dict[Path, Path] = {}
+    results: dict[str, Path] = {}
+    for k, r in enumerate(runs):
+        if r.resolve() in seen:
+            raise UsageError(f"{r}: given twice (as {seen[r.resolve()]}); each run directory is one seed")
+        seen[r.resolve()] = r
+        key = repr([(name, sorted(acc[name][k].items()), sorted(answers[name][k].items())) for name in sorted(acc)])
+        if key in results:
+            raise UsageError(f"{r} holds the same results as {results[key]} (every arm, every problem): a copy "
+                             "or a rerun of one seed; each run directory must be a different seed")
+        results[key] = r
+    first = next(iter(answers))
+    for name, per_run in answers.items():
+        for k, r in enumerate(runs):
+            for i, answer in per_run[k].items():
+                other = answers[first][k].get(i)
+                if other is not None and other != answer:
+                    raise UsageError(f"{r}: eval/{name} and eval/{first} were not evaluated on the same problems "
+                                     f"({i!r} has the answer {answer!r} in one and {other!r} in the other)")
 
 
 def paired_differences(a: list[dict[str, float]], b: list[dict[str, float]], *, names=("A", "B")) -> list[float]:
@@ -115,12 +146,18 @@ def combine(verdicts: list[str]) -> str:
 def evaluate_claims(runs: list[Path], claims=PAPER_CLAIMS) -> list[tuple[str, list[Comparison], str]]:
     """(claim, its comparisons, its verdict) for every claim, over the seeds in `runs`."""
     cache: dict[str, list[dict[str, float]]] = {}
+    answers: dict[str, list[dict[str, str]]] = {}
 
     def arm(name: str) -> list[dict[str, float]]:
         if name not in cache:
-            cache[name] = [per_problem(r / "eval" / name) for r in runs]
+            answers[name] = [{} for _ in runs]
+            cache[name] = [per_problem(r / "eval" / name, answers[name][k]) for k, r in enumerate(runs)]
         return cache[name]
 
+    for _, pairs in claims:
+        for a, b in pairs:
+            arm(a), arm(b)
+    check_runs(runs, cache, answers)
     out = []
     for claim, pairs in claims:
         comps = []

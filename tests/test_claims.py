@@ -51,11 +51,11 @@ def test_pairs_by_problem_across_seeds():
         claims.paired_differences([{"p1": 1.0, "p3": 1.0}], [{"p1": 1.0}], names=("A", "B"))
 
 
-def _eval(path, correct_by_id: dict[str, list[bool]]):
-    """A minimal finished eval artifact: one JSONL shard of (id, correct) records and a manifest."""
+def _eval(path, correct_by_id: dict[str, list[bool]], answers: dict[str, str] | None = None):
+    """A minimal finished eval artifact: one JSONL shard of (id, correct[, answer]) records and a manifest."""
     path.mkdir(parents=True)
-    lines = [json.dumps({"id": i, "sample": k, "correct": c}) for i, cs in correct_by_id.items()
-             for k, c in enumerate(cs)]
+    lines = [json.dumps({"id": i, "sample": k, "correct": c, **({"answer": answers[i]} if i in (answers or {}) else {})})
+             for i, cs in correct_by_id.items() for k, c in enumerate(cs)]
     shard = path / "data-00000-of-00001.jsonl"
     shard.write_text("\n".join(lines) + "\n")
     (path / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "eval", "shards": [
@@ -109,11 +109,12 @@ def test_s2d_report_claims_prints_the_table_and_rewrites_the_readme(tmp_path):
 
     good, bad = {"x": [True, True], "y": [True, True]}, {"x": [True, False], "y": [False, False]}
     runs = [tmp_path / "seed-0", tmp_path / "seed-1"]
-    for run in runs:
+    for k, run in enumerate(runs):   # seed 1: the same accuracies on its own problems (other ids)
+        g, b = ({f"{i}{k}": v for i, v in good.items()}, {f"{i}{k}": v for i, v in bad.items()})
         for arm in ("teacher-grpo", "bridge-rl", "bridge-rl-grpo", "opd-rl"):
-            _eval(run / "eval" / arm, good)
+            _eval(run / "eval" / arm, g)
         for arm in ("teacher-base", "student-grpo", "student-sft-more", "bridge-base", "kl-rl", "bridge-rl-replay"):
-            _eval(run / "eval" / arm, bad)
+            _eval(run / "eval" / arm, b)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{claims.BEGIN}\nold\n{claims.END}\n")
     res = CliRunner().invoke(app, ["report", "--claims", *map(str, runs), "--readme", str(readme)])
@@ -185,3 +186,31 @@ def test_seeds_with_a_above_b_counts_each_seeds_own_mean(tmp_path):
     # pairs: 1, 1, 0, -1, 1, -1 -> mean 1/6
     assert (c.seeds_above, c.seeds, c.pairs) == (1, 3, 6) and c.difference == pytest.approx(1 / 6)
     assert claims.claims_markdown([("c", [c], verdict)], 3).splitlines()[-1].endswith("| 1 of 3 |")
+
+
+def test_one_seed_counted_twice_or_unrelated_problems_are_refused(tmp_path):
+    """The pooled pairs assume one directory per seed and one problem set per seed: the same directory
+    twice, a copy of a seed (identical evaluation shards), or an arm evaluated on another seed's problems
+    (the toy's ids repeat from seed to seed with other numbers) is one line naming both, not a table."""
+    import shutil
+
+    arms = {a for _, pairs in claims.PAPER_CLAIMS for p in pairs for a in p}
+    run = tmp_path / "seed-0"
+    for arm in arms:
+        _eval(run / "eval" / arm, {"x": [True], "y": [False]})
+    with pytest.raises(UsageError, match="given twice"):
+        claims.evaluate_claims([run, tmp_path / "." / "seed-0"])
+    shutil.copytree(run, tmp_path / "copy")
+    with pytest.raises(UsageError, match="copy.* holds the same results as .*seed-0 "):
+        claims.evaluate_claims([run, tmp_path / "copy"])
+    (tmp_path / "copy" / "eval" / "kl-rl" / "manifest.json").unlink()   # a rerun: other bytes, same results
+    shutil.rmtree(tmp_path / "copy" / "eval" / "kl-rl")
+    _eval(tmp_path / "copy" / "eval" / "kl-rl", {"y": [False], "x": [True]})
+    with pytest.raises(UsageError, match="holds the same results as"):
+        claims.evaluate_claims([run, tmp_path / "copy"])
+    other = tmp_path / "mixed"
+    shutil.copytree(run, other)
+    shutil.rmtree(other / "eval" / "teacher-base")
+    _eval(other / "eval" / "teacher-base", {"x": [True], "y": [False]}, answers={"x": "17"})  # same ids, other problems
+    with pytest.raises(UsageError, match="'x' has the answer '17' in one and 'None' in the other"):
+        claims.evaluate_claims([other])
