@@ -32,6 +32,7 @@ import sys
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 from .errors import UsageError
@@ -162,9 +163,11 @@ def evaluate_claims(runs: list[Path], claims=PAPER_CLAIMS) -> list[tuple[str, li
     for claim, pairs in claims:
         comps = []
         for a, b in pairs:
-            c = compare(paired_differences(arm(a), arm(b), names=(a, b)), a, b)
-            per_seed = [paired_differences([x], [y], names=(a, b)) for x, y in zip(arm(a), arm(b), strict=True)]
-            c.seeds, c.seeds_above = len(per_seed), sum(sum(d) > 0 for d in per_seed)
+            diffs = paired_differences(arm(a), arm(b), names=(a, b))   # seed by seed, in order
+            c = compare(diffs, a, b)
+            ends = list(accumulate(len(x) for x in arm(a)))
+            c.seeds = len(ends)
+            c.seeds_above = sum(sum(diffs[lo:hi]) > 0 for lo, hi in zip([0, *ends], ends))
             comps.append(c)
         out.append((claim, comps, combine([c.verdict for c in comps])))
     return out
